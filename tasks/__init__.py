@@ -1,0 +1,1 @@
+"""Igneous-style tasks (`iicats_cv.tasks`): thin, serialisable wrappers around `iicats_cv`."""
