@@ -1,0 +1,292 @@
+"""Constraint-aware hierarchical agglomeration and seeded neuron tracking over a fragment RAG.
+
+Mean-affinity agglomeration (waterz-like): repeatedly merge the two adjacent regions with the
+highest mean affinity over their shared boundary, until it falls below a threshold. The
+II-CATS constraints (DESIGN.md):
+- one nucleus per neuron: regions holding different nucleus instances never merge;
+- synapse partners: fragments on both sides of a detected synapse never end up in one region;
+- mitochondria: an edge crossed by a mitochondrion gets a bonus on its merge score (a hint; it
+  never overrides a cannot-link).
+Tracking continues the agglomeration from seeds: each seeded region grows best edge first down
+to a lower threshold, and two seeds never merge.
+"""
+from __future__ import annotations
+
+import copy
+import heapq
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+
+@dataclass
+class Constraints:
+  """Organelle evidence, per fragment index (0..F-1) and per edge index.
+
+  nucleus: int64 (F,) nucleus instance of each fragment (0 = none).
+  cannot_link: int64 (K, 2) fragment index pairs that must stay apart (synapse partners).
+  mito_edge: bool (E,) edges crossed by a mitochondrion (must-link hint).
+  """
+  nucleus: np.ndarray
+  cannot_link: np.ndarray
+  mito_edge: np.ndarray
+
+
+@dataclass
+class AgglomerationParams:
+  threshold: float = 0.5
+  use_constraints: bool = True
+  mito_bonus: float = 0.15
+  nucleus_fraction: float = 0.5   # a fragment is nuclear when this fraction of it is nucleus
+  nucleus_min_voxels: int = 50
+  synapse_min_pairs: int = 4      # boundary voxel pairs with synapse signal for a cannot-link
+  mito_min_pairs: int = 4
+  track_threshold: float = 0.3
+
+
+def derive_constraints(rag: dict, params: AgglomerationParams) -> tuple[Constraints, np.ndarray]:
+  """Nucleus instances, synapse cannot-links and mitochondria hints from a merged RAG.
+
+  Nucleus instances are connected groups of nuclear fragments (fragments mostly inside a
+  predicted nucleus). Returns (constraints, nucleus_centroids_vx (N, 3) float, instance order).
+  """
+  frag = rag["frag_id"]
+  n = len(frag)
+  u = np.searchsorted(frag, rag["u"])
+  v = np.searchsorted(frag, rag["v"])
+  nuclear = ((rag["frag_nucleus_voxels"] >= params.nucleus_fraction * rag["frag_size"])
+             & (rag["frag_nucleus_voxels"] > 0))
+  both = nuclear[u] & nuclear[v]
+  graph = coo_matrix((np.ones(both.sum()), (u[both], v[both])), shape=(n, n))
+  _, component = connected_components(graph, directed=False)
+  nucleus = np.zeros(n, dtype=np.int64)
+  centroids = []
+  if nuclear.any():
+    comps, inverse = np.unique(component[nuclear], return_inverse=True)
+    voxels = np.bincount(inverse, weights=rag["frag_nucleus_voxels"][nuclear])
+    big = voxels >= params.nucleus_min_voxels
+    instance = np.cumsum(big) * big  # 1..N for big components, 0 otherwise
+    nucleus[nuclear] = instance[inverse]
+    for axis in "xyz":
+      sums = np.bincount(inverse, weights=rag[f"frag_nucleus_sum_{axis}"][nuclear])
+      centroids.append(sums[big] / voxels[big])
+  centroids = np.stack(centroids, axis=1) if centroids else np.zeros((0, 3))
+  synapse = rag["synapse_pairs"] >= params.synapse_min_pairs
+  cannot = np.stack([u[synapse], v[synapse]], axis=1).astype(np.int64)
+  mito = rag["mito_pairs"] >= params.mito_min_pairs
+  return Constraints(nucleus=nucleus, cannot_link=cannot, mito_edge=mito), centroids
+
+
+class _Agglomerator:
+  """Union of regions with lazily re-scored boundary edges in a max-heap."""
+
+  def __init__(self, n, u, v, aff_sum, count, mito, constraints: Constraints | None,
+               mito_bonus):
+    self.parent = np.arange(n)
+    self.adj = [dict() for _ in range(n)]
+    for a, b, s, c, m in zip(u.tolist(), v.tolist(), aff_sum.tolist(), count.tolist(),
+                             mito.tolist()):
+      if a == b:
+        continue
+      for x, y in ((a, b), (b, a)):
+        entry = self.adj[x].get(y)
+        if entry is None:
+          self.adj[x][y] = [s, c, m]
+        else:
+          entry[0] += s
+          entry[1] += c
+          entry[2] = entry[2] or m
+    self.mito_bonus = mito_bonus
+    self.identity = np.zeros(n, dtype=np.int64)
+    self.cannot = [set() for _ in range(n)]
+    if constraints is not None:
+      self.identity[:] = constraints.nucleus
+      for a, b in constraints.cannot_link.tolist():
+        self.cannot[a].add(b)
+        self.cannot[b].add(a)
+    self.heap = []
+    for a in range(n):
+      for b in self.adj[a]:
+        if a < b:
+          self._push(a, b)
+
+  def score(self, a, b):
+    s, c, m = self.adj[a][b]
+    return s / c + (self.mito_bonus if m else 0.0)
+
+  def _push(self, a, b):
+    heapq.heappush(self.heap, (-self.score(a, b), a, b))
+
+  def find(self, x):
+    root = x
+    while self.parent[root] != root:
+      root = self.parent[root]
+    while self.parent[x] != root:
+      self.parent[x], x = root, self.parent[x]
+    return root
+
+  def allowed(self, a, b):
+    ia, ib = self.identity[a], self.identity[b]
+    if ia and ib and ia != ib:
+      return False
+    return b not in self.cannot[a]
+
+  def run(self, threshold, merge_filter=None):
+    """Merge best-first while the best live score ≥ threshold. Returns [(score, a, b)]."""
+    history = []
+    deferred = []
+    while self.heap:
+      neg, a, b = heapq.heappop(self.heap)
+      if self.parent[a] != a or self.parent[b] != b or b not in self.adj[a]:
+        continue
+      score = self.score(a, b)
+      if abs(score + neg) > 1e-12:
+        continue  # stale entry; the current score was pushed when it changed
+      if score < threshold:
+        heapq.heappush(self.heap, (neg, a, b))
+        break
+      if not self.allowed(a, b):
+        continue
+      if merge_filter is not None and not merge_filter(a, b):
+        deferred.append((neg, a, b))
+        continue
+      history.append((score, a, b))
+      self._merge(a, b)
+    for item in deferred:
+      heapq.heappush(self.heap, item)
+    return history
+
+  def _merge(self, a, b):
+    if len(self.adj[a]) < len(self.adj[b]):
+      a, b = b, a
+    self.parent[b] = a
+    if self.identity[b]:
+      self.identity[a] = self.identity[b]
+    for x in self.cannot[b]:
+      self.cannot[x].discard(b)
+      self.cannot[x].add(a)
+    self.cannot[a] |= self.cannot[b]
+    self.cannot[a].discard(a)
+    self.cannot[b] = set()
+    del self.adj[a][b]
+    for x, (s, c, m) in self.adj[b].items():
+      if x == a:
+        continue
+      del self.adj[x][b]
+      entry = self.adj[a].get(x)
+      if entry is None:
+        entry = [s, c, m]
+        self.adj[a][x] = entry
+      else:
+        entry[0] += s
+        entry[1] += c
+        entry[2] = entry[2] or m
+      self.adj[x][a] = entry
+      self._push(min(a, x), max(a, x))
+    self.adj[b] = {}
+
+  def labels(self):
+    return np.array([self.find(i) for i in range(len(self.parent))])
+
+
+def _segment_table(frag_ids, roots):
+  """Fragment ids (F,) and root indices (F,) -> segment id per fragment: the smallest fragment
+  id of each region (deterministic, independent of merge order)."""
+  order = np.argsort(roots, kind="stable")
+  sorted_roots = roots[order]
+  starts = np.r_[0, np.flatnonzero(np.diff(sorted_roots)) + 1]
+  smallest = np.minimum.reduceat(frag_ids[order], starts)
+  segment = np.empty(len(frag_ids), dtype=np.uint64)
+  segment[order] = np.repeat(smallest, np.diff(np.r_[starts, len(order)]))
+  return segment
+
+
+@dataclass
+class AgglomerationResult:
+  fragment_ids: np.ndarray           # uint64 (F,)
+  segment_ids: np.ndarray            # uint64 (F,) at params.threshold (+ tracking when seeded)
+  history: list                      # [(score, fragment index a, fragment index b)]
+  sweep: dict = field(default_factory=dict)   # threshold -> segment ids (F,)
+  tracked: list = field(default_factory=list)  # [{"id", "seed", "fragments", "voxels"}]
+  violations: dict = field(default_factory=dict)
+
+
+def agglomerate(rag: dict, params: AgglomerationParams, sweep_thresholds=(),
+                seeds: dict | None = None) -> AgglomerationResult:
+  """Agglomerate a merged RAG (see rag.merge_rags) into segments.
+
+  seeds: optional {seed number (1..K): fragment index}; when given, tracking runs after the
+    agglomeration: each seeded region grows down to params.track_threshold, seeds never merge
+    with each other, and constraints are honoured (when switched on).
+  sweep_thresholds: extra thresholds ≥ the lowest one run; tables come from the same merge
+    history (the greedy merge order is the same for every threshold, so each table equals a
+    separate run at that threshold).
+  """
+  frag = rag["frag_id"]
+  n = len(frag)
+  u = np.searchsorted(frag, rag["u"])
+  v = np.searchsorted(frag, rag["v"])
+  constraints = derive_constraints(rag, params)[0] if params.use_constraints else None
+  mito = constraints.mito_edge if constraints is not None else np.zeros(len(u), bool)
+  agg = _Agglomerator(n, u, v, rag["aff_sum"], rag["count"].astype(np.float64), mito,
+                      constraints, params.mito_bonus if constraints is not None else 0.0)
+  history = agg.run(params.threshold)
+  sweep = {}
+  if len(sweep_thresholds):
+    full = history
+    lowest = min(sweep_thresholds)
+    if lowest < params.threshold:
+      full = history + copy.deepcopy(agg).run(lowest)
+    sweep = {float(t): _replay(frag, full, t, n) for t in sweep_thresholds}
+  tracked = []
+  if seeds:
+    for number, index in seeds.items():
+      root = agg.find(index)
+      # a nucleus instance already identifies its region; other seeds get their own identity
+      if not agg.identity[root]:
+        agg.identity[root] = -number
+    agg.run(params.track_threshold,
+            merge_filter=lambda a, b: bool(agg.identity[a]) != bool(agg.identity[b]))
+  labels = agg.labels()
+  segment = _segment_table(frag, labels)
+  for number, index in sorted((seeds or {}).items()):
+    members = labels == labels[index]
+    tracked.append({"seed": int(number), "id": int(segment[index]),
+                    "fragments": int(members.sum()),
+                    "voxels": int(rag["frag_size"][members].sum())})
+  violations = count_violations(rag, segment, params)
+  return AgglomerationResult(frag, segment, history, sweep, tracked, violations)
+
+
+def _replay(frag, history, threshold, n):
+  """Segment ids after the prefix of `history` whose scores stay ≥ threshold."""
+  merges = []
+  for score, a, b in history:
+    if score < threshold:
+      break
+    merges.append((a, b))
+  if merges:
+    m = np.array(merges)
+    graph = coo_matrix((np.ones(len(m)), (m[:, 0], m[:, 1])), shape=(n, n))
+    _, comp = connected_components(graph, directed=False)
+  else:
+    comp = np.arange(n)
+  return _segment_table(frag, comp)
+
+
+def count_violations(rag: dict, segment: np.ndarray, params: AgglomerationParams) -> dict:
+  """Constraint violations left in a segmentation table (evidence derived from the RAG)."""
+  constraints, _ = derive_constraints(rag, params)
+  nuc = constraints.nucleus
+  has = nuc > 0
+  pairs = np.unique(np.stack([segment[has], nuc[has]], axis=1), axis=0)
+  _, per_segment = np.unique(pairs[:, 0], return_counts=True) if len(pairs) else (None, [])
+  multi_nucleus = int(np.sum(np.asarray(per_segment) > 1))
+  cl = constraints.cannot_link
+  synapse_merged = int(np.sum(segment[cl[:, 0]] == segment[cl[:, 1]])) if len(cl) else 0
+  return {"segments_with_several_nuclei": multi_nucleus,
+          "synapse_partners_merged": synapse_merged,
+          "nucleus_instances": int(nuc.max()) if len(nuc) else 0,
+          "synapse_cannot_links": int(len(cl))}

@@ -1,0 +1,331 @@
+"""`iicats` command line: Igneous-style verbs over precomputed layers and task queues."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+import time
+
+import click
+
+from .errors import IicatsError
+from .layers import parse_triple
+
+
+def _triple(name, cast=float):
+  def convert(ctx, param, value):
+    if value is None:
+      return None
+    return parse_triple(value, f"--{param.name.replace('_', '-')}", cast)
+  return convert
+
+
+@click.group()
+@click.version_option(package_name="iicats-cv")
+def cli():
+  """II-CATS connectomics reconstruction over Neuroglancer precomputed layers.
+
+  \b
+  Quick start:
+    iicats demo                      # embedded FIB-SEM crop, end to end
+    iicats pipeline --image gs://bucket/em --out gs://bucket/run -p 4
+  """
+
+
+@cli.command("import")
+@click.argument("src")
+@click.argument("dest")
+@click.option("--type", "layer_type", type=click.Choice(["image", "segmentation"]),
+              required=True, help="Layer type.")
+@click.option("--resolution", required=True, callback=_triple("resolution"),
+              help="Voxel size in nm, X,Y,Z.")
+@click.option("--axes", type=click.Choice(["zyx", "xyz"]), default="zyx", show_default=True,
+              help="Axis order of the array in SRC.")
+@click.option("--key", default=None, help="Array name in .npz / dataset in .h5.")
+@click.option("--offset", default="0,0,0", callback=_triple("offset", int),
+              help="Voxel offset X,Y,Z.")
+@click.option("--chunk-size", default="64,64,64", callback=_triple("chunk_size", int),
+              help="Chunk size X,Y,Z.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing layer at DEST.")
+def import_command(src, dest, layer_type, resolution, axes, key, offset, chunk_size, overwrite):
+  """Write a .npy/.npz/.tif/.h5 volume as a precomputed layer.
+
+  \b
+  Example:
+    iicats import stack.tif file://./data/em --type image --resolution 8,8,40
+    iicats import gt.h5 gs://bucket/gt --type segmentation --key labels --resolution 8,8,40
+  """
+  from .volume_io import read_array, to_xyz, import_volume
+  array = to_xyz(read_array(src, key), axes)
+  path = import_volume(array, dest, layer_type, resolution, offset=offset,
+                       chunk_size=chunk_size, overwrite=overwrite, source=os.path.abspath(src))
+  click.echo(f"imported {src} {array.shape} {array.dtype} -> {path} ({layer_type})")
+
+
+def _pipeline_options(func):
+  options = [
+    click.option("--queue", default=None,
+                 help="Task queue (fq://PATH or sqs://NAME). Without -p, stages wait for "
+                      "external workers (`iicats execute QUEUE`)."),
+    click.option("-p", "--parallel", type=int, default=None,
+                 help="Run N local worker processes (default 1 when no --queue)."),
+    click.option("--task-shape", default="128,128,128", callback=_triple("task_shape", int),
+                 help="Task (block) shape X,Y,Z in voxels; a multiple of 64."),
+    click.option("--checkpoint", default=None, help="Model checkpoint (default: shipped)."),
+    click.option("--json", "json_path", default=None, help="Write the run summary here."),
+    click.option("--threshold", type=float, default=0.5, show_default=True,
+                 help="Agglomeration threshold (mean affinity)."),
+    click.option("--link-prefix", default=None,
+                 help="Neuroglancer client URL prefix for the printed link."),
+  ]
+  for option in reversed(options):
+    func = option(func)
+  return func
+
+
+@cli.command("pipeline")
+@click.option("--image", required=True, help="EM image layer cloudpath (uint8).")
+@click.option("--out", required=True, help="Output cloudpath prefix for every layer.")
+@_pipeline_options
+@click.option("--seeds", default=None,
+              help="Tracking seeds: CSV x,y,z (nm) or a Neuroglancer state with points.")
+@click.option("--gt-labels", default=None, help="Ground-truth segmentation layer (VOI, ARAND).")
+@click.option("--gt-skeletons", default=None, help="Directory of GT SWC files (ERL, nERL).")
+@click.option("--nuclei", default=None, help="GT nuclei CSV x,y,z nm (bERL).")
+@click.option("--synapses", default=None, help="GT synapses CSV pre_x..post_z nm (bERL).")
+def pipeline_command(image, out, queue, parallel, task_shape, checkpoint, json_path, threshold,
+                     link_prefix, seeds, gt_labels, gt_skeletons, nuclei, synapses):
+  """Run every stage: inference, watershed, RAG, agglomeration + tracking, remap, meshes,
+  skeletons, mips, Neuroglancer link and metrics.
+
+  \b
+  Example:
+    iicats pipeline --image gs://lab/em --out gs://lab/run1 --queue sqs://iicats -p 0
+    iicats pipeline --image file://./em --out ./run --gt-labels file://./gt -p 2 --json s.json
+  """
+  from iicats_cv.tasks.pipeline import run_pipeline
+  summary = run_pipeline(image, out, queue=queue, parallel=parallel, task_shape=task_shape,
+                         checkpoint=checkpoint, seeds=seeds, gt_labels=gt_labels,
+                         gt_skeletons=gt_skeletons, nuclei=nuclei, synapses=synapses,
+                         json_path=json_path, threshold=threshold, link_prefix=link_prefix)
+  _print_summary(summary, out)
+
+
+def _print_summary(summary, out):
+  metrics = summary.get("metrics", {})
+  click.echo("")
+  click.echo("metric              constrained     baseline")
+  for name in ("erl", "berl", "nerl", "voi_split", "voi_merge", "arand"):
+    if name in metrics:
+      base = metrics.get(f"baseline_{name}")
+      unit = " nm" if "erl" in name else ""
+      base_text = f"{base:12.4f}" if base is not None else " " * 12
+      click.echo(f"{name:<16}{metrics[name]:14.4f}{base_text}{unit}")
+  agg = summary.get("agglomeration") or {}
+  if agg:
+    click.echo(f"segments {agg['segments']} (baseline {agg['baseline_segments']}), tracked "
+               f"neurons {agg['tracked']}, violations left {agg['violations']}")
+  timings = summary["timings"]
+  click.echo("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
+  if summary.get("report"):
+    click.echo(f"report: {summary['report']}")
+  click.echo(f"Neuroglancer: {summary['neuroglancer_url']}")
+  if out and "://" not in out or out.startswith("file://"):
+    click.echo(f"(local layers: run `iicats view {out}` to serve them for this link)")
+  click.echo(f"done: {len(summary['layers'])} layers under {out} in {timings['total']:.1f} s")
+
+
+@cli.command("demo")
+@click.option("--dataset", type=click.Choice(["fib", "synthetic"]), default="fib",
+              show_default=True, help="Embedded FIB-SEM crop, or a synthetic volume with nuclei "
+                                      "and synapses.")
+@click.option("--out", default="./iicats-demo", show_default=True, help="Output prefix.")
+@_pipeline_options
+def demo_command(dataset, out, queue, parallel, task_shape, checkpoint, json_path, threshold,
+                 link_prefix):
+  """Import an embedded dataset with its ground truth and run the pipeline on it.
+
+  \b
+  Example:
+    iicats demo                              # FIB-SEM crop, 1 local worker
+    iicats demo --dataset synthetic -p 2 --json summary.json
+  """
+  from iicats_cv.datasets import prepare_demo
+  from iicats_cv.tasks.pipeline import run_pipeline
+  from iicats_cv.layers import normalize_cloudpath
+  out = normalize_cloudpath(out)
+  inputs = prepare_demo(dataset, out)
+  summary = run_pipeline(inputs["image"], out, queue=queue, parallel=parallel,
+                         task_shape=task_shape, checkpoint=checkpoint,
+                         gt_labels=inputs["gt_labels"], gt_skeletons=inputs["gt_skeletons"],
+                         nuclei=inputs["nuclei"], synapses=inputs["synapses"],
+                         json_path=json_path, threshold=threshold, link_prefix=link_prefix)
+  _print_summary(summary, out)
+
+
+@cli.command("execute")
+@click.argument("queue")
+@click.option("--lease-sec", type=int, default=600, show_default=True,
+              help="Seconds a task stays leased before another worker may take it.")
+@click.option("-x", "--exit-on-empty", is_flag=True, help="Exit when the queue is empty.")
+@click.option("-p", "--parallel", type=int, default=1, show_default=True,
+              help="Worker processes.")
+@click.option("--max-attempts", type=int, default=3, show_default=True,
+              help="Attempts before a task moves to the dead-letter folder.")
+def execute_command(queue, lease_sec, exit_on_empty, parallel, max_attempts):
+  """Run tasks from a queue (a worker).
+
+  \b
+  Example:
+    iicats execute fq:///shared/queue -x -p 4
+    iicats execute sqs://iicats-tasks --lease-sec 1200
+  """
+  from iicats_cv.tasks.runner import execute, _worker
+  started = time.time()
+  if parallel > 1:
+    import multiprocessing
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_worker, args=(queue, lease_sec, max_attempts))
+             for _ in range(parallel)]
+    for proc in procs:
+      proc.start()
+    for proc in procs:
+      proc.join()
+    click.echo(f"done: {parallel} workers exited after {time.time() - started:.1f} s")
+    return
+  stats = execute(queue, lease_sec=lease_sec, exit_on_empty=exit_on_empty,
+                  max_attempts=max_attempts)
+  click.echo(f"done: {stats['executed']} task(s) executed, {stats['failed']} failed attempt(s), "
+             f"{stats['dead']} dead-lettered in {time.time() - started:.1f} s")
+
+
+@cli.group("queue")
+def queue_group():
+  """Inspect and manage task queues."""
+
+
+@queue_group.command("status")
+@click.argument("queue")
+def queue_status(queue):
+  """Enqueued / leased / completed counts.
+
+  \b
+  Example:
+    iicats queue status fq://./iicats-demo/queue
+  """
+  from iicats_cv.tasks.runner import open_queue, dead_letters
+  tq = open_queue(queue)
+  click.echo(f"enqueued:  {tq.enqueued}")
+  try:
+    click.echo(f"leased:    {tq.leased}")
+    click.echo(f"completed: {tq.completed}")
+  except Exception:
+    pass  # sqs reports no lease/completion counts
+  click.echo(f"dead:      {len(dead_letters(queue))}")
+
+
+@queue_group.command("purge")
+@click.argument("queue")
+def queue_purge(queue):
+  """Delete every task in the queue.
+
+  \b
+  Example:
+    iicats queue purge fq://./queue
+  """
+  from iicats_cv.tasks.runner import open_queue
+  open_queue(queue).purge()
+  click.echo(f"purged {queue}")
+
+
+@cli.command("train")
+@click.option("--image", multiple=True, required=True,
+              help="Image layer (repeat for several datasets).")
+@click.option("--labels", multiple=True, help="Neuron labels layer per --image ('none' = absent).")
+@click.option("--nuclei", multiple=True, help="Nucleus mask/labels layer per --image or 'none'.")
+@click.option("--mitochondria", multiple=True, help="Mitochondria layer per --image or 'none'.")
+@click.option("--synapses", multiple=True, help="Synapse layer per --image or 'none'.")
+@click.option("--bounds", multiple=True,
+              help="Region per --image as x0,y0,z0,x1,y1,z1 voxels, or 'all'.")
+@click.option("--out", required=True, help="Checkpoint path (.safetensors).")
+@click.option("--iterations", type=int, default=2000, show_default=True)
+@click.option("--batch-size", type=int, default=2, show_default=True)
+@click.option("--lr", type=float, default=2e-3, show_default=True)
+@click.option("--patch-size", default="48,48,48", callback=_triple("patch_size", int))
+@click.option("--anisotropic", is_flag=True, help="Pool only in x,y (ssEM, ~4x4x40 nm).")
+@click.option("--seed", type=int, default=0)
+@click.option("--resume", is_flag=True, help="Continue from OUT.state if present.")
+def train_command(image, labels, nuclei, mitochondria, synapses, bounds, out, iterations,
+                  batch_size, lr, patch_size, anisotropic, seed, resume):
+  """Train the affinity + organelle network on precomputed layers.
+
+  Options repeat per dataset: the i-th --labels/--nuclei/... belong to the i-th --image.
+
+  \b
+  Example:
+    iicats train --image file://fib/image --labels file://fib/neurons --out model.safetensors
+  """
+  from .training_data import load_training_volumes
+  from .model import ModelConfig
+  from .train import train
+  volumes, resolution = load_training_volumes(image, labels, nuclei, mitochondria, synapses,
+                                              bounds)
+  down = ((2, 2, 1), (2, 2, 1)) if anisotropic else ((2, 2, 2), (2, 2, 2))
+  config = ModelConfig(patch_size=patch_size, resolution=resolution, downsample=down)
+  command = "iicats " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+  meta = train(volumes, out, config=config, iterations=iterations, batch_size=batch_size,
+               lr=lr, seed=seed, resume=resume, command=command)
+  click.echo(json.dumps(meta["validation"], indent=1))
+  click.echo(f"done: {out} after {iterations} iterations in {meta['wall_time_s']:.0f} s")
+
+
+@cli.command("infer")
+@click.argument("image")
+@click.option("--affinities", required=True, help="Output affinities layer.")
+@click.option("--organelles", required=True, help="Output organelles layer.")
+@click.option("--checkpoint", default=None)
+@click.option("--task-shape", default="128,128,128", callback=_triple("task_shape", int))
+@click.option("--float32", "as_float", is_flag=True, help="float32 output instead of uint8.")
+@click.option("--queue", default=None)
+@click.option("-p", "--parallel", type=int, default=None)
+def infer_command(image, affinities, organelles, checkpoint, task_shape, as_float, queue,
+                  parallel):
+  """Predict affinity and organelle layers from an EM image layer.
+
+  \b
+  Example:
+    iicats infer file://./em --affinities file://./run/aff --organelles file://./run/org -p 2
+  """
+  from iicats_cv.tasks.inference import create_inference_tasks
+  from iicats_cv.tasks.runner import run_tasks
+  from .layers import normalize_cloudpath
+  started = time.time()
+  tasks = create_inference_tasks(normalize_cloudpath(image), normalize_cloudpath(affinities),
+                                 normalize_cloudpath(organelles), checkpoint, task_shape,
+                                 dtype="float32" if as_float else "uint8")
+  run_tasks(tasks, queue, parallel, desc="inference")
+  click.echo(f"done: {len(tasks)} inference task(s) in {time.time() - started:.1f} s")
+
+
+def _register_optional():
+  from .evaluate import evaluate_command
+  cli.add_command(evaluate_command)
+  from .viewer.link import link_command
+  from .viewer.server import view_command
+  cli.add_command(link_command)
+  cli.add_command(view_command)
+
+
+try:
+  _register_optional()
+except ImportError:  # pragma: no cover - only while modules are being written
+  pass
+
+
+def main():
+  cli(prog_name="iicats")
+
+
+if __name__ == "__main__":
+  main()

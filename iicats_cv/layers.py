@@ -1,0 +1,180 @@
+"""Precomputed layer helpers: cloudpaths, validated opening, creation with provenance.
+
+Every layer is a Neuroglancer precomputed layer opened with CloudVolume from a cloudpath
+(`file://`, `gs://`, `s3://`, `s3://http://host:port/bucket/…` for S3-compatible servers,
+`http(s)://` read-only). Arrays are (x, y, z[, c]) as CloudVolume returns them.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from typing import Iterable, Sequence
+
+import numpy as np
+from cloudvolume import CloudVolume, Bbox
+from cloudvolume.exceptions import InfoUnavailableError
+
+from . import __version__
+from .errors import IicatsError
+
+KNOWN_PROTOCOLS = ("file", "gs", "s3", "http", "https", "mem", "matrix", "tigerdata")
+
+
+def normalize_cloudpath(path: str) -> str:
+  """Plain local paths become absolute `file://` cloudpaths; cloudpaths pass through.
+
+  >>> normalize_cloudpath("out/seg")  # doctest: +SKIP
+  'file:///home/me/out/seg'
+  """
+  path = str(path)
+  if "://" not in path:
+    return "file://" + os.path.abspath(os.path.expanduser(path))
+  protocol = path.split("://", 1)[0]
+  if protocol not in KNOWN_PROTOCOLS and not protocol.startswith("precomputed"):
+    raise IicatsError(
+      f"{path}: unknown protocol '{protocol}://' (use file://, gs://, s3:// or http(s)://)")
+  return path.removeprefix("precomputed://")
+
+
+def join(prefix: str, *parts: str) -> str:
+  """Join a cloudpath prefix and sub-paths with '/'."""
+  return "/".join([prefix.rstrip("/")] + [p.strip("/") for p in parts])
+
+
+def local_path(cloudpath: str) -> str | None:
+  """The filesystem path of a `file://` cloudpath, None for remote paths."""
+  if cloudpath.startswith("file://"):
+    return cloudpath[len("file://"):]
+  return None
+
+
+def _compress_for(cloudpath: str):
+  # Uncompressed on local disk so that every reader (tensorstore, a plain static server)
+  # reads the chunks as written; remote stores get gzip transfer encoding.
+  return False if cloudpath.startswith("file://") else None
+
+
+def open_layer(cloudpath: str, *, mip: int = 0, layer_type: str | None = None,
+               dtypes: Iterable[str] | None = None, num_channels: int | None = None,
+               fill_missing: bool = False, what: str = "layer") -> CloudVolume:
+  """Open an existing precomputed layer and check what the caller needs of it.
+
+  Raises IicatsError naming the layer when the info is missing or malformed, or when the
+  layer type, data type or channel count differ from the expected ones.
+  """
+  cloudpath = normalize_cloudpath(cloudpath)
+  try:
+    cv = CloudVolume(cloudpath, mip=mip, fill_missing=fill_missing, progress=False,
+                     compress=_compress_for(cloudpath), bounded=True)
+  except InfoUnavailableError:
+    raise IicatsError(f"{what} {cloudpath}: no precomputed 'info' file there "
+                      "(is the path right? create the layer with 'iicats import')")
+  except (ValueError, KeyError, TypeError) as err:
+    raise IicatsError(f"{what} {cloudpath}: malformed precomputed info ({err})")
+  except Exception as err:  # network, permissions: still one clear line
+    if isinstance(err, IicatsError):
+      raise
+    raise IicatsError(f"{what} {cloudpath}: cannot open ({type(err).__name__}: {err})")
+  info = cv.info
+  if not isinstance(info.get("scales"), list) or not info["scales"]:
+    raise IicatsError(f"{what} {cloudpath}: malformed info (no 'scales')")
+  if mip >= len(info["scales"]):
+    raise IicatsError(f"{what} {cloudpath}: has no mip {mip} (it has {len(info['scales'])})")
+  if layer_type is not None and cv.layer_type != layer_type:
+    raise IicatsError(f"{what} {cloudpath}: is a '{cv.layer_type}' layer, expected '{layer_type}'")
+  if dtypes is not None and cv.dtype.name not in tuple(dtypes):
+    raise IicatsError(
+      f"{what} {cloudpath}: data type is {cv.dtype.name}, expected one of {', '.join(dtypes)}")
+  if num_channels is not None and cv.num_channels != num_channels:
+    raise IicatsError(
+      f"{what} {cloudpath}: has {cv.num_channels} channel(s), expected {num_channels}")
+  return cv
+
+
+def layer_exists(cloudpath: str) -> bool:
+  """Whether a precomputed info file exists at cloudpath."""
+  from cloudfiles import CloudFiles
+  try:
+    return CloudFiles(normalize_cloudpath(cloudpath)).exists("info")
+  except Exception:
+    return False
+
+
+def create_layer(cloudpath: str, *, layer_type: str, dtype: str, resolution: Sequence[float],
+                 voxel_offset: Sequence[int], volume_size: Sequence[int],
+                 chunk_size: Sequence[int] = (64, 64, 64), num_channels: int = 1,
+                 encoding: str | None = None, step: str = "", params: dict | None = None,
+                 overwrite: bool = False) -> CloudVolume:
+  """Create (or reopen, when identical) a precomputed layer and record provenance.
+
+  Re-creating a layer with the same geometry is a no-op so that tasks and stages are
+  idempotent; a different geometry at the same path is an error unless overwrite=True.
+  """
+  cloudpath = normalize_cloudpath(cloudpath)
+  if encoding is None:
+    encoding = "compressed_segmentation" if layer_type == "segmentation" else "raw"
+  info = CloudVolume.create_new_info(
+    num_channels=int(num_channels), layer_type=layer_type, data_type=dtype, encoding=encoding,
+    resolution=[float(r) for r in resolution], voxel_offset=[int(v) for v in voxel_offset],
+    volume_size=[int(v) for v in volume_size], chunk_size=[int(c) for c in chunk_size],
+  )
+  if layer_exists(cloudpath) and not overwrite:
+    cv = open_layer(cloudpath)
+    old = cv.info["scales"][0]
+    new = info["scales"][0]
+    same = (cv.layer_type == layer_type and cv.dtype.name == dtype
+            and cv.num_channels == num_channels
+            and list(old["size"]) == list(new["size"])
+            and list(old["voxel_offset"]) == list(new["voxel_offset"])
+            and np.allclose(old["resolution"], new["resolution"]))
+    if not same:
+      raise IicatsError(
+        f"{cloudpath}: a layer with a different geometry/type already exists there "
+        "(delete it or choose another --out)")
+    return cv
+  cv = CloudVolume(cloudpath, info=info, compress=_compress_for(cloudpath), progress=False)
+  cv.commit_info()
+  if step:
+    add_provenance(cv, step, params or {})
+  return cv
+
+
+def add_provenance(cv: CloudVolume, step: str, params: dict) -> None:
+  """Append a processing record (step, parameters, software version, when, where)."""
+  cv.provenance.description = cv.provenance.description or f"iicats-cv {step}"
+  cv.provenance.processing.append({
+    "method": {"task": step, "software": "iicats-cv", "version": __version__, **params},
+    "by": os.environ.get("USER", "unknown"),
+    "hostname": socket.gethostname(),
+    "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M %Z"),
+  })
+  cv.commit_provenance()
+
+
+def writable(cloudpath: str, mip: int = 0) -> CloudVolume:
+  """Open an existing layer for chunk-aligned writes."""
+  cv = open_layer(cloudpath, mip=mip)
+  return cv
+
+
+def dataset_bbox(cv: CloudVolume) -> Bbox:
+  """The layer's bounds at its current mip, (x, y, z) voxels."""
+  return cv.meta.bounds(cv.mip)
+
+
+def parse_triple(text: str | Sequence, name: str, cast=float) -> tuple:
+  """Parse 'X,Y,Z' into a 3-tuple, with an error naming the option."""
+  if isinstance(text, (tuple, list)):
+    values = list(text)
+  else:
+    values = str(text).replace(" ", "").split(",")
+  try:
+    out = tuple(cast(v) for v in values)
+  except ValueError:
+    out = ()
+  if len(out) != 3 or (cast is float and not all(np.isfinite(out))):
+    raise IicatsError(f"{name}: expected three comma-separated numbers X,Y,Z, got '{text}'")
+  if cast is float and any(v <= 0 for v in out):
+    raise IicatsError(f"{name}: values must be positive, got '{text}'")
+  return out

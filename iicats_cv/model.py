@@ -1,0 +1,172 @@
+"""Residual symmetric 3D U-Net for affinities + organelles, and its checkpoint format.
+
+Output channels (in this order): affinity x, affinity y, affinity z (each between a voxel and
+its neighbour at -1 along the axis), then nucleus, mitochondria, synapse probabilities.
+Tensors are (batch, channel, x, y, z), matching CloudVolume's (x, y, z) axis order.
+
+Checkpoints are safetensors files: weights plus a JSON metadata record (architecture, input
+resolution, patch size, output channels, normalisation, training data and command, metrics).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, asdict
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import IicatsError
+
+AFFINITY_CHANNELS = ("affinity_x", "affinity_y", "affinity_z")
+ORGANELLE_CHANNELS = ("nucleus", "mitochondria", "synapse")
+CHECKPOINT_FORMAT = "iicats-cv/unet3d/1"
+
+
+@dataclass
+class ModelConfig:
+  """Architecture and I/O contract of a checkpoint."""
+  in_channels: int = 1
+  width: tuple = (12, 24, 48)
+  # per-level pooling factors (x,y,z): (2,2,1) keeps z for anisotropic ssEM
+  downsample: tuple = ((2, 2, 2), (2, 2, 2))
+  out_channels: tuple = AFFINITY_CHANNELS + ORGANELLE_CHANNELS
+  patch_size: tuple = (48, 48, 48)        # x,y,z voxels at inference
+  resolution: tuple = (10.0, 10.0, 10.0)   # nm, the resolution it was trained at
+  # input normalisation: (image/255 - mean) / std
+  norm_mean: float = 0.5
+  norm_std: float = 0.25
+
+  def to_json(self) -> str:
+    return json.dumps(asdict(self))
+
+  @classmethod
+  def from_json(cls, text: str) -> "ModelConfig":
+    raw = json.loads(text)
+    raw["width"] = tuple(raw["width"])
+    raw["downsample"] = tuple(tuple(d) for d in raw["downsample"])
+    for key in ("out_channels", "patch_size", "resolution"):
+      raw[key] = tuple(raw[key])
+    return cls(**raw)
+
+
+def _conv(cin, cout, kernel):
+  pad = tuple(k // 2 for k in kernel)
+  return nn.Conv3d(cin, cout, kernel, padding=pad)
+
+
+class ResBlock(nn.Module):
+  """conv(3x3x1-ish) -> two 3x3x3 convs with a residual connection (rsunet style)."""
+
+  def __init__(self, cin, cout, anisotropic: bool):
+    super().__init__()
+    first = (3, 3, 1) if anisotropic else (3, 3, 3)
+    self.entry = _conv(cin, cout, first)
+    self.body = nn.Sequential(
+      nn.GroupNorm(4, cout), nn.ELU(inplace=True), _conv(cout, cout, (3, 3, 3)),
+      nn.GroupNorm(4, cout), nn.ELU(inplace=True), _conv(cout, cout, (3, 3, 3)),
+    )
+    self.out = nn.Sequential(nn.GroupNorm(4, cout), nn.ELU(inplace=True))
+
+  def forward(self, x):
+    x = self.entry(x)
+    return self.out(x + self.body(x))
+
+
+class UNet3D(nn.Module):
+  """Residual symmetric U-Net. forward(x) -> logits (B, C_out, X, Y, Z).
+
+  `embed(x)` returns the decoder's last feature map (B, width[0], X, Y, Z), the voxel
+  embedding used by few-shot organelle heads.
+  """
+
+  def __init__(self, config: ModelConfig):
+    super().__init__()
+    self.config = config
+    widths = list(config.width)
+    if len(config.downsample) != len(widths) - 1:
+      raise ValueError("need one downsample factor per level transition")
+    self.down_blocks = nn.ModuleList()
+    self.pools = nn.ModuleList()
+    cin = config.in_channels
+    for level, w in enumerate(widths):
+      aniso = level < len(config.downsample) and config.downsample[level][2] == 1
+      self.down_blocks.append(ResBlock(cin, w, anisotropic=aniso))
+      cin = w
+      if level < len(config.downsample):
+        self.pools.append(nn.MaxPool3d(config.downsample[level]))
+    self.ups = nn.ModuleList()
+    self.up_blocks = nn.ModuleList()
+    for level in reversed(range(len(widths) - 1)):
+      factor = config.downsample[level]
+      self.ups.append(nn.Sequential(
+        nn.Upsample(scale_factor=factor, mode="trilinear", align_corners=False),
+        _conv(widths[level + 1], widths[level], (1, 1, 1))))
+      self.up_blocks.append(ResBlock(widths[level], widths[level], anisotropic=factor[2] == 1))
+    self.head = nn.Conv3d(widths[0], len(config.out_channels), 1)
+
+  def embed(self, x):
+    skips = []
+    for level, block in enumerate(self.down_blocks):
+      x = block(x)
+      if level < len(self.pools):
+        skips.append(x)
+        x = self.pools[level](x)
+    for up, block in zip(self.ups, self.up_blocks):
+      x = block(up(x) + skips.pop())
+    return x
+
+  def forward(self, x):
+    return self.head(self.embed(x))
+
+  def min_input_multiple(self) -> np.ndarray:
+    """Input sizes (x,y,z) must be multiples of this."""
+    return np.prod(np.array(self.config.downsample, dtype=int), axis=0)
+
+
+def normalize_image(image: np.ndarray, config: ModelConfig) -> np.ndarray:
+  """uint8 image (any shape) -> float32 normalised network input."""
+  return ((image.astype(np.float32) / 255.0) - config.norm_mean) / config.norm_std
+
+
+def save_checkpoint(path: str, model: UNet3D, metadata: dict | None = None) -> None:
+  """Write weights + metadata to a safetensors file (atomically)."""
+  from safetensors.torch import save_file
+  meta = {"format": CHECKPOINT_FORMAT, "config": model.config.to_json(),
+          "metadata": json.dumps(metadata or {})}
+  tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+  tmp = f"{path}.tmp"
+  save_file(tensors, tmp, metadata=meta)
+  os.replace(tmp, path)
+
+
+def default_checkpoint_path() -> str:
+  return os.path.join(os.path.dirname(__file__), "data", "default_model.safetensors")
+
+
+def load_checkpoint(path: str | None = None, device: str = "cpu") -> tuple[UNet3D, dict]:
+  """Load a checkpoint -> (model in eval mode, metadata dict). Clear errors when unusable."""
+  from safetensors import safe_open
+  from safetensors.torch import load_file
+  path = path or default_checkpoint_path()
+  if not os.path.exists(path):
+    raise IicatsError(f"checkpoint {path}: file not found")
+  try:
+    with safe_open(path, framework="pt") as handle:
+      header = handle.metadata() or {}
+    tensors = load_file(path, device="cpu")
+  except Exception as err:
+    raise IicatsError(f"checkpoint {path}: not a readable safetensors checkpoint ({err})")
+  if header.get("format") != CHECKPOINT_FORMAT:
+    raise IicatsError(f"checkpoint {path}: format '{header.get('format')}' is not "
+                      f"'{CHECKPOINT_FORMAT}'")
+  try:
+    config = ModelConfig.from_json(header["config"])
+    metadata = json.loads(header.get("metadata", "{}"))
+    model = UNet3D(config)
+    model.load_state_dict(tensors, strict=True)
+  except Exception as err:
+    raise IicatsError(f"checkpoint {path}: weights do not match its architecture ({err})")
+  model.eval().to(device)
+  return model, metadata

@@ -1,0 +1,124 @@
+"""Region adjacency graph (RAG) of fragments with affinity statistics and organelle evidence.
+
+Each block contributes the voxel pairs (v - e_axis, v) whose second voxel v lies in the block, so
+every pair of the dataset is counted by exactly one block and the per-block tables just add up.
+Arrays are (x, y, z) / (c, x, y, z); fragment ids are uint64.
+"""
+from __future__ import annotations
+
+import fastremap
+import numpy as np
+
+EDGE_FIELDS = ("u", "v", "count", "aff_sum", "aff_min", "mito_pairs", "synapse_pairs")
+FRAGMENT_FIELDS = ("id", "size", "nucleus_voxels", "nucleus_sum_x", "nucleus_sum_y",
+                   "nucleus_sum_z")
+
+
+def block_rag(supervoxels: np.ndarray, affinities: np.ndarray, organelles: np.ndarray | None,
+              context, block_origin=(0, 0, 0), organelle_threshold: float = 0.5) -> dict:
+  """Edges and fragment statistics of one block.
+
+  supervoxels: uint64 (X+cx, Y+cy, Z+cz) — the block plus `context` = (cx, cy, cz) voxels
+    (0 or 1 each) before it on each axis, where a neighbouring block exists.
+  affinities: float32 in [0,1] (3, X, Y, Z) for the block only.
+  organelles: float32 in [0,1] (3, X+cx, Y+cy, Z+cz) nucleus, mitochondria, synapse, or None.
+  block_origin: global voxel coordinate (x, y, z) of the block's first voxel.
+  Returns a dict of flat arrays: edge fields EDGE_FIELDS (u < v) and fragment fields
+  prefixed 'frag_' (see FRAGMENT_FIELDS); fragment stats cover the block's own voxels only.
+  """
+  context = tuple(int(c) for c in context)
+  inner = tuple(slice(c, None) for c in context)
+  compact, mapping = fastremap.renumber(supervoxels, preserve_zero=True)
+  compact = compact.astype(np.int64, copy=False)
+  ids = np.zeros(max(mapping.values()) + 1, dtype=np.uint64)
+  for orig, new in mapping.items():
+    ids[new] = orig
+  n = len(ids)
+  us, vs, affs, mitos, syns = [], [], [], [], []
+  for axis in range(3):
+    here = list(inner)
+    there = list(inner)
+    aff_sl = [slice(None)] * 3
+    if context[axis]:
+      there[axis] = slice(0, -1)
+    else:
+      here[axis] = slice(1, None)
+      there[axis] = slice(0, -1)
+      aff_sl[axis] = slice(1, None)
+    a = compact[tuple(here)]
+    b = compact[tuple(there)]
+    sel = (a != b) & (a != 0) & (b != 0)
+    us.append(a[sel])
+    vs.append(b[sel])
+    affs.append(affinities[axis][tuple(aff_sl)][sel])
+    if organelles is not None:
+      mito_a = organelles[1][tuple(here)][sel] > organelle_threshold
+      mito_b = organelles[1][tuple(there)][sel] > organelle_threshold
+      syn_a = organelles[2][tuple(here)][sel] > organelle_threshold
+      syn_b = organelles[2][tuple(there)][sel] > organelle_threshold
+      mitos.append(mito_a & mito_b)
+      syns.append(syn_a | syn_b)
+  u = np.concatenate(us)
+  v = np.concatenate(vs)
+  lo, hi = np.minimum(u, v), np.maximum(u, v)
+  key = lo * n + hi
+  keys, inverse, count = np.unique(key, return_inverse=True, return_counts=True)
+  aff = np.concatenate(affs).astype(np.float64)
+  out = {
+    "u": ids[keys // n], "v": ids[keys % n], "count": count.astype(np.int64),
+    "aff_sum": np.bincount(inverse, weights=aff, minlength=len(keys)),
+    "aff_min": np.full(len(keys), np.inf),
+  }
+  np.minimum.at(out["aff_min"], inverse, aff)
+  if organelles is not None:
+    out["mito_pairs"] = np.bincount(inverse, weights=np.concatenate(mitos),
+                                    minlength=len(keys)).astype(np.int64)
+    out["synapse_pairs"] = np.bincount(inverse, weights=np.concatenate(syns),
+                                       minlength=len(keys)).astype(np.int64)
+  else:
+    out["mito_pairs"] = np.zeros(len(keys), dtype=np.int64)
+    out["synapse_pairs"] = np.zeros(len(keys), dtype=np.int64)
+
+  own = compact[inner].ravel()
+  size = np.bincount(own, minlength=n)
+  out["frag_id"] = ids[size > 0]
+  out["frag_size"] = size[size > 0].astype(np.int64)
+  if organelles is not None:
+    nucleus = (organelles[0][inner] > organelle_threshold).ravel()
+    coords = np.indices(compact[inner].shape).reshape(3, -1)
+    out["frag_nucleus_voxels"] = np.bincount(own, weights=nucleus, minlength=n)[size > 0]
+    for axis, name in enumerate("xyz"):
+      sums = np.bincount(own, weights=(coords[axis] + block_origin[axis] + 0.5) * nucleus,
+                         minlength=n)
+      out[f"frag_nucleus_sum_{name}"] = sums[size > 0]
+  else:
+    for field in FRAGMENT_FIELDS[2:]:
+      out[f"frag_{field}"] = np.zeros(len(out["frag_id"]))
+  keep = out["frag_id"] != 0
+  for field in FRAGMENT_FIELDS:
+    out[f"frag_{field}"] = out[f"frag_{field}"][keep]
+  return out
+
+
+def merge_rags(parts) -> dict:
+  """Sum per-block RAG dicts into one global RAG (edges keyed by (u, v), fragments by id)."""
+  parts = list(parts)
+  u = np.concatenate([p["u"] for p in parts]).astype(np.uint64)
+  v = np.concatenate([p["v"] for p in parts]).astype(np.uint64)
+  pairs, inverse = np.unique(np.stack([u, v], axis=1), axis=0, return_inverse=True)
+  inverse = inverse.ravel()
+  out = {"u": pairs[:, 0], "v": pairs[:, 1]}
+  for field in ("count", "aff_sum", "mito_pairs", "synapse_pairs"):
+    values = np.concatenate([p[field] for p in parts]).astype(np.float64)
+    out[field] = np.bincount(inverse, weights=values, minlength=len(pairs))
+  out["count"] = out["count"].astype(np.int64)
+  aff_min = np.full(len(pairs), np.inf)
+  np.minimum.at(aff_min, inverse, np.concatenate([p["aff_min"] for p in parts]))
+  out["aff_min"] = aff_min
+  frag = np.concatenate([p["frag_id"] for p in parts]).astype(np.uint64)
+  frag_ids, finv = np.unique(frag, return_inverse=True)
+  out["frag_id"] = frag_ids
+  for field in FRAGMENT_FIELDS[1:]:
+    values = np.concatenate([p[f"frag_{field}"] for p in parts]).astype(np.float64)
+    out[f"frag_{field}"] = np.bincount(finv.ravel(), weights=values, minlength=len(frag_ids))
+  return out

@@ -1,0 +1,275 @@
+"""Training of the affinity + organelle U-Net on in-memory volumes.
+
+Pure in the sense of the library: volumes come in as numpy arrays (x, y, z); reading them
+from precomputed layers is the CLI's job (`iicats train`).
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .model import ModelConfig, UNet3D, normalize_image, save_checkpoint, ORGANELLE_CHANNELS
+
+
+@dataclass
+class TrainingVolume:
+  """One training volume. All arrays are (x, y, z) and share one shape.
+
+  image: uint8. labels: neuron instances (uint), 0 = unlabelled/extracellular, or None when the
+  volume has no neuron labels. nucleus/mitochondria/synapse: bool or uint masks, or None when
+  that organelle is not annotated here (its loss is then masked out).
+  """
+  name: str
+  image: np.ndarray
+  labels: np.ndarray | None = None
+  nucleus: np.ndarray | None = None
+  mitochondria: np.ndarray | None = None
+  synapse: np.ndarray | None = None
+  weight: float = 1.0
+
+  def organelle(self, name):
+    return getattr(self, name)
+
+
+def affinities_from_labels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Affinity targets and validity masks from instance labels.
+
+  labels: (X, Y, Z) uint. Returns (affs, mask), both float32 (3, X, Y, Z): channel c at voxel v
+  is 1 when v and v - e_c carry the same non-zero label. The mask is 0 at the low border of each
+  axis, where the neighbour lies outside the array.
+  """
+  affs = np.zeros((3,) + labels.shape, dtype=np.float32)
+  mask = np.zeros_like(affs)
+  for axis in range(3):
+    here = [slice(None)] * 3
+    there = [slice(None)] * 3
+    here[axis] = slice(1, None)
+    there[axis] = slice(None, -1)
+    a, b = labels[tuple(here)], labels[tuple(there)]
+    affs[(axis,) + tuple(here)] = (a == b) & (a != 0)
+    mask[(axis,) + tuple(here)] = 1
+  return affs, mask
+
+
+class PatchSampler:
+  """Random training patches with EM augmentations, deterministic from a seed."""
+
+  def __init__(self, volumes, config: ModelConfig, isotropic: bool, seed: int = 0,
+               z_range=None, augment: bool = True):
+    self.volumes = volumes
+    self.config = config
+    self.augment = augment
+    self.patch = np.array(config.patch_size, dtype=int)
+    self.isotropic = isotropic
+    self.rng = np.random.default_rng(seed)
+    self.z_range = z_range  # per volume (z0, z1) or None for all
+    weights = np.array([v.weight for v in volumes], dtype=float)
+    self.p = weights / weights.sum()
+
+  def _z_bounds(self, index, vol):
+    if self.z_range is None:
+      return 0, vol.image.shape[2]
+    return self.z_range[index]
+
+  def sample(self, index=None):
+    """-> (image float32 (1,X,Y,Z), target (6,X,Y,Z), mask (6,X,Y,Z))."""
+    rng = self.rng
+    if index is None:
+      index = rng.choice(len(self.volumes), p=self.p)
+    vol = self.volumes[index]
+    z0, z1 = self._z_bounds(index, vol)
+    shape = np.array(vol.image.shape[:2] + (z1 - z0,))
+    size = np.minimum(self.patch + 1, shape)
+    start = np.array([rng.integers(0, s - p + 1) for s, p in zip(shape, size)])
+    start[2] += z0
+    sl = tuple(slice(a, a + p) for a, p in zip(start, size))
+    image = vol.image[sl]
+    target = np.zeros((6,) + image.shape, dtype=np.float32)
+    mask = np.zeros_like(target)
+    if vol.labels is not None:
+      target[:3], mask[:3] = affinities_from_labels(vol.labels[sl])
+    for c, name in enumerate(ORGANELLE_CHANNELS):
+      organelle = vol.organelle(name)
+      if organelle is not None:
+        target[3 + c] = organelle[sl] > 0
+        mask[3 + c] = 1
+    # drop the one-voxel context used for the low-border affinities
+    crop = (slice(None),) + tuple(slice(1, None) if s > p else slice(None)
+                                  for s, p in zip(size, self.patch))
+    image = image[crop[1:]]
+    target, mask = target[crop], mask[crop]
+    if self.augment:
+      image, target, mask = self._augment(image, target, mask)
+    img = normalize_image(image, self.config)[None]
+    if self.augment:
+      img = img * rng.uniform(0.8, 1.2) + rng.uniform(-0.3, 0.3)
+    return img.astype(np.float32), target, mask
+
+  def _augment(self, image, target, mask):
+    rng = self.rng
+    # flips mirror the affinity definition (v vs v - e) by one voxel: shift it back
+    for axis in ((0, 1, 2) if self.isotropic else (0, 1)):
+      if rng.random() < 0.5:
+        image = np.flip(image, axis)
+        target = np.flip(target, axis + 1)
+        mask = np.flip(mask, axis + 1)
+        target[axis] = np.roll(target[axis], 1, axis)
+        mask[axis] = np.roll(mask[axis], 1, axis)
+        edge = [slice(None)] * 3
+        edge[axis] = 0
+        mask[(axis,) + tuple(edge)] = 0
+    if rng.random() < 0.5 and image.shape[0] == image.shape[1]:
+      image = image.transpose(1, 0, 2)
+      target = target.transpose(0, 2, 1, 3)[[1, 0, 2, 3, 4, 5]]
+      mask = mask.transpose(0, 2, 1, 3)[[1, 0, 2, 3, 4, 5]]
+    if not self.isotropic and rng.random() < 0.1:
+      # missing section: one z slice blanked, as in ssEM
+      image = image.copy()
+      image[:, :, rng.integers(0, image.shape[2])] = 0
+    return (np.ascontiguousarray(image), np.ascontiguousarray(target),
+            np.ascontiguousarray(mask))
+
+
+def masked_balanced_bce(logits, target, mask):
+  """BCE per channel, class-balanced inside the mask; channels without labels are skipped."""
+  losses = []
+  for c in range(target.shape[1]):
+    m = mask[:, c]
+    total = m.sum()
+    if total < 1:
+      continue
+    t = target[:, c]
+    pos = (t * m).sum()
+    frac = (pos / total).clamp(0.05, 0.95)
+    w = m * torch.where(t > 0.5, 0.5 / frac, 0.5 / (1 - frac))
+    losses.append((F.binary_cross_entropy_with_logits(logits[:, c], t, reduction="none")
+                   * w).sum() / total)
+  return torch.stack(losses).mean()
+
+
+def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
+  """Average precision of binary labels ranked by scores (both flat arrays)."""
+  order = np.argsort(-scores, kind="stable")
+  hits = labels[order].astype(bool)
+  if hits.sum() == 0:
+    return float("nan")
+  tp = np.cumsum(hits)
+  precision = tp / np.arange(1, len(hits) + 1)
+  return float((precision * hits).sum() / hits.sum())
+
+
+def train(volumes, out_path: str, config: ModelConfig | None = None, iterations: int = 2000,
+          batch_size: int = 2, lr: float = 2e-3, val_fraction: float = 0.2, seed: int = 0,
+          resume: bool = False, device: str | None = None, command: str = "",
+          checkpoint_every: int = 250, progress: bool = True) -> dict:
+  """Train a UNet3D on `volumes` (list[TrainingVolume]) and write a checkpoint to out_path.
+
+  The top `val_fraction` of each volume's z range is held out for validation. Resumable: the
+  optimiser state lives in `out_path + '.state'` until training finishes.
+  Returns the metadata written into the checkpoint (including validation metrics).
+  """
+  config = config or ModelConfig()
+  device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+  torch.manual_seed(seed)
+  model = UNet3D(config).to(device)
+  optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+  scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=iterations)
+  use_amp = device.startswith("cuda")
+  scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+  state_path = out_path + ".state"
+  start_iter = 0
+  if resume and os.path.exists(state_path):
+    state = torch.load(state_path, map_location=device, weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    start_iter = int(state["iteration"])
+  train_range, val_range = [], []
+  for vol in volumes:
+    nz = vol.image.shape[2]
+    need = config.patch_size[2] + 1
+    cut = min(int(round(nz * (1 - val_fraction))), nz - need)
+    if cut < need:
+      raise ValueError(f"training volume {vol.name}: {nz} z slices; need at least {2 * need} "
+                       "for a training and a validation patch")
+    train_range.append((0, cut))
+    val_range.append((cut, nz))
+  isotropic = all(d[2] == 2 for d in config.downsample)
+  sampler = PatchSampler(volumes, config, isotropic, seed=seed + start_iter,
+                         z_range=train_range)
+  started = time.time()
+  model.train()
+  bar = tqdm(range(start_iter, iterations), desc="train", disable=not progress,
+             initial=start_iter, total=iterations)
+  running = None
+  for it in bar:
+    batch = [sampler.sample() for _ in range(batch_size)]
+    img, target, mask = (torch.from_numpy(np.stack(x)).to(device) for x in zip(*batch))
+    with torch.autocast(device_type="cuda", enabled=use_amp):
+      logits = model(img)
+    loss = masked_balanced_bce(logits.float(), target, mask)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+    bar.set_postfix(loss=f"{running:.4f}")
+    if (it + 1) % checkpoint_every == 0 and it + 1 < iterations:
+      torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                  "scheduler": scheduler.state_dict(), "iteration": it + 1}, state_path)
+  validation = validate(model, volumes, val_range, config, device)
+  metadata = {
+    "training_command": command, "iterations": iterations, "batch_size": batch_size,
+    "learning_rate": lr, "seed": seed, "device": device,
+    "wall_time_s": round(time.time() - started, 1), "final_train_loss": running,
+    "training_data": [{"name": v.name, "shape_xyz": list(v.image.shape),
+                       "labels": [k for k in ("labels",) + ORGANELLE_CHANNELS
+                                  if getattr(v, k) is not None]} for v in volumes],
+    "validation": validation,
+  }
+  save_checkpoint(out_path, model.eval(), metadata)
+  if os.path.exists(state_path):
+    os.remove(state_path)
+  return metadata
+
+
+@torch.no_grad()
+def validate(model, volumes, val_range, config, device, patches_per_volume=8) -> dict:
+  """Affinity average precision and organelle Dice on fixed held-out patches per volume."""
+  isotropic = all(d[2] == 2 for d in config.downsample)
+  sampler = PatchSampler(volumes, config, isotropic, seed=12345, z_range=val_range,
+                         augment=False)
+  model.eval()
+  out = {}
+  for index, vol in enumerate(volumes):
+    z0, z1 = val_range[index]
+    if z1 - z0 < 4:
+      continue
+    preds, targets, masks = [], [], []
+    for _ in range(patches_per_volume):
+      img, t, m = sampler.sample(index)
+      preds.append(torch.sigmoid(model(torch.from_numpy(img[None]).to(device))).cpu().numpy()[0])
+      targets.append(t)
+      masks.append(m)
+    p, t, m = np.stack(preds), np.stack(targets), np.stack(masks)
+    scores = {}
+    if m[:, :3].any():
+      sel = m[:, :3] > 0
+      scores["affinity_ap"] = average_precision(p[:, :3][sel], t[:, :3][sel])
+      boundary = t[:, :3][sel] < 0.5
+      scores["boundary_ap"] = average_precision(1 - p[:, :3][sel], boundary)
+    for c, name in enumerate(ORGANELLE_CHANNELS):
+      if m[:, 3 + c].any():
+        pred = p[:, 3 + c] > 0.5
+        truth = t[:, 3 + c] > 0.5
+        denom = pred.sum() + truth.sum()
+        scores[f"{name}_dice"] = float(2 * (pred & truth).sum() / denom) if denom else 1.0
+    out[vol.name] = scores
+  return out

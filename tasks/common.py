@@ -1,0 +1,77 @@
+"""What every task shares: the block grid, done markers, and table objects in the bucket."""
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+from cloudfiles import CloudFiles
+
+from iicats_cv.errors import IicatsError
+
+
+def block_grid(bounds_start, bounds_stop, task_shape):
+  """Blocks [(start, stop, index)] tiling the bounds (x,y,z) with task_shape, clipped at the end.
+
+  `index` is the block's linear position in the grid (x fastest), used for id offsets.
+  """
+  start = np.asarray(bounds_start, dtype=int)
+  stop = np.asarray(bounds_stop, dtype=int)
+  shape = np.asarray(task_shape, dtype=int)
+  counts = -(-(stop - start) // shape)
+  blocks = []
+  for k in range(counts[2]):
+    for j in range(counts[1]):
+      for i in range(counts[0]):
+        lo = start + shape * np.array([i, j, k])
+        hi = np.minimum(lo + shape, stop)
+        index = i + counts[0] * (j + counts[1] * k)
+        blocks.append((lo.tolist(), hi.tolist(), int(index)))
+  return blocks
+
+
+def check_task_shape(task_shape, chunk_size, layer: str):
+  """Task shapes must be multiples of the chunk size so every write is chunk-aligned."""
+  if any(t % c for t, c in zip(task_shape, chunk_size)):
+    raise IicatsError(f"{layer}: task shape {tuple(task_shape)} is not a multiple of the chunk "
+                      f"size {tuple(chunk_size)}")
+
+
+def block_name(start) -> str:
+  return "_".join(str(int(s)) for s in start)
+
+
+def mark_done(state_prefix: str, stage: str, name: str, info: dict | None = None) -> None:
+  """Record that one task of a stage finished (so a resumed run skips it)."""
+  CloudFiles(state_prefix).put_json(f"done/{stage}/{name}", info or {})
+
+
+def done_names(state_prefix: str, stage: str) -> set:
+  cf = CloudFiles(state_prefix)
+  return {path.rsplit("/", 1)[-1] for path in cf.list(prefix=f"done/{stage}/")}
+
+
+def put_npz(cloudpath_prefix: str, key: str, arrays: dict) -> None:
+  """Store arrays as one compressed npz object (portable, fast, no database)."""
+  buffer = io.BytesIO()
+  np.savez_compressed(buffer, **arrays)
+  CloudFiles(cloudpath_prefix).put(key, buffer.getvalue(), compress=None,
+                                   content_type="application/octet-stream")
+
+
+def get_npz(cloudpath_prefix: str, key: str) -> dict:
+  data = CloudFiles(cloudpath_prefix).get(key)
+  if data is None:
+    raise IicatsError(f"{cloudpath_prefix}/{key}: missing (did the previous stage finish?)")
+  with np.load(io.BytesIO(data)) as npz:
+    return {k: npz[k] for k in npz.files}
+
+
+def put_json(cloudpath_prefix: str, key: str, obj) -> None:
+  CloudFiles(cloudpath_prefix).put(key, json.dumps(obj, indent=1).encode(),
+                                   content_type="application/json", compress=None)
+
+
+def get_json(cloudpath_prefix: str, key: str):
+  data = CloudFiles(cloudpath_prefix).get(key)
+  return None if data is None else json.loads(data)

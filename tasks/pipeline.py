@@ -1,0 +1,210 @@
+"""The whole pipeline as a sequence of queued stages over precomputed layers.
+
+Each stage creates its tasks (Igneous style: creation apart from execution), puts them on the
+queue, and either runs local workers (`parallel` ≥ 1) or waits for external ones
+(`iicats execute QUEUE`). A finished stage leaves a record under OUT/pipeline/, so re-running
+after an interruption resumes: finished stages and finished tasks are skipped.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import json
+import os
+import tempfile
+import time
+
+import numpy as np
+from cloudfiles import CloudFiles
+
+from iicats_cv.errors import IicatsError
+from iicats_cv.layers import normalize_cloudpath, open_layer, join, local_path
+from . import igneous_stages as ig
+from .inference import create_inference_tasks
+from .runner import open_queue, run_tasks
+from .segmentation import (create_watershed_tasks, create_rag_tasks, agglomerate_task,
+                           create_remap_tasks, check_affinities)
+from .common import get_json, put_json
+
+LAYERS = ("image", "affinities", "organelles", "supervoxels", "segmentation")
+
+
+class Pipeline:
+  """Runs stages on one queue, recording per-stage timings under OUT/pipeline/."""
+
+  def __init__(self, out: str, queue: str | None, parallel: int | None, lease_sec: int = 600):
+    self.out = out
+    self.state = join(out, "pipeline")
+    if queue is None:
+      queue = "fq://" + tempfile.mkdtemp(prefix="iicats-queue-")
+      parallel = parallel or 1
+    open_queue(queue)
+    self.queue = queue
+    self.parallel = parallel
+    self.lease_sec = lease_sec
+    self.timings = {}
+
+  def done(self, stage) -> dict | None:
+    return get_json(self.state, f"stages/{stage}.json")
+
+  def stage(self, name, make_tasks):
+    """Run one stage unless a previous run finished it."""
+    record = self.done(name)
+    if record is not None:
+      self.timings[name] = record["seconds"]
+      print(f"[{name}] already done in a previous run ({record['seconds']:.1f} s): skipped")
+      return
+    started = time.time()
+    tasks = list(make_tasks())
+    run_tasks(tasks, self.queue, self.parallel, desc=name, lease_sec=self.lease_sec)
+    seconds = time.time() - started
+    self.timings[name] = round(seconds, 2)
+    put_json(self.state, f"stages/{name}.json", {"seconds": round(seconds, 2),
+                                                  "tasks": len(tasks)})
+    print(f"[{name}] done in {seconds:.1f} s", flush=True)
+
+
+def validate_inputs(image, gt_labels=None, gt_skeletons=None, seeds=None):
+  """Everything the run reads, checked before anything is written."""
+  image_cv = open_layer(image, layer_type="image", dtypes=("uint8",), num_channels=1,
+                        what="image layer")
+  if gt_labels:
+    gt_cv = open_layer(gt_labels, layer_type="segmentation", what="ground-truth layer")
+    if not np.allclose(gt_cv.resolution, image_cv.resolution) or \
+        gt_cv.bounds != image_cv.bounds:
+      raise IicatsError(f"ground-truth layer {gt_labels}: resolution/bounds "
+                        f"{tuple(gt_cv.resolution)} {gt_cv.bounds} differ from the image's "
+                        f"{tuple(image_cv.resolution)} {image_cv.bounds}")
+  if gt_skeletons and "://" not in gt_skeletons and not os.path.isdir(gt_skeletons):
+    raise IicatsError(f"--gt-skeletons {gt_skeletons}: not a directory of SWC files")
+  seeds_nm = None
+  if seeds:
+    from iicats_cv.seeds import read_seed_points
+    seeds_nm = read_seed_points(seeds)
+  return image_cv, seeds_nm
+
+
+def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int | None = None,
+                 task_shape=(128, 128, 128), checkpoint: str | None = None,
+                 seeds: str | None = None, gt_labels: str | None = None,
+                 gt_skeletons: str | None = None, nuclei: str | None = None,
+                 synapses: str | None = None, json_path: str | None = None,
+                 threshold: float = 0.5, track_threshold: float = 0.3,
+                 sweep=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8), meshes: bool = True,
+                 report: bool = True, link_prefix: str | None = None, lease_sec: int = 600,
+                 num_mips: int = 2):
+  """Run every stage from an EM image layer to segmentation, meshes, link and metrics.
+
+  Returns the summary dict ({"layers", "neuroglancer_url", "metrics", "timings", ...}).
+  """
+  image = normalize_cloudpath(image)
+  out = normalize_cloudpath(out)
+  gt_labels = normalize_cloudpath(gt_labels) if gt_labels else None
+  task_shape = tuple(int(t) for t in task_shape)
+  image_cv, seeds_nm = validate_inputs(image, gt_labels, gt_skeletons, seeds)
+  layers = {"image": image, **{name: join(out, name) for name in LAYERS[1:]},
+            "segmentation_baseline": join(out, "segmentation_baseline")}
+  run = Pipeline(out, queue, parallel, lease_sec=lease_sec)
+  put_json(run.state, "run.json", {"image": image, "task_shape": task_shape,
+                                   "checkpoint": checkpoint or "default", "threshold": threshold})
+  started = time.time()
+  state = run.state
+
+  run.stage("inference", lambda: create_inference_tasks(
+    image, layers["affinities"], layers["organelles"], checkpoint, task_shape,
+    state_prefix=state))
+  run.stage("watershed", lambda: create_watershed_tasks(
+    layers["affinities"], layers["supervoxels"], task_shape, state_prefix=state))
+  run.stage("rag", lambda: create_rag_tasks(
+    layers["supervoxels"], layers["affinities"], layers["organelles"], join(out, "rag"),
+    task_shape, state_prefix=state))
+  params = {"threshold": threshold, "track_threshold": track_threshold}
+  run.stage("agglomerate", lambda: [partial(agglomerate_task, 
+    rag_prefix=join(out, "rag"), supervoxels_path=layers["supervoxels"], out_prefix=out,
+    params=params, sweep=list(sweep), seeds_nm=None if seeds_nm is None else seeds_nm.tolist(),
+    track=True, state_prefix=state)])
+  run.stage("remap", lambda: create_remap_tasks(
+    layers["supervoxels"], layers["segmentation"], out, task_shape, state_prefix=state)
+    + create_remap_tasks(layers["supervoxels"], layers["segmentation_baseline"], out,
+                         task_shape, column="baseline_ids", state_prefix=state))
+  if meshes:
+    seg = layers["segmentation"]
+    run.stage("mesh", lambda: ig.mesh_tasks(seg, task_shape))
+    run.stage("mesh-manifest", lambda: ig.mesh_manifest_tasks(seg))
+    run.stage("skeleton", lambda: ig.skeleton_tasks(seg, task_shape))
+    run.stage("skeleton-merge", lambda: ig.skeleton_merge_tasks(seg))
+    for name in ("image", "segmentation"):
+      if name == "image" and not out_owns(out, image):
+        continue
+      for mip in range(num_mips):
+        run.stage(f"downsample-{name}-{mip + 1}",
+                  lambda n=name, m=mip: ig.downsample_tasks(layers[n], m))
+
+  tracked = get_json(out, "tracked.json") or []
+  summary = {"layers": layers, "tracked": tracked, "queue": run.queue,
+             "agglomeration": get_json(out, "agglomeration/summary.json")}
+  t0 = time.time()
+  summary["metrics"] = evaluate_run(out, layers, gt_labels, gt_skeletons, nuclei, synapses)
+  run.timings["evaluate"] = round(time.time() - t0, 2)
+  summary["neuroglancer_url"], summary["neuroglancer_state"] = make_link(
+    out, layers, tracked, link_prefix)
+  summary["timings"] = {**run.timings, "total": round(time.time() - started, 2)}
+  if report:
+    summary["report"] = write_run_report(out, summary)
+  put_json(out, "summary.json", summary)
+  if json_path:
+    with open(json_path, "w") as fh:
+      json.dump(summary, fh, indent=1)
+  return summary
+
+
+def out_owns(out: str, path: str) -> bool:
+  return path.startswith(out.rstrip("/") + "/")
+
+
+def evaluate_run(out, layers, gt_labels, gt_skeletons, nuclei, synapses) -> dict:
+  """Metrics of the constrained segmentation, and of the unconstrained baseline."""
+  from iicats_cv.evaluate import evaluate
+  if not (gt_labels or gt_skeletons):
+    return {}
+  metrics = {}
+  for key, layer in (("", layers["segmentation"]), ("baseline_", layers["segmentation_baseline"])):
+    result = evaluate(layer, skeletons=gt_skeletons, nuclei=nuclei, synapses=synapses,
+                      gt_labels=gt_labels)
+    for name in ("erl", "berl", "nerl", "total_length", "voi_split", "voi_merge", "arand"):
+      if result.get(name) is not None:
+        metrics[key + name] = result[name]
+    if not key:
+      metrics["details"] = result
+  return metrics
+
+
+def make_link(out, layers, tracked, prefix=None):
+  """Neuroglancer URL + state; local layers are addressed through `iicats view`'s server."""
+  from iicats_cv.viewer.link import build_state, state_to_url, state_json
+  from iicats_cv.viewer.server import DEFAULT_PORT
+  local = local_path(out)
+
+  def source_url(cloudpath):
+    path = local_path(cloudpath)
+    if path is None:
+      return None
+    rel = os.path.relpath(path, local) if local else None
+    if rel is None or rel.startswith(".."):
+      raise IicatsError(f"{cloudpath}: a local layer outside {out} cannot be served")
+    return f"precomputed://http://127.0.0.1:{DEFAULT_PORT}/{rel}"
+
+  present = {k: v for k, v in layers.items() if k in LAYERS}
+  state = build_state(**present, segments=[n["id"] for n in tracked], source_url=source_url)
+  kwargs = {"prefix": prefix} if prefix else {}
+  return state_to_url(state, **kwargs), state_json(state)
+
+
+def write_run_report(out, summary) -> str | None:
+  from iicats_cv.evaluate import write_report
+  details = summary["metrics"].get("details")
+  if details is None or local_path(out) is None:
+    return None
+  directory = os.path.join(local_path(out), "report")
+  write_report(details, directory, neuroglancer_url=summary["neuroglancer_url"])
+  return os.path.join(directory, "index.html")

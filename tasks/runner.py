@@ -1,0 +1,178 @@
+"""Queues and workers: python-task-queue with attempt counting and a dead-letter place.
+
+python-task-queue retries a failing task forever; our workers count attempts per task and,
+after `max_attempts`, move it to a dead-letter folder (fq://) so a stage fails visibly instead
+of spinning. Supported queues: `fq://PATH` (local or shared filesystem), `sqs://…`.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import time
+import traceback
+
+from taskqueue import TaskQueue
+from taskqueue.taskqueue import QueueEmptyError
+from tqdm import tqdm
+
+from iicats_cv.errors import IicatsError
+
+PROTOCOLS = ("fq", "sqs")
+
+
+def open_queue(qurl: str, **kwargs) -> TaskQueue:
+  """Open a queue with a clear error for unknown protocols or unreachable queues."""
+  if "://" not in qurl:
+    raise IicatsError(f"queue '{qurl}': expected fq://PATH or sqs://QUEUE")
+  protocol = qurl.split("://", 1)[0]
+  if protocol not in PROTOCOLS:
+    raise IicatsError(f"queue '{qurl}': unknown protocol '{protocol}://' "
+                      f"(supported: {', '.join(p + '://' for p in PROTOCOLS)})")
+  try:
+    return TaskQueue(qurl, progress=False, **kwargs)
+  except Exception as err:
+    raise IicatsError(f"queue '{qurl}': cannot open ({type(err).__name__}: {err})")
+
+
+def _fq_dir(tq: TaskQueue) -> str | None:
+  path = getattr(tq.api, "path", None)
+  return str(path) if path and tq.path.protocol == "fq" else None
+
+
+def dead_letter_dir(tq: TaskQueue) -> str | None:
+  base = _fq_dir(tq)
+  return os.path.join(base, "dead-letter") if base else None
+
+
+def dead_letters(qurl: str) -> list[str]:
+  directory = dead_letter_dir(open_queue(qurl))
+  if not directory or not os.path.isdir(directory):
+    return []
+  return sorted(os.listdir(directory))
+
+
+def _record_failure(tq, task, err, attempts: dict, max_attempts: int) -> bool:
+  """Count a failed attempt; returns True when the task was dead-lettered."""
+  ident = str(getattr(task, "id", id(task)))
+  key = ident.split("--")[-1]
+  base = _fq_dir(tq)
+  count_path = os.path.join(base, "attempts", key) if base else None
+  if count_path:
+    os.makedirs(os.path.dirname(count_path), exist_ok=True)
+    with open(count_path, "a") as fh:
+      fh.write(".")
+    count = os.path.getsize(count_path)
+  else:
+    attempts[key] = attempts.get(key, 0) + 1
+    count = attempts[key]
+  if count < max_attempts:
+    return False
+  directory = dead_letter_dir(tq)
+  if directory:
+    os.makedirs(directory, exist_ok=True)
+    payload = task.payload() if hasattr(task, "payload") else repr(task)
+    with open(os.path.join(directory, f"{key}.json"), "w") as fh:
+      json.dump({"task": payload, "attempts": count, "error": f"{type(err).__name__}: {err}",
+                 "traceback": traceback.format_exc()}, fh, indent=1, default=str)
+  tq.delete(task)
+  return True
+
+
+def execute(qurl: str, lease_sec: int = 600, exit_on_empty: bool = True,
+            max_attempts: int = 3, quiet: bool = False) -> dict:
+  """Run tasks from a queue until it is empty (or forever without exit_on_empty).
+
+  Each task is deleted only after it succeeded; a failure releases the lease for a retry
+  until max_attempts, then the task moves to the dead-letter folder.
+  Returns {"executed", "failed", "dead"} counts for this worker.
+  """
+  import iicats_cv.tasks  # noqa: F401  (registers every task type)
+  tq = open_queue(qurl)
+  stats = {"executed": 0, "failed": 0, "dead": 0}
+  attempts = {}
+  while True:
+    try:
+      task = tq.lease(seconds=int(lease_sec))
+    except QueueEmptyError:
+      if exit_on_empty and tq.enqueued == 0:
+        break
+      time.sleep(0.5)
+      continue
+    try:
+      task.execute()
+    except Exception as err:  # a worker must survive a bad task
+      stats["failed"] += 1
+      if not quiet:
+        print(f"task failed: {type(err).__name__}: {err}", flush=True)
+      if _record_failure(tq, task, err, attempts, max_attempts):
+        stats["dead"] += 1
+      else:
+        try:
+          tq.cancel(task)  # back on the queue now, not after the lease
+        except Exception:
+          pass
+      continue
+    tq.delete(task, tally=True)
+    stats["executed"] += 1
+  return stats
+
+
+def _worker(qurl, lease_sec, max_attempts):
+  import torch
+  torch.set_num_threads(1)
+  execute(qurl, lease_sec=lease_sec, exit_on_empty=True, max_attempts=max_attempts, quiet=True)
+
+
+def drain(qurl: str, total: int, parallel: int = 1, desc: str = "tasks", lease_sec: int = 600,
+          max_attempts: int = 3, wait_for_external: bool = False, poll_sec: float = 1.0):
+  """Run (parallel ≥ 1) or wait for external workers to run (wait_for_external) every task
+  of the queue, with a progress bar over the queue's remaining count."""
+  tq = open_queue(qurl)
+  dead_before = set(dead_letters(qurl))
+  bar = tqdm(total=total, desc=desc, unit="task", leave=False)
+  procs = []
+  if not wait_for_external:
+    if parallel <= 1:
+      execute(qurl, lease_sec=lease_sec, max_attempts=max_attempts)
+    else:
+      ctx = multiprocessing.get_context("spawn")
+      procs = [ctx.Process(target=_worker, args=(qurl, lease_sec, max_attempts))
+               for _ in range(parallel)]
+      for proc in procs:
+        proc.start()
+  while True:
+    remaining = tq.enqueued
+    bar.update(max(0, total - remaining) - bar.n)
+    if remaining == 0:
+      break
+    if procs and not any(p.is_alive() for p in procs):
+      # workers died (e.g. out of memory): start fresh ones, the leases expire
+      raise IicatsError(f"queue {qurl}: all workers exited with {remaining} task(s) left")
+    time.sleep(poll_sec)
+  for proc in procs:
+    proc.join()
+  bar.close()
+  dead = set(dead_letters(qurl)) - dead_before
+  if dead:
+    raise IicatsError(f"{desc}: {len(dead)} task(s) failed {max_attempts} times; see "
+                      f"{dead_letter_dir(open_queue(qurl))}")
+
+
+def run_tasks(tasks, queue: str | None, parallel: int | None, desc: str = "tasks",
+              lease_sec: int = 600) -> str:
+  """Insert tasks and see them done: on a private fq:// queue with local workers when no queue
+  is given, by `parallel` local workers, or (queue and no parallel) by external workers.
+  Returns the queue used."""
+  if queue is None:
+    import tempfile
+    queue = "fq://" + tempfile.mkdtemp(prefix="iicats-queue-")
+    parallel = parallel or 1
+  tasks = list(tasks)
+  if tasks:
+    open_queue(queue).insert(tasks)
+    who = "external workers" if parallel is None else f"{parallel} local worker(s)"
+    print(f"[{desc}] {len(tasks)} task(s) on {queue} for {who}", flush=True)
+    drain(queue, len(tasks), parallel=parallel or 1, desc=desc, lease_sec=lease_sec,
+          wait_for_external=parallel is None)
+  return queue

@@ -1,0 +1,251 @@
+"""Watershed, RAG, agglomeration/tracking and remap tasks.
+
+Data in the bucket, next to the layers (`OUT` is the run's prefix):
+  OUT/supervoxels            uint64 fragments, globally unique ids (block index offsets)
+  OUT/rag/<block>.npz        one RAG object per block (edges across its low faces included)
+  OUT/agglomeration/table.npz  fragment -> segment tables (constrained, baseline, sweep)
+  OUT/tracked.json           tracked neurons (id, seed, size)
+  OUT/segmentation           uint64 agglomerated (and tracked) neurons
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import json
+
+import fastremap
+import numpy as np
+from cloudvolume import Bbox
+from taskqueue import queueable
+
+from iicats_cv.agglomerate import AgglomerationParams, agglomerate, derive_constraints
+from iicats_cv.errors import IicatsError
+from iicats_cv.layers import open_layer, create_layer, join
+from iicats_cv.rag import block_rag, merge_rags
+from iicats_cv.watershed import fragments
+from .common import (block_grid, check_task_shape, mark_done, block_name, done_names, put_npz,
+                     get_npz, put_json)
+from cloudfiles import CloudFiles
+
+
+def _float_channels(cv, bbox) -> np.ndarray:
+  """Read a multi-channel probability layer as float32 (c, x, y, z) in [0, 1]."""
+  data = np.asarray(cv[bbox])
+  data = np.moveaxis(data, -1, 0)
+  if data.dtype == np.uint8:
+    return data.astype(np.float32) / 255.0
+  data = data.astype(np.float32)
+  if not np.isfinite(data).all():
+    raise IicatsError(f"{cv.cloudpath}: NaN or inf values in {bbox}")
+  return data
+
+
+def check_affinities(path: str):
+  return open_layer(path, layer_type="image", dtypes=("uint8", "float32"), num_channels=3,
+                    what="affinities layer")
+
+
+@queueable
+def watershed_task(affinities_path: str, supervoxels_path: str, start: list, stop: list,
+                   block_index: int, id_stride: int, context: int = 8,
+                   threshold: float = 0.5, min_size: int = 50, per_section: bool = False,
+                   state_prefix: str = ""):
+  """Fragments of one block, computed with `context` voxels around it, ids offset by
+  block_index * id_stride so they are unique across all blocks."""
+  aff_cv = check_affinities(affinities_path)
+  bounds = aff_cv.bounds
+  lo = np.maximum(np.asarray(start) - context, bounds.minpt)
+  hi = np.minimum(np.asarray(stop) + context, bounds.maxpt)
+  affs = _float_channels(aff_cv, Bbox(lo, hi))
+  labels = fragments(affs, aff_cv.resolution, threshold=threshold, min_size=min_size,
+                     per_section=per_section)
+  crop = tuple(slice(s - l, e - l) for s, e, l in zip(start, stop, lo))
+  block = labels[crop]
+  block, _ = fastremap.renumber(block, preserve_zero=True)
+  block = block.astype(np.uint64)
+  block[block > 0] += np.uint64(block_index) * np.uint64(id_stride)
+  sv_cv = open_layer(supervoxels_path)
+  sv_cv[tuple(slice(a, b) for a, b in zip(start, stop))] = block
+  if state_prefix:
+    mark_done(state_prefix, "watershed", block_name(start))
+
+
+def create_watershed_tasks(affinities_path: str, supervoxels_path: str, task_shape,
+                           threshold: float = 0.5, min_size: int = 50, context: int = 8,
+                           per_section: bool | None = None, state_prefix: str = "",
+                           chunk_size=(64, 64, 64)):
+  aff_cv = check_affinities(affinities_path)
+  check_task_shape(task_shape, chunk_size, supervoxels_path)
+  bounds = aff_cv.bounds
+  if per_section is None:
+    res = aff_cv.resolution
+    per_section = bool(res[2] > 2.5 * min(res[0], res[1]))
+  create_layer(supervoxels_path, layer_type="segmentation", dtype="uint64",
+               resolution=aff_cv.resolution, voxel_offset=bounds.minpt,
+               volume_size=bounds.size3(), chunk_size=chunk_size, step="watershed",
+               params={"affinities": affinities_path, "threshold": threshold,
+                       "min_size": min_size, "context": context, "per_section": per_section,
+                       "task_shape": list(task_shape),
+                       "ids": "local id + block index * voxels per block"})
+  id_stride = int(np.prod(task_shape))
+  done = done_names(state_prefix, "watershed") if state_prefix else set()
+  return [
+    partial(watershed_task, affinities_path=affinities_path, supervoxels_path=supervoxels_path,
+                   start=lo, stop=hi, block_index=index, id_stride=id_stride, context=context,
+                   threshold=threshold, min_size=min_size, per_section=per_section,
+                   state_prefix=state_prefix)
+    for lo, hi, index in block_grid(bounds.minpt, bounds.maxpt, task_shape)
+    if block_name(lo) not in done
+  ]
+
+
+@queueable
+def rag_task(supervoxels_path: str, affinities_path: str, organelles_path: str,
+             rag_prefix: str, start: list, stop: list, state_prefix: str = ""):
+  """RAG of one block: voxel pairs whose upper voxel lies in the block (reads one voxel of
+  context below each face that has a neighbour)."""
+  sv_cv = open_layer(supervoxels_path, layer_type="segmentation", what="supervoxels layer")
+  bounds = sv_cv.bounds
+  context = [1 if s > b else 0 for s, b in zip(start, bounds.minpt)]
+  lo = np.asarray(start) - np.asarray(context)
+  block = Bbox(start, stop)
+  supervoxels = np.asarray(sv_cv[Bbox(lo, stop)])[..., 0]
+  affs = _float_channels(check_affinities(affinities_path), block)
+  organelles = None
+  if organelles_path:
+    org_cv = open_layer(organelles_path, num_channels=3, what="organelles layer")
+    organelles = _float_channels(org_cv, Bbox(lo, stop))
+  rag = block_rag(supervoxels, affs, organelles, context, block_origin=start)
+  put_npz(rag_prefix, f"{block_name(start)}.npz", rag)
+  if state_prefix:
+    mark_done(state_prefix, "rag", block_name(start))
+
+
+def create_rag_tasks(supervoxels_path, affinities_path, organelles_path, rag_prefix,
+                     task_shape, state_prefix=""):
+  sv_cv = open_layer(supervoxels_path, layer_type="segmentation", what="supervoxels layer")
+  bounds = sv_cv.bounds
+  done = done_names(state_prefix, "rag") if state_prefix else set()
+  return [
+    partial(rag_task, supervoxels_path=supervoxels_path, affinities_path=affinities_path,
+             organelles_path=organelles_path or "", rag_prefix=rag_prefix, start=lo, stop=hi,
+             state_prefix=state_prefix)
+    for lo, hi, _ in block_grid(bounds.minpt, bounds.maxpt, task_shape)
+    if block_name(lo) not in done
+  ]
+
+
+def _seed_fragments(rag, params, seeds_nm, supervoxels_path):
+  """Seeds -> {seed number: fragment index} and their positions (nm).
+
+  Without explicit seeds every detected nucleus instance is a seed (its largest nuclear
+  fragment). Explicit seeds (N, 3) nm are looked up in the supervoxels layer.
+  """
+  frag = rag["frag_id"]
+  sv_cv = open_layer(supervoxels_path)
+  res = np.asarray(sv_cv.resolution)
+  if seeds_nm is None:
+    constraints, centroids = derive_constraints(rag, params)
+    seeds, positions = {}, {}
+    for k in range(1, int(constraints.nucleus.max(initial=0)) + 1):
+      members = np.flatnonzero(constraints.nucleus == k)
+      best = members[np.argmax(rag["frag_nucleus_voxels"][members])]
+      seeds[k] = int(best)
+      positions[k] = (centroids[k - 1] * res).tolist()
+    return seeds, positions
+  seeds, positions = {}, {}
+  for k, point in enumerate(np.asarray(seeds_nm, dtype=float), start=1):
+    voxel = np.floor(point / res).astype(int)
+    if not sv_cv.bounds.contains(voxel):
+      continue
+    sv = int(np.asarray(sv_cv[tuple(slice(v, v + 1) for v in voxel)]).ravel()[0])
+    index = np.searchsorted(frag, sv)
+    if sv and index < len(frag) and frag[index] == sv:
+      seeds[k] = int(index)
+      positions[k] = point.tolist()
+  return seeds, positions
+
+
+@queueable
+def agglomerate_task(rag_prefix: str, supervoxels_path: str, out_prefix: str, params: dict,
+                     sweep: list, seeds_nm: list = None, track: bool = True,
+                     state_prefix: str = ""):
+  """Global step: merge all block RAGs, agglomerate with and without constraints, track.
+
+  Writes OUT/agglomeration/table.npz (fragment_ids, segment_ids, baseline_ids,
+  sweep_<t>), OUT/agglomeration/summary.json and OUT/tracked.json.
+  """
+  cf = CloudFiles(rag_prefix)
+  keys = sorted(k for k in cf.list() if k.endswith(".npz"))
+  if not keys:
+    raise IicatsError(f"{rag_prefix}: no RAG objects (did the rag stage run?)")
+  rag = merge_rags(get_npz(rag_prefix, k) for k in keys)
+  p = AgglomerationParams(**params)
+  seeds, positions = (None, {})
+  if track:
+    seeds, positions = _seed_fragments(rag, p, seeds_nm, supervoxels_path)
+  result = agglomerate(rag, p, sweep_thresholds=sweep, seeds=seeds)
+  baseline_params = AgglomerationParams(**{**params, "use_constraints": False})
+  baseline = agglomerate(rag, baseline_params)
+  arrays = {"fragment_ids": result.fragment_ids, "segment_ids": result.segment_ids,
+            "baseline_ids": baseline.segment_ids}
+  for t, table in result.sweep.items():
+    arrays[f"sweep_{t:.3f}"] = table
+  put_npz(out_prefix, "agglomeration/table.npz", arrays)
+  for neuron in result.tracked:
+    neuron["seed_nm"] = positions.get(neuron["seed"])
+  summary = {"params": params, "fragments": int(len(result.fragment_ids)),
+             "edges": int(len(rag["u"])),
+             "segments": int(len(np.unique(result.segment_ids))),
+             "baseline_segments": int(len(np.unique(baseline.segment_ids))),
+             "violations": result.violations, "baseline_violations": baseline.violations,
+             "tracked": len(result.tracked), "sweep": sorted(result.sweep)}
+  put_json(out_prefix, "agglomeration/summary.json", summary)
+  put_json(out_prefix, "tracked.json", result.tracked)
+  if state_prefix:
+    mark_done(state_prefix, "agglomerate", "global", summary)
+
+
+_TABLES = {}
+
+
+def _table(out_prefix, column):
+  key = (out_prefix, column)
+  if key not in _TABLES:
+    tables = get_npz(out_prefix, "agglomeration/table.npz")
+    if column not in tables:
+      raise IicatsError(f"{out_prefix}/agglomeration/table.npz: no table '{column}'")
+    _TABLES[key] = dict(zip(tables["fragment_ids"].tolist(), tables[column].tolist()))
+  return _TABLES[key]
+
+
+@queueable
+def remap_task(supervoxels_path: str, segmentation_path: str, out_prefix: str, column: str,
+               start: list, stop: list, state_prefix: str = ""):
+  """segmentation[block] = table[supervoxels[block]] (fastremap; 0 stays 0)."""
+  sv_cv = open_layer(supervoxels_path, layer_type="segmentation", what="supervoxels layer")
+  slices = tuple(slice(a, b) for a, b in zip(start, stop))
+  block = np.asarray(sv_cv[slices])
+  out = fastremap.remap(block, _table(out_prefix, column), preserve_missing_labels=True)
+  open_layer(segmentation_path)[slices] = out.astype(np.uint64)
+  if state_prefix:
+    mark_done(state_prefix, f"remap-{column}", block_name(start))
+
+
+def create_remap_tasks(supervoxels_path, segmentation_path, out_prefix, task_shape,
+                       column="segment_ids", state_prefix="", chunk_size=(64, 64, 64)):
+  sv_cv = open_layer(supervoxels_path, layer_type="segmentation", what="supervoxels layer")
+  bounds = sv_cv.bounds
+  create_layer(segmentation_path, layer_type="segmentation", dtype="uint64",
+               resolution=sv_cv.resolution, voxel_offset=bounds.minpt,
+               volume_size=bounds.size3(), chunk_size=chunk_size, step="remap",
+               params={"supervoxels": supervoxels_path,
+                       "table": join(out_prefix, "agglomeration/table.npz"), "column": column})
+  done = done_names(state_prefix, f"remap-{column}") if state_prefix else set()
+  return [
+    partial(remap_task, supervoxels_path=supervoxels_path, segmentation_path=segmentation_path,
+               out_prefix=out_prefix, column=column, start=lo, stop=hi,
+               state_prefix=state_prefix)
+    for lo, hi, _ in block_grid(bounds.minpt, bounds.maxpt, task_shape)
+    if block_name(lo) not in done
+  ]
