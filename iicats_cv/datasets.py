@@ -37,49 +37,80 @@ def write_points_csv(path, header, rows):
       writer.writerow([f"{v:.3f}" for v in row])
 
 
-def prepare_demo(dataset: str, out: str, synthetic_shape=(160, 160, 96), seed: int = 0) -> dict:
+def write_ground_truth_files(gt_dir, skeletons, nuclei_nm=None, synapses_nm=None) -> dict:
+  """SWC files (one per skeleton) and nuclei/synapse CSVs (nm) under gt_dir."""
+  from .skeletons import write_swc
+  swc_dir = os.path.join(gt_dir, "skeletons")
+  os.makedirs(swc_dir, exist_ok=True)
+  for skeleton in skeletons:
+    write_swc(skeleton, os.path.join(swc_dir, f"{_skeleton_id(skeleton)}.swc"))
+  paths = {"gt_skeletons": swc_dir, "nuclei": None, "synapses": None}
+  if nuclei_nm is not None:
+    paths["nuclei"] = os.path.join(gt_dir, "nuclei.csv")
+    write_points_csv(paths["nuclei"], ["x", "y", "z"], nuclei_nm)
+  if synapses_nm is not None:
+    paths["synapses"] = os.path.join(gt_dir, "synapses.csv")
+    write_points_csv(paths["synapses"], ["pre_x", "pre_y", "pre_z", "post_x", "post_y", "post_z"],
+                     np.asarray(synapses_nm).reshape(-1, 6))
+  return paths
+
+
+def write_synthetic(out: str, shape=(160, 160, 96), resolution=(10, 10, 10), seed: int = 0,
+                    image_path: str | None = None, gt_dir: str | None = None) -> dict:
+  """A synthetic volume as layers OUT/{neurons,nuclei,mitochondria,synapses}, the image at
+  image_path (default OUT/image) and ground truth files in gt_dir (default OUT/ground_truth).
+  Returns the paths."""
+  from .synthetic import make_synthetic_volume
+  out = normalize_cloudpath(out)
+  root = local_path(out)
+  if root is None:
+    raise IicatsError(f"{out}: synthetic data is written to a local folder")
+  vol = make_synthetic_volume(shape=tuple(shape), resolution=tuple(resolution), seed=seed)
+  source = f"iicats_cv.synthetic.make_synthetic_volume(shape={tuple(shape)}, seed={seed})"
+  paths = {name: join(out, name) for name in ("neurons", "nuclei", "mitochondria", "synapses")}
+  for name, array in (("neurons", vol.neurons), ("nuclei", vol.nuclei),
+                      ("mitochondria", vol.mitochondria), ("synapses", vol.synapse_mask)):
+    import_volume(array, paths[name], "segmentation", vol.resolution, source=source,
+                  overwrite=True)
+  paths.update(write_ground_truth_files(gt_dir or os.path.join(root, "ground_truth"),
+                                        vol.skeletons, vol.nucleus_points_nm, vol.synapses_nm))
+  # the image goes last: its presence marks a complete dataset
+  paths["image"] = import_volume(vol.image, image_path or join(out, "image"), "image",
+                                 vol.resolution, source=source, overwrite=True)
+  return paths
+
+
+def prepare_demo(dataset: str, out: str, seed: int = 0) -> dict:
   """Write the dataset's image and ground truth under OUT/ and return the pipeline inputs:
-  {"image", "gt_labels", "gt_skeletons", "nuclei", "synapses"} (paths/cloudpaths or None)."""
-  from .skeletons import write_swc, skeletons_from_labels
+  {"image", "gt_labels", "gt_skeletons", "nuclei", "synapses"} (paths/cloudpaths or None).
+  A folder prepared by an earlier, interrupted run is reused as it is."""
   out = normalize_cloudpath(out)
   root = local_path(out)
   if root is None:
     raise IicatsError(f"--out {out}: the demo writes its ground truth files locally; use a "
                       "local folder (run `iicats pipeline` for gs:// or s3:// data)")
+  if dataset not in ("fib", "synthetic"):
+    raise IicatsError(f"--dataset must be fib or synthetic, got '{dataset}'")
   gt_dir = os.path.join(root, "ground_truth")
-  swc_dir = os.path.join(gt_dir, "skeletons")
   inputs = {"image": join(out, "image"), "gt_labels": join(out, "ground_truth", "neurons"),
-            "gt_skeletons": swc_dir, "nuclei": None, "synapses": None}
-  if layer_exists(inputs["image"]) and os.path.isdir(swc_dir):
-    # already prepared by an earlier (interrupted) run: resume
+            "gt_skeletons": os.path.join(gt_dir, "skeletons"), "nuclei": None,
+            "synapses": None}
+  if layer_exists(inputs["image"]):
     for name in ("nuclei", "synapses"):
       path = os.path.join(gt_dir, f"{name}.csv")
       inputs[name] = path if os.path.exists(path) else None
     return inputs
-  if dataset == "fib":
-    image, labels, resolution = load_fib_crop()
-    skeletons = skeletons_from_labels(labels, resolution)
-    source = "iicats_cv/data/fib_heldout_crop.npz (FlyEM medulla FIB-SEM, z >= 150)"
-  elif dataset == "synthetic":
-    from .synthetic import make_synthetic_volume
-    vol = make_synthetic_volume(shape=synthetic_shape, resolution=(10, 10, 10), seed=seed)
-    image, labels, resolution = vol.image, vol.neurons, vol.resolution
-    skeletons = vol.skeletons
-    source = f"iicats_cv.synthetic.make_synthetic_volume(shape={synthetic_shape}, seed={seed})"
-  else:
-    raise IicatsError(f"--dataset must be fib or synthetic, got '{dataset}'")
-  os.makedirs(swc_dir, exist_ok=True)
+  if dataset == "synthetic":
+    paths = write_synthetic(join(out, "ground_truth"), seed=seed, image_path=inputs["image"],
+                            gt_dir=gt_dir)
+    inputs.update({k: paths[k] for k in ("gt_skeletons", "nuclei", "synapses")})
+    return inputs
+  from .skeletons import skeletons_from_labels
+  image, labels, resolution = load_fib_crop()
+  source = "iicats_cv/data/fib_heldout_crop.npz (FlyEM medulla FIB-SEM, z >= 150)"
   import_volume(labels, inputs["gt_labels"], "segmentation", resolution, source=source,
                 overwrite=True)
-  for skeleton in skeletons:
-    write_swc(skeleton, os.path.join(swc_dir, f"{_skeleton_id(skeleton)}.swc"))
-  if dataset == "synthetic":
-    inputs["nuclei"] = os.path.join(gt_dir, "nuclei.csv")
-    inputs["synapses"] = os.path.join(gt_dir, "synapses.csv")
-    write_points_csv(inputs["nuclei"], ["x", "y", "z"], vol.nucleus_points_nm)
-    write_points_csv(inputs["synapses"],
-                     ["pre_x", "pre_y", "pre_z", "post_x", "post_y", "post_z"],
-                     np.asarray(vol.synapses_nm).reshape(-1, 6))
+  write_ground_truth_files(gt_dir, skeletons_from_labels(labels, resolution))
   # the image goes last: its presence marks a complete preparation
   import_volume(image, inputs["image"], "image", resolution, source=source, overwrite=True)
   return inputs

@@ -64,8 +64,10 @@ def block_rag(supervoxels: np.ndarray, affinities: np.ndarray, organelles: np.nd
   key = lo * n + hi
   keys, inverse, count = np.unique(key, return_inverse=True, return_counts=True)
   aff = np.concatenate(affs).astype(np.float64)
+  first, second = ids[keys // n], ids[keys % n]
   out = {
-    "u": ids[keys // n], "v": ids[keys % n], "count": count.astype(np.int64),
+    "u": np.minimum(first, second), "v": np.maximum(first, second),
+    "count": count.astype(np.int64),
     "aff_sum": np.bincount(inverse, weights=aff, minlength=len(keys)),
     "aff_min": np.full(len(keys), np.inf),
   }

@@ -1,6 +1,6 @@
 """Supervoxels (fragments) from affinities: seeded watershed on the boundary distance transform.
 
-As lsd does it: boundary = 1 - mean affinity; seeds are maxima of the distance transform of the
+As lsd does it, with boundary = 1 - the lowest incident affinity; seeds are maxima of the distance transform of the
 foreground (boundary < threshold); a marker watershed floods the boundary map; small fragments
 are merged into their best-connected neighbour. Arrays are (x, y, z) / (3, x, y, z).
 """
@@ -17,19 +17,18 @@ from skimage.segmentation import watershed
 def boundary_map(affinities: np.ndarray) -> np.ndarray:
   """affinities float32 (3, X, Y, Z) in [0, 1] -> boundary float32 (X, Y, Z) in [0, 1].
 
-  Uses, per voxel, the mean of its three affinities to the -1 neighbours and the +1 neighbours'
-  affinities towards it, so the boundary is symmetric around the membrane.
+  1 - the lowest of a voxel's six affinities (to its -1 neighbours and from its +1
+  neighbours), so both voxels beside a boundary count as boundary: seeds then never sit on a
+  one-voxel-thin membrane, and the map is symmetric around it.
   """
-  total = affinities.sum(axis=0)
-  count = np.full(affinities.shape[1:], 3.0, dtype=np.float32)
+  lowest = affinities.min(axis=0)
   for axis in range(3):
     src = [slice(None)] * 3
     dst = [slice(None)] * 3
     src[axis] = slice(1, None)
     dst[axis] = slice(None, -1)
-    total[tuple(dst)] += affinities[axis][tuple(src)]
-    count[tuple(dst)] += 1
-  return (1.0 - total / count).astype(np.float32)
+    np.minimum(lowest[tuple(dst)], affinities[axis][tuple(src)], out=lowest[tuple(dst)])
+  return (1.0 - lowest).astype(np.float32)
 
 
 def fragments(affinities: np.ndarray, resolution=(1.0, 1.0, 1.0), threshold: float = 0.5,

@@ -1,0 +1,137 @@
+"""Blending, task-shape independence, channel layout and checkpoints."""
+import numpy as np
+import pytest
+import tensorstore as ts
+import torch
+
+from iicats_cv.errors import IicatsError
+from iicats_cv.inference import bump_weights, patches_for_block, predict_block, grid_starts
+from iicats_cv.model import load_checkpoint, save_checkpoint, ModelConfig, UNet3D, \
+  AFFINITY_CHANNELS, ORGANELLE_CHANNELS
+from iicats_cv.volume_io import import_volume
+from conftest import blobs
+
+
+def test_bump_weights_positive_and_peaked():
+  w = bump_weights((16, 16, 8))
+  assert w.shape == (16, 16, 8) and w.dtype == np.float32
+  assert (w > 0).all()
+  assert w[8, 8, 4] == pytest.approx(w.max())
+  assert w[0, 0, 0] < 1e-3 * w.max()
+
+
+def test_grid_covers_dataset_and_ends_flush():
+  starts = grid_starts(0, 100, 32, 24)
+  assert starts[0] == 0 and starts[-1] == 100 - 32
+  assert (np.diff(starts) <= 24).all()
+  assert list(grid_starts(5, 20, 32, 24)) == [5]
+
+
+class ConstantModel(torch.nn.Module):
+  """Outputs logit 0 everywhere: every blended probability must be exactly 0.5."""
+
+  def __init__(self, config):
+    super().__init__()
+    self.config = config
+
+  def forward(self, x):
+    return torch.zeros((x.shape[0], len(self.config.out_channels)) + tuple(x.shape[2:]))
+
+
+def test_blending_weights_sum_to_one():
+  config = ModelConfig(width=(4, 8), downsample=((2, 2, 2),), patch_size=(16, 16, 16))
+  image = np.full((40, 40, 30), 100, np.uint8)
+  start, stop = np.array([0, 0, 0]), np.array(image.shape)
+  patches = patches_for_block(start, stop, start, stop, np.array(config.patch_size),
+                              np.array([12, 12, 12]))
+  out = predict_block(ConstantModel(config), image, start, start, stop, patches)
+  # a constant prediction survives normalised blending unchanged iff weights sum to 1
+  np.testing.assert_allclose(out, 0.5, rtol=1e-5)
+
+
+def _run_inference(tmp_path, checkpoint, task_shape, name):
+  from iicats_cv.tasks.inference import create_inference_tasks
+  from iicats_cv.tasks.runner import run_tasks
+  labels, image = blobs((64, 64, 40))
+  image_path = "file://" + str(tmp_path / "image")
+  import_volume(image, image_path, "image", (10, 10, 10), chunk_size=(32, 32, 32))
+  aff = "file://" + str(tmp_path / name / "aff")
+  org = "file://" + str(tmp_path / name / "org")
+  tasks = create_inference_tasks(image_path, aff, org, checkpoint, task_shape,
+                                 chunk_size=(32, 32, 32))
+  run_tasks(tasks, None, 1, desc="inference")
+  return aff, org
+
+
+def test_inference_independent_of_task_shape(tmp_path, tiny_checkpoint):
+  from cloudvolume import CloudVolume
+  aff_a, org_a = _run_inference(tmp_path, tiny_checkpoint, (32, 32, 32), "a")
+  aff_b, org_b = _run_inference(tmp_path / "b", tiny_checkpoint, (64, 64, 64), "b")
+  a = CloudVolume(aff_a)[:, :, :]
+  b = CloudVolume(aff_b)[:, :, :]
+  assert a.shape == (64, 64, 40, 3) and a.dtype == np.uint8
+  # identical up to float summation order (one quantisation step at most)
+  assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+  org = CloudVolume(org_a)
+  assert org.num_channels == len(ORGANELLE_CHANNELS)
+  # an independent reader opens the written layer
+  store = ts.open({"driver": "neuroglancer_precomputed", "kvstore": aff_a + "/"}).result()
+  assert store.shape[-1] == len(AFFINITY_CHANNELS)
+  np.testing.assert_array_equal(np.asarray(store.read().result())[..., :], a)
+
+
+def test_outputs_finite_and_in_range(tiny_checkpoint):
+  model, _ = load_checkpoint(tiny_checkpoint)
+  _, image = blobs((32, 32, 32))
+  start, stop = np.zeros(3, int), np.array(image.shape)
+  patches = patches_for_block(start, stop, start, stop, np.array(model.config.patch_size),
+                              np.array([12, 12, 12]))
+  out = predict_block(model, image, start, start, stop, patches)
+  assert out.shape == (6, 32, 32, 32)
+  assert np.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
+
+
+def test_checkpoint_round_trip(tmp_path, tiny_checkpoint):
+  model, meta = load_checkpoint(tiny_checkpoint)
+  path = str(tmp_path / "copy.safetensors")
+  save_checkpoint(path, model, meta)
+  again, meta2 = load_checkpoint(path)
+  assert meta2 == meta and again.config == model.config
+  for (k, v), (k2, v2) in zip(model.state_dict().items(), again.state_dict().items()):
+    assert k == k2 and torch.equal(v, v2)
+
+
+def test_bad_checkpoints(tmp_path, tiny_checkpoint):
+  garbage = tmp_path / "garbage.safetensors"
+  garbage.write_bytes(b"not a checkpoint at all")
+  with pytest.raises(IicatsError, match="garbage.safetensors"):
+    load_checkpoint(str(garbage))
+  with pytest.raises(IicatsError, match="not found"):
+    load_checkpoint(str(tmp_path / "missing.safetensors"))
+  # weights of another architecture under this config
+  other = UNet3D(ModelConfig(width=(4, 8), downsample=((2, 2, 2),)))
+  from safetensors.torch import save_file
+  import json
+  tensors = {k: v.contiguous() for k, v in other.state_dict().items()}
+  tensors.pop(next(iter(tensors)))
+  save_file(tensors, str(tmp_path / "mismatch.safetensors"),
+            metadata={"format": "iicats-cv/unet3d/1", "config": other.config.to_json(),
+                      "metadata": json.dumps({})})
+  with pytest.raises(IicatsError, match="do not match"):
+    load_checkpoint(str(tmp_path / "mismatch.safetensors"))
+
+
+def test_image_of_wrong_dtype_or_channels_rejected(tmp_path, tiny_checkpoint):
+  from iicats_cv.tasks.inference import create_inference_tasks
+  from iicats_cv.layers import create_layer
+  path = "file://" + str(tmp_path / "float_image")
+  create_layer(path, layer_type="image", dtype="float32", resolution=(10, 10, 10),
+               voxel_offset=(0, 0, 0), volume_size=(32, 32, 32))
+  with pytest.raises(IicatsError, match="float32"):
+    create_inference_tasks(path, path + "_aff", path + "_org", tiny_checkpoint, (32, 32, 32))
+  path2 = "file://" + str(tmp_path / "rgb_image")
+  create_layer(path2, layer_type="image", dtype="uint8", resolution=(10, 10, 10),
+               voxel_offset=(0, 0, 0), volume_size=(32, 32, 32), num_channels=3)
+  with pytest.raises(IicatsError, match="3 channel"):
+    create_inference_tasks(path2, path2 + "_aff", path2 + "_org", tiny_checkpoint, (32, 32, 32))
+  assert not (tmp_path / "float_image_aff").exists()

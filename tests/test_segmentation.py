@@ -1,0 +1,194 @@
+"""Watershed ids, RAG bookkeeping, constraint-aware agglomeration, tracking, idempotency."""
+import os
+
+import fastremap
+import numpy as np
+import pytest
+from cloudvolume import CloudVolume
+
+from iicats_cv.agglomerate import AgglomerationParams, agglomerate
+from iicats_cv.errors import IicatsError
+from iicats_cv.layers import create_layer
+from iicats_cv.rag import block_rag, merge_rags
+from iicats_cv.train import affinities_from_labels
+from iicats_cv.watershed import fragments
+from conftest import blobs
+
+
+def noisy_affinities(labels, seed=0, noise=0.1):
+  affs, _ = affinities_from_labels(labels)
+  rng = np.random.default_rng(seed)
+  return np.clip(affs * 0.8 + 0.1 + rng.normal(0, noise, affs.shape), 0, 1).astype(np.float32)
+
+
+def test_fragments_cover_volume_and_respect_boundaries():
+  labels, _ = blobs((40, 40, 30), n=5)
+  frags = fragments(noisy_affinities(labels), (10, 10, 10), min_size=20)
+  assert frags.dtype == np.uint64 and frags.min() >= 1
+  # almost every fragment lies inside one ground-truth cell
+  pairs, counts = np.unique(np.stack([frags.ravel(), labels.ravel()]), axis=1,
+                            return_counts=True)
+  majority = sum(counts[pairs[0] == f].max() for f in np.unique(pairs[0]))
+  assert majority / labels.size > 0.9
+
+
+def test_block_rags_add_up_to_the_whole():
+  labels, _ = blobs((32, 32, 32), n=6)
+  frags = fragments(noisy_affinities(labels), (10, 10, 10), min_size=10)
+  affs = noisy_affinities(labels, seed=1)
+  whole = merge_rags([block_rag(frags, affs, None, (0, 0, 0))])
+  parts = []
+  for x0 in (0, 16):
+    ctx = (1 if x0 else 0, 0, 0)
+    sub = frags[max(x0 - 1, 0):x0 + 16]
+    parts.append(block_rag(sub, affs[:, x0:x0 + 16], None, ctx, block_origin=(x0, 0, 0)))
+  merged = merge_rags(parts)
+  np.testing.assert_array_equal(merged["u"], whole["u"])
+  np.testing.assert_array_equal(merged["count"], whole["count"])
+  np.testing.assert_allclose(merged["aff_sum"], whole["aff_sum"])
+  np.testing.assert_array_equal(merged["frag_size"], whole["frag_size"])
+
+
+def _toy_rag():
+  """A chain of 4 fragments 1-2-3-4 with strong edges; fragments 1 and 4 hold nuclei,
+  and the 2-3 boundary carries a synapse."""
+  return {
+    "u": np.array([1, 2, 3], np.uint64), "v": np.array([2, 3, 4], np.uint64),
+    "count": np.array([100, 100, 100]), "aff_sum": np.array([95.0, 90.0, 92.0]),
+    "aff_min": np.zeros(3), "mito_pairs": np.array([0, 0, 10]),
+    "synapse_pairs": np.array([0, 20, 0]),
+    "frag_id": np.array([1, 2, 3, 4], np.uint64),
+    "frag_size": np.array([1000, 1000, 1000, 1000]),
+    "frag_nucleus_voxels": np.array([800, 0, 0, 900]),
+    "frag_nucleus_sum_x": np.array([800 * 5.0, 0, 0, 900 * 35.0]),
+    "frag_nucleus_sum_y": np.array([800 * 5.0, 0, 0, 900 * 5.0]),
+    "frag_nucleus_sum_z": np.array([800 * 5.0, 0, 0, 900 * 5.0]),
+  }
+
+
+def test_constraints_block_merges_that_baseline_makes():
+  rag = _toy_rag()
+  baseline = agglomerate(rag, AgglomerationParams(threshold=0.5, use_constraints=False))
+  assert len(np.unique(baseline.segment_ids)) == 1
+  assert baseline.violations["segments_with_several_nuclei"] == 1
+  constrained = agglomerate(rag, AgglomerationParams(threshold=0.5))
+  seg = constrained.segment_ids
+  assert seg[0] == seg[1] and seg[2] == seg[3] and seg[1] != seg[2]
+  assert constrained.violations["segments_with_several_nuclei"] == 0
+  assert constrained.violations["synapse_partners_merged"] == 0
+
+
+def test_mitochondria_hint_raises_score_but_not_over_cannot_link():
+  rag = _toy_rag()
+  rag["aff_sum"] = np.array([95.0, 90.0, 45.0])  # 3-4 weak (0.45) but crossed by a mito
+  result = agglomerate(rag, AgglomerationParams(threshold=0.5, mito_bonus=0.1))
+  assert result.segment_ids[2] == result.segment_ids[3]
+  no_hint = agglomerate(rag, AgglomerationParams(threshold=0.5, mito_bonus=0.0))
+  assert no_hint.segment_ids[2] != no_hint.segment_ids[3]
+
+
+def test_sweep_tables_equal_separate_runs():
+  labels, _ = blobs((32, 32, 24), n=8, seed=3)
+  frags = fragments(noisy_affinities(labels, noise=0.2), (10, 10, 10), min_size=5)
+  rag = merge_rags([block_rag(frags, noisy_affinities(labels, 2, 0.25), None, (0, 0, 0))])
+  params = AgglomerationParams(threshold=0.5, use_constraints=False)
+  result = agglomerate(rag, params, sweep_thresholds=[0.3, 0.4, 0.6, 0.7])
+  for t, table in result.sweep.items():
+    alone = agglomerate(rag, AgglomerationParams(threshold=t, use_constraints=False))
+    np.testing.assert_array_equal(table, alone.segment_ids)
+
+
+def test_tracking_grows_seeds_and_never_merges_two():
+  rag = _toy_rag()
+  rag["frag_nucleus_voxels"] = np.zeros(4)
+  rag["synapse_pairs"] = np.zeros(3, int)
+  rag["aff_sum"] = np.array([40.0, 35.0, 40.0])   # all below the 0.5 threshold
+  params = AgglomerationParams(threshold=0.5, track_threshold=0.3)
+  result = agglomerate(rag, params, seeds={1: 0, 2: 3})
+  seg = result.segment_ids
+  assert seg[0] != seg[3]           # two seeds stay apart
+  assert seg[1] == seg[0]           # seed 1 grew over the 0.40 edge
+  assert len(result.tracked) == 2
+  assert {t["seed"] for t in result.tracked} == {1, 2}
+
+
+def _segment_volume(tmp_path, labels, task_shape, name):
+  from iicats_cv.tasks.segmentation import create_watershed_tasks, create_rag_tasks, \
+    agglomerate_task, create_remap_tasks
+  from iicats_cv.tasks.runner import run_tasks
+  from functools import partial
+  out = "file://" + str(tmp_path / name)
+  aff_path = out + "/affinities"
+  affs = noisy_affinities(labels, seed=5)
+  cv = create_layer(aff_path, layer_type="image", dtype="float32", resolution=(10, 10, 10),
+                    voxel_offset=(0, 0, 0), volume_size=labels.shape, chunk_size=(16, 16, 16),
+                    num_channels=3)
+  cv[:, :, :] = np.moveaxis(affs, 0, -1)
+  run_tasks(create_watershed_tasks(aff_path, out + "/supervoxels", task_shape,
+                                   chunk_size=(16, 16, 16), min_size=10), None, 1)
+  run_tasks(create_rag_tasks(out + "/supervoxels", aff_path, "", out + "/rag", task_shape),
+            None, 1)
+  run_tasks([partial(agglomerate_task, rag_prefix=out + "/rag",
+                     supervoxels_path=out + "/supervoxels", out_prefix=out,
+                     params={"threshold": 0.5}, sweep=[], track=False)], None, 1)
+  run_tasks(create_remap_tasks(out + "/supervoxels", out + "/segmentation", out, task_shape,
+                               chunk_size=(16, 16, 16)), None, 1)
+  return out
+
+
+def test_blockwise_ids_unique_and_segmentation_consistent(tmp_path):
+  labels, _ = blobs((48, 48, 32), n=6, seed=7)
+  out = _segment_volume(tmp_path, labels, (16, 16, 16), "small")
+  sv = CloudVolume(out + "/supervoxels")[:, :, :][..., 0]
+  # ids of different blocks never collide
+  for x0 in (0, 16, 32):
+    for x1 in (0, 16, 32):
+      if x0 < x1:
+        a = set(np.unique(sv[x0:x0 + 16]).tolist())
+        b = set(np.unique(sv[x1:x1 + 16]).tolist())
+        assert not (a & b)
+  seg = CloudVolume(out + "/segmentation")[:, :, :][..., 0]
+  # cross-block edges let agglomeration undo the block cuts: few segments per cell
+  assert len(np.unique(seg)) <= 3 * len(np.unique(labels))
+
+
+def test_rerun_gives_byte_identical_layers(tmp_path):
+  labels, _ = blobs((32, 32, 32), n=5, seed=2)
+  out = _segment_volume(tmp_path, labels, (16, 16, 16), "run")
+  layer_dir = str(tmp_path / "run" / "segmentation")
+
+  def snapshot():
+    files = {}
+    for root, _, names in os.walk(layer_dir):
+      for name in names:
+        if name not in ("provenance", "info"):
+          with open(os.path.join(root, name), "rb") as fh:
+            files[os.path.relpath(os.path.join(root, name), layer_dir)] = fh.read()
+    return files
+
+  first = snapshot()
+  _segment_volume(tmp_path, labels, (16, 16, 16), "run")
+  assert snapshot() == first and first
+
+
+def test_nan_and_wrong_channel_affinities_rejected(tmp_path):
+  from iicats_cv.tasks.segmentation import create_watershed_tasks, watershed_task
+  path = "file://" + str(tmp_path / "aff1")
+  create_layer(path, layer_type="image", dtype="float32", resolution=(10, 10, 10),
+               voxel_offset=(0, 0, 0), volume_size=(16, 16, 16), chunk_size=(16, 16, 16))
+  with pytest.raises(IicatsError, match="1 channel"):
+    create_watershed_tasks(path, path + "_sv", (16, 16, 16), chunk_size=(16, 16, 16))
+  assert not (tmp_path / "aff1_sv").exists()
+  nan_path = "file://" + str(tmp_path / "aff_nan")
+  cv = create_layer(nan_path, layer_type="image", dtype="float32", resolution=(10, 10, 10),
+                    voxel_offset=(0, 0, 0), volume_size=(16, 16, 16), chunk_size=(16, 16, 16),
+                    num_channels=3)
+  data = np.full((16, 16, 16, 3), 0.9, np.float32)
+  data[3, 3, 3, 0] = np.nan
+  cv[:, :, :] = data
+  tasks = create_watershed_tasks(nan_path, nan_path + "_sv", (16, 16, 16),
+                                 chunk_size=(16, 16, 16))
+  with pytest.raises(IicatsError, match="NaN"):
+    tasks[0]()
+  written = CloudVolume(nan_path + "_sv", fill_missing=True)[:, :, :]
+  assert not written.any()
