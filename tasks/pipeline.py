@@ -36,7 +36,10 @@ class Pipeline:
     self.out = out
     self.state = join(out, "pipeline")
     if queue is None:
-      queue = "fq://" + tempfile.mkdtemp(prefix="iicats-queue-")
+      # the run's own file queue: resumable and inspectable with `iicats queue status`
+      base = local_path(out)
+      queue = "fq://" + (os.path.join(base, "pipeline", "queue") if base
+                         else tempfile.mkdtemp(prefix="iicats-queue-"))
       parallel = parallel or 1
     open_queue(queue)
     self.queue = queue

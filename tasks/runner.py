@@ -164,15 +164,22 @@ def run_tasks(tasks, queue: str | None, parallel: int | None, desc: str = "tasks
   """Insert tasks and see them done: on a private fq:// queue with local workers when no queue
   is given, by `parallel` local workers, or (queue and no parallel) by external workers.
   Returns the queue used."""
+  private = None
   if queue is None:
     import tempfile
-    queue = "fq://" + tempfile.mkdtemp(prefix="iicats-queue-")
+    private = tempfile.mkdtemp(prefix="iicats-queue-")
+    queue = "fq://" + private
     parallel = parallel or 1
   tasks = list(tasks)
-  if tasks:
-    open_queue(queue).insert(tasks)
-    who = "external workers" if parallel is None else f"{parallel} local worker(s)"
-    print(f"[{desc}] {len(tasks)} task(s) on {queue} for {who}", flush=True)
-    drain(queue, len(tasks), parallel=parallel or 1, desc=desc, lease_sec=lease_sec,
-          wait_for_external=parallel is None)
+  try:
+    if tasks:
+      open_queue(queue).insert(tasks)
+      who = "external workers" if parallel is None else f"{parallel} local worker(s)"
+      print(f"[{desc}] {len(tasks)} task(s) on {queue} for {who}", flush=True)
+      drain(queue, len(tasks), parallel=parallel or 1, desc=desc, lease_sec=lease_sec,
+            wait_for_external=parallel is None)
+  finally:
+    if private:
+      import shutil
+      shutil.rmtree(private, ignore_errors=True)
   return queue

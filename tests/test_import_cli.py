@@ -1,0 +1,106 @@
+"""`iicats import` for every file type, and one clear error per bad input."""
+import os
+
+import h5py
+import numpy as np
+import pytest
+import tensorstore as ts
+import tifffile
+from click.testing import CliRunner
+from cloudvolume import CloudVolume
+
+from iicats_cv.cli import cli
+
+
+def invoke(*args):
+  return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+@pytest.fixture
+def volume_zyx():
+  rng = np.random.default_rng(0)
+  return rng.integers(0, 255, (12, 20, 24)).astype(np.uint8)
+
+
+@pytest.mark.parametrize("suffix", ["npy", "npz", "tif", "h5"])
+def test_import_each_format(tmp_path, volume_zyx, suffix):
+  src = tmp_path / f"em.{suffix}"
+  if suffix == "npy":
+    np.save(src, volume_zyx)
+  elif suffix == "npz":
+    np.savez(src, image=volume_zyx)
+  elif suffix == "tif":
+    tifffile.imwrite(src, volume_zyx)
+  else:
+    with h5py.File(src, "w") as h5:
+      h5["raw"] = volume_zyx
+  dest = "file://" + str(tmp_path / "layer")
+  result = invoke("import", src, dest, "--type", "image", "--resolution", "4,4,40",
+                  "--offset", "10,20,3")
+  assert result.exit_code == 0, result.output
+  cv = CloudVolume(dest)
+  assert tuple(cv.resolution) == (4, 4, 40) and tuple(cv.voxel_offset) == (10, 20, 3)
+  np.testing.assert_array_equal(cv[:, :, :][..., 0], volume_zyx.transpose(2, 1, 0))
+  store = ts.open({"driver": "neuroglancer_precomputed", "kvstore": dest + "/"}).result()
+  np.testing.assert_array_equal(np.asarray(store.read().result())[..., 0],
+                                volume_zyx.transpose(2, 1, 0))
+  assert cv.provenance.processing[-1]["method"]["task"] == "import"
+
+
+def test_import_segmentation_uses_compressed_segmentation(tmp_path):
+  labels = np.arange(8 * 8 * 8, dtype=np.uint32).reshape(8, 8, 8) % 5
+  np.save(tmp_path / "gt.npy", labels)
+  dest = "file://" + str(tmp_path / "gt")
+  result = invoke("import", tmp_path / "gt.npy", dest, "--type", "segmentation",
+                  "--resolution", "8,8,8", "--axes", "xyz")
+  assert result.exit_code == 0, result.output
+  cv = CloudVolume(dest)
+  assert cv.layer_type == "segmentation" and cv.encoding == "compressed_segmentation"
+  np.testing.assert_array_equal(cv[:, :, :][..., 0], labels)
+
+
+@pytest.mark.parametrize("args, message", [
+  (["missing.npy", "DEST", "--type", "image", "--resolution", "4,4,40"], "no such file"),
+  (["SRC", "DEST", "--type", "image", "--resolution", "4x4x40"], "--resolution: expected three"),
+  (["SRC", "DEST", "--type", "image", "--resolution", "4,4"], "--resolution: expected three"),
+  (["SRC", "DEST", "--type", "image", "--resolution", "4,-4,40"], "must be positive"),
+  (["SRC", "redis://x/y", "--type", "image", "--resolution", "4,4,40"], "unknown protocol"),
+])
+def test_import_bad_inputs(tmp_path, volume_zyx, args, message):
+  np.save(tmp_path / "em.npy", volume_zyx)
+  args = [a.replace("SRC", str(tmp_path / "em.npy")).replace("DEST", str(tmp_path / "out"))
+          if isinstance(a, str) else a for a in args]
+  if args[0] == "missing.npy":
+    args[0] = str(tmp_path / "missing.npy")
+  result = invoke("import", *args)
+  assert result.exit_code != 0
+  assert message in result.output
+  assert "Traceback" not in result.output
+  assert not (tmp_path / "out").exists()
+
+
+def test_pipeline_bad_inputs_leave_nothing(tmp_path, volume_zyx):
+  out = tmp_path / "run"
+  # nonexistent image layer
+  result = invoke("pipeline", "--image", "file://" + str(tmp_path / "nope"), "--out", out)
+  assert result.exit_code != 0 and "no precomputed 'info'" in result.output
+  # a segmentation where an image is expected
+  np.save(tmp_path / "seg.npy", volume_zyx.astype(np.uint32))
+  seg = "file://" + str(tmp_path / "seg")
+  assert invoke("import", tmp_path / "seg.npy", seg, "--type", "segmentation",
+                "--resolution", "4,4,40").exit_code == 0
+  result = invoke("pipeline", "--image", seg, "--out", out)
+  assert result.exit_code != 0 and "is a 'segmentation' layer, expected 'image'" in result.output
+  # an unknown queue protocol
+  np.save(tmp_path / "em.npy", volume_zyx)
+  img = "file://" + str(tmp_path / "em")
+  assert invoke("import", tmp_path / "em.npy", img, "--type", "image",
+                "--resolution", "4,4,40").exit_code == 0
+  result = invoke("pipeline", "--image", img, "--out", out, "--queue", "amqp://q")
+  assert result.exit_code != 0 and "unknown protocol 'amqp://'" in result.output
+  # a malformed task shape
+  result = invoke("pipeline", "--image", img, "--out", out, "--task-shape", "64,64")
+  assert result.exit_code != 0 and "--task-shape" in result.output
+  for result_output in (result.output,):
+    assert "Traceback" not in result_output
+  assert not out.exists()

@@ -1,0 +1,79 @@
+"""Queues and workers: fq:// round trip, attempts + dead letter, CLI verbs, bad protocols."""
+import os
+from functools import partial
+
+import pytest
+from click.testing import CliRunner
+from taskqueue import queueable
+
+from iicats_cv.cli import cli
+from iicats_cv.errors import IicatsError
+from iicats_cv.tasks.runner import open_queue, execute, dead_letters, run_tasks
+
+
+@queueable
+def touch_task(path: str):
+  with open(path, "a") as fh:
+    fh.write("x")
+
+
+@queueable
+def failing_task(path: str):
+  with open(path, "a") as fh:
+    fh.write("x")
+  raise RuntimeError("this task always fails")
+
+
+def test_tasks_run_once_each(tmp_path):
+  qurl = "fq://" + str(tmp_path / "queue")
+  tq = open_queue(qurl)
+  tq.insert([partial(touch_task, path=str(tmp_path / f"out{i}")) for i in range(5)])
+  stats = execute(qurl, exit_on_empty=True)
+  assert stats == {"executed": 5, "failed": 0, "dead": 0}
+  assert all((tmp_path / f"out{i}").read_text() == "x" for i in range(5))
+  assert tq.enqueued == 0 and tq.completed == 5
+
+
+def test_failing_task_is_dead_lettered_after_attempts(tmp_path):
+  qurl = "fq://" + str(tmp_path / "queue")
+  open_queue(qurl).insert([partial(failing_task, path=str(tmp_path / "tries"))])
+  stats = execute(qurl, exit_on_empty=True, max_attempts=3, quiet=True)
+  assert stats["dead"] == 1 and stats["failed"] == 3
+  assert (tmp_path / "tries").read_text() == "xxx"
+  assert len(dead_letters(qurl)) == 1
+
+
+def test_run_tasks_reports_dead_letters(tmp_path):
+  with pytest.raises(IicatsError, match="failed 3 times"):
+    run_tasks([partial(failing_task, path=str(tmp_path / "t"))],
+              "fq://" + str(tmp_path / "q"), 1)
+
+
+def test_unknown_queue_protocol_is_one_clear_error():
+  with pytest.raises(IicatsError, match="unknown protocol 'redis://'"):
+    open_queue("redis://localhost/queue")
+  result = CliRunner().invoke(cli, ["queue", "status", "kafka://x"])
+  assert result.exit_code != 0
+  assert "unknown protocol 'kafka://'" in result.output
+  assert "Traceback" not in result.output
+
+
+def test_cli_execute_and_status(tmp_path):
+  qurl = "fq://" + str(tmp_path / "queue")
+  open_queue(qurl).insert([partial(touch_task, path=str(tmp_path / "a"))])
+  runner = CliRunner()
+  status = runner.invoke(cli, ["queue", "status", qurl])
+  assert status.exit_code == 0 and "enqueued:  1" in status.output
+  result = runner.invoke(cli, ["execute", qurl, "-x"])
+  assert result.exit_code == 0, result.output
+  assert "1 task(s) executed" in result.output
+  status = runner.invoke(cli, ["queue", "status", qurl])
+  assert "enqueued:  0" in status.output and "completed: 1" in status.output
+
+
+def test_every_command_has_help_with_example():
+  runner = CliRunner()
+  for command in ("import", "pipeline", "demo", "execute", "train", "infer", "synthetic"):
+    result = runner.invoke(cli, [command, "--help"])
+    assert result.exit_code == 0
+    assert "Example" in result.output, command
