@@ -6,8 +6,10 @@ Every layer is a Neuroglancer precomputed layer opened with CloudVolume from a c
 """
 from __future__ import annotations
 
+import base64
 import datetime
 import os
+import re
 import socket
 from typing import Iterable, Sequence
 
@@ -31,10 +33,48 @@ def normalize_cloudpath(path: str) -> str:
   if "://" not in path:
     return "file://" + os.path.abspath(os.path.expanduser(path))
   protocol = path.split("://", 1)[0]
-  if protocol not in KNOWN_PROTOCOLS and not protocol.startswith("precomputed"):
+  if protocol not in KNOWN_PROTOCOLS and not protocol.startswith(("precomputed", "s3ep")):
     raise IicatsError(
       f"{path}: unknown protocol '{protocol}://' (use file://, gs://, s3:// or http(s)://)")
   return path.removeprefix("precomputed://")
+
+
+_ENDPOINT_PATH = re.compile(r"^s3://(https?://[^/]+)/(.+)$")
+_ALIAS_PROTOCOL = re.compile(r"\b(s3ep[a-z2-7]+)://")
+
+
+def _alias_for(endpoint: str) -> str:
+  return "s3ep" + base64.b32encode(endpoint.encode()).decode().lower().rstrip("=")
+
+
+def register_endpoint_aliases(text: str) -> None:
+  """Register the cloud-files aliases named in `text` (a cloudpath or a task payload).
+
+  The alias name encodes its endpoint, so a worker on another machine can register it from a
+  task payload alone (see resolve_cloudpath).
+  """
+  import cloudfiles.paths
+  for alias in set(_ALIAS_PROTOCOL.findall(text)):
+    if alias in cloudfiles.paths.ALIASES:
+      continue
+    encoded = alias[len("s3ep"):].upper()
+    endpoint = base64.b32decode(encoded + "=" * (-len(encoded) % 8)).decode()
+    cloudfiles.paths.add_alias(alias, f"s3://{endpoint}/")
+
+
+def resolve_cloudpath(cloudpath: str) -> str:
+  """The path to hand to CloudVolume / CloudFiles / Igneous.
+
+  S3-compatible servers are addressed as `s3://http(s)://host:port/bucket/path`; cloud-files
+  understands that form but CloudVolume does not, so it becomes a cloud-files alias
+  (`s3ep<encoded endpoint>://bucket/path`) registered in this process.
+  """
+  match = _ENDPOINT_PATH.match(cloudpath)
+  if match:
+    endpoint, rest = match.groups()
+    cloudpath = f"{_alias_for(endpoint)}://{rest}"
+  register_endpoint_aliases(cloudpath)
+  return cloudpath
 
 
 def join(prefix: str, *parts: str) -> str:
@@ -65,7 +105,8 @@ def open_layer(cloudpath: str, *, mip: int = 0, layer_type: str | None = None,
   """
   cloudpath = normalize_cloudpath(cloudpath)
   try:
-    cv = CloudVolume(cloudpath, mip=mip, fill_missing=fill_missing, progress=False,
+    cv = CloudVolume(resolve_cloudpath(cloudpath), mip=mip, fill_missing=fill_missing,
+                     progress=False,
                      compress=_compress_for(cloudpath), bounded=True)
   except InfoUnavailableError:
     raise IicatsError(f"{what} {cloudpath}: no precomputed 'info' file there "
@@ -96,7 +137,7 @@ def layer_exists(cloudpath: str) -> bool:
   """Whether a precomputed info file exists at cloudpath."""
   from cloudfiles import CloudFiles
   try:
-    return CloudFiles(normalize_cloudpath(cloudpath)).exists("info")
+    return CloudFiles(resolve_cloudpath(normalize_cloudpath(cloudpath))).exists("info")
   except Exception:
     return False
 
@@ -133,7 +174,8 @@ def create_layer(cloudpath: str, *, layer_type: str, dtype: str, resolution: Seq
         f"{cloudpath}: a layer with a different geometry/type already exists there "
         "(delete it or choose another --out)")
     return cv
-  cv = CloudVolume(cloudpath, info=info, compress=_compress_for(cloudpath), progress=False)
+  cv = CloudVolume(resolve_cloudpath(cloudpath), info=info, compress=_compress_for(cloudpath),
+                   progress=False)
   cv.commit_info()
   if step:
     add_provenance(cv, step, params or {})
@@ -150,12 +192,6 @@ def add_provenance(cv: CloudVolume, step: str, params: dict) -> None:
     "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M %Z"),
   })
   cv.commit_provenance()
-
-
-def writable(cloudpath: str, mip: int = 0) -> CloudVolume:
-  """Open an existing layer for chunk-aligned writes."""
-  cv = open_layer(cloudpath, mip=mip)
-  return cv
 
 
 def dataset_bbox(cv: CloudVolume) -> Bbox:

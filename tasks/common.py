@@ -8,6 +8,7 @@ import numpy as np
 from cloudfiles import CloudFiles
 
 from iicats_cv.errors import IicatsError
+from iicats_cv.layers import resolve_cloudpath
 
 
 def block_grid(bounds_start, bounds_stop, task_shape):
@@ -43,11 +44,11 @@ def block_name(start) -> str:
 
 def mark_done(state_prefix: str, stage: str, name: str, info: dict | None = None) -> None:
   """Record that one task of a stage finished (so a resumed run skips it)."""
-  CloudFiles(state_prefix).put_json(f"done/{stage}/{name}", info or {})
+  CloudFiles(resolve_cloudpath(state_prefix)).put_json(f"done/{stage}/{name}", info or {})
 
 
 def done_names(state_prefix: str, stage: str) -> set:
-  cf = CloudFiles(state_prefix)
+  cf = CloudFiles(resolve_cloudpath(state_prefix))
   return {path.rsplit("/", 1)[-1] for path in cf.list(prefix=f"done/{stage}/")}
 
 
@@ -55,12 +56,12 @@ def put_npz(cloudpath_prefix: str, key: str, arrays: dict) -> None:
   """Store arrays as one compressed npz object (portable, fast, no database)."""
   buffer = io.BytesIO()
   np.savez_compressed(buffer, **arrays)
-  CloudFiles(cloudpath_prefix).put(key, buffer.getvalue(), compress=None,
+  CloudFiles(resolve_cloudpath(cloudpath_prefix)).put(key, buffer.getvalue(), compress=None,
                                    content_type="application/octet-stream")
 
 
 def get_npz(cloudpath_prefix: str, key: str) -> dict:
-  data = CloudFiles(cloudpath_prefix).get(key)
+  data = CloudFiles(resolve_cloudpath(cloudpath_prefix)).get(key)
   if data is None:
     raise IicatsError(f"{cloudpath_prefix}/{key}: missing (did the previous stage finish?)")
   with np.load(io.BytesIO(data)) as npz:
@@ -68,10 +69,10 @@ def get_npz(cloudpath_prefix: str, key: str) -> dict:
 
 
 def put_json(cloudpath_prefix: str, key: str, obj) -> None:
-  CloudFiles(cloudpath_prefix).put(key, json.dumps(obj, indent=1).encode(),
+  CloudFiles(resolve_cloudpath(cloudpath_prefix)).put(key, json.dumps(obj, indent=1).encode(),
                                    content_type="application/json", compress=None)
 
 
 def get_json(cloudpath_prefix: str, key: str):
-  data = CloudFiles(cloudpath_prefix).get(key)
+  data = CloudFiles(resolve_cloudpath(cloudpath_prefix)).get(key)
   return None if data is None else json.loads(data)

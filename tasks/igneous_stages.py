@@ -9,7 +9,7 @@ import igneous.task_creation as tc
 import igneous.tasks  # noqa: F401  (registers Igneous tasks for workers)
 import numpy as np
 
-from iicats_cv.layers import open_layer, add_provenance
+from iicats_cv.layers import open_layer, add_provenance, resolve_cloudpath
 
 
 def _compress(cloudpath):
@@ -40,30 +40,30 @@ def downsample_tasks(cloudpath: str, mip: int):
   factor = downsample_factor(cv.meta.resolution(0))
   next_size = np.asarray(cv.meta.volume_size(mip)) // np.asarray(factor)
   chunk = None if (next_size >= 2 * np.asarray(cv.meta.chunk_size(mip))).all() else (32, 32, 32)
-  return tc.create_downsampling_tasks(cloudpath, mip=mip, num_mips=1, factor=factor,
+  return tc.create_downsampling_tasks(resolve_cloudpath(cloudpath), mip=mip, num_mips=1, factor=factor,
                                       compress=_compress(cloudpath), chunk_size=chunk)
 
 
 def mesh_tasks(cloudpath: str, task_shape, dust_threshold: int = 100):
-  return tc.create_meshing_tasks(cloudpath, mip=0, shape=tuple(task_shape), mesh_dir="mesh",
+  return tc.create_meshing_tasks(resolve_cloudpath(cloudpath), mip=0, shape=tuple(task_shape), mesh_dir="mesh",
                                  compress=_compress(cloudpath), dust_threshold=dust_threshold,
                                  sharded=False, spatial_index=True)
 
 
 def mesh_manifest_tasks(cloudpath: str):
-  return tc.create_mesh_manifest_tasks(cloudpath, magnitude=1)
+  return tc.create_mesh_manifest_tasks(resolve_cloudpath(cloudpath), magnitude=1)
 
 
 def skeleton_tasks(cloudpath: str, task_shape, dust_threshold: int = 1000):
   cv = open_layer(cloudpath)
-  return tc.create_skeletonizing_tasks(cloudpath, mip=0, shape=tuple(task_shape),
+  return tc.create_skeletonizing_tasks(resolve_cloudpath(cloudpath), mip=0, shape=tuple(task_shape),
                                        teasar_params=teasar_params(cv.resolution),
                                        dust_threshold=dust_threshold, sharded=False,
                                        spatial_index=True, fix_borders=True)
 
 
 def skeleton_merge_tasks(cloudpath: str, dust_threshold: int = 1000):
-  return tc.create_unsharded_skeleton_merge_tasks(cloudpath, magnitude=1,
+  return tc.create_unsharded_skeleton_merge_tasks(resolve_cloudpath(cloudpath), magnitude=1,
                                                   dust_threshold=dust_threshold,
                                                   tick_threshold=0)
 

@@ -17,6 +17,7 @@ from taskqueue.taskqueue import QueueEmptyError
 from tqdm import tqdm
 
 from iicats_cv.errors import IicatsError
+from iicats_cv.layers import register_endpoint_aliases
 
 PROTOCOLS = ("fq", "sqs")
 
@@ -79,6 +80,13 @@ def _record_failure(tq, task, err, attempts: dict, max_attempts: int) -> bool:
   return True
 
 
+def _payload_text(task) -> str:
+  try:
+    return json.dumps(task.payload(), default=str)
+  except Exception:
+    return repr(task)
+
+
 def execute(qurl: str, lease_sec: int = 600, exit_on_empty: bool = True,
             max_attempts: int = 3, quiet: bool = False) -> dict:
   """Run tasks from a queue until it is empty (or forever without exit_on_empty).
@@ -100,6 +108,7 @@ def execute(qurl: str, lease_sec: int = 600, exit_on_empty: bool = True,
       time.sleep(0.5)
       continue
     try:
+      register_endpoint_aliases(_payload_text(task))
       task.execute()
     except Exception as err:  # a worker must survive a bad task
       stats["failed"] += 1

@@ -20,7 +20,7 @@ from taskqueue import queueable
 
 from iicats_cv.agglomerate import AgglomerationParams, agglomerate, derive_constraints
 from iicats_cv.errors import IicatsError
-from iicats_cv.layers import open_layer, create_layer, join
+from iicats_cv.layers import open_layer, create_layer, join, resolve_cloudpath
 from iicats_cv.rag import block_rag, merge_rags
 from iicats_cv.watershed import fragments
 from .common import (block_grid, check_task_shape, mark_done, block_name, done_names, put_npz,
@@ -175,7 +175,7 @@ def agglomerate_task(rag_prefix: str, supervoxels_path: str, out_prefix: str, pa
   Writes OUT/agglomeration/table.npz (fragment_ids, segment_ids, baseline_ids,
   sweep_<t>), OUT/agglomeration/summary.json and OUT/tracked.json.
   """
-  cf = CloudFiles(rag_prefix)
+  cf = CloudFiles(resolve_cloudpath(rag_prefix))
   keys = sorted(k for k in cf.list() if k.endswith(".npz"))
   if not keys:
     raise IicatsError(f"{rag_prefix}: no RAG objects (did the rag stage run?)")
