@@ -184,7 +184,7 @@ def evaluate_run(out, layers, gt_labels, gt_skeletons, nuclei, synapses) -> dict
 
 def make_link(out, layers, tracked, prefix=None):
   """Neuroglancer URL + state; local layers are addressed through `iicats view`'s server."""
-  from iicats_cv.viewer.link import build_state, state_to_url, state_json
+  from iicats_cv.viewer.link import build_state, state_to_url, state_json, layer_geometry
   from iicats_cv.viewer.server import DEFAULT_PORT
   local = local_path(out)
 
@@ -198,7 +198,8 @@ def make_link(out, layers, tracked, prefix=None):
     return f"precomputed://http://127.0.0.1:{DEFAULT_PORT}/{rel}"
 
   present = {k: v for k, v in layers.items() if k in LAYERS}
-  state = build_state(**present, segments=[n["id"] for n in tracked], source_url=source_url)
+  state = build_state(**present, segments=[n["id"] for n in tracked], source_url=source_url,
+                      **layer_geometry(layers["image"]))
   kwargs = {"prefix": prefix} if prefix else {}
   return state_to_url(state, **kwargs), state_json(state)
 
