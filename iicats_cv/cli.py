@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import sys
 import time
 
 import click
@@ -61,6 +60,23 @@ def import_command(src, dest, layer_type, resolution, axes, key, offset, chunk_s
   path = import_volume(array, dest, layer_type, resolution, offset=offset,
                        chunk_size=chunk_size, overwrite=overwrite, source=os.path.abspath(src))
   click.echo(f"imported {src} {array.shape} {array.dtype} -> {path} ({layer_type})")
+
+
+def _command_line(ctx) -> str:
+  """The invocation, rebuilt from the parsed options (recorded in checkpoints)."""
+  parts = ["iicats"] + ctx.command_path.split()[1:]
+  for param in ctx.command.params:
+    value = ctx.params.get(param.name)
+    if value is None or value is False or value == () or not param.opts:
+      continue
+    flag = max(param.opts, key=len)
+    for item in (value if isinstance(value, tuple) and param.multiple else (value,)):
+      if item is True:
+        parts.append(flag)
+      else:
+        text = ",".join(str(v) for v in item) if isinstance(item, tuple) else str(item)
+        parts += [flag, shlex.quote(text)]
+  return " ".join(parts)
 
 
 def _pipeline_options(func):
@@ -296,7 +312,7 @@ def train_command(image, labels, nuclei, mitochondria, synapses, bounds, out, it
                                               bounds)
   down = ((2, 2, 1), (2, 2, 1)) if anisotropic else ((2, 2, 2), (2, 2, 2))
   config = ModelConfig(patch_size=patch_size, resolution=resolution, downsample=down)
-  command = "iicats " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+  command = _command_line(click.get_current_context())
   meta = train(volumes, out, config=config, iterations=iterations, batch_size=batch_size,
                lr=lr, seed=seed, resume=resume, command=command)
   click.echo(json.dumps(meta["validation"], indent=1))

@@ -166,6 +166,9 @@ def _seed_fragments(rag, params, seeds_nm, supervoxels_path):
   return seeds, positions
 
 
+_TABLES = {}  # remap tables cached per worker process: one download per run, not per block
+
+
 @queueable
 def agglomerate_task(rag_prefix: str, supervoxels_path: str, out_prefix: str, params: dict,
                      sweep: list, seeds_nm: list = None, track: bool = True,
@@ -192,6 +195,7 @@ def agglomerate_task(rag_prefix: str, supervoxels_path: str, out_prefix: str, pa
   for t, table in result.sweep.items():
     arrays[f"sweep_{t:.3f}"] = table
   put_npz(out_prefix, "agglomeration/table.npz", arrays)
+  _TABLES.clear()  # a remap in this process must read the new tables
   for neuron in result.tracked:
     neuron["seed_nm"] = positions.get(neuron["seed"])
   summary = {"params": params, "fragments": int(len(result.fragment_ids)),
@@ -204,9 +208,6 @@ def agglomerate_task(rag_prefix: str, supervoxels_path: str, out_prefix: str, pa
   put_json(out_prefix, "tracked.json", result.tracked)
   if state_prefix:
     mark_done(state_prefix, "agglomerate", "global", summary)
-
-
-_TABLES = {}
 
 
 def _table(out_prefix, column):

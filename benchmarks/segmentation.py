@@ -1,0 +1,97 @@
+"""Watershed + agglomeration of this project vs waterz on the same affinities.
+
+The affinities are the model's prediction on the held-out FIB crop shipped with the package
+(z >= 150 of the FlyEM medulla cube). Both methods run in this process on the same machine;
+the ratio is this project's voxels/s over waterz's at each method's best threshold.
+
+  python benchmarks/segmentation.py [--checkpoint CKPT] [--json OUT]
+"""
+import argparse
+import json
+import time
+
+import fastremap
+import numpy as np
+import torch
+
+from iicats_cv.agglomerate import AgglomerationParams, agglomerate
+from iicats_cv.datasets import load_fib_crop
+from iicats_cv.inference import patches_for_block, predict_block
+from iicats_cv.metrics import adapted_rand_error, voi
+from iicats_cv.model import load_checkpoint
+from iicats_cv.rag import block_rag, merge_rags
+from iicats_cv.watershed import fragments
+
+THRESHOLDS = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
+
+
+def predict(checkpoint):
+  image, labels, resolution = load_fib_crop()
+  model, _ = load_checkpoint(checkpoint)
+  patch = np.array(model.config.patch_size)
+  start, stop = np.zeros(3, int), np.array(image.shape)
+  patches = patches_for_block(start, stop, start, stop, patch, patch - patch // 4)
+  affs = predict_block(model, image, start, start, stop, patches)[:3]
+  return affs, labels, resolution
+
+
+def ours(affs, resolution):
+  started = time.perf_counter()
+  frags = fragments(affs, resolution)
+  rag = merge_rags([block_rag(frags, affs, None, (0, 0, 0))])
+  result = agglomerate(rag, AgglomerationParams(threshold=0.5, use_constraints=False),
+                       sweep_thresholds=THRESHOLDS)
+  seconds = time.perf_counter() - started
+  segs = {t: fastremap.remap(frags, dict(zip(result.fragment_ids.tolist(), table.tolist())))
+          for t, table in result.sweep.items()}
+  return seconds, segs
+
+
+def waterz_run(affs):
+  import waterz
+  # waterz wants (3, z, y, x) with channel 0 = z: reverse channels and axes
+  affs_zyx = np.ascontiguousarray(affs[::-1].transpose(0, 3, 2, 1)).astype(np.float32)
+  started = time.perf_counter()
+  segs = {t: seg.copy() for t, seg in zip(THRESHOLDS, waterz.agglomerate(affs_zyx, THRESHOLDS))}
+  seconds = time.perf_counter() - started
+  return seconds, {t: s.transpose(2, 1, 0) for t, s in segs.items()}
+
+
+def best(segs, labels):
+  scored = {t: adapted_rand_error(seg, labels) for t, seg in segs.items()}
+  t = min(scored, key=scored.get)
+  split, merge = voi(segs[t], labels)
+  return t, scored[t], split, merge
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument("--checkpoint", default=None)
+  parser.add_argument("--json", default=None)
+  args = parser.parse_args()
+  torch.set_num_threads(2)
+  affs, labels, resolution = predict(args.checkpoint)
+  voxels = labels.size
+  ours_s, ours_segs = ours(affs, resolution)
+  waterz_s, waterz_segs = waterz_run(affs)
+  t_ours, arand, split, merge = best(ours_segs, labels)
+  t_w, arand_w, split_w, merge_w = best(waterz_segs, labels)
+  out = {
+    "voxels": int(voxels), "thresholds": THRESHOLDS,
+    "ours_seconds": round(ours_s, 3), "waterz_seconds": round(waterz_s, 3),
+    "ours_vx_per_s": voxels / ours_s, "waterz_vx_per_s": voxels / waterz_s,
+    "ratio_vs_waterz": waterz_s / ours_s,
+    "arand": arand, "voi_split": split, "voi_merge": merge, "threshold": t_ours,
+    "arand_waterz": arand_w, "voi_split_waterz": split_w, "voi_merge_waterz": merge_w,
+    "threshold_waterz": t_w,
+  }
+  print(json.dumps(out, indent=1))
+  print(f"ours {voxels / ours_s / 1e6:.2f} Mvx/s vs waterz {voxels / waterz_s / 1e6:.2f} Mvx/s: "
+        f"ratio {out['ratio_vs_waterz']:.2f}; ARAND {arand:.4f} vs {arand_w:.4f}")
+  if args.json:
+    with open(args.json, "w") as fh:
+      json.dump(out, fh, indent=1)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,76 @@
+"""Affinity targets, augmentations that keep targets consistent, masked loss, resumable
+training and the `iicats train` command on precomputed layers."""
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from iicats_cv.cli import cli
+from iicats_cv.model import ModelConfig, load_checkpoint
+from iicats_cv.train import (PatchSampler, TrainingVolume, affinities_from_labels,
+                             masked_balanced_bce, train)
+from iicats_cv.volume_io import import_volume
+from conftest import blobs
+
+TINY = dict(width=(4, 8), downsample=((2, 2, 2),), patch_size=(16, 16, 16))
+
+
+def test_affinities_from_labels_by_hand():
+  labels = np.zeros((3, 1, 1), np.uint32)
+  labels[:, 0, 0] = [1, 1, 2]
+  affs, mask = affinities_from_labels(labels)
+  assert affs[0, :, 0, 0].tolist() == [0, 1, 0]   # x: (1,0) same, (2,1) differ
+  assert mask[0, :, 0, 0].tolist() == [0, 1, 1]   # voxel 0 has no -x neighbour
+  zero = np.zeros((2, 1, 1), np.uint32)
+  assert affinities_from_labels(zero)[0].sum() == 0  # background is never affine
+
+
+def test_augmented_targets_match_labels_of_augmented_image():
+  labels, image = blobs((20, 20, 20), n=4)
+  vol = TrainingVolume("t", image=image, labels=labels)
+  sampler = PatchSampler([vol], ModelConfig(**TINY), isotropic=True, seed=3)
+  for _ in range(10):
+    img, target, mask = sampler.sample()
+    # dark image voxels are label boundaries: affinities there are mostly 0 where valid
+    boundary = img[0] < np.median(img[0]) - 1.0
+    valid = mask[0] > 0
+    assert target[0][boundary & valid].mean() < target[0][~boundary & valid].mean()
+
+
+def test_loss_ignores_masked_channels():
+  logits = torch.zeros(1, 6, 4, 4, 4)
+  target = torch.ones(1, 6, 4, 4, 4)
+  mask = torch.zeros(1, 6, 4, 4, 4)
+  mask[:, 0] = 1
+  base = masked_balanced_bce(logits, target, mask)
+  target[:, 3:] = 0  # unlabelled organelle channels must not change the loss
+  assert torch.isclose(masked_balanced_bce(logits, target, mask), base)
+
+
+def test_train_resume_and_metadata(tmp_path):
+  labels, image = blobs((40, 40, 40), n=5)
+  vol = TrainingVolume("blobs", image=image, labels=labels, nucleus=labels == 1)
+  out = str(tmp_path / "m.safetensors")
+  meta = train([vol], out, config=ModelConfig(**TINY), iterations=6, checkpoint_every=3,
+               progress=False, command="test")
+  model, stored = load_checkpoint(out)
+  assert stored["iterations"] == 6 and stored["training_command"] == "test"
+  assert "affinity_ap" in stored["validation"]["blobs"]
+  assert meta["training_data"][0]["labels"] == ["labels", "nucleus"]
+
+
+def test_train_command_on_layers(tmp_path):
+  labels, image = blobs((40, 40, 40), n=5)
+  img = "file://" + str(tmp_path / "img")
+  lab = "file://" + str(tmp_path / "lab")
+  import_volume(image, img, "image", (10, 10, 10))
+  import_volume(labels, lab, "segmentation", (10, 10, 10))
+  out = str(tmp_path / "cli.safetensors")
+  result = CliRunner().invoke(cli, ["train", "--image", img, "--labels", lab, "--out", out,
+                                    "--iterations", "2", "--patch-size", "16,16,16"])
+  assert result.exit_code == 0, result.output
+  _, meta = load_checkpoint(out)
+  assert "iicats train" in meta["training_command"]
+  bad = CliRunner().invoke(cli, ["train", "--image", img, "--labels", lab, "--labels", lab,
+                                 "--out", out])
+  assert bad.exit_code != 0 and "given 2 time(s) for 1 --image" in bad.output
