@@ -347,19 +347,15 @@ def infer_command(image, affinities, organelles, checkpoint, task_shape, as_floa
   click.echo(f"done: {len(tasks)} inference task(s) in {time.time() - started:.1f} s")
 
 
-def _register_optional():
+def _register_subcommands():
   from .evaluate import evaluate_command
-  cli.add_command(evaluate_command)
   from .viewer.link import link_command
   from .viewer.server import view_command
-  cli.add_command(link_command)
-  cli.add_command(view_command)
+  for command in (evaluate_command, link_command, view_command):
+    cli.add_command(command)
 
 
-try:
-  _register_optional()
-except ImportError:  # pragma: no cover - only while modules are being written
-  pass
+_register_subcommands()
 
 
 def main():

@@ -270,6 +270,35 @@ def evaluate(segmentation, skeletons=None, nuclei=None, synapses=None, gt_labels
   return result
 
 
+def evaluate_tables(supervoxels, tables: dict, skeletons, nuclei=None, synapses=None,
+                    mip: int = 0) -> list[dict]:
+  """ERL/bERL/nERL of several agglomerations of one supervoxel layer, without writing them.
+
+  tables: {threshold: (fragment_ids uint64 (F,), segment_ids uint64 (F,))}. Node, nucleus and
+  synapse points are looked up in the supervoxels once; each table maps them to segments
+  (a supervoxel missing from a table keeps its own id). Returns one dict per threshold,
+  sorted: {threshold, erl, berl, nerl}.
+  """
+  from .skeletons import load_skeletons, read_nuclei_csv, read_synapses_csv
+  _, cv = _open_segmentation(supervoxels, mip, what="supervoxels")
+  flat = concatenate_skeletons(load_skeletons(skeletons))
+  nuclei_nm = _points(nuclei, read_nuclei_csv, (3,), "nuclei")
+  synapses_nm = _points(synapses, read_synapses_csv, (2, 3), "synapses")
+  points = np.concatenate([flat.vertices_nm, nuclei_nm, synapses_nm.reshape(-1, 3)])
+  fragments = lookup_segments(cv, points, mip=mip).astype(np.uint64)
+  n, m = flat.n_nodes, len(nuclei_nm)
+  rows = []
+  for threshold, (fragment_ids, segment_ids) in sorted(tables.items()):
+    index = np.clip(np.searchsorted(fragment_ids, fragments), 0, len(fragment_ids) - 1)
+    found = (fragment_ids[index] == fragments) & (fragments != 0)
+    segments = np.where(found, segment_ids[index], fragments)
+    metrics = run_length_metrics(flat, segments[:n], segments[n:n + m],
+                                 segments[n + m:].reshape(-1, 2), details=False)
+    rows.append({"threshold": float(threshold), "erl": metrics["erl"],
+                 "berl": metrics["berl"], "nerl": metrics["nerl"]})
+  return rows
+
+
 def write_json(result: dict, path: str) -> str:
   """Write the result as JSON (creating the folder)."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

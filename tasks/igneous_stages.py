@@ -30,6 +30,17 @@ def downsample_factor(resolution) -> tuple:
   return (2, 2, 2) if res[2] <= 1.5 * min(res[:2]) else (2, 2, 1)
 
 
+def pyramid_depth(size, resolution, most: int, smallest: int = 32) -> int:
+  """How many mips to add (≤ most) while every axis of the new mip keeps ≥ `smallest` voxels."""
+  size = np.asarray(size, dtype=float)
+  factor = np.asarray(downsample_factor(resolution))
+  depth = 0
+  while depth < most and ((size / factor) >= smallest).all():
+    size = size / factor
+    depth += 1
+  return max(depth, 1)
+
+
 def downsample_tasks(cloudpath: str, mip: int):
   """Tasks making mip+1 from mip (averaging for images, mode pooling for segmentation).
 

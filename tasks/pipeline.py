@@ -138,8 +138,8 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
     run.stage("skeleton-merge", lambda: ig.skeleton_merge_tasks(seg))
     for name in ("image", "segmentation"):
       if name == "image" and not out_owns(out, image):
-        continue
-      for mip in range(num_mips):
+        continue  # never write into the user's input layer
+      for mip in range(ig.pyramid_depth(image_cv.bounds.size3(), image_cv.resolution, num_mips)):
         run.stage(f"downsample-{name}-{mip + 1}",
                   lambda n=name, m=mip: ig.downsample_tasks(layers[n], m))
 
@@ -166,8 +166,10 @@ def out_owns(out: str, path: str) -> bool:
 
 
 def evaluate_run(out, layers, gt_labels, gt_skeletons, nuclei, synapses) -> dict:
-  """Metrics of the constrained segmentation, and of the unconstrained baseline."""
-  from iicats_cv.evaluate import evaluate
+  """Metrics of the constrained segmentation and of the unconstrained baseline, plus
+  ERL/bERL/nERL along the agglomeration threshold sweep."""
+  from iicats_cv.evaluate import evaluate, evaluate_tables
+  from .common import get_npz
   if not (gt_labels or gt_skeletons):
     return {}
   metrics = {}
@@ -179,6 +181,13 @@ def evaluate_run(out, layers, gt_labels, gt_skeletons, nuclei, synapses) -> dict
         metrics[key + name] = result[name]
     if not key:
       metrics["details"] = result
+  if gt_skeletons:
+    tables = get_npz(out, "agglomeration/table.npz")
+    sweep = {float(k[len("sweep_"):]): (tables["fragment_ids"], tables[k])
+             for k in tables if k.startswith("sweep_")}
+    if sweep:
+      metrics["sweep"] = evaluate_tables(layers["supervoxels"], sweep, gt_skeletons, nuclei,
+                                         synapses)
   return metrics
 
 
@@ -210,5 +219,6 @@ def write_run_report(out, summary) -> str | None:
   if details is None or local_path(out) is None:
     return None
   directory = os.path.join(local_path(out), "report")
-  write_report(details, directory, neuroglancer_url=summary["neuroglancer_url"])
+  write_report(details, directory, neuroglancer_url=summary["neuroglancer_url"],
+               sweep=summary["metrics"].get("sweep"))
   return os.path.join(directory, "index.html")
