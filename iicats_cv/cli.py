@@ -347,6 +347,124 @@ def infer_command(image, affinities, organelles, checkpoint, task_shape, as_floa
   click.echo(f"done: {len(tasks)} inference task(s) in {time.time() - started:.1f} s")
 
 
+def _queue_options(func):
+  for option in reversed([
+      click.option("--queue", default=None, help="Task queue; without -p, wait for workers."),
+      click.option("-p", "--parallel", type=int, default=None, help="Local worker processes."),
+      click.option("--task-shape", default="128,128,128", callback=_triple("task_shape", int),
+                   help="Task shape X,Y,Z in voxels.")]):
+    func = option(func)
+  return func
+
+
+@cli.command("mesh")
+@click.argument("cloudpath")
+@_queue_options
+@click.option("--sharded", is_flag=True, help="Multi-resolution Draco shards instead of legacy "
+                                              "per-label manifests.")
+@click.option("--dust", type=int, default=100, show_default=True, help="Skip smaller objects.")
+def mesh_command(cloudpath, queue, parallel, task_shape, sharded, dust):
+  """Mesh a segmentation layer with Igneous (zmesh) on a queue, then validate.
+
+  \b
+  Example:
+    iicats mesh file://./iicats-demo/segmentation -p 2 --sharded
+  """
+  from iicats_cv.tasks import igneous_stages as ig
+  from iicats_cv.tasks.runner import run_tasks
+  from .layers import normalize_cloudpath
+  path = normalize_cloudpath(cloudpath)
+  started = time.time()
+  queue = run_tasks(ig.mesh_tasks(path, task_shape, dust, sharded=sharded), queue, parallel,
+                    desc="mesh")
+  run_tasks(ig.mesh_merge_tasks(path, sharded=sharded), queue, parallel, desc="mesh-merge")
+  ig.record(path, "mesh", {"sharded": sharded, "dust": dust, "task_shape": list(task_shape)})
+  _report_validation(path, skeletons=False)
+  click.echo(f"done: meshes of {path} in {time.time() - started:.1f} s")
+
+
+@cli.command("skeleton")
+@click.argument("cloudpath")
+@_queue_options
+@click.option("--sharded", is_flag=True, help="Sharded skeletons instead of one file per label.")
+@click.option("--dust", type=int, default=1000, show_default=True,
+              help="Skip objects smaller than this (voxels per task).")
+def skeleton_command(cloudpath, queue, parallel, task_shape, sharded, dust):
+  """Skeletonize a segmentation layer with Igneous (kimimaro) on a queue, then validate.
+
+  \b
+  Example:
+    iicats skeleton file://./iicats-demo/segmentation -p 2
+  """
+  from iicats_cv.tasks import igneous_stages as ig
+  from iicats_cv.tasks.runner import run_tasks
+  from .layers import normalize_cloudpath
+  path = normalize_cloudpath(cloudpath)
+  started = time.time()
+  queue = run_tasks(ig.skeleton_tasks(path, task_shape, dust, sharded=sharded), queue, parallel,
+                    desc="skeleton")
+  run_tasks(ig.skeleton_merge_tasks(path, sharded=sharded), queue, parallel,
+            desc="skeleton-merge")
+  ig.record(path, "skeleton", {"sharded": sharded, "dust": dust,
+                               "task_shape": list(task_shape)})
+  _report_validation(path, meshes=False)
+  click.echo(f"done: skeletons of {path} in {time.time() - started:.1f} s")
+
+
+@cli.command("downsample")
+@click.argument("cloudpath")
+@click.option("--queue", default=None)
+@click.option("-p", "--parallel", type=int, default=None)
+@click.option("--num-mips", type=int, default=2, show_default=True)
+def downsample_command(cloudpath, queue, parallel, num_mips):
+  """Add a mip pyramid (Igneous/tinybrain: averaging for images, mode for labels).
+
+  \b
+  Example:
+    iicats downsample file://./iicats-demo/affinities --num-mips 2 -p 2
+  """
+  from iicats_cv.tasks import igneous_stages as ig
+  from iicats_cv.tasks.runner import run_tasks
+  from .layers import normalize_cloudpath, open_layer
+  path = normalize_cloudpath(cloudpath)
+  cv = open_layer(path)
+  started = time.time()
+  depth = ig.pyramid_depth(cv.bounds.size3(), cv.resolution, num_mips)
+  for mip in range(depth):
+    queue = run_tasks(ig.downsample_tasks(path, mip), queue, parallel, desc=f"mip {mip + 1}")
+  click.echo(f"done: {depth} mip(s) added to {path} in {time.time() - started:.1f} s")
+
+
+def _report_validation(path, min_voxels=8000, meshes=True, skeletons=True):
+  from iicats_cv.tasks.igneous_stages import validate_layer
+  check = validate_layer(path, min_voxels, meshes=meshes, skeletons=skeletons)
+  for problem in check["problems"]:
+    click.echo(f"problem: {problem}")
+  if check["problems"]:
+    raise IicatsError(f"{path}: validation failed ({len(check['problems'])} problem(s))")
+  click.echo(f"validated: {check['labels_checked']} label(s) ≥ {min_voxels} voxels have "
+             f"{' and '.join(k for k, on in (('meshes', meshes), ('skeletons', skeletons)) if on)}")
+
+
+@cli.command("validate")
+@click.argument("cloudpath")
+@click.option("--min-voxels", type=int, default=8000, show_default=True,
+              help="Labels at least this big must have a mesh and a skeleton.")
+@click.option("--no-meshes", is_flag=True)
+@click.option("--no-skeletons", is_flag=True)
+def validate_command(cloudpath, min_voxels, no_meshes, no_skeletons):
+  """Check a segmentation layer: info, and a mesh + skeleton for every big label.
+
+  \b
+  Example:
+    iicats validate file://./iicats-demo/segmentation --min-voxels 1000
+  """
+  from .layers import normalize_cloudpath
+  path = normalize_cloudpath(cloudpath)
+  _report_validation(path, min_voxels, meshes=not no_meshes, skeletons=not no_skeletons)
+  click.echo(f"done: {path} is valid")
+
+
 def _register_subcommands():
   from .evaluate import evaluate_command
   from .viewer.link import link_command

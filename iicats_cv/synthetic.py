@@ -244,6 +244,8 @@ class _Grower:
     self.grid = padded[tuple(slice(self.pad, self.pad + n) for n in self.gshape)]
     self._flat = padded.reshape(-1)
     self._strides = np.array(padded.strides, np.int64) // padded.itemsize
+    self._scratch = np.zeros(padded.size, np.int32)  # deduplicates stamped cells
+    self.tolerance = 0.6 * float(unit)  # overlap allowed between tubes of different cells
     self.r_min, self.r_max, self.step = r_min, r_max, step
     dirs = _sphere_directions()
     self.samples = np.concatenate([np.zeros((1, 3)), dirs, 0.55 * dirs])
@@ -255,17 +257,17 @@ class _Grower:
 
   def _lookup(self, pts: np.ndarray) -> np.ndarray:
     """Grid values at points (M, 3) nm; 0 outside the grid."""
+    # points are at most a step and a radius away from the volume: inside the padded grid
     flat = (np.floor(pts / self.g).astype(np.int64) + self.pad) @ self._strides
-    flat.clip(0, len(self._flat) - 1, out=flat)
     return self._flat[flat]
 
   def blocked(self, ends: np.ndarray, r: float, cell_id: int) -> np.ndarray:
     """Fraction (K,) of the ball of radius ~r around each of ends (K, 3) nm taken by other
     cells (a little overlap is tolerated, so tubes may touch)."""
-    reach = max(r - 0.6 * self.g, 0.5 * r)
+    reach = max(r - self.tolerance, 0.5 * r)
     pts = ends[:, None, :] + reach * self.samples[None]
     vals = self._lookup(pts.reshape(-1, 3)).reshape(len(ends), -1)
-    return np.mean((vals != 0) & (vals != cell_id), axis=1)
+    return np.count_nonzero((vals != 0) & (vals != cell_id), axis=1) / vals.shape[1]
 
   def _ball(self, r_cells: float) -> np.ndarray:
     key = round(r_cells * 2) / 2
@@ -287,9 +289,12 @@ class _Grower:
       idx = (sel[:, None, :] + ball[None]).reshape(-1, 3)
       ok = np.all((idx >= 0) & (idx < self.gshape), axis=1)
       flat = (idx[ok] + self.pad) @ self._strides
-      flat = np.unique(flat[self._flat[flat] == 0])
+      flat = flat[self._flat[flat] == 0]
+      # count each newly taken cell once: one of the duplicates' positions wins the scatter
+      order = np.arange(len(flat), dtype=np.int32)
+      self._scratch[flat] = order
+      self.taken += int(np.count_nonzero(self._scratch[flat] == order))
       self._flat[flat] = cell_id
-      self.taken += len(flat)
 
   def stamp_cell(self, cell: _Cell):
     pos = np.asarray(cell.pos)
@@ -336,12 +341,15 @@ class _Grower:
       shrinks = 0
       max_steps = int(2.5 * np.max(self.extent) / self.step)
       while steps < max_steps and len(cell.pos) < max_nodes:
-        base = _unit(d + sigma * rng.normal(size=3))
-        cands = np.concatenate([base[None], _unit(base + 0.7 * rng.normal(size=(5, 3)))])
+        noise = rng.normal(size=(6, 3))
+        cands = d + sigma * noise[0]
+        cands = cands + np.concatenate([np.zeros((1, 3)), 0.7 * noise[1:]])
+        cands /= np.sqrt(np.einsum("ij,ij->i", cands, cands))[:, None]
         ends = p + self.step * cands
         occ = self.blocked(ends, r, cell.id)
-        angle = np.arccos(np.clip(cands @ base, -1, 1))
-        k = int(np.argmin(occ + 0.12 * angle))
+        # angle to the persistent direction, ~ sqrt(2 (1 - cos))
+        turn = np.sqrt(np.maximum(2.0 - 2.0 * (cands @ cands[0]), 0.0))
+        k = int(np.argmin(occ + 0.12 * turn))
         if occ[k] > 0.12:
           if r > 1.15 * self.r_min and shrinks < 3:
             r = max(self.r_min, 0.75 * r)
@@ -351,7 +359,7 @@ class _Grower:
         p = ends[k]
         d = cands[k]
         steps += 1
-        r = float(np.clip(r * (1 - 0.012) + rng.normal(0, 0.05 * r), self.r_min, self.r_max))
+        r = min(max(r * (1 - 0.012) + rng.normal(0, 0.05 * r), self.r_min), self.r_max)
         r_node = r
         if neck_left > 0:
           neck_left -= 1
@@ -623,30 +631,22 @@ def make_synthetic_volume(shape=(128, 128, 64), resolution=(10, 10, 10), seed: i
     grower.stamp_cell(cell)
     cells.append(cell)
   # the faces are crowded now: neurites passing through the remaining voids fill them
-  for _ in range(12):
-    if grower.occupied_fraction() >= fill_fraction:
-      break
-    room = edt.edt(grower.grid == 0, black_border=False) * grower.g
-    spots = np.argwhere(room >= 3.5 * u)
-    if len(spots) == 0:
-      break
-    n_try = min(len(spots), max(10, int(volume_u3 / 40_000)))
-    for spot in spots[rng.choice(len(spots), n_try, replace=False)]:
-      if grower.occupied_fraction() >= fill_fraction:
-        break
-      start = (spot + rng.uniform(0, 1, 3)) * grower.g
-      r = rng.uniform(2.5 * u, 5.0 * u)
-      if grower.blocked(start[None], r, -1)[0] > 0.0:
-        continue
-      d = _unit(rng.normal(size=3))
-      cell = _Cell(id=len(cells) + 1, pos=[], rad=[], parent=[])
-      cell.add(start, r, -1)
-      grower.grow_branches(cell, [(0, d, r, True), (0, -d, r, True)], p_branch=0.035,
-                           p_term=0.01, p_neck=0.02, max_nodes=max_nodes)
-      if len(cell.pos) < 5:
-        continue
-      grower.stamp_cell(cell)
-      cells.append(cell)
+  attempts = 0
+  while grower.occupied_fraction() < fill_fraction and attempts < 40 * max_extra:
+    attempts += 1
+    start = rng.uniform(0, 1, 3) * extent
+    r = rng.uniform(2.5 * u, 5.0 * u)
+    if grower.blocked(start[None], r + 1.5 * u, -1)[0] > 0.0:
+      continue
+    d = _unit(rng.normal(size=3))
+    cell = _Cell(id=len(cells) + 1, pos=[], rad=[], parent=[])
+    cell.add(start, r, -1)
+    grower.grow_branches(cell, [(0, d, r, True), (0, -d, r, True)], p_branch=0.035,
+                         p_term=0.01, p_neck=0.02, max_nodes=max_nodes)
+    if len(cell.pos) < 5:
+      continue
+    grower.stamp_cell(cell)
+    cells.append(cell)
 
   # 3. rasterise, grow every cell by one margin to leave ecs_fraction extracellular
   bin_edges = np.array([3.0 * u, 4.3 * u])

@@ -55,28 +55,112 @@ def downsample_tasks(cloudpath: str, mip: int):
                                       compress=_compress(cloudpath), chunk_size=chunk)
 
 
-def mesh_tasks(cloudpath: str, task_shape, dust_threshold: int = 100):
-  return tc.create_meshing_tasks(resolve_cloudpath(cloudpath), mip=0, shape=tuple(task_shape), mesh_dir="mesh",
-                                 compress=_compress(cloudpath), dust_threshold=dust_threshold,
-                                 sharded=False, spatial_index=True)
+def mesh_tasks(cloudpath: str, task_shape, dust_threshold: int = 100, sharded: bool = False):
+  """Mesh fragments per task (zmesh), one voxel of overlap, into the layer's `mesh` dir."""
+  return tc.create_meshing_tasks(resolve_cloudpath(cloudpath), mip=0, shape=tuple(task_shape),
+                                 mesh_dir="mesh", compress=_compress(cloudpath),
+                                 dust_threshold=dust_threshold, sharded=sharded,
+                                 spatial_index=True)
 
 
-def mesh_manifest_tasks(cloudpath: str):
+def mesh_merge_tasks(cloudpath: str, sharded: bool = False):
+  """Legacy manifests (unsharded) or multi-resolution Draco shards (sharded)."""
+  if sharded:
+    return tc.create_sharded_multires_mesh_tasks(resolve_cloudpath(cloudpath), num_lod=2,
+                                                 progress=False)
   return tc.create_mesh_manifest_tasks(resolve_cloudpath(cloudpath), magnitude=1)
 
 
-def skeleton_tasks(cloudpath: str, task_shape, dust_threshold: int = 1000):
+def skeleton_tasks(cloudpath: str, task_shape, dust_threshold: int = 1000,
+                   sharded: bool = False):
+  """kimimaro skeleton fragments per task (one voxel of overlap, borders fixed at merge)."""
   cv = open_layer(cloudpath)
-  return tc.create_skeletonizing_tasks(resolve_cloudpath(cloudpath), mip=0, shape=tuple(task_shape),
+  return tc.create_skeletonizing_tasks(resolve_cloudpath(cloudpath), mip=0,
+                                       shape=tuple(task_shape),
                                        teasar_params=teasar_params(cv.resolution),
-                                       dust_threshold=dust_threshold, sharded=False,
+                                       dust_threshold=dust_threshold, sharded=sharded,
                                        spatial_index=True, fix_borders=True)
 
 
-def skeleton_merge_tasks(cloudpath: str, dust_threshold: int = 1000):
+def skeleton_merge_tasks(cloudpath: str, sharded: bool = False):
+  # no cable-length dust or tick pruning at merge: what was skeletonised is kept, so that
+  # validation can demand a skeleton for every label above the voxel threshold
+  if sharded:
+    return tc.create_sharded_skeleton_merge_tasks(resolve_cloudpath(cloudpath),
+                                                  dust_threshold=0, tick_threshold=0)
   return tc.create_unsharded_skeleton_merge_tasks(resolve_cloudpath(cloudpath), magnitude=1,
-                                                  dust_threshold=dust_threshold,
-                                                  tick_threshold=0)
+                                                  dust_threshold=0, tick_threshold=0)
+
+
+def label_sizes(cloudpath: str, max_voxels: int = 512 ** 3) -> dict:
+  """{label: voxel count at mip 0} from the finest mip that fits in max_voxels (counts at a
+  coarser mip are scaled by the mip's voxel volume)."""
+  import fastremap
+  cv = open_layer(cloudpath, layer_type="segmentation")
+  for mip in cv.available_mips:
+    size = np.prod(cv.meta.volume_size(mip))
+    if size <= max_voxels or mip == max(cv.available_mips):
+      break
+  scale = np.prod(cv.meta.resolution(mip)) / np.prod(cv.meta.resolution(0))
+  data = open_layer(cloudpath, mip=mip, fill_missing=True)[:, :, :]
+  ids, counts = fastremap.unique(np.asarray(data), return_counts=True)
+  return {int(i): int(c * scale) for i, c in zip(ids, counts) if i != 0}
+
+
+def validate_layer(cloudpath: str, min_voxels: int = 8000, meshes: bool = True,
+                   skeletons: bool = True) -> dict:
+  """Check a segmentation layer after meshing/skeletonising: info consistent, every mip's
+  chunks readable, and every label of ≥ min_voxels voxels has a mesh and a skeleton.
+
+  Returns {"labels_checked", "missing_meshes", "missing_skeletons", "problems"}; an empty
+  `problems` list means the layer is complete.
+  """
+  from cloudfiles import CloudFiles
+  cv = open_layer(cloudpath, layer_type="segmentation")
+  problems = []
+  for mip in cv.available_mips:
+    if any(s <= 0 for s in cv.meta.volume_size(mip)):
+      problems.append(f"mip {mip}: empty volume size in info")
+  sizes = label_sizes(cloudpath)
+  big = sorted(label for label, count in sizes.items() if count >= min_voxels)
+  cf = CloudFiles(resolve_cloudpath(cloudpath))
+  missing = {"mesh": [], "skeletons": []}
+  for kind, wanted in (("mesh", meshes), ("skeletons", skeletons)):
+    if not wanted:
+      continue
+    directory = cv.info.get(kind)
+    if not directory:
+      problems.append(f"info has no '{kind}' directory")
+      missing[kind] = big
+      continue
+    sharded = isinstance(cv.info.get(kind), str) and _is_sharded(cf, directory)
+    if sharded:
+      source = cv.mesh if kind == "mesh" else cv.skeleton
+      for label in big:
+        try:
+          got = source.get(label)
+          empty = (len(got[label].vertices) == 0) if kind == "mesh" else len(got.vertices) == 0
+        except Exception:
+          empty = True
+        if empty:
+          missing[kind].append(label)
+    else:
+      keys = [f"{directory}/{label}:0" if kind == "mesh" else f"{directory}/{label}"
+              for label in big]
+      exists = cf.exists(keys)
+      missing[kind] = [label for label, key in zip(big, keys) if not exists[key]]
+  for kind, labels in missing.items():
+    if labels:
+      shown = ", ".join(str(l) for l in labels[:10]) + (" …" if len(labels) > 10 else "")
+      problems.append(f"{len(labels)} of {len(big)} labels ≥ {min_voxels} voxels have no "
+                      f"{'mesh' if kind == 'mesh' else 'skeleton'}: {shown}")
+  return {"labels_checked": len(big), "missing_meshes": missing["mesh"],
+          "missing_skeletons": missing["skeletons"], "problems": problems}
+
+
+def _is_sharded(cf, directory) -> bool:
+  info = cf.get_json(f"{directory}/info") or {}
+  return "sharding" in info and info["sharding"] is not None
 
 
 def record(cloudpath: str, step: str, params: dict):

@@ -133,9 +133,13 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
   if meshes:
     seg = layers["segmentation"]
     run.stage("mesh", lambda: ig.mesh_tasks(seg, task_shape))
-    run.stage("mesh-manifest", lambda: ig.mesh_manifest_tasks(seg))
+    run.stage("mesh-merge", lambda: ig.mesh_merge_tasks(seg))
     run.stage("skeleton", lambda: ig.skeleton_tasks(seg, task_shape))
     run.stage("skeleton-merge", lambda: ig.skeleton_merge_tasks(seg))
+    check = ig.validate_layer(seg)
+    if check["problems"]:
+      raise IicatsError(f"segmentation {seg}: meshes/skeletons incomplete: "
+                        + "; ".join(check["problems"]))
     for name in ("image", "segmentation"):
       if name == "image" and not out_owns(out, image):
         continue  # never write into the user's input layer
