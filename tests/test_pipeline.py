@@ -83,18 +83,20 @@ def test_rerun_resumes_and_skips_finished_stages(demo_run):
 
 
 def test_validate_names_a_missing_skeleton(demo_run):
+  from iicats_cv.tasks.igneous_stages import validate_layer
   _, summary, _, _ = demo_run
   seg = summary["layers"]["segmentation"]
-  neuron = summary["tracked"][0]["id"]
+  neuron = max(summary["tracked"], key=lambda n: n["voxels"])["id"]
   path = os.path.join(seg[len("file://"):], "skeletons", str(neuron))
   with open(path, "rb") as fh:
     kept = fh.read()
   os.remove(path)
   try:
-    result = CliRunner().invoke(cli, ["validate", seg, "--min-voxels", "1000", "--no-meshes"])
+    assert validate_layer(seg)["missing_skeletons"] == [neuron]
+    result = CliRunner().invoke(cli, ["validate", seg, "--no-meshes"])
     assert result.exit_code != 0
-    assert str(neuron) in result.output and "no skeleton" in result.output
+    assert f"no skeleton: {neuron}" in result.output
   finally:
     with open(path, "wb") as fh:
       fh.write(kept)
-  assert CliRunner().invoke(cli, ["validate", seg, "--no-meshes"]).exit_code == 0
+  assert CliRunner().invoke(cli, ["validate", seg]).exit_code == 0
