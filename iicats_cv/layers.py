@@ -14,7 +14,7 @@ import socket
 from typing import Iterable, Sequence
 
 import numpy as np
-from cloudvolume import CloudVolume, Bbox
+from cloudvolume import CloudVolume
 from cloudvolume.exceptions import InfoUnavailableError
 
 from . import __version__
@@ -192,11 +192,6 @@ def add_provenance(cv: CloudVolume, step: str, params: dict) -> None:
     "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M %Z"),
   })
   cv.commit_provenance()
-
-
-def dataset_bbox(cv: CloudVolume) -> Bbox:
-  """The layer's bounds at its current mip, (x, y, z) voxels."""
-  return cv.meta.bounds(cv.mip)
 
 
 def parse_triple(text: str | Sequence, name: str, cast=float) -> tuple:

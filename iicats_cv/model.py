@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass, asdict
 
 import numpy as np
-import torch
 from torch import nn
 
 from .errors import IicatsError

@@ -15,7 +15,6 @@ import tempfile
 import time
 
 import numpy as np
-from cloudfiles import CloudFiles
 
 from iicats_cv.errors import IicatsError
 from iicats_cv.layers import normalize_cloudpath, open_layer, join, local_path
@@ -23,7 +22,7 @@ from . import igneous_stages as ig
 from .inference import create_inference_tasks
 from .runner import open_queue, run_tasks
 from .segmentation import (create_watershed_tasks, create_rag_tasks, agglomerate_task,
-                           create_remap_tasks, check_affinities)
+                           create_remap_tasks)
 from .common import get_json, put_json
 
 LAYERS = ("image", "affinities", "organelles", "supervoxels", "segmentation")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from functools import partial
 
-import json
 
 import fastremap
 import numpy as np

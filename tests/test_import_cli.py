@@ -1,5 +1,4 @@
 """`iicats import` for every file type, and one clear error per bad input."""
-import os
 
 import h5py
 import numpy as np

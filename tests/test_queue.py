@@ -1,5 +1,4 @@
 """Queues and workers: fq:// round trip, attempts + dead letter, CLI verbs, bad protocols."""
-import os
 from functools import partial
 
 import pytest

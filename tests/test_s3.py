@@ -29,8 +29,7 @@ def monkeypatch_module():
 
 
 def test_segmentation_stages_on_s3(s3, tmp_path):
-  from cloudvolume import CloudVolume
-  from iicats_cv.layers import create_layer, open_layer, resolve_cloudpath
+  from iicats_cv.layers import create_layer, open_layer
   from iicats_cv.tasks.runner import run_tasks
   from iicats_cv.tasks.segmentation import create_watershed_tasks, create_rag_tasks, \
     agglomerate_task, create_remap_tasks

@@ -1,7 +1,6 @@
 """Watershed ids, RAG bookkeeping, constraint-aware agglomeration, tracking, idempotency."""
 import os
 
-import fastremap
 import numpy as np
 import pytest
 from cloudvolume import CloudVolume
@@ -154,7 +153,7 @@ def test_blockwise_ids_unique_and_segmentation_consistent(tmp_path):
 
 def test_rerun_gives_byte_identical_layers(tmp_path):
   labels, _ = blobs((32, 32, 32), n=5, seed=2)
-  out = _segment_volume(tmp_path, labels, (16, 16, 16), "run")
+  _segment_volume(tmp_path, labels, (16, 16, 16), "run")
   layer_dir = str(tmp_path / "run" / "segmentation")
 
   def snapshot():
@@ -172,7 +171,7 @@ def test_rerun_gives_byte_identical_layers(tmp_path):
 
 
 def test_nan_and_wrong_channel_affinities_rejected(tmp_path):
-  from iicats_cv.tasks.segmentation import create_watershed_tasks, watershed_task
+  from iicats_cv.tasks.segmentation import create_watershed_tasks
   path = "file://" + str(tmp_path / "aff1")
   create_layer(path, layer_type="image", dtype="float32", resolution=(10, 10, 10),
                voxel_offset=(0, 0, 0), volume_size=(16, 16, 16), chunk_size=(16, 16, 16))

@@ -1,7 +1,6 @@
 """Affinity targets, augmentations that keep targets consistent, masked loss, resumable
 training and the `iicats train` command on precomputed layers."""
 import numpy as np
-import pytest
 import torch
 from click.testing import CliRunner
 
