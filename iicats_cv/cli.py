@@ -387,7 +387,7 @@ def mesh_command(cloudpath, queue, parallel, task_shape, sharded, dust):
 @click.argument("cloudpath")
 @_queue_options
 @click.option("--sharded", is_flag=True, help="Sharded skeletons instead of one file per label.")
-@click.option("--dust", type=int, default=1000, show_default=True,
+@click.option("--dust", type=int, default=100, show_default=True,
               help="Skip objects smaller than this (voxels per task).")
 def skeleton_command(cloudpath, queue, parallel, task_shape, sharded, dust):
   """Skeletonize a segmentation layer with Igneous (kimimaro) on a queue, then validate.

@@ -71,9 +71,13 @@ def mesh_merge_tasks(cloudpath: str, sharded: bool = False):
   return tc.create_mesh_manifest_tasks(resolve_cloudpath(cloudpath), magnitude=1)
 
 
-def skeleton_tasks(cloudpath: str, task_shape, dust_threshold: int = 1000,
+def skeleton_tasks(cloudpath: str, task_shape, dust_threshold: int = 100,
                    sharded: bool = False):
-  """kimimaro skeleton fragments per task (one voxel of overlap, borders fixed at merge)."""
+  """kimimaro skeleton fragments per task (one voxel of overlap, borders fixed at merge).
+
+  The dust threshold applies per task, so it stays small: a neuron cut into many blocks must
+  still leave pieces to skeletonise (validation demands a skeleton for every big label).
+  """
   cv = open_layer(cloudpath)
   return tc.create_skeletonizing_tasks(resolve_cloudpath(cloudpath), mip=0,
                                        shape=tuple(task_shape),
