@@ -36,14 +36,21 @@ class Constraints:
 
 @dataclass
 class AgglomerationParams:
+  """Defaults were chosen on the synthetic demo volume (seed 0) with the shipped model: weaker
+  evidence (fewer voxel pairs, a larger bonus, tracking below `threshold`) lowered ERL there,
+  because the model over-predicts synapses and mitochondria."""
   threshold: float = 0.5
   use_constraints: bool = True
-  mito_bonus: float = 0.15
+  # which evidence to use: a synapse detector trained only on other data makes cannot-links
+  # that cut true neurons, so a run can leave a kind out
+  constraints: tuple = ("nucleus", "synapse", "mitochondria")
+  mito_bonus: float = 0.05
   nucleus_fraction: float = 0.5   # a fragment is nuclear when this fraction of it is nucleus
   nucleus_min_voxels: int = 50
-  synapse_min_pairs: int = 4      # boundary voxel pairs with synapse signal for a cannot-link
-  mito_min_pairs: int = 4
-  track_threshold: float = 0.3
+  synapse_min_pairs: int = 80     # boundary voxel pairs with synapse signal for a cannot-link
+  synapse_min_fraction: float = 0.0  # ... and at least this fraction of the boundary
+  mito_min_pairs: int = 40        # boundary voxel pairs inside a mitochondrion for the hint
+  track_threshold: float = 0.5
 
 
 def derive_constraints(rag: dict, params: AgglomerationParams) -> tuple[Constraints, np.ndarray]:
@@ -73,9 +80,11 @@ def derive_constraints(rag: dict, params: AgglomerationParams) -> tuple[Constrai
       sums = np.bincount(inverse, weights=rag[f"frag_nucleus_sum_{axis}"][nuclear])
       centroids.append(sums[big] / voxels[big])
   centroids = np.stack(centroids, axis=1) if centroids else np.zeros((0, 3))
-  synapse = rag["synapse_pairs"] >= params.synapse_min_pairs
+  synapse = ((rag["synapse_pairs"] >= params.synapse_min_pairs)
+             & (rag["synapse_pairs"] >= params.synapse_min_fraction * rag["count"])
+             & ("synapse" in params.constraints))
   cannot = np.stack([u[synapse], v[synapse]], axis=1).astype(np.int64)
-  mito = rag["mito_pairs"] >= params.mito_min_pairs
+  mito = (rag["mito_pairs"] >= params.mito_min_pairs) & ("mitochondria" in params.constraints)
   return Constraints(nucleus=nucleus, cannot_link=cannot, mito_edge=mito), centroids
 
 
@@ -229,6 +238,8 @@ def agglomerate(rag: dict, params: AgglomerationParams, sweep_thresholds=(),
   u = np.searchsorted(frag, rag["u"])
   v = np.searchsorted(frag, rag["v"])
   constraints = derive_constraints(rag, params)[0] if params.use_constraints else None
+  if constraints is not None and "nucleus" not in params.constraints:
+    constraints.nucleus = np.zeros_like(constraints.nucleus)  # seeds still come from nuclei
   mito = constraints.mito_edge if constraints is not None else np.zeros(len(u), bool)
   agg = _Agglomerator(n, u, v, rag["aff_sum"], rag["count"].astype(np.float64), mito,
                       constraints, params.mito_bonus if constraints is not None else 0.0)

@@ -91,10 +91,10 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
                  seeds: str | None = None, gt_labels: str | None = None,
                  gt_skeletons: str | None = None, nuclei: str | None = None,
                  synapses: str | None = None, json_path: str | None = None,
-                 threshold: float = 0.5, track_threshold: float = 0.3,
+                 threshold: float = 0.5, track_threshold: float | None = None,
                  sweep=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8), meshes: bool = True,
                  report: bool = True, link_prefix: str | None = None, lease_sec: int = 600,
-                 num_mips: int = 2):
+                 num_mips: int = 2, constraints=("nucleus", "synapse", "mitochondria")):
   """Run every stage from an EM image layer to segmentation, meshes, link and metrics.
 
   Returns the summary dict ({"layers", "neuroglancer_url", "metrics", "timings", ...}).
@@ -120,7 +120,8 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
   run.stage("rag", lambda: create_rag_tasks(
     layers["supervoxels"], layers["affinities"], layers["organelles"], join(out, "rag"),
     task_shape, state_prefix=state))
-  params = {"threshold": threshold, "track_threshold": track_threshold}
+  params = {"threshold": threshold, "constraints": list(constraints),
+            "track_threshold": threshold if track_threshold is None else track_threshold}
   run.stage("agglomerate", lambda: [partial(agglomerate_task, 
     rag_prefix=join(out, "rag"), supervoxels_path=layers["supervoxels"], out_prefix=out,
     params=params, sweep=list(sweep), seeds_nm=None if seeds_nm is None else seeds_nm.tolist(),

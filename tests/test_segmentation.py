@@ -65,12 +65,15 @@ def _toy_rag():
   }
 
 
+TOY = dict(synapse_min_pairs=4, mito_min_pairs=4)
+
+
 def test_constraints_block_merges_that_baseline_makes():
   rag = _toy_rag()
-  baseline = agglomerate(rag, AgglomerationParams(threshold=0.5, use_constraints=False))
+  baseline = agglomerate(rag, AgglomerationParams(threshold=0.5, use_constraints=False, **TOY))
   assert len(np.unique(baseline.segment_ids)) == 1
   assert baseline.violations["segments_with_several_nuclei"] == 1
-  constrained = agglomerate(rag, AgglomerationParams(threshold=0.5))
+  constrained = agglomerate(rag, AgglomerationParams(threshold=0.5, **TOY))
   seg = constrained.segment_ids
   assert seg[0] == seg[1] and seg[2] == seg[3] and seg[1] != seg[2]
   assert constrained.violations["segments_with_several_nuclei"] == 0
@@ -80,9 +83,9 @@ def test_constraints_block_merges_that_baseline_makes():
 def test_mitochondria_hint_raises_score_but_not_over_cannot_link():
   rag = _toy_rag()
   rag["aff_sum"] = np.array([95.0, 90.0, 45.0])  # 3-4 weak (0.45) but crossed by a mito
-  result = agglomerate(rag, AgglomerationParams(threshold=0.5, mito_bonus=0.1))
+  result = agglomerate(rag, AgglomerationParams(threshold=0.5, mito_bonus=0.1, **TOY))
   assert result.segment_ids[2] == result.segment_ids[3]
-  no_hint = agglomerate(rag, AgglomerationParams(threshold=0.5, mito_bonus=0.0))
+  no_hint = agglomerate(rag, AgglomerationParams(threshold=0.5, mito_bonus=0.0, **TOY))
   assert no_hint.segment_ids[2] != no_hint.segment_ids[3]
 
 
@@ -102,7 +105,7 @@ def test_tracking_grows_seeds_and_never_merges_two():
   rag["frag_nucleus_voxels"] = np.zeros(4)
   rag["synapse_pairs"] = np.zeros(3, int)
   rag["aff_sum"] = np.array([40.0, 35.0, 40.0])   # all below the 0.5 threshold
-  params = AgglomerationParams(threshold=0.5, track_threshold=0.3)
+  params = AgglomerationParams(threshold=0.5, track_threshold=0.3, **TOY)
   result = agglomerate(rag, params, seeds={1: 0, 2: 3})
   seg = result.segment_ids
   assert seg[0] != seg[3]           # two seeds stay apart
