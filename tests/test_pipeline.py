@@ -70,7 +70,7 @@ def test_tracked_neurons_have_meshes_and_skeletons(demo_run):
   _, summary, _, _ = demo_run
   cv = CloudVolume(summary["layers"]["segmentation"])
   for neuron in summary["tracked"]:
-    assert len(cv.mesh.get(neuron["id"])[neuron["id"]].vertices) > 0
+    assert len(cv.mesh.get(neuron["id"]).vertices) > 0
     assert len(cv.skeleton.get(neuron["id"]).vertices) > 0
 
 
@@ -87,7 +87,10 @@ def test_validate_names_a_missing_skeleton(demo_run):
   _, summary, _, _ = demo_run
   seg = summary["layers"]["segmentation"]
   neuron = max(summary["tracked"], key=lambda n: n["voxels"])["id"]
-  path = os.path.join(seg[len("file://"):], "skeletons", str(neuron))
+  layer_dir = seg[len("file://"):]
+  skel_dir = os.path.join(layer_dir, CloudVolume(seg).info["skeletons"])
+  path = next(os.path.join(skel_dir, name) for name in (f"{neuron}", f"{neuron}.gz")
+              if os.path.exists(os.path.join(skel_dir, name)))
   with open(path, "rb") as fh:
     kept = fh.read()
   os.remove(path)
