@@ -1,7 +1,4 @@
 """The blockwise stages against a real S3 server (SeaweedFS on loopback)."""
-from functools import partial
-
-import numpy as np
 import pytest
 
 from conftest import blobs
@@ -29,29 +26,14 @@ def monkeypatch_module():
 
 
 def test_segmentation_stages_on_s3(s3, tmp_path):
-  from iicats_cv.layers import create_layer, open_layer
-  from iicats_cv.tasks.runner import run_tasks
-  from iicats_cv.tasks.segmentation import create_watershed_tasks, create_rag_tasks, \
-    agglomerate_task, create_remap_tasks
+  from iicats_cv.layers import open_layer
   from iicats_cv.tasks.common import get_json
-  from test_segmentation import noisy_affinities
+  from test_segmentation import run_segmentation_stages, write_affinities
   out = f"s3://{s3.endpoint}/iicats/run"
   labels, _ = blobs((32, 32, 32), n=5, seed=4)
-  aff = create_layer(out + "/affinities", layer_type="image", dtype="float32",
-                     resolution=(10, 10, 10), voxel_offset=(0, 0, 0), volume_size=(32, 32, 32),
-                     chunk_size=(16, 16, 16), num_channels=3, step="test")
-  aff[:, :, :] = np.moveaxis(noisy_affinities(labels), 0, -1)
-  queue = "fq://" + str(tmp_path / "queue")
-  shape = (16, 16, 16)
-  run_tasks(create_watershed_tasks(out + "/affinities", out + "/supervoxels", shape,
-                                   chunk_size=(16, 16, 16), min_size=10), queue, 2)
-  run_tasks(create_rag_tasks(out + "/supervoxels", out + "/affinities", "", out + "/rag", shape),
-            queue, 1)
-  run_tasks([partial(agglomerate_task, rag_prefix=out + "/rag",
-                     supervoxels_path=out + "/supervoxels", out_prefix=out,
-                     params={"threshold": 0.5}, sweep=[], track=False)], queue, 1)
-  run_tasks(create_remap_tasks(out + "/supervoxels", out + "/segmentation", out, shape,
-                               chunk_size=(16, 16, 16)), queue, 1)
+  write_affinities(out + "/affinities", labels)
+  run_segmentation_stages(out, out + "/affinities", (16, 16, 16),
+                          queue="fq://" + str(tmp_path / "queue"), parallel=2)
   seg = open_layer(out + "/segmentation")[:, :, :][..., 0]
   assert seg.shape == (32, 32, 32) and seg.all()
   assert get_json(out, "agglomeration/summary.json")["segments"] >= 2

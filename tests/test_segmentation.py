@@ -114,27 +114,34 @@ def test_tracking_grows_seeds_and_never_merges_two():
   assert {t["seed"] for t in result.tracked} == {1, 2}
 
 
-def _segment_volume(tmp_path, labels, task_shape, name):
+def run_segmentation_stages(out, aff_path, task_shape, queue=None, parallel=1):
+  """Watershed -> RAG -> agglomeration -> remap on a queue, layers under `out`."""
+  from functools import partial
   from iicats_cv.tasks.segmentation import create_watershed_tasks, create_rag_tasks, \
     agglomerate_task, create_remap_tasks
   from iicats_cv.tasks.runner import run_tasks
-  from functools import partial
-  out = "file://" + str(tmp_path / name)
-  aff_path = out + "/affinities"
-  affs = noisy_affinities(labels, seed=5)
-  cv = create_layer(aff_path, layer_type="image", dtype="float32", resolution=(10, 10, 10),
-                    voxel_offset=(0, 0, 0), volume_size=labels.shape, chunk_size=(16, 16, 16),
-                    num_channels=3)
-  cv[:, :, :] = np.moveaxis(affs, 0, -1)
   run_tasks(create_watershed_tasks(aff_path, out + "/supervoxels", task_shape,
-                                   chunk_size=(16, 16, 16), min_size=10), None, 1)
+                                   chunk_size=(16, 16, 16), min_size=10), queue, parallel)
   run_tasks(create_rag_tasks(out + "/supervoxels", aff_path, "", out + "/rag", task_shape),
-            None, 1)
+            queue, 1)
   run_tasks([partial(agglomerate_task, rag_prefix=out + "/rag",
                      supervoxels_path=out + "/supervoxels", out_prefix=out,
-                     params={"threshold": 0.5}, sweep=[], track=False)], None, 1)
+                     params={"threshold": 0.5}, sweep=[], track=False)], queue, 1)
   run_tasks(create_remap_tasks(out + "/supervoxels", out + "/segmentation", out, task_shape,
-                               chunk_size=(16, 16, 16)), None, 1)
+                               chunk_size=(16, 16, 16)), queue, 1)
+
+
+def write_affinities(path, labels):
+  cv = create_layer(path, layer_type="image", dtype="float32", resolution=(10, 10, 10),
+                    voxel_offset=(0, 0, 0), volume_size=labels.shape, chunk_size=(16, 16, 16),
+                    num_channels=3, step="test")
+  cv[:, :, :] = np.moveaxis(noisy_affinities(labels, seed=5), 0, -1)
+
+
+def _segment_volume(tmp_path, labels, task_shape, name):
+  out = "file://" + str(tmp_path / name)
+  write_affinities(out + "/affinities", labels)
+  run_segmentation_stages(out, out + "/affinities", task_shape)
   return out
 
 
