@@ -66,7 +66,8 @@ class Pipeline:
     print(f"[{name}] done in {seconds:.1f} s", flush=True)
 
 
-def validate_inputs(image, gt_labels=None, gt_skeletons=None, seeds=None):
+def validate_inputs(image, gt_labels=None, gt_skeletons=None, seeds=None, nuclei=None,
+                    synapses=None):
   """Everything the run reads, checked before anything is written."""
   image_cv = open_layer(image, layer_type="image", dtypes=("uint8",), num_channels=1,
                         what="image layer")
@@ -79,6 +80,14 @@ def validate_inputs(image, gt_labels=None, gt_skeletons=None, seeds=None):
                         f"{tuple(image_cv.resolution)} {image_cv.bounds}")
   if gt_skeletons and "://" not in gt_skeletons and not os.path.isdir(gt_skeletons):
     raise IicatsError(f"--gt-skeletons {gt_skeletons}: not a directory of SWC files")
+  if gt_skeletons and "://" not in gt_skeletons:
+    from iicats_cv.skeletons import read_swc_dir
+    read_swc_dir(gt_skeletons)  # malformed files fail now, not after hours of inference
+  from iicats_cv.skeletons import read_nuclei_csv, read_synapses_csv
+  if nuclei:
+    read_nuclei_csv(nuclei)
+  if synapses:
+    read_synapses_csv(synapses)
   seeds_nm = None
   if seeds:
     from iicats_cv.seeds import read_seed_points
@@ -103,7 +112,7 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
   out = normalize_cloudpath(out)
   gt_labels = normalize_cloudpath(gt_labels) if gt_labels else None
   task_shape = tuple(int(t) for t in task_shape)
-  image_cv, seeds_nm = validate_inputs(image, gt_labels, gt_skeletons, seeds)
+  image_cv, seeds_nm = validate_inputs(image, gt_labels, gt_skeletons, seeds, nuclei, synapses)
   layers = {"image": image, **{name: join(out, name) for name in LAYERS[1:]},
             "segmentation_baseline": join(out, "segmentation_baseline")}
   run = Pipeline(out, queue, parallel, lease_sec=lease_sec)
@@ -122,7 +131,7 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
     task_shape, state_prefix=state))
   params = {"threshold": threshold, "constraints": list(constraints),
             "track_threshold": threshold if track_threshold is None else track_threshold}
-  run.stage("agglomerate", lambda: [partial(agglomerate_task, 
+  run.stage("agglomerate", lambda: [partial(agglomerate_task,
     rag_prefix=join(out, "rag"), supervoxels_path=layers["supervoxels"], out_prefix=out,
     params=params, sweep=list(sweep), seeds_nm=None if seeds_nm is None else seeds_nm.tolist(),
     track=True, state_prefix=state)])

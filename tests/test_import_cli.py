@@ -103,3 +103,16 @@ def test_pipeline_bad_inputs_leave_nothing(tmp_path, volume_zyx):
   for result_output in (result.output,):
     assert "Traceback" not in result_output
   assert not out.exists()
+
+
+def test_pipeline_rejects_bad_ground_truth_files_before_running(tmp_path, volume_zyx):
+  np.save(tmp_path / "em.npy", volume_zyx)
+  img = "file://" + str(tmp_path / "em")
+  assert invoke("import", tmp_path / "em.npy", img, "--type", "image",
+                "--resolution", "4,4,40").exit_code == 0
+  bad = tmp_path / "nuclei.csv"
+  bad.write_text("a,b,c\n1,2,3\n")
+  out = tmp_path / "run"
+  result = invoke("pipeline", "--image", img, "--out", out, "--nuclei", bad)
+  assert result.exit_code != 0 and "nuclei.csv" in result.output
+  assert not out.exists()
