@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import re
 import time
 import traceback
 
@@ -22,16 +23,29 @@ from iicats_cv.layers import register_endpoint_aliases
 PROTOCOLS = ("fq", "sqs")
 
 
+_SQS_ENDPOINT = re.compile(r"^sqs://(https?://[^/]+)/([^/]+)$")
+
+
 def open_queue(qurl: str, **kwargs) -> TaskQueue:
-  """Open a queue with a clear error for unknown protocols or unreachable queues."""
+  """Open a queue with a clear error for unknown protocols or unreachable queues.
+
+  `sqs://NAME` uses AWS; `sqs://http(s)://host:port/NAME` an SQS-compatible server (the
+  endpoint goes to boto3 as endpoint_url, so every worker finds it from the queue URL alone).
+  """
   if "://" not in qurl:
     raise IicatsError(f"queue '{qurl}': expected fq://PATH or sqs://QUEUE")
   protocol = qurl.split("://", 1)[0]
   if protocol not in PROTOCOLS:
     raise IicatsError(f"queue '{qurl}': unknown protocol '{protocol}://' "
                       f"(supported: {', '.join(p + '://' for p in PROTOCOLS)})")
+  match = _SQS_ENDPOINT.match(qurl)
+  target = qurl
+  if match:
+    kwargs.setdefault("endpoint_url", match.group(1))
+    kwargs.setdefault("region_name", os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+    target = f"sqs://{match.group(2)}"
   try:
-    return TaskQueue(qurl, progress=False, **kwargs)
+    return TaskQueue(target, progress=False, **kwargs)
   except Exception as err:
     raise IicatsError(f"queue '{qurl}': cannot open ({type(err).__name__}: {err})")
 
@@ -41,14 +55,19 @@ def _fq_dir(tq: TaskQueue) -> str | None:
   return str(path) if path and tq.path.protocol == "fq" else None
 
 
-def dead_letter_dir(tq: TaskQueue) -> str | None:
+def dead_letter_dir(tq: TaskQueue) -> str:
+  """fq:// keeps dead letters beside its tasks; other queues in a local folder per queue
+  (~/.iicats/dead-letter/NAME), seen by a driver on the same machine as its workers."""
   base = _fq_dir(tq)
-  return os.path.join(base, "dead-letter") if base else None
+  if base:
+    return os.path.join(base, "dead-letter")
+  name = re.sub(r"[^\w.-]", "_", tq.path.path)
+  return os.path.join(os.path.expanduser("~"), ".iicats", "dead-letter", name)
 
 
 def dead_letters(qurl: str) -> list[str]:
   directory = dead_letter_dir(open_queue(qurl))
-  if not directory or not os.path.isdir(directory):
+  if not os.path.isdir(directory):
     return []
   return sorted(os.listdir(directory))
 
@@ -70,12 +89,11 @@ def _record_failure(tq, task, err, attempts: dict, max_attempts: int) -> bool:
   if count < max_attempts:
     return False
   directory = dead_letter_dir(tq)
-  if directory:
-    os.makedirs(directory, exist_ok=True)
-    payload = task.payload() if hasattr(task, "payload") else repr(task)
-    with open(os.path.join(directory, f"{key}.json"), "w") as fh:
-      json.dump({"task": payload, "attempts": count, "error": f"{type(err).__name__}: {err}",
-                 "traceback": traceback.format_exc()}, fh, indent=1, default=str)
+  os.makedirs(directory, exist_ok=True)
+  payload = task.payload() if hasattr(task, "payload") else repr(task)
+  with open(os.path.join(directory, f"{key}.json"), "w") as fh:
+    json.dump({"task": payload, "attempts": count, "error": f"{type(err).__name__}: {err}",
+               "traceback": traceback.format_exc()}, fh, indent=1, default=str)
   tq.delete(task)
   return True
 
@@ -100,6 +118,8 @@ def execute(qurl: str, lease_sec: int = 600, exit_on_empty: bool = True,
   stats = {"executed": 0, "failed": 0, "dead": 0}
   attempts = {}
   while True:
+    if exit_on_empty and tq.enqueued == 0:
+      break  # before leasing: an empty SQS lease long-polls for 20 s
     try:
       task = tq.lease(seconds=int(lease_sec))
     except QueueEmptyError:
