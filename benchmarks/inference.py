@@ -8,7 +8,6 @@ ratio = pipeline voxels/s ÷ raw forward voxels/s, both counted as output voxels
   python benchmarks/inference.py [--checkpoint CKPT] [--shape 192,192,96] [--json OUT]
 """
 import argparse
-import json
 import tempfile
 import time
 
@@ -22,6 +21,7 @@ from iicats_cv.tasks.inference import create_inference_tasks
 from iicats_cv.tasks.runner import run_tasks
 from iicats_cv.volume_io import import_volume
 
+from bench_report import report
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__)
@@ -70,12 +70,9 @@ def main():
          "voxels": voxels, "tasks": len(tasks), "patches": int(len(starts)),
          "pipeline_vx_per_s": voxels / pipeline_s, "raw_forward_vx_per_s": voxels / raw_s,
          "ratio": raw_s / pipeline_s}
-  print(json.dumps(out, indent=1))
-  print(f"pipeline {out['pipeline_vx_per_s'] / 1e6:.2f} Mvx/s, raw forward "
-        f"{out['raw_forward_vx_per_s'] / 1e6:.2f} Mvx/s, ratio {out['ratio']:.2f} on {out['device']}")
-  if args.json:
-    with open(args.json, "w") as fh:
-      json.dump(out, fh, indent=1)
+  report(out, f"pipeline {out['pipeline_vx_per_s'] / 1e6:.2f} Mvx/s, raw forward "
+              f"{out['raw_forward_vx_per_s'] / 1e6:.2f} Mvx/s, ratio {out['ratio']:.2f} on {out['device']}",
+              args.json)
 
 
 if __name__ == "__main__":

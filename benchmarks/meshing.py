@@ -9,7 +9,6 @@ one in-process worker (attempt counting, leases, dead letters); reference = Igne
   python benchmarks/meshing.py [--task-shape 128,128,128] [--json OUT]
 """
 import argparse
-import json
 import shutil
 import tempfile
 import time
@@ -21,6 +20,7 @@ from iicats_cv.tasks import igneous_stages as ig
 from iicats_cv.tasks.runner import run_tasks
 from iicats_cv.volume_io import import_volume
 
+from bench_report import report
 
 def stages(path, task_shape):
   return [lambda: ig.mesh_tasks(path, task_shape), lambda: ig.mesh_merge_tasks(path),
@@ -54,13 +54,11 @@ def main():
   shutil.rmtree(root, ignore_errors=True)
   out = {"task_shape": list(task_shape), "ours_seconds": round(seconds["ours"], 2),
          "igneous_seconds": round(seconds["igneous"], 2),
-         "ratio": seconds["ours"] / seconds["igneous"], "labels_validated": {s: c["labels_checked"] for s, c in checks.items()}}
-  print(json.dumps(out, indent=1))
-  print(f"meshes + skeletons: ours {seconds['ours']:.1f} s vs Igneous LocalTaskQueue "
-        f"{seconds['igneous']:.1f} s: ratio {out['ratio']:.2f}")
-  if args.json:
-    with open(args.json, "w") as fh:
-      json.dump(out, fh, indent=1)
+         "ratio": seconds["ours"] / seconds["igneous"],
+         "labels_validated": {s: c["labels_checked"] for s, c in checks.items()}}
+  report(out, f"meshes + skeletons: ours {seconds['ours']:.1f} s vs Igneous LocalTaskQueue "
+              f"{seconds['igneous']:.1f} s: ratio {out['ratio']:.2f}",
+              args.json)
 
 
 if __name__ == "__main__":

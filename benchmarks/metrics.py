@@ -9,7 +9,6 @@ the ratio says how many such sorts the metrics cost.
   python benchmarks/metrics.py [--nodes 1000000] [--skeletons 1000] [--repeat 3] [--json OUT]
 """
 import argparse
-import json
 import os
 import time
 
@@ -20,6 +19,7 @@ import numpy as np  # noqa: E402
 
 from iicats_cv.metrics import Skeleton, concatenate_skeletons, run_length_metrics  # noqa: E402
 
+from bench_report import report
 
 def tree_positions(parent, steps):
   """Node positions of a tree with parent[i] < i for i >= 1 (parent[0] = 0 is the root):
@@ -123,14 +123,11 @@ def main():
     "erl_pooled": pooled["erl"], "merging_segments": len(result["merging_segments"]),
     "violating_segments": len(result["violating_segments"]),
   }
-  print(json.dumps(out, indent=1))
-  print(f"ERL/bERL/nERL on {flat.n_nodes} nodes: {metrics_s:.3f} s with per-skeleton details "
-        f"({summary_s:.3f} s without; pooled {pooled_s:.3f} s; concatenating {flat.n_skeletons} "
-        f"Skeletons {concat_s:.3f} s); np.unique on as many uint64: "
-        f"{ref_s:.3f} s; ratio {metrics_s / ref_s:.1f}")
-  if args.json:
-    with open(args.json, "w") as fh:
-      json.dump(out, fh, indent=1)
+  report(out, f"ERL/bERL/nERL on {flat.n_nodes} nodes: {metrics_s:.3f} s with per-skeleton details "
+              f"({summary_s:.3f} s without; pooled {pooled_s:.3f} s; concatenating {flat.n_skeletons} "
+              f"Skeletons {concat_s:.3f} s); np.unique on as many uint64: "
+              f"{ref_s:.3f} s; ratio {metrics_s / ref_s:.1f}",
+              args.json)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ the ratio is this project's voxels/s over waterz's at each method's best thresho
   python benchmarks/segmentation.py [--checkpoint CKPT] [--json OUT]
 """
 import argparse
-import json
 import time
 
 import fastremap
@@ -24,6 +23,7 @@ from iicats_cv.metrics import adapted_rand_error, voi
 from iicats_cv.model import load_checkpoint
 from iicats_cv.rag import block_rag, merge_rags
 from iicats_cv.watershed import fragments
+from bench_report import report
 
 THRESHOLDS = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
 
@@ -94,13 +94,10 @@ def main():
     "arand_constrained": arand_c, "voi_split_constrained": split_c,
     "voi_merge_constrained": merge_c, "threshold_constrained": t_c,
   }
-  print(json.dumps(out, indent=1))
-  print(f"ours {voxels / ours_s / 1e6:.2f} Mvx/s vs waterz {voxels / waterz_s / 1e6:.2f} Mvx/s: "
-        f"ratio {out['ratio_vs_waterz']:.2f}; best ARAND {arand:.4f} (with nucleus+mito evidence "
-        f"{arand_c:.4f}) vs waterz {arand_w:.4f}")
-  if args.json:
-    with open(args.json, "w") as fh:
-      json.dump(out, fh, indent=1)
+  report(out, f"ours {voxels / ours_s / 1e6:.2f} Mvx/s vs waterz {voxels / waterz_s / 1e6:.2f} Mvx/s: "
+              f"ratio {out['ratio_vs_waterz']:.2f}; best ARAND {arand:.4f} (with nucleus+mito evidence "
+              f"{arand_c:.4f}) vs waterz {arand_w:.4f}",
+              args.json)
 
 
 if __name__ == "__main__":
