@@ -1,6 +1,7 @@
 """Meshing + skeletonising through our queue vs Igneous' own LocalTaskQueue, same layer, one run.
 
-Both sides run the same Igneous tasks (zmesh meshes + manifests, kimimaro skeletons + merge) on
+Both sides run the same Igneous tasks (zmesh meshes merged into multi-resolution Draco shards,
+kimimaro skeletons merged into shards: the pipeline defaults) on
 a copy of one segmentation: the FIB crop's dense ground truth shipped in the package
 (200×200×100, 142 bodies). ours = `iicats_cv.tasks.runner.run_tasks` on an fq:// queue with
 one in-process worker (attempt counting, leases, dead letters); reference = Igneous' usual

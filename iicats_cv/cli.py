@@ -112,6 +112,9 @@ def _pipeline_options(func):
                  help="Organelle evidence used by agglomeration, comma-separated from "
                       "nucleus,synapse,mitochondria (default: all; the fib demo leaves out "
                       "synapse: the shipped model learnt synapses on synthetic data only)."),
+    click.option("--unsharded", is_flag=True,
+                 help="Legacy meshes (per-label manifests) and one skeleton file per label "
+                      "instead of multi-resolution Draco shards and sharded skeletons."),
   ]
   for option in reversed(options):
     func = option(func)
@@ -129,7 +132,7 @@ def _pipeline_options(func):
 @click.option("--nuclei", default=None, help="GT nuclei CSV x,y,z nm (bERL).")
 @click.option("--synapses", default=None, help="GT synapses CSV pre_x..post_z nm (bERL).")
 def pipeline_command(image, out, queue, parallel, task_shape, checkpoint, json_path, threshold,
-                     link_prefix, constraints, seeds, gt_labels, gt_skeletons, nuclei, synapses):
+                     link_prefix, constraints, unsharded, seeds, gt_labels, gt_skeletons, nuclei, synapses):
   """Run every stage: inference, watershed, RAG, agglomeration + tracking, remap, meshes,
   skeletons, mips, Neuroglancer link and metrics.
 
@@ -142,7 +145,8 @@ def pipeline_command(image, out, queue, parallel, task_shape, checkpoint, json_p
   summary = run_pipeline(image, out, queue=queue, parallel=parallel, task_shape=task_shape,
                          checkpoint=checkpoint, seeds=seeds, gt_labels=gt_labels,
                          gt_skeletons=gt_skeletons, nuclei=nuclei, synapses=synapses,
-                         json_path=json_path, threshold=threshold, link_prefix=link_prefix)
+                         json_path=json_path, threshold=threshold, link_prefix=link_prefix,
+                         constraints=constraints or CONSTRAINTS, sharded=not unsharded)
   _print_summary(summary, out)
 
 
@@ -182,7 +186,7 @@ DEMO_CONSTRAINTS = {"fib": ("nucleus", "mitochondria"), "synthetic": CONSTRAINTS
 @click.option("--out", default="./iicats-demo", show_default=True, help="Output prefix.")
 @_pipeline_options
 def demo_command(dataset, out, queue, parallel, task_shape, checkpoint, json_path, threshold,
-                 link_prefix, constraints):
+                 link_prefix, constraints, unsharded):
   """Import an embedded dataset with its ground truth and run the pipeline on it.
 
   \b
@@ -200,7 +204,8 @@ def demo_command(dataset, out, queue, parallel, task_shape, checkpoint, json_pat
                          gt_labels=inputs["gt_labels"], gt_skeletons=inputs["gt_skeletons"],
                          nuclei=inputs["nuclei"], synapses=inputs["synapses"],
                          json_path=json_path, threshold=threshold, link_prefix=link_prefix,
-                         constraints=constraints or DEMO_CONSTRAINTS[dataset])
+                         constraints=constraints or DEMO_CONSTRAINTS[dataset],
+                         sharded=not unsharded)
   _print_summary(summary, out)
 
 
@@ -384,15 +389,16 @@ def _queue_options(func):
 @cli.command("mesh")
 @click.argument("cloudpath")
 @_queue_options
-@click.option("--sharded", is_flag=True, help="Multi-resolution Draco shards instead of legacy "
-                                              "per-label manifests.")
+@click.option("--sharded/--unsharded", default=True, show_default=True,
+              help="Multi-resolution Draco shards, or legacy per-label manifests.")
 @click.option("--dust", type=int, default=100, show_default=True, help="Skip smaller objects.")
 def mesh_command(cloudpath, queue, parallel, task_shape, sharded, dust):
   """Mesh a segmentation layer with Igneous (zmesh) on a queue, then validate.
 
   \b
   Example:
-    iicats mesh file://./iicats-demo/segmentation -p 2 --sharded
+    iicats mesh file://./iicats-demo/segmentation -p 2
+    iicats mesh gs://lab/seg --queue sqs://meshing --unsharded
   """
   from iicats_cv.tasks import igneous_stages as ig
   from iicats_cv.tasks.runner import run_tasks
@@ -410,7 +416,8 @@ def mesh_command(cloudpath, queue, parallel, task_shape, sharded, dust):
 @cli.command("skeleton")
 @click.argument("cloudpath")
 @_queue_options
-@click.option("--sharded", is_flag=True, help="Sharded skeletons instead of one file per label.")
+@click.option("--sharded/--unsharded", default=True, show_default=True,
+              help="Sharded skeletons, or one file per label.")
 @click.option("--dust", type=int, default=100, show_default=True,
               help="Skip objects smaller than this (voxels per task).")
 def skeleton_command(cloudpath, queue, parallel, task_shape, sharded, dust):

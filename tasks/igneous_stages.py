@@ -55,24 +55,36 @@ def downsample_tasks(cloudpath: str, mip: int):
                                       compress=_compress(cloudpath), chunk_size=chunk)
 
 
-def mesh_tasks(cloudpath: str, task_shape, dust_threshold: int = 100, sharded: bool = False):
-  """Mesh fragments per task (zmesh), one voxel of overlap, into the layer's `mesh` dir."""
+def mesh_tasks(cloudpath: str, task_shape, dust_threshold: int = 100, sharded: bool = True):
+  """Mesh fragments per task (zmesh), one voxel of overlap, into the layer's `mesh` dir
+  (`.frags` files for the sharded merge, per-label fragments for legacy manifests)."""
   return tc.create_meshing_tasks(resolve_cloudpath(cloudpath), mip=0, shape=tuple(task_shape),
                                  mesh_dir="mesh", compress=_compress(cloudpath),
                                  dust_threshold=dust_threshold, sharded=sharded,
                                  spatial_index=True)
 
 
-def mesh_merge_tasks(cloudpath: str, sharded: bool = False):
-  """Legacy manifests (unsharded) or multi-resolution Draco shards (sharded)."""
+def lod_chunk_size(volume_size) -> tuple:
+  """Finest octree chunk (voxels) of multi-resolution meshes: Igneous' 256³ for real volumes,
+  down to 16³ so that neurons of a small crop still get coarser levels of detail (Igneous
+  adds a level only where a neuron spans twice the chunk on every axis)."""
+  side = int(np.clip(2 ** np.floor(np.log2(max(min(volume_size) // 8, 1))), 16, 256))
+  return (side, side, side)
+
+
+def mesh_merge_tasks(cloudpath: str, sharded: bool = True, num_lod: int = 3):
+  """Multi-resolution Draco shards (`neuroglancer_multilod_draco`, up to num_lod coarser
+  levels, fewer for neurons smaller than the octree allows) or legacy manifests."""
   if sharded:
-    return tc.create_sharded_multires_mesh_tasks(resolve_cloudpath(cloudpath), num_lod=2,
+    size = open_layer(cloudpath).meta.volume_size(0)
+    return tc.create_sharded_multires_mesh_tasks(resolve_cloudpath(cloudpath), num_lod=num_lod,
+                                                 min_chunk_size=lod_chunk_size(size),
                                                  progress=False)
   return tc.create_mesh_manifest_tasks(resolve_cloudpath(cloudpath), magnitude=1)
 
 
 def skeleton_tasks(cloudpath: str, task_shape, dust_threshold: int = 100,
-                   sharded: bool = False):
+                   sharded: bool = True):
   """kimimaro skeleton fragments per task (one voxel of overlap, borders fixed at merge).
 
   The dust threshold applies per task, so it stays small: a neuron cut into many blocks must
@@ -86,7 +98,7 @@ def skeleton_tasks(cloudpath: str, task_shape, dust_threshold: int = 100,
                                        spatial_index=True, fix_borders=True)
 
 
-def skeleton_merge_tasks(cloudpath: str, sharded: bool = False):
+def skeleton_merge_tasks(cloudpath: str, sharded: bool = True):
   # no cable-length dust or tick pruning at merge: what was skeletonised is kept, so that
   # validation can demand a skeleton for every label above the voxel threshold
   if sharded:
@@ -137,17 +149,8 @@ def validate_layer(cloudpath: str, min_voxels: int = 8000, meshes: bool = True,
       problems.append(f"info has no '{kind}' directory")
       missing[kind] = big
       continue
-    sharded = isinstance(cv.info.get(kind), str) and _is_sharded(cf, directory)
-    if sharded:
-      source = cv.mesh if kind == "mesh" else cv.skeleton
-      for label in big:
-        try:
-          got = source.get(label)
-          empty = (len(got[label].vertices) == 0) if kind == "mesh" else len(got.vertices) == 0
-        except Exception:
-          empty = True
-        if empty:
-          missing[kind].append(label)
+    if _is_sharded(cf, directory):
+      missing[kind] = _missing_from_shards(cv, kind, big)
     else:
       keys = [f"{directory}/{label}:0" if kind == "mesh" else f"{directory}/{label}"
               for label in big]
@@ -160,6 +163,25 @@ def validate_layer(cloudpath: str, min_voxels: int = 8000, meshes: bool = True,
                       f"{'mesh' if kind == 'mesh' else 'skeleton'}: {shown}")
   return {"labels_checked": len(big), "missing_meshes": missing["mesh"],
           "missing_skeletons": missing["skeletons"], "problems": problems}
+
+
+def _missing_from_shards(cv, kind: str, labels: list) -> list:
+  """Labels without an entry in their shard's minishard index (a missing or unreadable shard
+  file counts as missing every label it should hold)."""
+  if kind == "mesh":
+    reader, path = cv.mesh.reader, cv.mesh.meta.mesh_path
+  else:
+    reader, path = cv.skeleton.reader, cv.skeleton.meta.skeleton_path
+  try:
+    found = reader.exists(labels, path)
+  except Exception:  # a missing or corrupt shard: find which labels it takes down
+    found = {}
+    for label in labels:
+      try:
+        found.update(reader.exists([label], path))
+      except Exception:
+        found[label] = None
+  return [label for label in labels if not found.get(label)]
 
 
 def _is_sharded(cf, directory) -> bool:

@@ -26,6 +26,8 @@ from .segmentation import (create_watershed_tasks, create_rag_tasks, agglomerate
 from .common import get_json, put_json
 
 LAYERS = ("image", "affinities", "organelles", "supervoxels", "segmentation")
+# supervoxels stay at full resolution: they are inspected up close, never zoomed out
+PYRAMID_LAYERS = ("image", "affinities", "organelles", "segmentation")
 
 
 class Pipeline:
@@ -103,7 +105,8 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
                  threshold: float = 0.5, track_threshold: float | None = None,
                  sweep=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8), meshes: bool = True,
                  report: bool = True, link_prefix: str | None = None, lease_sec: int = 600,
-                 num_mips: int = 2, constraints=("nucleus", "synapse", "mitochondria")):
+                 num_mips: int = 2, constraints=("nucleus", "synapse", "mitochondria"),
+                 sharded: bool = True):
   """Run every stage from an EM image layer to segmentation, meshes, link and metrics.
 
   Returns the summary dict ({"layers", "neuroglancer_url", "metrics", "timings", ...}).
@@ -141,20 +144,20 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
                          task_shape, column="baseline_ids", state_prefix=state))
   if meshes:
     seg = layers["segmentation"]
-    run.stage("mesh", lambda: ig.mesh_tasks(seg, task_shape))
-    run.stage("mesh-merge", lambda: ig.mesh_merge_tasks(seg))
-    run.stage("skeleton", lambda: ig.skeleton_tasks(seg, task_shape))
-    run.stage("skeleton-merge", lambda: ig.skeleton_merge_tasks(seg))
+    run.stage("mesh", lambda: ig.mesh_tasks(seg, task_shape, sharded=sharded))
+    run.stage("mesh-merge", lambda: ig.mesh_merge_tasks(seg, sharded=sharded))
+    run.stage("skeleton", lambda: ig.skeleton_tasks(seg, task_shape, sharded=sharded))
+    run.stage("skeleton-merge", lambda: ig.skeleton_merge_tasks(seg, sharded=sharded))
     check = ig.validate_layer(seg)
     if check["problems"]:
       raise IicatsError(f"segmentation {seg}: meshes/skeletons incomplete: "
                         + "; ".join(check["problems"]))
-    for name in ("image", "segmentation"):
-      if name == "image" and not out_owns(out, image):
-        continue  # never write into the user's input layer
-      for mip in range(ig.pyramid_depth(image_cv.bounds.size3(), image_cv.resolution, num_mips)):
-        run.stage(f"downsample-{name}-{mip + 1}",
-                  lambda n=name, m=mip: ig.downsample_tasks(layers[n], m))
+  for name in PYRAMID_LAYERS:
+    if name == "image" and not out_owns(out, image):
+      continue  # never write into the user's input layer
+    for mip in range(ig.pyramid_depth(image_cv.bounds.size3(), image_cv.resolution, num_mips)):
+      run.stage(f"downsample-{name}-{mip + 1}",
+                lambda n=name, m=mip: ig.downsample_tasks(layers[n], m))
 
   tracked = get_json(out, "tracked.json") or []
   summary = {"layers": layers, "tracked": tracked, "queue": run.queue,

@@ -49,3 +49,22 @@ def blobs(shape=(48, 48, 32), n=6, seed=0):
     boundary[tuple(sl)] |= diff
   image = np.where(boundary, 60, 170).astype(np.float32) + rng.normal(0, 8, shape)
   return labels, np.clip(image, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def synthetic_demo(tmp_path_factory):
+  """`iicats demo --dataset synthetic` through an fq:// queue with 64³ tasks, run once per
+  session: (out folder, summary dict, CLI output, queue url)."""
+  import json
+  from click.testing import CliRunner
+  from iicats_cv.cli import cli
+  root = tmp_path_factory.mktemp("demo")
+  out = root / "run"
+  summary_path = root / "summary.json"
+  queue = "fq://" + str(root / "queue")
+  result = CliRunner().invoke(cli, [
+    "demo", "--dataset", "synthetic", "--out", str(out), "--queue", queue, "-p", "1",
+    "--task-shape", "64,64,64", "--json", str(summary_path)])
+  assert result.exit_code == 0, result.output
+  with open(summary_path) as fh:
+    return out, json.load(fh), result.output, queue

@@ -1,8 +1,10 @@
-"""End to end in a real browser: `view` serves a small run (image, segmentation, Igneous
-meshes and skeletons) and headless Chromium renders it with Neuroglancer.
+"""End to end in a real browser: `view` serves a run and headless Chromium renders it with
+Neuroglancer: the synthetic demo (sharded multi-resolution meshes, sharded skeletons) and a
+small hand-made run with legacy unsharded meshes and skeletons.
 
 Chromium is found at /usr/bin/chromium or installed from Debian (root + apt); otherwise the
-test is skipped with the reason. Set IICATS_SCREENSHOT=path.png to keep the screenshot.
+test is skipped with the reason. Set IICATS_SCREENSHOT=path.png to keep the demo's screenshot
+(the README's).
 """
 import colorsys
 import io
@@ -17,7 +19,9 @@ from browser_support import Browser, WINDOW_SIZE, ensure_chromium, write_dataset
 
 LOAD_TIMEOUT_S = 30
 RENDER_TIMEOUT_S = 20
-MIN_NEURON_PIXELS = 2000
+# each neuron must show; a small or half-hidden one still covers a few hundred pixels
+MIN_NEURON_PIXELS = 300
+MIN_TOTAL_PIXELS = 5000
 
 
 @pytest.fixture(scope="session")
@@ -45,28 +49,35 @@ def run(tmp_path):
   return facts
 
 
-def loaded(data_server, segments) -> dict:
-  """What the browser fetched successfully: segmentation chunks, mesh fragments, skeletons."""
+def loaded(data_server, segments, mesh_dir="mesh", skeleton_dir="skeletons") -> dict:
+  """What the browser fetched successfully of the segmentation: image chunks, and the
+  segments whose mesh / skeleton arrived (for sharded layers: any shard read, as one shard
+  holds many segments and which one a byte range serves is not in the request)."""
   paths = data_server.successful("/segmentation/")
+  mesh, skel = f"/segmentation/{mesh_dir}/", f"/segmentation/{skeleton_dir}/"
+
+  def arrived(prefix, unsharded_name):
+    if any(p.startswith(prefix) and p.endswith(".shard") for p in paths):
+      return set(segments)
+    return {s for s in segments if any(p.startswith(prefix + unsharded_name(s)) for p in paths)}
+
   return {
-    "chunks": [p for p in paths if p.startswith("/segmentation/8_8_8/")],
-    "fragments": {s for s in segments
-                  if any(p.startswith(f"/segmentation/mesh/{s}:0:") for p in paths)},
-    "skeletons": {s for s in segments
-                  if any(p.startswith("/segmentation/skeletons") and p.endswith(f"/{s}")
-                         for p in paths)},
+    "chunks": [p for p in paths if not p.startswith((mesh, skel))
+               and os.path.basename(p) not in ("info", "provenance")],
+    "fragments": arrived(mesh, lambda s: f"{s}:0:"),
+    "skeletons": arrived(skel, lambda s: f"{s}"),
   }
 
 
-def wait_for_data(data_server, segments):
+def wait_for_data(data_server, segments, **dirs):
   deadline = time.time() + LOAD_TIMEOUT_S
   while time.time() < deadline:
-    got = loaded(data_server, segments)
+    got = loaded(data_server, segments, **dirs)
     if got["chunks"] and got["fragments"] == set(segments) \
         and got["skeletons"] == set(segments):
       return got
     time.sleep(0.25)
-  return loaded(data_server, segments)
+  return loaded(data_server, segments, **dirs)
 
 
 def segment_hue(segment) -> float:
@@ -109,29 +120,45 @@ def panel_region(browser) -> tuple:
   return width // 2, 50, width, height
 
 
-def test_neuroglancer_renders_served_run(chromium, run, tmp_path):
+def render_served_run(chromium, prefix, segments, profile, screenshot=None):
+  """Serve prefix with `view`, load it in Chromium, check requests and 3D-panel pixels."""
+  from cloudvolume import CloudVolume
   from iicats_cv.viewer.server import view
   started = time.time()
-  segments = run["segments"]
-  viewer, data_server = view(run["prefix"], port=0, layout="xy-3d", block=False)
+  info = CloudVolume(f"{prefix}/segmentation").info
+  dirs = {"mesh_dir": info["mesh"], "skeleton_dir": info["skeletons"]}
+  viewer, data_server = view(prefix, port=0, layout="xy-3d", block=False)
   with viewer.txn() as state:
     state.show_slices = False  # the 3D panel then shows only meshes and skeletons
-  browser = Browser(chromium, str(tmp_path / "chromium-profile"))
+  browser = Browser(chromium, profile)
   try:
     browser.navigate(viewer.get_viewer_url())
-    got = wait_for_data(data_server, segments)
+    got = wait_for_data(data_server, segments, **dirs)
     assert got["chunks"], f"no segmentation chunk fetched: {data_server.requests}"
-    assert got["fragments"] == set(segments), f"mesh fragments: {data_server.requests}"
+    assert got["fragments"] == set(segments), f"meshes: {data_server.requests}"
     assert got["skeletons"] == set(segments), f"skeletons: {data_server.requests}"
     counts = wait_for_render(browser, segments)
-    assert all(n >= MIN_NEURON_PIXELS for n in counts.values()), \
-      f"neuron pixels in the 3D panel {counts}; console: {browser.console[-10:]}"
+    assert all(n >= MIN_NEURON_PIXELS for n in counts.values()) \
+      and sum(counts.values()) >= MIN_TOTAL_PIXELS, f"neuron pixels in the 3D panel {counts}; console: {browser.console[-10:]}"
     assert not [r for r in data_server.requests if r.status >= 500]
-    keep_screenshot(viewer, browser)
+    if screenshot:
+      keep_screenshot(browser, screenshot)
   finally:
     browser.close()
     data_server.close()
   assert time.time() - started < 60
+
+
+def test_neuroglancer_renders_the_synthetic_demo(chromium, synthetic_demo, tmp_path):
+  out, summary, _, _ = synthetic_demo
+  tracked = [n["id"] for n in summary["tracked"]]
+  assert tracked
+  render_served_run(chromium, "file://" + str(out), tracked, str(tmp_path / "profile"),
+                    screenshot=os.environ.get("IICATS_SCREENSHOT"))
+
+
+def test_neuroglancer_renders_unsharded_meshes_and_skeletons(chromium, run, tmp_path):
+  render_served_run(chromium, run["prefix"], run["segments"], str(tmp_path / "profile"))
 
 
 def wait_for_render(browser, segments) -> dict:
@@ -140,18 +167,13 @@ def wait_for_render(browser, segments) -> dict:
   while True:
     time.sleep(0.5)
     counts = neuron_pixels(browser.screenshot(), segments, panel_region(browser))
-    if all(n >= MIN_NEURON_PIXELS for n in counts.values()) or time.time() > deadline:
+    if all(n >= MIN_NEURON_PIXELS for n in counts.values()) \
+        and sum(counts.values()) >= MIN_TOTAL_PIXELS or time.time() > deadline:
       return counts
 
 
-def keep_screenshot(viewer, browser):
-  """With IICATS_SCREENSHOT set: the view with the EM sections back in 3D, saved there."""
-  path = os.environ.get("IICATS_SCREENSHOT")
-  if not path:
-    return
-  with viewer.txn() as state:
-    state.show_slices = True
-  time.sleep(2.0)
+def keep_screenshot(browser, path):
+  """Save the screenshot the pixel check passed on (the README's)."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "wb") as fh:
     fh.write(browser.screenshot())

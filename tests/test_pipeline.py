@@ -1,10 +1,8 @@
 """End to end: the synthetic demo through an fq:// queue; contract of the summary; every layer
 readable by CloudVolume and by tensorstore; resume skips finished stages."""
-import json
 import os
 
 import numpy as np
-import pytest
 import tensorstore as ts
 from click.testing import CliRunner
 from cloudvolume import CloudVolume
@@ -14,22 +12,8 @@ from iicats_cv.cli import cli
 LAYERS = ("image", "affinities", "organelles", "supervoxels", "segmentation")
 
 
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-  root = tmp_path_factory.mktemp("demo")
-  out = root / "run"
-  summary_path = root / "summary.json"
-  queue = "fq://" + str(root / "queue")
-  result = CliRunner().invoke(cli, [
-    "demo", "--dataset", "synthetic", "--out", str(out), "--queue", queue, "-p", "1",
-    "--task-shape", "64,64,64", "--json", str(summary_path)])
-  assert result.exit_code == 0, result.output
-  with open(summary_path) as fh:
-    return out, json.load(fh), result.output, queue
-
-
-def test_summary_contract(demo_run):
-  out, summary, output, _ = demo_run
+def test_summary_contract(synthetic_demo):
+  out, summary, output, _ = synthetic_demo
   assert set(LAYERS) <= set(summary["layers"])
   assert summary["neuroglancer_url"].startswith("http")
   for name in ("erl", "berl", "nerl", "arand", "voi_split", "voi_merge"):
@@ -40,8 +24,8 @@ def test_summary_contract(demo_run):
   assert "Neuroglancer:" in output and "done:" in output
 
 
-def test_link_state_has_every_layer_and_tracked_neurons(demo_run):
-  _, summary, _, _ = demo_run
+def test_link_state_has_every_layer_and_tracked_neurons(synthetic_demo):
+  _, summary, _, _ = synthetic_demo
   import neuroglancer
   state = neuroglancer.parse_url(summary["neuroglancer_url"])
   names = [layer.name for layer in state.layers]
@@ -53,8 +37,8 @@ def test_link_state_has_every_layer_and_tracked_neurons(demo_run):
   assert set(tracked) <= selected
 
 
-def test_every_layer_opens_in_cloudvolume_and_tensorstore(demo_run):
-  _, summary, _, _ = demo_run
+def test_every_layer_opens_in_cloudvolume_and_tensorstore(synthetic_demo):
+  _, summary, _, _ = synthetic_demo
   for name in LAYERS + ("segmentation_baseline",):
     path = summary["layers"][name]
     cv = CloudVolume(path)
@@ -62,44 +46,47 @@ def test_every_layer_opens_in_cloudvolume_and_tensorstore(demo_run):
     store = ts.open({"driver": "neuroglancer_precomputed", "kvstore": path + "/"}).result()
     np.testing.assert_array_equal(np.asarray(store.read().result()), np.asarray(data))
     assert cv.provenance.processing, f"{name} has no provenance"
-  for name in ("image", "segmentation"):
-    assert len(CloudVolume(summary["layers"][name]).available_mips) >= 2
+  for name in ("image", "affinities", "organelles", "segmentation"):
+    assert len(CloudVolume(summary["layers"][name]).available_mips) >= 2, name
 
 
-def test_tracked_neurons_have_meshes_and_skeletons(demo_run):
-  _, summary, _, _ = demo_run
+def test_tracked_neurons_have_sharded_multilod_meshes_and_skeletons(synthetic_demo):
+  _, summary, _, _ = synthetic_demo
   cv = CloudVolume(summary["layers"]["segmentation"])
+  assert cv.mesh.meta.info["@type"] == "neuroglancer_multilod_draco"
+  assert cv.mesh.meta.info["sharding"] and cv.skeleton.meta.info["sharding"]
+  most_lods = 0
   for neuron in summary["tracked"]:
-    assert len(cv.mesh.get(neuron["id"]).vertices) > 0
+    assert len(cv.mesh.get(neuron["id"])[neuron["id"]].vertices) > 0
     assert len(cv.skeleton.get(neuron["id"]).vertices) > 0
+    manifest = cv.mesh.get_manifest(neuron["id"])
+    most_lods = max(most_lods, manifest.num_lods)
+  assert most_lods >= 2, "the biggest neurons must get a coarser level of detail"
 
 
-def test_rerun_resumes_and_skips_finished_stages(demo_run):
-  out, summary, _, queue = demo_run
+def test_rerun_resumes_and_skips_finished_stages(synthetic_demo):
+  out, summary, _, queue = synthetic_demo
   result = CliRunner().invoke(cli, ["demo", "--dataset", "synthetic", "--out", str(out),
                                     "--queue", queue, "-p", "1", "--task-shape", "64,64,64"])
   assert result.exit_code == 0, result.output
   assert result.output.count("already done in a previous run") >= 7
 
 
-def test_validate_names_a_missing_skeleton(demo_run):
+def test_validate_names_labels_of_a_missing_skeleton_shard(synthetic_demo):
   from iicats_cv.tasks.igneous_stages import validate_layer
-  _, summary, _, _ = demo_run
+  _, summary, _, _ = synthetic_demo
   seg = summary["layers"]["segmentation"]
   neuron = max(summary["tracked"], key=lambda n: n["voxels"])["id"]
-  layer_dir = seg[len("file://"):]
-  skel_dir = os.path.join(layer_dir, CloudVolume(seg).info["skeletons"])
-  path = next(os.path.join(skel_dir, name) for name in (f"{neuron}", f"{neuron}.gz")
-              if os.path.exists(os.path.join(skel_dir, name)))
-  with open(path, "rb") as fh:
-    kept = fh.read()
-  os.remove(path)
+  cv = CloudVolume(seg)
+  shard = cv.skeleton.reader.get_filename(neuron)
+  path = os.path.join(seg[len("file://"):], cv.info["skeletons"], shard)
+  moved = path + ".away"
+  os.rename(path, moved)
   try:
-    assert validate_layer(seg)["missing_skeletons"] == [neuron]
+    assert neuron in validate_layer(seg)["missing_skeletons"]
     result = CliRunner().invoke(cli, ["validate", seg, "--no-meshes"])
     assert result.exit_code != 0
-    assert f"no skeleton: {neuron}" in result.output
+    assert "have no skeleton:" in result.output and str(neuron) in result.output
   finally:
-    with open(path, "wb") as fh:
-      fh.write(kept)
+    os.rename(moved, path)
   assert CliRunner().invoke(cli, ["validate", seg]).exit_code == 0

@@ -1,0 +1,68 @@
+"""`iicats mesh|skeleton` in both output formats: multi-resolution Draco shards + sharded
+skeletons (the default) and legacy per-label files (--unsharded); validation names what is
+missing in either."""
+import os
+
+import pytest
+from click.testing import CliRunner
+from cloudvolume import CloudVolume
+
+from browser_support import write_layer
+from conftest import blobs
+from iicats_cv.cli import cli
+from iicats_cv.tasks.igneous_stages import lod_chunk_size, validate_layer
+
+
+@pytest.fixture
+def segmentation(tmp_path):
+  labels, _ = blobs(shape=(96, 96, 64), n=5, seed=3)
+  path = "file://" + str(tmp_path / "seg")
+  write_layer(path, "segmentation", labels, (8, 8, 8))
+  return path, sorted(int(i) for i in set(labels.ravel().tolist()))
+
+
+def mesh_and_skeletonize(path, *flags):
+  for verb in ("mesh", "skeleton"):
+    result = CliRunner().invoke(cli, [verb, path, "-p", "1", "--task-shape", "64,64,64",
+                                      *flags])
+    assert result.exit_code == 0, result.output
+    assert "validated:" in result.output and "done:" in result.output
+
+
+def test_sharded_default_has_every_label_with_coarser_lods(segmentation):
+  path, labels = segmentation
+  mesh_and_skeletonize(path)
+  cv = CloudVolume(path)
+  assert cv.mesh.meta.info["@type"] == "neuroglancer_multilod_draco"
+  assert cv.mesh.meta.info["sharding"] and cv.skeleton.meta.info["sharding"]
+  for label in labels:
+    assert len(cv.mesh.get(label)[label].vertices) > 0
+    assert len(cv.skeleton.get(label).vertices) > 0
+  assert max(cv.mesh.get_manifest(label).num_lods for label in labels) >= 2
+  shards = [name for name in os.listdir(path[len("file://"):] + "/mesh")
+            if name.endswith(".shard")]
+  assert shards
+  os.remove(os.path.join(path[len("file://"):], "mesh", shards[0]))
+  assert validate_layer(path, min_voxels=1)["missing_meshes"], "a lost shard must be reported"
+
+
+def test_unsharded_writes_one_file_per_label_and_validation_names_a_gap(segmentation):
+  path, labels = segmentation
+  mesh_and_skeletonize(path, "--unsharded")
+  cv = CloudVolume(path)
+  layer = path[len("file://"):]
+  assert "sharding" not in cv.mesh.meta.info or not cv.mesh.meta.info["sharding"]
+  for label in labels:
+    assert os.path.exists(os.path.join(layer, "mesh", f"{label}:0"))
+    assert len(cv.skeleton.get(label).vertices) > 0
+  os.remove(os.path.join(layer, "mesh", f"{labels[0]}:0"))
+  assert validate_layer(path, min_voxels=1)["missing_meshes"] == [labels[0]]
+  result = CliRunner().invoke(cli, ["validate", path, "--min-voxels", "1", "--no-skeletons"])
+  assert result.exit_code != 0
+  assert f"have no mesh: {labels[0]}" in result.output
+
+
+def test_lod_chunk_size_scales_with_the_volume():
+  assert lod_chunk_size((96, 96, 64)) == (16, 16, 16)
+  assert lod_chunk_size((512, 512, 300)) == (32, 32, 32)
+  assert lod_chunk_size((40000, 40000, 7000)) == (256, 256, 256)
