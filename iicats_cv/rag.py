@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import fastremap
 import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
-EDGE_FIELDS = ("u", "v", "count", "aff_sum", "aff_min", "mito_pairs", "synapse_pairs")
+EDGE_FIELDS = ("u", "v", "count", "aff_sum", "aff_min", "mito_pairs", "synapse_pairs", "stitch")
 FRAGMENT_FIELDS = ("id", "size", "nucleus_voxels", "nucleus_sum_x", "nucleus_sum_y",
                    "nucleus_sum_z")
 
 
 def block_rag(supervoxels: np.ndarray, affinities: np.ndarray, organelles: np.ndarray | None,
-              context, block_origin=(0, 0, 0), organelle_threshold: float = 0.5) -> dict:
+              context, block_origin=(0, 0, 0), organelle_threshold: float = 0.5,
+              face_agreement: dict | None = None) -> dict:
   """Edges and fragment statistics of one block.
 
   supervoxels: uint64 (X+cx, Y+cy, Z+cz) — the block plus `context` = (cx, cy, cz) voxels
@@ -23,6 +26,10 @@ def block_rag(supervoxels: np.ndarray, affinities: np.ndarray, organelles: np.nd
   affinities: float32 in [0,1] (3, X, Y, Z) for the block only.
   organelles: float32 in [0,1] (3, X+cx, Y+cy, Z+cz) nucleus, mitochondria, synapse, or None.
   block_origin: global voxel coordinate (x, y, z) of the block's first voxel.
+  face_agreement: {axis (0, 1, 2): bool array over the block's low face on that axis} — True
+    where the watersheds of both blocks beside the face put the two straddling voxels into one
+    fragment (see watershed.face_agreement). Edges across that face get `stitch` = 1 when the
+    agreeing pairs cover at least half of either fragment's area on the face.
   Returns a dict of flat arrays: edge fields EDGE_FIELDS (u < v) and fragment fields
   prefixed 'frag_' (see FRAGMENT_FIELDS); fragment stats cover the block's own voxels only.
   """
@@ -72,6 +79,8 @@ def block_rag(supervoxels: np.ndarray, affinities: np.ndarray, organelles: np.nd
     "aff_min": np.full(len(keys), np.inf),
   }
   np.minimum.at(out["aff_min"], inverse, aff)
+  stitched = _stitched_keys(compact, context, face_agreement or {}, n)
+  out["stitch"] = np.isin(keys, stitched).astype(np.int64)
   if organelles is not None:
     out["mito_pairs"] = np.bincount(inverse, weights=np.concatenate(mitos),
                                     minlength=len(keys)).astype(np.int64)
@@ -102,6 +111,63 @@ def block_rag(supervoxels: np.ndarray, affinities: np.ndarray, organelles: np.nd
   return out
 
 
+def _stitched_keys(compact, context, face_agreement, n) -> np.ndarray:
+  """Keys (min * n + max, compact ids) of fragment pairs to stitch across the low faces."""
+  keys = []
+  for axis, agree in face_agreement.items():
+    if not context[axis]:
+      continue
+    below = [slice(c, None) for c in context]
+    above = list(below)
+    below[axis], above[axis] = 0, 1
+    a, b = compact[tuple(below)].ravel(), compact[tuple(above)].ravel()
+    agree = np.asarray(agree, bool).ravel() & (a != b) & (a != 0) & (b != 0)
+    pair = a * n + b
+    pairs, inverse = np.unique(pair, return_inverse=True)
+    agreeing = np.bincount(inverse, weights=agree)
+    first, second = pairs // n, pairs % n
+    # each fragment's best partner on this face (most agreeing pairs); stitch mutual bests
+    best_of_first = np.zeros(n)
+    np.maximum.at(best_of_first, first, agreeing)
+    best_of_second = np.zeros(n)
+    np.maximum.at(best_of_second, second, agreeing)
+    mutual = ((agreeing > 0) & (agreeing == best_of_first[first])
+              & (agreeing == best_of_second[second]))
+    first, second = first[mutual], second[mutual]
+    keys.append(np.minimum(first, second) * n + np.maximum(first, second))
+  return np.concatenate(keys) if keys else np.zeros(0, np.int64)
+
+
+def contract_stitched(rag: dict) -> tuple[dict, np.ndarray]:
+  """Join fragments linked by `stitch` edges into one node each, as if one watershed had made
+  them: fragment statistics add up, parallel edges add up, edges inside a node vanish.
+
+  Returns (the node RAG, uint64 (F,) node id of each rag["frag_id"]); a node's id is its
+  smallest fragment id.
+  """
+  frag = rag["frag_id"]
+  n = len(frag)
+  if n == 0:
+    return rag, frag
+  u = np.searchsorted(frag, rag["u"])
+  v = np.searchsorted(frag, rag["v"])
+  stitch = rag.get("stitch", np.zeros(len(u))) > 0
+  graph = coo_matrix((np.ones(stitch.sum()), (u[stitch], v[stitch])), shape=(n, n))
+  _, component = connected_components(graph, directed=False)
+  first = np.full(component.max() + 1, n, dtype=np.int64)
+  np.minimum.at(first, component, np.arange(n))  # frag is sorted: first member = smallest id
+  node = frag[first[component]]
+  nu, nv = node[u], node[v]
+  keep = nu != nv
+  part = {"u": np.minimum(nu, nv)[keep], "v": np.maximum(nu, nv)[keep], "frag_id": node}
+  for field in EDGE_FIELDS[2:]:
+    if field in rag:
+      part[field] = rag[field][keep]
+  for field in FRAGMENT_FIELDS[1:]:
+    part[f"frag_{field}"] = rag[f"frag_{field}"]
+  return merge_rags([part]), node
+
+
 def merge_rags(parts) -> dict:
   """Sum per-block RAG dicts into one global RAG (edges keyed by (u, v), fragments by id)."""
   parts = list(parts)
@@ -110,8 +176,9 @@ def merge_rags(parts) -> dict:
   pairs, inverse = np.unique(np.stack([u, v], axis=1), axis=0, return_inverse=True)
   inverse = inverse.ravel()
   out = {"u": pairs[:, 0], "v": pairs[:, 1]}
-  for field in ("count", "aff_sum", "mito_pairs", "synapse_pairs"):
-    values = np.concatenate([p[field] for p in parts]).astype(np.float64)
+  for field in ("count", "aff_sum", "mito_pairs", "synapse_pairs", "stitch"):
+    values = np.concatenate([p.get(field, np.zeros(len(p["u"]))) for p in parts]
+                            ).astype(np.float64)
     out[field] = np.bincount(inverse, weights=values, minlength=len(pairs))
   out["count"] = out["count"].astype(np.int64)
   aff_min = np.full(len(pairs), np.inf)

@@ -132,3 +132,29 @@ def merge_small_fragments(labels: np.ndarray, boundary: np.ndarray, min_size: in
     mapping = dict(zip(nodes.tolist(), leader[component].tolist()))
     labels = fastremap.remap(labels, mapping, preserve_missing_labels=True, in_place=True)
   return labels
+
+
+AXES = "xyz"
+
+
+def face_agreement(labels: np.ndarray, core_lo, core_hi) -> dict:
+  """Whether a block's own watershed puts the two voxels straddling each face of its core into
+  one fragment; the evidence that stitches fragments cut by task boundaries.
+
+  labels: uint64 (X, Y, Z) fragments of the block computed with context around it.
+  core_lo, core_hi: the block (core) box within `labels`, (x, y, z) voxel indices.
+  Returns {"x_low": bool (Y, Z), "x_high": ..., "z_high": bool (X, Y)} over the core's extent
+  of the face, for each face with at least one voxel of context beyond it.
+  """
+  lo, hi = np.asarray(core_lo, int), np.asarray(core_hi, int)
+  out = {}
+  for axis, name in enumerate(AXES):
+    for side, inner, outer in (("low", lo[axis], lo[axis] - 1), ("high", hi[axis] - 1, hi[axis])):
+      if not 0 <= outer < labels.shape[axis]:
+        continue
+      index = [slice(a, b) for a, b in zip(lo, hi)]
+      index[axis] = inner
+      mine = labels[tuple(index)]
+      index[axis] = outer
+      out[f"{name}_{side}"] = mine == labels[tuple(index)]
+  return out

@@ -20,8 +20,8 @@ from taskqueue import queueable
 from iicats_cv.agglomerate import AgglomerationParams, agglomerate, derive_constraints
 from iicats_cv.errors import IicatsError
 from iicats_cv.layers import open_layer, create_layer, join, resolve_cloudpath
-from iicats_cv.rag import block_rag, merge_rags
-from iicats_cv.watershed import fragments
+from iicats_cv.rag import block_rag, contract_stitched, merge_rags
+from iicats_cv.watershed import AXES, face_agreement, fragments
 from .common import (block_grid, check_task_shape, mark_done, block_name, done_names, put_npz,
                      get_npz, put_json)
 from cloudfiles import CloudFiles
@@ -44,22 +44,33 @@ def check_affinities(path: str):
                     what="affinities layer")
 
 
+def context_voxels(context_nm: float, resolution) -> np.ndarray:
+  """Context per axis (voxels) for a physical margin: fewer voxels along a coarse z."""
+  res = np.asarray(resolution, float)
+  return np.maximum(1, np.round(context_nm / res)).astype(int)
+
+
 @queueable
 def watershed_task(affinities_path: str, supervoxels_path: str, start: list, stop: list,
-                   block_index: int, id_stride: int, context: int = 8,
+                   block_index: int, id_stride: int, context_nm: float = 240.0,
                    threshold: float = 0.5, min_size: int = 50, per_section: bool = False,
                    state_prefix: str = ""):
-  """Fragments of one block, computed with `context` voxels around it, ids offset by
-  block_index * id_stride so they are unique across all blocks."""
+  """Fragments of one block, computed with `context_nm` of margin around it, ids offset by
+  block_index * id_stride so they are unique across all blocks. Also stores, per face, where
+  this watershed joins the voxels straddling the face (SUPERVOXELS/faces/BLOCK.npz): the rag
+  stage stitches fragments that both blocks beside a face see as one."""
   aff_cv = check_affinities(affinities_path)
   bounds = aff_cv.bounds
+  context = context_voxels(context_nm, aff_cv.resolution)
   lo = np.maximum(np.asarray(start) - context, bounds.minpt)
   hi = np.minimum(np.asarray(stop) + context, bounds.maxpt)
   affs = _float_channels(aff_cv, Bbox(lo, hi))
   labels = fragments(affs, aff_cv.resolution, threshold=threshold, min_size=min_size,
                      per_section=per_section)
-  crop = tuple(slice(s - l, e - l) for s, e, l in zip(start, stop, lo))
-  block = labels[crop]
+  core_lo, core_hi = np.asarray(start) - lo, np.asarray(stop) - lo
+  put_npz(join(supervoxels_path, "faces"), f"{block_name(start)}.npz",
+          face_agreement(labels, core_lo, core_hi))
+  block = labels[tuple(slice(a, b) for a, b in zip(core_lo, core_hi))]
   block, _ = fastremap.renumber(block, preserve_zero=True)
   block = block.astype(np.uint64)
   block[block > 0] += np.uint64(block_index) * np.uint64(id_stride)
@@ -70,27 +81,34 @@ def watershed_task(affinities_path: str, supervoxels_path: str, start: list, sto
 
 
 def create_watershed_tasks(affinities_path: str, supervoxels_path: str, task_shape,
-                           threshold: float = 0.5, min_size: int = 50, context: int = 8,
+                           threshold: float = 0.5, min_size: int = 50,
+                           context_nm: float | None = None,
                            per_section: bool | None = None, state_prefix: str = "",
                            chunk_size=(64, 64, 64)):
   aff_cv = check_affinities(affinities_path)
   check_task_shape(task_shape, chunk_size, supervoxels_path)
   bounds = aff_cv.bounds
+  res = aff_cv.resolution
   if per_section is None:
-    res = aff_cv.resolution
     per_section = bool(res[2] > 2.5 * min(res[0], res[1]))
+  if context_nm is None:
+    # 24 voxels of the finest axis: where the watershed of a block matches the whole
+    # volume's closely enough for stitching (measured on the FIB crop, 64³ vs one task)
+    context_nm = 24.0 * float(min(res))
   create_layer(supervoxels_path, layer_type="segmentation", dtype="uint64",
                resolution=aff_cv.resolution, voxel_offset=bounds.minpt,
                volume_size=bounds.size3(), chunk_size=chunk_size, step="watershed",
                params={"affinities": affinities_path, "threshold": threshold,
-                       "min_size": min_size, "context": context, "per_section": per_section,
+                       "min_size": min_size, "context_nm": context_nm,
+                       "per_section": per_section,
                        "task_shape": list(task_shape),
                        "ids": "local id + block index * voxels per block"})
   id_stride = int(np.prod(task_shape))
   done = done_names(state_prefix, "watershed") if state_prefix else set()
   return [
     partial(watershed_task, affinities_path=affinities_path, supervoxels_path=supervoxels_path,
-                   start=lo, stop=hi, block_index=index, id_stride=id_stride, context=context,
+                   start=lo, stop=hi, block_index=index, id_stride=id_stride,
+                   context_nm=context_nm,
                    threshold=threshold, min_size=min_size, per_section=per_section,
                    state_prefix=state_prefix)
     for lo, hi, index in block_grid(bounds.minpt, bounds.maxpt, task_shape)
@@ -100,9 +118,10 @@ def create_watershed_tasks(affinities_path: str, supervoxels_path: str, task_sha
 
 @queueable
 def rag_task(supervoxels_path: str, affinities_path: str, organelles_path: str,
-             rag_prefix: str, start: list, stop: list, state_prefix: str = ""):
+             rag_prefix: str, start: list, stop: list, task_shape: list,
+             state_prefix: str = ""):
   """RAG of one block: voxel pairs whose upper voxel lies in the block (reads one voxel of
-  context below each face that has a neighbour)."""
+  context below each face that has a neighbour), with the stitching of its low faces."""
   sv_cv = open_layer(supervoxels_path, layer_type="segmentation", what="supervoxels layer")
   bounds = sv_cv.bounds
   context = [1 if s > b else 0 for s, b in zip(start, bounds.minpt)]
@@ -114,10 +133,27 @@ def rag_task(supervoxels_path: str, affinities_path: str, organelles_path: str,
   if organelles_path:
     org_cv = open_layer(organelles_path, num_channels=3, what="organelles layer")
     organelles = _float_channels(org_cv, Bbox(lo, stop))
-  rag = block_rag(supervoxels, affs, organelles, context, block_origin=start)
+  agreement = _low_face_agreement(supervoxels_path, start, task_shape, context)
+  rag = block_rag(supervoxels, affs, organelles, context, block_origin=start,
+                  face_agreement=agreement)
   put_npz(rag_prefix, f"{block_name(start)}.npz", rag)
   if state_prefix:
     mark_done(state_prefix, "rag", block_name(start))
+
+
+def _low_face_agreement(supervoxels_path, start, task_shape, context) -> dict:
+  """{axis: bool face} where this block's and the lower neighbour's watersheds both join the
+  voxels straddling the face."""
+  faces = join(supervoxels_path, "faces")
+  mine = get_npz(faces, f"{block_name(start)}.npz")
+  agreement = {}
+  for axis, name in enumerate(AXES):
+    if context[axis]:
+      below = list(start)
+      below[axis] -= int(task_shape[axis])
+      theirs = get_npz(faces, f"{block_name(below)}.npz")
+      agreement[axis] = mine[f"{name}_low"] & theirs[f"{name}_high"]
+  return agreement
 
 
 def create_rag_tasks(supervoxels_path, affinities_path, organelles_path, rag_prefix,
@@ -128,17 +164,18 @@ def create_rag_tasks(supervoxels_path, affinities_path, organelles_path, rag_pre
   return [
     partial(rag_task, supervoxels_path=supervoxels_path, affinities_path=affinities_path,
              organelles_path=organelles_path or "", rag_prefix=rag_prefix, start=lo, stop=hi,
-             state_prefix=state_prefix)
+             task_shape=list(task_shape), state_prefix=state_prefix)
     for lo, hi, _ in block_grid(bounds.minpt, bounds.maxpt, task_shape)
     if block_name(lo) not in done
   ]
 
 
-def _seed_fragments(rag, params, seeds_nm, supervoxels_path):
-  """Seeds -> {seed number: fragment index} and their positions (nm).
+def _seed_fragments(rag, params, seeds_nm, supervoxels_path, stitching):
+  """Seeds -> {seed number: node index in rag} and their positions (nm).
 
   Without explicit seeds every detected nucleus instance is a seed (its largest nuclear
-  fragment). Explicit seeds (N, 3) nm are looked up in the supervoxels layer.
+  node). Explicit seeds (N, 3) nm are looked up in the supervoxels layer; `stitching` =
+  (fragment ids, node id of each) takes a supervoxel id to its node.
   """
   frag = rag["frag_id"]
   sv_cv = open_layer(supervoxels_path)
@@ -158,10 +195,12 @@ def _seed_fragments(rag, params, seeds_nm, supervoxels_path):
     if not sv_cv.bounds.contains(voxel):
       continue
     sv = int(np.asarray(sv_cv[tuple(slice(v, v + 1) for v in voxel)]).ravel()[0])
-    index = np.searchsorted(frag, sv)
-    if sv and index < len(frag) and frag[index] == sv:
-      seeds[k] = int(index)
-      positions[k] = point.tolist()
+    fragment_ids, node_of = stitching
+    at = np.searchsorted(fragment_ids, sv)
+    if not sv or at == len(fragment_ids) or fragment_ids[at] != sv:
+      continue
+    seeds[k] = int(np.searchsorted(frag, node_of[at]))
+    positions[k] = point.tolist()
   return seeds, positions
 
 
@@ -181,23 +220,30 @@ def agglomerate_task(rag_prefix: str, supervoxels_path: str, out_prefix: str, pa
   keys = sorted(k for k in cf.list() if k.endswith(".npz"))
   if not keys:
     raise IicatsError(f"{rag_prefix}: no RAG objects (did the rag stage run?)")
-  rag = merge_rags(get_npz(rag_prefix, k) for k in keys)
+  fragment_rag = merge_rags(get_npz(rag_prefix, k) for k in keys)
+  fragment_ids = fragment_rag["frag_id"]
+  rag, node_of_fragment = contract_stitched(fragment_rag)
+  del fragment_rag
   p = AgglomerationParams(**params)
   seeds, positions = (None, {})
   if track:
-    seeds, positions = _seed_fragments(rag, p, seeds_nm, supervoxels_path)
+    seeds, positions = _seed_fragments(rag, p, seeds_nm, supervoxels_path,
+                                       (fragment_ids, node_of_fragment))
   result = agglomerate(rag, p, sweep_thresholds=sweep, seeds=seeds)
   baseline_params = AgglomerationParams(**{**params, "use_constraints": False})
   baseline = agglomerate(rag, baseline_params)
-  arrays = {"fragment_ids": result.fragment_ids, "segment_ids": result.segment_ids,
-            "baseline_ids": baseline.segment_ids}
+  # tables per fragment (what remap reads), from the tables per stitched node
+  node_index = np.searchsorted(result.fragment_ids, node_of_fragment)
+  arrays = {"fragment_ids": fragment_ids, "segment_ids": result.segment_ids[node_index],
+            "baseline_ids": baseline.segment_ids[node_index]}
   for t, table in result.sweep.items():
-    arrays[f"sweep_{t:.3f}"] = table
+    arrays[f"sweep_{t:.3f}"] = table[node_index]
   put_npz(out_prefix, "agglomeration/table.npz", arrays)
   _TABLES.clear()  # a remap in this process must read the new tables
   for neuron in result.tracked:
     neuron["seed_nm"] = positions.get(neuron["seed"])
-  summary = {"params": params, "fragments": int(len(result.fragment_ids)),
+  summary = {"params": params, "fragments": int(len(fragment_ids)),
+             "stitched_fragments": int(len(result.fragment_ids)),
              "edges": int(len(rag["u"])),
              "segments": int(len(np.unique(result.segment_ids))),
              "baseline_segments": int(len(np.unique(baseline.segment_ids))),
