@@ -466,6 +466,65 @@ def downsample_command(cloudpath, queue, parallel, num_mips):
   click.echo(f"done: {depth} mip(s) added to {path} in {time.time() - started:.1f} s")
 
 
+@cli.command("track")
+@click.argument("out_prefix")
+@click.option("--seeds", default=None,
+              help="Cells to track: CSV x,y,z (nm) or a Neuroglancer state with a point "
+                   "annotation layer (default: every detected nucleus).")
+@click.option("--name", default="tracked", show_default=True,
+              help="Writes layer OUT_PREFIX/NAME and the neuron list OUT_PREFIX/NAME.json.")
+@click.option("--threshold", type=float, default=None,
+              help="Agglomeration threshold (default: the run's).")
+@click.option("--track-threshold", type=float, default=None,
+              help="Seeds grow down to this mean affinity (default: the threshold).")
+@click.option("--constraints", default=None, callback=_constraint_list,
+              help="Evidence honoured while growing (default: the run's).")
+@_queue_options
+def track_command(out_prefix, seeds, name, threshold, track_threshold, constraints, queue,
+                  parallel, task_shape):
+  """Track identified neurons of a finished run from their nuclei or from seed points.
+
+  Each seed grows best edge first through the run's RAG, honouring the nucleus, synapse and
+  mitochondria constraints; two seeds never claim one segment. Writes a segmentation layer
+  holding only the tracked neurons, and a JSON list with each neuron's id, seed and size.
+
+  \b
+  Example:
+    iicats track ./iicats-demo                             # from detected nuclei
+    iicats track gs://lab/run1 --seeds stained.csv --name stained -p 4
+  """
+  from functools import partial
+  from iicats_cv.layers import join, normalize_cloudpath, open_layer
+  from iicats_cv.seeds import read_seed_points
+  from iicats_cv.tasks.common import get_json
+  from iicats_cv.tasks.runner import run_tasks
+  from iicats_cv.tasks.segmentation import create_remap_tasks, track_task
+  out = normalize_cloudpath(out_prefix)
+  supervoxels = join(out, "supervoxels")
+  open_layer(supervoxels, layer_type="segmentation", what="supervoxels layer of the run")
+  seeds_nm = read_seed_points(seeds).tolist() if seeds else None
+  ran = (get_json(out, "agglomeration/summary.json") or {}).get("params", {})
+  threshold = ran.get("threshold", 0.5) if threshold is None else threshold
+  params = {"threshold": threshold,
+            "constraints": list(constraints or ran.get("constraints", CONSTRAINTS)),
+            "track_threshold": threshold if track_threshold is None else track_threshold}
+  started = time.time()
+  queue = run_tasks([partial(track_task, rag_prefix=join(out, "rag"),
+                             supervoxels_path=supervoxels, out_prefix=out, params=params,
+                             name=name, seeds_nm=seeds_nm)], queue, parallel, desc="track")
+  run_tasks(create_remap_tasks(supervoxels, join(out, name), out, task_shape,
+                               column="tracked_ids", table_key=f"{name}/table.npz"),
+            queue, parallel, desc="remap")
+  neurons = get_json(out, f"{name}.json")
+  for neuron in neurons:
+    seed = neuron.get("seed_nm")
+    where = ", ".join(f"{v:.0f}" for v in seed) if seed else "?"
+    click.echo(f"neuron {neuron['id']}: seed {neuron['seed']} at ({where}) nm, "
+               f"{neuron['voxels']} voxels in {neuron['fragments']} fragment(s)")
+  click.echo(f"done: {len(neurons)} neuron(s) tracked into {join(out, name)} "
+             f"({join(out, name)}.json) in {time.time() - started:.1f} s")
+
+
 def _report_validation(path, min_voxels=8000, meshes=True, skeletons=True):
   from iicats_cv.tasks.igneous_stages import validate_layer
   check = validate_layer(path, min_voxels, meshes=meshes, skeletons=skeletons)

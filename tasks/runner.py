@@ -184,8 +184,18 @@ def drain(qurl: str, total: int, parallel: int = 1, desc: str = "tasks", lease_s
   bar.close()
   dead = set(dead_letters(qurl)) - dead_before
   if dead:
-    raise IicatsError(f"{desc}: {len(dead)} task(s) failed {max_attempts} times; see "
-                      f"{dead_letter_dir(open_queue(qurl))}")
+    directory = dead_letter_dir(open_queue(qurl))
+    raise IicatsError(f"{desc}: {len(dead)} task(s) failed {max_attempts} times "
+                      f"({_last_error(directory, dead)}); see {directory}")
+
+
+def _last_error(directory: str, names) -> str:
+  """The error of one dead letter, for the one-line failure message."""
+  try:
+    with open(os.path.join(directory, sorted(names)[0])) as fh:
+      return json.load(fh)["error"].splitlines()[0]
+  except (OSError, ValueError, KeyError, IndexError):
+    return "error unreadable"
 
 
 def run_tasks(tasks, queue: str | None, parallel: int | None, desc: str = "tasks",

@@ -204,6 +204,18 @@ def _seed_fragments(rag, params, seeds_nm, supervoxels_path, stitching):
   return seeds, positions
 
 
+def _stitched_rag(rag_prefix: str):
+  """All block RAGs merged, stitched fragments contracted: (fragment ids (F,), node id of
+  each (F,), node RAG)."""
+  cf = CloudFiles(resolve_cloudpath(rag_prefix))
+  keys = sorted(k for k in cf.list() if k.endswith(".npz"))
+  if not keys:
+    raise IicatsError(f"{rag_prefix}: no RAG objects (did the rag stage run?)")
+  fragment_rag = merge_rags(get_npz(rag_prefix, k) for k in keys)
+  rag, node_of_fragment = contract_stitched(fragment_rag)
+  return fragment_rag["frag_id"], node_of_fragment, rag
+
+
 _TABLES = {}  # remap tables cached per worker process: one download per run, not per block
 
 
@@ -216,14 +228,7 @@ def agglomerate_task(rag_prefix: str, supervoxels_path: str, out_prefix: str, pa
   Writes OUT/agglomeration/table.npz (fragment_ids, segment_ids, baseline_ids,
   sweep_<t>), OUT/agglomeration/summary.json and OUT/tracked.json.
   """
-  cf = CloudFiles(resolve_cloudpath(rag_prefix))
-  keys = sorted(k for k in cf.list() if k.endswith(".npz"))
-  if not keys:
-    raise IicatsError(f"{rag_prefix}: no RAG objects (did the rag stage run?)")
-  fragment_rag = merge_rags(get_npz(rag_prefix, k) for k in keys)
-  fragment_ids = fragment_rag["frag_id"]
-  rag, node_of_fragment = contract_stitched(fragment_rag)
-  del fragment_rag
+  fragment_ids, node_of_fragment, rag = _stitched_rag(rag_prefix)
   p = AgglomerationParams(**params)
   seeds, positions = (None, {})
   if track:
@@ -255,43 +260,77 @@ def agglomerate_task(rag_prefix: str, supervoxels_path: str, out_prefix: str, pa
     mark_done(state_prefix, "agglomerate", "global", summary)
 
 
-def _table(out_prefix, column):
-  key = (out_prefix, column)
+@queueable
+def track_task(rag_prefix: str, supervoxels_path: str, out_prefix: str, params: dict,
+               name: str = "tracked", seeds_nm: list = None, state_prefix: str = ""):
+  """Seeded neuron tracking over the whole RAG: every seed (a detected nucleus instance, or a
+  point in nm) grows best edge first down to params["track_threshold"], honouring the
+  constraints; two seeds never claim one segment.
+
+  Writes OUT/NAME/table.npz (fragment_ids, tracked_ids: the neuron's id or 0) and
+  OUT/NAME.json ([{"id", "seed", "seed_nm", "fragments", "voxels"}]).
+  """
+  fragment_ids, node_of_fragment, rag = _stitched_rag(rag_prefix)
+  p = AgglomerationParams(**params)
+  seeds, positions = _seed_fragments(rag, p, seeds_nm, supervoxels_path,
+                                     (fragment_ids, node_of_fragment))
+  if not seeds:
+    what = "no seed point lies on a fragment" if seeds_nm else "no nucleus was detected"
+    raise IicatsError(f"{supervoxels_path}: nothing to track: {what}")
+  result = agglomerate(rag, p, seeds=seeds)
+  segment = result.segment_ids[np.searchsorted(result.fragment_ids, node_of_fragment)]
+  neurons = np.array([n["id"] for n in result.tracked], dtype=np.uint64)
+  put_npz(out_prefix, f"{name}/table.npz", {
+    "fragment_ids": fragment_ids,
+    "tracked_ids": np.where(np.isin(segment, neurons), segment, 0).astype(np.uint64)})
+  _TABLES.clear()
+  for neuron in result.tracked:
+    neuron["seed_nm"] = positions.get(neuron["seed"])
+  put_json(out_prefix, f"{name}.json", result.tracked)
+  if state_prefix:
+    mark_done(state_prefix, "track", name, {"tracked": len(result.tracked)})
+
+
+def _table(out_prefix, column, table_key="agglomeration/table.npz"):
+  key = (out_prefix, table_key, column)
   if key not in _TABLES:
-    tables = get_npz(out_prefix, "agglomeration/table.npz")
+    tables = get_npz(out_prefix, table_key)
     if column not in tables:
-      raise IicatsError(f"{out_prefix}/agglomeration/table.npz: no table '{column}'")
+      raise IicatsError(f"{out_prefix}/{table_key}: no table '{column}'")
     _TABLES[key] = dict(zip(tables["fragment_ids"].tolist(), tables[column].tolist()))
   return _TABLES[key]
 
 
 @queueable
 def remap_task(supervoxels_path: str, segmentation_path: str, out_prefix: str, column: str,
-               start: list, stop: list, state_prefix: str = ""):
+               start: list, stop: list, state_prefix: str = "",
+               table_key: str = "agglomeration/table.npz"):
   """segmentation[block] = table[supervoxels[block]] (fastremap; 0 stays 0)."""
   sv_cv = open_layer(supervoxels_path, layer_type="segmentation", what="supervoxels layer")
   slices = tuple(slice(a, b) for a, b in zip(start, stop))
   block = np.asarray(sv_cv[slices])
-  out = fastremap.remap(block, _table(out_prefix, column), preserve_missing_labels=True)
+  out = fastremap.remap(block, _table(out_prefix, column, table_key),
+                        preserve_missing_labels=True)
   open_layer(segmentation_path)[slices] = out.astype(np.uint64)
   if state_prefix:
     mark_done(state_prefix, f"remap-{column}", block_name(start))
 
 
 def create_remap_tasks(supervoxels_path, segmentation_path, out_prefix, task_shape,
-                       column="segment_ids", state_prefix="", chunk_size=(64, 64, 64)):
+                       column="segment_ids", state_prefix="", chunk_size=(64, 64, 64),
+                       table_key="agglomeration/table.npz"):
   sv_cv = open_layer(supervoxels_path, layer_type="segmentation", what="supervoxels layer")
   bounds = sv_cv.bounds
   create_layer(segmentation_path, layer_type="segmentation", dtype="uint64",
                resolution=sv_cv.resolution, voxel_offset=bounds.minpt,
                volume_size=bounds.size3(), chunk_size=chunk_size, step="remap",
                params={"supervoxels": supervoxels_path,
-                       "table": join(out_prefix, "agglomeration/table.npz"), "column": column})
+                       "table": join(out_prefix, table_key), "column": column})
   done = done_names(state_prefix, f"remap-{column}") if state_prefix else set()
   return [
     partial(remap_task, supervoxels_path=supervoxels_path, segmentation_path=segmentation_path,
                out_prefix=out_prefix, column=column, start=lo, stop=hi,
-               state_prefix=state_prefix)
+               state_prefix=state_prefix, table_key=table_key)
     for lo, hi, _ in block_grid(bounds.minpt, bounds.maxpt, task_shape)
     if block_name(lo) not in done
   ]

@@ -1,5 +1,6 @@
 """End to end: the synthetic demo through an fq:// queue; contract of the summary; every layer
 readable by CloudVolume and by tensorstore; resume skips finished stages."""
+import json
 import os
 
 import numpy as np
@@ -90,3 +91,44 @@ def test_validate_names_labels_of_a_missing_skeleton_shard(synthetic_demo):
   finally:
     os.rename(moved, path)
   assert CliRunner().invoke(cli, ["validate", seg]).exit_code == 0
+
+
+def test_track_from_nuclei_and_from_seed_points(synthetic_demo, tmp_path):
+  out, summary, _, _ = synthetic_demo
+  task = ["-p", "1", "--task-shape", "64,64,64"]
+  result = CliRunner().invoke(cli, ["track", str(out), "--name", "from_nuclei", *task])
+  assert result.exit_code == 0, result.output
+  with open(out / "from_nuclei.json") as fh:
+    from_nuclei = json.load(fh)
+  assert sorted(n["id"] for n in from_nuclei) == sorted(n["id"] for n in summary["tracked"])
+
+  stained = summary["tracked"][:2]
+  seeds = tmp_path / "stained.csv"
+  seeds.write_text("x,y,z\n" + "".join(
+    ",".join(f"{v:.1f}" for v in n["seed_nm"]) + "\n" for n in stained))
+  result = CliRunner().invoke(cli, ["track", str(out), "--seeds", str(seeds),
+                                    "--name", "stained", *task])
+  assert result.exit_code == 0, result.output
+  assert "2 neuron(s) tracked" in result.output
+  with open(out / "stained.json") as fh:
+    neurons = json.load(fh)
+  layer = CloudVolume("file://" + str(out / "stained"))
+  labels = np.asarray(layer[:, :, :])[..., 0]
+  ids, counts = np.unique(labels[labels > 0], return_counts=True)
+  assert sorted(ids.tolist()) == sorted(n["id"] for n in neurons)
+  assert dict(zip(ids.tolist(), counts.tolist())) == {n["id"]: n["voxels"] for n in neurons}
+  resolution = np.asarray(layer.resolution)
+  for neuron in neurons:
+    voxel = np.floor(np.asarray(neuron["seed_nm"]) / resolution).astype(int)
+    assert labels[tuple(voxel)] == neuron["id"], "a seed lies inside its own neuron"
+  assert layer.provenance.processing
+
+
+def test_track_names_seeds_outside_the_volume(synthetic_demo, tmp_path):
+  out, _, _, _ = synthetic_demo
+  seeds = tmp_path / "far.csv"
+  seeds.write_text("x,y,z\n1e9,1e9,1e9\n")
+  result = CliRunner().invoke(cli, ["track", str(out), "--seeds", str(seeds), "-p", "1",
+                                    "--task-shape", "64,64,64"])
+  assert result.exit_code != 0
+  assert "no seed point lies on a fragment" in result.output
