@@ -46,6 +46,8 @@ class AgglomerationParams:
   constraints: tuple = ("nucleus", "synapse", "mitochondria")
   mito_bonus: float = 0.05
   nucleus_fraction: float = 0.5   # a fragment is nuclear when this fraction of it is nucleus
+  nucleus_core_voxels: int = 1000  # ... or when it holds this many nucleus voxels (a soma
+                                   # fragment that swallowed a nucleus without an envelope)
   nucleus_min_voxels: int = 50
   synapse_min_pairs: int = 80     # boundary voxel pairs with synapse signal for a cannot-link
   synapse_min_fraction: float = 0.0  # ... and at least this fraction of the boundary
@@ -63,8 +65,9 @@ def derive_constraints(rag: dict, params: AgglomerationParams) -> tuple[Constrai
   n = len(frag)
   u = np.searchsorted(frag, rag["u"])
   v = np.searchsorted(frag, rag["v"])
-  nuclear = ((rag["frag_nucleus_voxels"] >= params.nucleus_fraction * rag["frag_size"])
-             & (rag["frag_nucleus_voxels"] > 0))
+  held = rag["frag_nucleus_voxels"]
+  nuclear = (((held >= params.nucleus_fraction * rag["frag_size"])
+              | (held >= params.nucleus_core_voxels)) & (held > 0))
   both = nuclear[u] & nuclear[v]
   graph = coo_matrix((np.ones(both.sum()), (u[both], v[both])), shape=(n, n))
   _, component = connected_components(graph, directed=False)

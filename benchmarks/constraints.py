@@ -1,0 +1,112 @@
+"""II-CATS constraints vs unconstrained agglomeration on synthetic tissue dense in nuclei and
+synapses: bERL, nERL and the violations left.
+
+The input isolates the agglomeration from the network: affinities are the ground truth's,
+scaled to [0.1, 0.9], plus Gaussian noise correlated over 1.5 voxels (std --noise) that opens
+gaps in membranes as a network's errors do; the organelle channels are the ground-truth
+nucleus, mitochondria and synapse masks. Both agglomerations run on the same fragments and RAG
+over the same thresholds and are scored against the generator's skeletons, nuclei and synapses.
+The reference is the unconstrained baseline of the same run: ratio = constrained bERL /
+baseline bERL, each at its best threshold.
+
+  python benchmarks/constraints.py [--seed 0] [--noise 0.2] [--json OUT]
+"""
+import argparse
+import os
+import tempfile
+
+import numpy as np
+from scipy import ndimage
+
+from iicats_cv.agglomerate import AgglomerationParams, agglomerate, count_violations
+from iicats_cv.datasets import write_ground_truth_files
+from iicats_cv.evaluate import evaluate_tables
+from iicats_cv.rag import block_rag, merge_rags
+from iicats_cv.synthetic import make_synthetic_volume
+from iicats_cv.train import affinities_from_labels
+from iicats_cv.volume_io import import_volume
+from iicats_cv.watershed import fragments
+from bench_report import report
+
+THRESHOLDS = [0.3, 0.4, 0.5, 0.6, 0.7]
+
+
+def degraded_affinities(vol, noise, seed, gap_radius=3, gap_affinity=0.8) -> np.ndarray:
+  """float32 (3, X, Y, Z): GT affinities in [0.1, 0.9] plus smooth noise of std `noise`, and
+  the membrane between synaptic partners faded to `gap_affinity` within gap_radius voxels of
+  each synapse (a dark, dense cleft is where networks merge partner neurons)."""
+  affs, _ = affinities_from_labels(vol.neurons)
+  affs = affs * 0.8 + 0.1
+  res = np.asarray(vol.resolution)
+  grid = np.indices((2 * gap_radius + 1,) * 3).reshape(3, -1).T - gap_radius
+  ball = grid[(grid ** 2).sum(1) <= gap_radius ** 2]
+  for pre, post in vol.synapses_nm:
+    centre = np.floor((pre + post) / 2 / res).astype(int)
+    voxels = centre + ball
+    voxels = voxels[((voxels >= 0) & (voxels < vol.shape)).all(1)]
+    affs[(slice(None),) + tuple(voxels.T)] = np.maximum(
+      affs[(slice(None),) + tuple(voxels.T)], gap_affinity)
+  error = ndimage.gaussian_filter(np.random.default_rng(seed).normal(0, 1, affs.shape),
+                                  (0, 1.5, 1.5, 1.5))
+  return np.clip(affs + error * noise / error.std(), 0, 1).astype(np.float32)
+
+
+def score(rag, frag_ids, supervoxels, gt, params):
+  """{threshold: {erl, berl, nerl, violations}} over THRESHOLDS for one parameter set."""
+  result = agglomerate(rag, params, sweep_thresholds=THRESHOLDS)
+  rows = evaluate_tables(supervoxels, {t: (frag_ids, table) for t, table in result.sweep.items()},
+                         gt["gt_skeletons"], gt["nuclei"], gt["synapses"])
+  evidence = AgglomerationParams()  # violations judged with every kind of evidence
+  for row in rows:
+    row["violations"] = count_violations(rag, result.sweep[row["threshold"]], evidence)
+  return {row["threshold"]: row for row in rows}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--noise", type=float, default=0.2)
+  parser.add_argument("--gap-affinity", type=float, default=0.55,
+                      help="affinity across the membrane at synapses")
+  parser.add_argument("--shape", default="192,192,96")
+  parser.add_argument("--cells", type=int, default=12, help="nucleated neurons")
+  parser.add_argument("--synapses", type=int, default=300)
+  parser.add_argument("--json", default=None)
+  args = parser.parse_args()
+  shape = tuple(int(v) for v in args.shape.split(","))
+  vol = make_synthetic_volume(shape=shape, seed=args.seed, n_cells=args.cells,
+                              n_synapses=args.synapses)
+  affs = degraded_affinities(vol, args.noise, args.seed, gap_affinity=args.gap_affinity)
+  organelles = np.stack([vol.nuclei > 0, vol.mitochondria > 0, vol.synapse_mask > 0]
+                        ).astype(np.float32)
+  frags = fragments(affs, vol.resolution)
+  rag = merge_rags([block_rag(frags, affs, organelles, (0, 0, 0))])
+  root = tempfile.mkdtemp(prefix="iicats-constraints-bench-")
+  supervoxels = import_volume(frags, f"file://{root}/supervoxels", "segmentation",
+                              vol.resolution, source="benchmarks/constraints.py")
+  gt = write_ground_truth_files(os.path.join(root, "gt"), vol.skeletons,
+                                vol.nucleus_points_nm, vol.synapses_nm)
+  constrained = score(rag, rag["frag_id"], supervoxels, gt, AgglomerationParams())
+  baseline = score(rag, rag["frag_id"], supervoxels, gt,
+                   AgglomerationParams(use_constraints=False))
+  best_c = max(constrained.values(), key=lambda r: r["berl"])
+  best_b = max(baseline.values(), key=lambda r: r["berl"])
+  out = {
+    "volume": vol.summary(), "noise": args.noise, "fragments": int(len(rag["frag_id"])),
+    "constrained": constrained, "baseline": baseline,
+    "best_constrained": best_c, "best_baseline": best_b,
+    "ratio": best_c["berl"] / best_b["berl"],
+    "nerl_ratio": best_c["nerl"] / max(best_b["nerl"], 1e-9),
+  }
+  left = best_c["violations"]
+  report(out, f"bERL constrained {best_c['berl']:.0f} nm (t={best_c['threshold']}) vs "
+              f"unconstrained {best_b['berl']:.0f} nm (t={best_b['threshold']}): ratio "
+              f"{out['ratio']:.2f}; nERL {best_c['nerl']:.0f} vs {best_b['nerl']:.0f} nm; "
+              f"violations left: {left['segments_with_several_nuclei']} multi-nucleus, "
+              f"{left['synapse_partners_merged']} synapse (baseline "
+              f"{best_b['violations']['segments_with_several_nuclei']}, "
+              f"{best_b['violations']['synapse_partners_merged']})", args.json)
+
+
+if __name__ == "__main__":
+  main()
