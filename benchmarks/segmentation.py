@@ -1,7 +1,8 @@
 """Watershed + agglomeration of this project vs waterz on the same affinities.
 
 "ours" is the unconstrained mean-affinity agglomeration (the same algorithm family as waterz);
-its ARAND is also given with the II-CATS evidence (nucleus + mitochondria). Best thresholds are
+its ARAND is also given with the II-CATS evidence (nucleus + mitochondria) and, unconstrained,
+on the 75th percentile of boundary affinities instead of the mean. Best thresholds are
 chosen on the same crop, for both methods alike.
 The affinities are the model's prediction on the held-out FIB crop shipped with the package
 (z >= 150 of the FlyEM medulla cube). Both methods run in this process on the same machine;
@@ -41,7 +42,8 @@ def predict(checkpoint):
 def ours(affs, organelles, resolution, params):
   started = time.perf_counter()
   frags = fragments(affs, resolution)
-  rag = merge_rags([block_rag(frags, affs, organelles, (0, 0, 0))])
+  rag = merge_rags([block_rag(frags, affs, organelles, (0, 0, 0),
+                              histogram=params.quantile is not None)])
   result = agglomerate(rag, params, sweep_thresholds=THRESHOLDS)
   seconds = time.perf_counter() - started
   segs = {t: fastremap.remap(frags, dict(zip(result.fragment_ids.tolist(), table.tolist())))
@@ -80,6 +82,9 @@ def main():
   _, constrained_segs = ours(affs, organelles, resolution, AgglomerationParams(
     threshold=0.5, constraints=("nucleus", "mitochondria")))
   t_c, arand_c, split_c, merge_c = best(constrained_segs, labels)
+  _, quantile_segs = ours(affs, None, resolution, AgglomerationParams(
+    threshold=0.5, use_constraints=False, quantile=0.75))
+  t_q, arand_q, split_q, merge_q = best(quantile_segs, labels)
   waterz_s, waterz_segs = waterz_run(affs)
   t_ours, arand, split, merge = best(ours_segs, labels)
   t_w, arand_w, split_w, merge_w = best(waterz_segs, labels)
@@ -93,6 +98,8 @@ def main():
     "threshold_waterz": t_w,
     "arand_constrained": arand_c, "voi_split_constrained": split_c,
     "voi_merge_constrained": merge_c, "threshold_constrained": t_c,
+    "arand_quantile75": arand_q, "voi_split_quantile75": split_q,
+    "voi_merge_quantile75": merge_q, "threshold_quantile75": t_q,
   }
   report(out, f"ours {voxels / ours_s / 1e6:.2f} Mvx/s vs waterz {voxels / waterz_s / 1e6:.2f} Mvx/s: "
               f"ratio {out['ratio_vs_waterz']:.2f}; best ARAND {arand:.4f} (with nucleus+mito evidence "

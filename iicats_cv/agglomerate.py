@@ -20,6 +20,8 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from .errors import IicatsError
+
 
 @dataclass
 class Constraints:
@@ -46,13 +48,14 @@ class AgglomerationParams:
   constraints: tuple = ("nucleus", "synapse", "mitochondria")
   mito_bonus: float = 0.05
   nucleus_fraction: float = 0.5   # a fragment is nuclear when this fraction of it is nucleus
-  nucleus_core_voxels: int = 1000  # ... or when it holds this many nucleus voxels (a soma
-                                   # fragment that swallowed a nucleus without an envelope)
   nucleus_min_voxels: int = 50
   synapse_min_pairs: int = 80     # boundary voxel pairs with synapse signal for a cannot-link
   synapse_min_fraction: float = 0.0  # ... and at least this fraction of the boundary
   mito_min_pairs: int = 40        # boundary voxel pairs inside a mitochondrion for the hint
   track_threshold: float = 0.5
+  # None: mean affinity of the shared boundary; q in (0, 1): its q-quantile (waterz-style,
+  # from the RAG's affinity histograms; needs a RAG built with histograms)
+  quantile: float | None = None
 
 
 def derive_constraints(rag: dict, params: AgglomerationParams) -> tuple[Constraints, np.ndarray]:
@@ -65,9 +68,8 @@ def derive_constraints(rag: dict, params: AgglomerationParams) -> tuple[Constrai
   n = len(frag)
   u = np.searchsorted(frag, rag["u"])
   v = np.searchsorted(frag, rag["v"])
-  held = rag["frag_nucleus_voxels"]
-  nuclear = (((held >= params.nucleus_fraction * rag["frag_size"])
-              | (held >= params.nucleus_core_voxels)) & (held > 0))
+  nuclear = ((rag["frag_nucleus_voxels"] >= params.nucleus_fraction * rag["frag_size"])
+             & (rag["frag_nucleus_voxels"] > 0))
   both = nuclear[u] & nuclear[v]
   graph = coo_matrix((np.ones(both.sum()), (u[both], v[both])), shape=(n, n))
   _, component = connected_components(graph, directed=False)
@@ -95,21 +97,22 @@ class _Agglomerator:
   """Union of regions with lazily re-scored boundary edges in a max-heap."""
 
   def __init__(self, n, u, v, aff_sum, count, mito, constraints: Constraints | None,
-               mito_bonus):
+               mito_bonus, hist=None, quantile=None):
+    """Entries are [aff_sum, count, mito, histogram or None], shared by both directions."""
     self.parent = np.arange(n)
     self.adj = [dict() for _ in range(n)]
-    for a, b, s, c, m in zip(u.tolist(), v.tolist(), aff_sum.tolist(), count.tolist(),
-                             mito.tolist()):
+    hists = hist.astype(np.float64) if quantile is not None else [None] * len(u)
+    for a, b, s, c, m, h in zip(u.tolist(), v.tolist(), aff_sum.tolist(), count.tolist(),
+                                mito.tolist(), hists):
       if a == b:
         continue
-      for x, y in ((a, b), (b, a)):
-        entry = self.adj[x].get(y)
-        if entry is None:
-          self.adj[x][y] = [s, c, m]
-        else:
-          entry[0] += s
-          entry[1] += c
-          entry[2] = entry[2] or m
+      entry = self.adj[a].get(b)
+      if entry is None:
+        entry = [s, c, m, None if h is None else h.copy()]
+        self.adj[a][b] = self.adj[b][a] = entry
+      else:
+        _accumulate(entry, (s, c, m, h))
+    self.quantile = quantile
     self.mito_bonus = mito_bonus
     self.identity = np.zeros(n, dtype=np.int64)
     self.cannot = [set() for _ in range(n)]
@@ -125,8 +128,9 @@ class _Agglomerator:
           self._push(a, b)
 
   def score(self, a, b):
-    s, c, m = self.adj[a][b]
-    return s / c + (self.mito_bonus if m else 0.0)
+    s, c, m, h = self.adj[a][b]
+    value = s / c if self.quantile is None else _histogram_quantile(h, self.quantile)
+    return value + (self.mito_bonus if m else 0.0)
 
   def _push(self, a, b):
     heapq.heappush(self.heap, (-self.score(a, b), a, b))
@@ -183,24 +187,41 @@ class _Agglomerator:
     self.cannot[a].discard(a)
     self.cannot[b] = set()
     del self.adj[a][b]
-    for x, (s, c, m) in self.adj[b].items():
+    for x, moved in self.adj[b].items():
       if x == a:
         continue
       del self.adj[x][b]
       entry = self.adj[a].get(x)
       if entry is None:
-        entry = [s, c, m]
+        entry = moved
         self.adj[a][x] = entry
       else:
-        entry[0] += s
-        entry[1] += c
-        entry[2] = entry[2] or m
+        _accumulate(entry, moved)
       self.adj[x][a] = entry
       self._push(min(a, x), max(a, x))
     self.adj[b] = {}
 
   def labels(self):
     return np.array([self.find(i) for i in range(len(self.parent))])
+
+
+def _accumulate(entry, other):
+  """Add another boundary's statistics into an adjacency entry (in place)."""
+  entry[0] += other[0]
+  entry[1] += other[1]
+  entry[2] = entry[2] or other[2]
+  if entry[3] is not None:
+    entry[3] += other[3]
+
+
+def _histogram_quantile(hist, q) -> float:
+  """q-quantile of affinities in [0, 1] from bin counts, linear within the bin."""
+  cumulative = np.cumsum(hist)
+  target = q * cumulative[-1]
+  b = int(np.searchsorted(cumulative, target))
+  below = cumulative[b - 1] if b else 0.0
+  inside = (target - below) / hist[b] if hist[b] else 0.0
+  return (b + inside) / len(hist)
 
 
 def _segment_table(frag_ids, roots):
@@ -244,8 +265,12 @@ def agglomerate(rag: dict, params: AgglomerationParams, sweep_thresholds=(),
   if constraints is not None and "nucleus" not in params.constraints:
     constraints.nucleus = np.zeros_like(constraints.nucleus)  # seeds still come from nuclei
   mito = constraints.mito_edge if constraints is not None else np.zeros(len(u), bool)
+  if params.quantile is not None and "aff_hist" not in rag:
+    raise IicatsError("quantile agglomeration needs affinity histograms in the RAG: run the "
+                      "rag stage with histograms (pipeline --quantile)")
   agg = _Agglomerator(n, u, v, rag["aff_sum"], rag["count"].astype(np.float64), mito,
-                      constraints, params.mito_bonus if constraints is not None else 0.0)
+                      constraints, params.mito_bonus if constraints is not None else 0.0,
+                      hist=rag.get("aff_hist"), quantile=params.quantile)
   history = agg.run(params.threshold)
   sweep = {}
   if len(sweep_thresholds):

@@ -112,6 +112,10 @@ def _pipeline_options(func):
                  help="Organelle evidence used by agglomeration, comma-separated from "
                       "nucleus,synapse,mitochondria (default: all; the fib demo leaves out "
                       "synapse: the shipped model learnt synapses on synthetic data only)."),
+    click.option("--quantile", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+                 default=None,
+                 help="Merge on this quantile of the boundary affinities (e.g. 0.75, as "
+                      "waterz does) instead of their mean; the RAG then keeps histograms."),
     click.option("--unsharded", is_flag=True,
                  help="Legacy meshes (per-label manifests) and one skeleton file per label "
                       "instead of multi-resolution Draco shards and sharded skeletons."),
@@ -132,7 +136,8 @@ def _pipeline_options(func):
 @click.option("--nuclei", default=None, help="GT nuclei CSV x,y,z nm (bERL).")
 @click.option("--synapses", default=None, help="GT synapses CSV pre_x..post_z nm (bERL).")
 def pipeline_command(image, out, queue, parallel, task_shape, checkpoint, json_path, threshold,
-                     link_prefix, constraints, unsharded, seeds, gt_labels, gt_skeletons, nuclei, synapses):
+                     link_prefix, constraints, quantile, unsharded, seeds, gt_labels,
+                     gt_skeletons, nuclei, synapses):
   """Run every stage: inference, watershed, RAG, agglomeration + tracking, remap, meshes,
   skeletons, mips, Neuroglancer link and metrics.
 
@@ -146,7 +151,8 @@ def pipeline_command(image, out, queue, parallel, task_shape, checkpoint, json_p
                          checkpoint=checkpoint, seeds=seeds, gt_labels=gt_labels,
                          gt_skeletons=gt_skeletons, nuclei=nuclei, synapses=synapses,
                          json_path=json_path, threshold=threshold, link_prefix=link_prefix,
-                         constraints=constraints or CONSTRAINTS, sharded=not unsharded)
+                         constraints=constraints or CONSTRAINTS, sharded=not unsharded,
+                         quantile=quantile)
   _print_summary(summary, out)
 
 
@@ -186,7 +192,7 @@ DEMO_CONSTRAINTS = {"fib": ("nucleus", "mitochondria"), "synthetic": CONSTRAINTS
 @click.option("--out", default="./iicats-demo", show_default=True, help="Output prefix.")
 @_pipeline_options
 def demo_command(dataset, out, queue, parallel, task_shape, checkpoint, json_path, threshold,
-                 link_prefix, constraints, unsharded):
+                 link_prefix, constraints, quantile, unsharded):
   """Import an embedded dataset with its ground truth and run the pipeline on it.
 
   \b
@@ -205,7 +211,7 @@ def demo_command(dataset, out, queue, parallel, task_shape, checkpoint, json_pat
                          nuclei=inputs["nuclei"], synapses=inputs["synapses"],
                          json_path=json_path, threshold=threshold, link_prefix=link_prefix,
                          constraints=constraints or DEMO_CONSTRAINTS[dataset],
-                         sharded=not unsharded)
+                         sharded=not unsharded, quantile=quantile)
   _print_summary(summary, out)
 
 
@@ -507,7 +513,8 @@ def track_command(out_prefix, seeds, name, threshold, track_threshold, constrain
   threshold = ran.get("threshold", 0.5) if threshold is None else threshold
   params = {"threshold": threshold,
             "constraints": list(constraints or ran.get("constraints", CONSTRAINTS)),
-            "track_threshold": threshold if track_threshold is None else track_threshold}
+            "track_threshold": threshold if track_threshold is None else track_threshold,
+            "quantile": ran.get("quantile")}
   started = time.time()
   queue = run_tasks([partial(track_task, rag_prefix=join(out, "rag"),
                              supervoxels_path=supervoxels, out_prefix=out, params=params,

@@ -11,14 +11,18 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-EDGE_FIELDS = ("u", "v", "count", "aff_sum", "aff_min", "mito_pairs", "synapse_pairs", "stitch")
+EDGE_FIELDS = ("u", "v", "count", "aff_sum", "aff_min", "aff_hist", "mito_pairs",
+               "synapse_pairs", "stitch")
+# affinity histogram per edge (uint32 counts over [0, 1]): quantiles of merged regions are read
+# from summed histograms, as waterz does
+HIST_BINS = 32
 FRAGMENT_FIELDS = ("id", "size", "nucleus_voxels", "nucleus_sum_x", "nucleus_sum_y",
                    "nucleus_sum_z")
 
 
 def block_rag(supervoxels: np.ndarray, affinities: np.ndarray, organelles: np.ndarray | None,
               context, block_origin=(0, 0, 0), organelle_threshold: float = 0.5,
-              face_agreement: dict | None = None) -> dict:
+              face_agreement: dict | None = None, histogram: bool = False) -> dict:
   """Edges and fragment statistics of one block.
 
   supervoxels: uint64 (X+cx, Y+cy, Z+cz) — the block plus `context` = (cx, cy, cz) voxels
@@ -30,6 +34,8 @@ def block_rag(supervoxels: np.ndarray, affinities: np.ndarray, organelles: np.nd
     where the watersheds of both blocks beside the face put the two straddling voxels into one
     fragment (see watershed.face_agreement). Edges across that face get `stitch` = 1 when the
     agreeing pairs cover at least half of either fragment's area on the face.
+  histogram: also store `aff_hist`, uint32 (E, HIST_BINS) affinity counts per edge (for
+    quantile agglomeration; HIST_BINS × 4 bytes more per edge).
   Returns a dict of flat arrays: edge fields EDGE_FIELDS (u < v) and fragment fields
   prefixed 'frag_' (see FRAGMENT_FIELDS); fragment stats cover the block's own voxels only.
   """
@@ -79,6 +85,10 @@ def block_rag(supervoxels: np.ndarray, affinities: np.ndarray, organelles: np.nd
     "aff_min": np.full(len(keys), np.inf),
   }
   np.minimum.at(out["aff_min"], inverse, aff)
+  if histogram:
+    bins = np.minimum((aff * HIST_BINS).astype(np.int64), HIST_BINS - 1)
+    out["aff_hist"] = np.bincount(inverse * HIST_BINS + bins, minlength=len(keys) * HIST_BINS
+                                  ).reshape(len(keys), HIST_BINS).astype(np.uint32)
   stitched = _stitched_keys(compact, context, face_agreement or {}, n)
   out["stitch"] = np.isin(keys, stitched).astype(np.int64)
   if organelles is not None:
@@ -181,6 +191,10 @@ def merge_rags(parts) -> dict:
                             ).astype(np.float64)
     out[field] = np.bincount(inverse, weights=values, minlength=len(pairs))
   out["count"] = out["count"].astype(np.int64)
+  if all("aff_hist" in p for p in parts):
+    hist = np.concatenate([p["aff_hist"] for p in parts]).astype(np.float64)
+    out["aff_hist"] = np.stack([np.bincount(inverse, weights=hist[:, b], minlength=len(pairs))
+                                for b in range(HIST_BINS)], axis=1).astype(np.uint32)
   aff_min = np.full(len(pairs), np.inf)
   np.minimum.at(aff_min, inverse, np.concatenate([p["aff_min"] for p in parts]))
   out["aff_min"] = aff_min

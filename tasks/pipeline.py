@@ -106,7 +106,7 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
                  sweep=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8), meshes: bool = True,
                  report: bool = True, link_prefix: str | None = None, lease_sec: int = 600,
                  num_mips: int = 2, constraints=("nucleus", "synapse", "mitochondria"),
-                 sharded: bool = True):
+                 sharded: bool = True, quantile: float | None = None):
   """Run every stage from an EM image layer to segmentation, meshes, link and metrics.
 
   Returns the summary dict ({"layers", "neuroglancer_url", "metrics", "timings", ...}).
@@ -131,8 +131,8 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
     layers["affinities"], layers["supervoxels"], task_shape, state_prefix=state))
   run.stage("rag", lambda: create_rag_tasks(
     layers["supervoxels"], layers["affinities"], layers["organelles"], join(out, "rag"),
-    task_shape, state_prefix=state))
-  params = {"threshold": threshold, "constraints": list(constraints),
+    task_shape, state_prefix=state, histogram=quantile is not None))
+  params = {"threshold": threshold, "constraints": list(constraints), "quantile": quantile,
             "track_threshold": threshold if track_threshold is None else track_threshold}
   run.stage("agglomerate", lambda: [partial(agglomerate_task,
     rag_prefix=join(out, "rag"), supervoxels_path=layers["supervoxels"], out_prefix=out,

@@ -262,3 +262,33 @@ def test_nan_and_wrong_channel_affinities_rejected(tmp_path):
     tasks[0]()
   written = CloudVolume(nan_path + "_sv", fill_missing=True)[:, :, :]
   assert not written.any()
+
+
+def test_histogram_quantile_reads_bin_counts():
+  from iicats_cv.agglomerate import _histogram_quantile
+  uniform = np.ones(32)
+  assert abs(_histogram_quantile(uniform, 0.5) - 0.5) < 1e-9
+  assert abs(_histogram_quantile(uniform, 0.75) - 0.75) < 1e-9
+  spike = np.zeros(32)
+  spike[28] = 10                       # every affinity in [0.875, 0.906)
+  assert 0.875 <= _histogram_quantile(spike, 0.1) < _histogram_quantile(spike, 0.9) <= 0.907
+
+
+def test_quantile_agglomeration_ignores_a_few_strong_pairs_across_a_membrane():
+  """Two cells whose boundary is low except for a bright streak (a missed membrane patch):
+  the mean crosses the threshold, the median does not."""
+  from iicats_cv.errors import IicatsError
+  labels = np.ones((16, 8, 8), np.uint64)
+  labels[8:] = 2
+  affs = np.full((3, 16, 8, 8), 0.95, np.float32)
+  affs[0, 8] = 0.05                    # x-affinities across the face between the cells
+  affs[0, 8, :3] = 1.0                 # ... bright over 3 of its 8 rows
+  rag = merge_rags([block_rag(labels, affs, None, (0, 0, 0), histogram=True)])
+  mean = agglomerate(rag, AgglomerationParams(threshold=0.35, use_constraints=False))
+  median = agglomerate(rag, AgglomerationParams(threshold=0.35, use_constraints=False,
+                                                quantile=0.5))
+  assert len(set(mean.segment_ids.tolist())) == 1      # mean 0.41 merges
+  assert len(set(median.segment_ids.tolist())) == 2    # median 0.05 keeps them apart
+  without = merge_rags([block_rag(labels, affs, None, (0, 0, 0))])
+  with pytest.raises(IicatsError, match="histograms"):
+    agglomerate(without, AgglomerationParams(quantile=0.5))
