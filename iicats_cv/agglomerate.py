@@ -299,6 +299,28 @@ def agglomerate(rag: dict, params: AgglomerationParams, sweep_thresholds=(),
   return AgglomerationResult(frag, segment, history, sweep, tracked, violations)
 
 
+def agglomerate_interior(rag: dict, frozen: np.ndarray, threshold: float,
+                         quantile: float | None = None) -> np.ndarray:
+  """First level of hierarchical agglomeration, over the fragments of one part of the volume.
+
+  rag: merged RAG of the part (edges with both ends inside it).
+  frozen: bool (F,) fragments the global step must see as they are: those with edges leaving
+    the part, those holding nucleus evidence and those beside a synapse cannot-link.
+  The others merge best-first while their boundary's mean (or `quantile`) affinity is
+  ≥ threshold, without organelle evidence: merges that the constrained agglomeration and the
+  unconstrained baseline both make at any threshold ≤ `threshold`, with no constraint in play.
+  Returns uint64 (F,) the region of each fragment (its smallest fragment id).
+  """
+  frag = rag["frag_id"]
+  u = np.searchsorted(frag, rag["u"])
+  v = np.searchsorted(frag, rag["v"])
+  agg = _Agglomerator(len(frag), u, v, rag["aff_sum"], rag["count"].astype(np.float64),
+                      np.zeros(len(u), bool), None, 0.0, hist=rag.get("aff_hist"),
+                      quantile=quantile)
+  agg.run(threshold, merge_filter=lambda a, b: not (frozen[a] or frozen[b]))
+  return _segment_table(frag, agg.labels())
+
+
 def _replay(frag, history, threshold, n):
   """Segment ids after the prefix of `history` whose scores stay ≥ threshold."""
   merges = []

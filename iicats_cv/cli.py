@@ -116,6 +116,10 @@ def _pipeline_options(func):
                  default=None,
                  help="Merge on this quantile of the boundary affinities (e.g. 0.75, as "
                       "waterz does) instead of their mean; the RAG then keeps histograms."),
+    click.option("--hierarchy", type=click.IntRange(min=1), default=None,
+                 help="Agglomerate hierarchically: first inside parts of N×N×N tasks (in "
+                      "parallel), then globally over their regions; for RAGs too big for one "
+                      "machine's memory."),
     click.option("--unsharded", is_flag=True,
                  help="Legacy meshes (per-label manifests) and one skeleton file per label "
                       "instead of multi-resolution Draco shards and sharded skeletons."),
@@ -136,7 +140,7 @@ def _pipeline_options(func):
 @click.option("--nuclei", default=None, help="GT nuclei CSV x,y,z nm (bERL).")
 @click.option("--synapses", default=None, help="GT synapses CSV pre_x..post_z nm (bERL).")
 def pipeline_command(image, out, queue, parallel, task_shape, checkpoint, json_path, threshold,
-                     link_prefix, constraints, quantile, unsharded, seeds, gt_labels,
+                     link_prefix, constraints, quantile, hierarchy, unsharded, seeds, gt_labels,
                      gt_skeletons, nuclei, synapses):
   """Run every stage: inference, watershed, RAG, agglomeration + tracking, remap, meshes,
   skeletons, mips, Neuroglancer link and metrics.
@@ -152,7 +156,7 @@ def pipeline_command(image, out, queue, parallel, task_shape, checkpoint, json_p
                          gt_skeletons=gt_skeletons, nuclei=nuclei, synapses=synapses,
                          json_path=json_path, threshold=threshold, link_prefix=link_prefix,
                          constraints=constraints or CONSTRAINTS, sharded=not unsharded,
-                         quantile=quantile)
+                         quantile=quantile, hierarchy=hierarchy)
   _print_summary(summary, out)
 
 
@@ -192,7 +196,7 @@ DEMO_CONSTRAINTS = {"fib": ("nucleus", "mitochondria"), "synthetic": CONSTRAINTS
 @click.option("--out", default="./iicats-demo", show_default=True, help="Output prefix.")
 @_pipeline_options
 def demo_command(dataset, out, queue, parallel, task_shape, checkpoint, json_path, threshold,
-                 link_prefix, constraints, quantile, unsharded):
+                 link_prefix, constraints, quantile, hierarchy, unsharded):
   """Import an embedded dataset with its ground truth and run the pipeline on it.
 
   \b
@@ -211,7 +215,7 @@ def demo_command(dataset, out, queue, parallel, task_shape, checkpoint, json_pat
                          nuclei=inputs["nuclei"], synapses=inputs["synapses"],
                          json_path=json_path, threshold=threshold, link_prefix=link_prefix,
                          constraints=constraints or DEMO_CONSTRAINTS[dataset],
-                         sharded=not unsharded, quantile=quantile)
+                         sharded=not unsharded, quantile=quantile, hierarchy=hierarchy)
   _print_summary(summary, out)
 
 
@@ -509,7 +513,8 @@ def track_command(out_prefix, seeds, name, threshold, track_threshold, constrain
   supervoxels = join(out, "supervoxels")
   open_layer(supervoxels, layer_type="segmentation", what="supervoxels layer of the run")
   seeds_nm = read_seed_points(seeds).tolist() if seeds else None
-  ran = (get_json(out, "agglomeration/summary.json") or {}).get("params", {})
+  summary = get_json(out, "agglomeration/summary.json") or {}
+  ran = summary.get("params", {})
   threshold = ran.get("threshold", 0.5) if threshold is None else threshold
   params = {"threshold": threshold,
             "constraints": list(constraints or ran.get("constraints", CONSTRAINTS)),
@@ -518,7 +523,9 @@ def track_command(out_prefix, seeds, name, threshold, track_threshold, constrain
   started = time.time()
   queue = run_tasks([partial(track_task, rag_prefix=join(out, "rag"),
                              supervoxels_path=supervoxels, out_prefix=out, params=params,
-                             name=name, seeds_nm=seeds_nm)], queue, parallel, desc="track")
+                             name=name, seeds_nm=seeds_nm,
+                             hierarchy_prefix=summary.get("hierarchy_prefix", ""))],
+                    queue, parallel, desc="track")
   run_tasks(create_remap_tasks(supervoxels, join(out, name), out, task_shape,
                                column="tracked_ids", table_key=f"{name}/table.npz"),
             queue, parallel, desc="remap")

@@ -167,15 +167,29 @@ def contract_stitched(rag: dict) -> tuple[dict, np.ndarray]:
   first = np.full(component.max() + 1, n, dtype=np.int64)
   np.minimum.at(first, component, np.arange(n))  # frag is sorted: first member = smallest id
   node = frag[first[component]]
-  nu, nv = node[u], node[v]
+  return relabel(rag, frag, node), node
+
+
+def relabel(rag: dict, old_ids: np.ndarray, new_ids: np.ndarray) -> dict:
+  """The RAG with fragments old_ids (sorted uint64) renamed new_ids (uint64, same length):
+  statistics of fragments and of edges that come to share ids add up, edges inside one id
+  vanish, edge ends outside old_ids keep their ids."""
+  def rename(ids):
+    if not len(old_ids):
+      return ids
+    at = np.minimum(np.searchsorted(old_ids, ids), len(old_ids) - 1)
+    return np.where(old_ids[at] == ids, new_ids[at], ids).astype(np.uint64)
+
+  nu, nv = rename(rag["u"]), rename(rag["v"])
   keep = nu != nv
-  part = {"u": np.minimum(nu, nv)[keep], "v": np.maximum(nu, nv)[keep], "frag_id": node}
+  part = {"u": np.minimum(nu, nv)[keep], "v": np.maximum(nu, nv)[keep],
+          "frag_id": rename(rag["frag_id"])}
   for field in EDGE_FIELDS[2:]:
     if field in rag:
       part[field] = rag[field][keep]
   for field in FRAGMENT_FIELDS[1:]:
     part[f"frag_{field}"] = rag[f"frag_{field}"]
-  return merge_rags([part]), node
+  return merge_rags([part])
 
 
 def merge_rags(parts) -> dict:

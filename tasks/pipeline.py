@@ -21,8 +21,8 @@ from iicats_cv.layers import normalize_cloudpath, open_layer, join, local_path
 from . import igneous_stages as ig
 from .inference import create_inference_tasks
 from .runner import open_queue, run_tasks
-from .segmentation import (create_watershed_tasks, create_rag_tasks, agglomerate_task,
-                           create_remap_tasks)
+from .segmentation import (create_watershed_tasks, create_rag_tasks, create_reduce_tasks,
+                           agglomerate_task, create_remap_tasks)
 from .common import get_json, put_json
 
 LAYERS = ("image", "affinities", "organelles", "supervoxels", "segmentation")
@@ -106,7 +106,8 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
                  sweep=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8), meshes: bool = True,
                  report: bool = True, link_prefix: str | None = None, lease_sec: int = 600,
                  num_mips: int = 2, constraints=("nucleus", "synapse", "mitochondria"),
-                 sharded: bool = True, quantile: float | None = None):
+                 sharded: bool = True, quantile: float | None = None,
+                 hierarchy: int | None = None):
   """Run every stage from an EM image layer to segmentation, meshes, link and metrics.
 
   Returns the summary dict ({"layers", "neuroglancer_url", "metrics", "timings", ...}).
@@ -134,10 +135,16 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
     task_shape, state_prefix=state, histogram=quantile is not None))
   params = {"threshold": threshold, "constraints": list(constraints), "quantile": quantile,
             "track_threshold": threshold if track_threshold is None else track_threshold}
+  hierarchy_prefix = join(out, "hierarchy") if hierarchy else ""
+  if hierarchy:
+    # the first level merges only what every requested threshold merges too
+    run.stage("reduce", lambda: create_reduce_tasks(
+      layers["supervoxels"], join(out, "rag"), hierarchy_prefix, task_shape, hierarchy,
+      max([threshold, *sweep]), quantile, state_prefix=state))
   run.stage("agglomerate", lambda: [partial(agglomerate_task,
     rag_prefix=join(out, "rag"), supervoxels_path=layers["supervoxels"], out_prefix=out,
     params=params, sweep=list(sweep), seeds_nm=None if seeds_nm is None else seeds_nm.tolist(),
-    track=True, state_prefix=state)])
+    track=True, state_prefix=state, hierarchy_prefix=hierarchy_prefix)])
   run.stage("remap", lambda: create_remap_tasks(
     layers["supervoxels"], layers["segmentation"], out, task_shape, state_prefix=state)
     + create_remap_tasks(layers["supervoxels"], layers["segmentation_baseline"], out,

@@ -17,10 +17,11 @@ import numpy as np
 from cloudvolume import Bbox
 from taskqueue import queueable
 
-from iicats_cv.agglomerate import AgglomerationParams, agglomerate, derive_constraints
+from iicats_cv.agglomerate import (AgglomerationParams, agglomerate, agglomerate_interior,
+                                   derive_constraints)
 from iicats_cv.errors import IicatsError
 from iicats_cv.layers import open_layer, create_layer, join, resolve_cloudpath
-from iicats_cv.rag import block_rag, contract_stitched, merge_rags
+from iicats_cv.rag import EDGE_FIELDS, block_rag, contract_stitched, merge_rags, relabel
 from iicats_cv.watershed import AXES, face_agreement, fragments
 from .common import (block_grid, check_task_shape, mark_done, block_name, done_names, put_npz,
                      get_npz, put_json)
@@ -204,16 +205,90 @@ def _seed_fragments(rag, params, seeds_nm, supervoxels_path, stitching):
   return seeds, positions
 
 
-def _stitched_rag(rag_prefix: str):
-  """All block RAGs merged, stitched fragments contracted: (fragment ids (F,), node id of
-  each (F,), node RAG)."""
-  cf = CloudFiles(resolve_cloudpath(rag_prefix))
-  keys = sorted(k for k in cf.list() if k.endswith(".npz"))
+def _npz_keys(prefix: str, what: str) -> list:
+  keys = sorted(k for k in CloudFiles(resolve_cloudpath(prefix)).list(flat=True)
+                if k.endswith(".npz"))
   if not keys:
-    raise IicatsError(f"{rag_prefix}: no RAG objects (did the rag stage run?)")
-  fragment_rag = merge_rags(get_npz(rag_prefix, k) for k in keys)
+    raise IicatsError(f"{prefix}: no {what} objects (did the previous stage run?)")
+  return keys
+
+
+def _stitched_rag(rag_prefix: str, hierarchy_prefix: str = ""):
+  """The graph the global step agglomerates, stitched fragments contracted: (fragment ids
+  (F,), node id of each (F,), node RAG). Built from every block RAG, or from the regions of
+  the hierarchical first level when hierarchy_prefix is given."""
+  if hierarchy_prefix:
+    parts = [get_npz(hierarchy_prefix, k) for k in _npz_keys(hierarchy_prefix, "region RAG")]
+    fragments = np.concatenate([p.pop("fragments") for p in parts])
+    regions = np.concatenate([p.pop("regions") for p in parts])
+    order = np.argsort(fragments)
+    fragments, regions = fragments[order], regions[order]
+    # edge ends in other parts are fragment ids: rename them to their regions
+    region_rag = merge_rags(relabel(p, fragments, regions) for p in parts)
+    rag, node_of_region = contract_stitched(region_rag)
+    return fragments, node_of_region[np.searchsorted(region_rag["frag_id"], regions)], rag
+  fragment_rag = merge_rags(get_npz(rag_prefix, k) for k in _npz_keys(rag_prefix, "RAG"))
   rag, node_of_fragment = contract_stitched(fragment_rag)
   return fragment_rag["frag_id"], node_of_fragment, rag
+
+
+@queueable
+def reduce_task(rag_prefix: str, hierarchy_prefix: str, name: str, blocks: list,
+                neighbours: list, threshold: float, quantile: float = None,
+                state_prefix: str = ""):
+  """First level of hierarchical agglomeration over one part of the volume (several blocks):
+  its interior fragments merge down to `threshold` (see agglomerate_interior), and the part's
+  RAG, contracted to those regions, goes to HIERARCHY/NAME.npz with the fragment -> region
+  table. The global step then holds only the regions' edges in memory.
+
+  blocks: names of the part's blocks; neighbours: names of the blocks just beyond its high
+  faces (their RAGs hold the edges that enter the part from above).
+  """
+  own = merge_rags(get_npz(rag_prefix, f"{b}.npz") for b in blocks)
+  ids = own["frag_id"]
+  inside_u, inside_v = np.isin(own["u"], ids), np.isin(own["v"], ids)
+  border = [own["u"][inside_u & ~inside_v], own["v"][inside_v & ~inside_u]]
+  for b in neighbours:
+    above = get_npz(rag_prefix, f"{b}.npz")
+    border += [above["u"][np.isin(above["u"], ids)], above["v"][np.isin(above["v"], ids)]]
+  internal = {k: (v[inside_u & inside_v] if k in EDGE_FIELDS else v) for k, v in own.items()}
+  nodes, node_of = contract_stitched(internal)
+  frozen = np.isin(nodes["frag_id"], node_of[np.isin(ids, np.concatenate(border))])
+  evidence, _ = derive_constraints(nodes, AgglomerationParams())
+  frozen |= evidence.nucleus > 0
+  frozen[evidence.cannot_link.ravel()] = True
+  region = agglomerate_interior(nodes, frozen, threshold, quantile)
+  regions = region[np.searchsorted(nodes["frag_id"], node_of)]
+  put_npz(hierarchy_prefix, f"{name}.npz",
+          {**relabel(own, ids, regions), "fragments": ids, "regions": regions})
+  if state_prefix:
+    mark_done(state_prefix, "reduce", name)
+
+
+def create_reduce_tasks(supervoxels_path, rag_prefix, hierarchy_prefix, task_shape,
+                        part_blocks: int, threshold: float, quantile=None, state_prefix=""):
+  """One reduce task per part of part_blocks³ blocks."""
+  bounds = open_layer(supervoxels_path, layer_type="segmentation").bounds
+  shape = np.asarray(task_shape)
+  grid = {tuple(lo): tuple((np.asarray(lo) - bounds.minpt) // shape // part_blocks)
+          for lo, _, _ in block_grid(bounds.minpt, bounds.maxpt, task_shape)}
+  parts = {}
+  for lo, part in grid.items():
+    own, neighbours = parts.setdefault(part, ([], set()))
+    own.append(block_name(lo))
+    for axis in range(3):
+      above = list(lo)
+      above[axis] += int(shape[axis])
+      if tuple(above) in grid and grid[tuple(above)] != part:
+        neighbours.add(block_name(above))
+  done = done_names(state_prefix, "reduce") if state_prefix else set()
+  return [
+    partial(reduce_task, rag_prefix=rag_prefix, hierarchy_prefix=hierarchy_prefix,
+            name="_".join(map(str, part)), blocks=own, neighbours=sorted(neighbours),
+            threshold=threshold, quantile=quantile, state_prefix=state_prefix)
+    for part, (own, neighbours) in sorted(parts.items())
+    if "_".join(map(str, part)) not in done
+  ]
 
 
 _TABLES = {}  # remap tables cached per worker process: one download per run, not per block
@@ -222,13 +297,13 @@ _TABLES = {}  # remap tables cached per worker process: one download per run, no
 @queueable
 def agglomerate_task(rag_prefix: str, supervoxels_path: str, out_prefix: str, params: dict,
                      sweep: list, seeds_nm: list = None, track: bool = True,
-                     state_prefix: str = ""):
+                     state_prefix: str = "", hierarchy_prefix: str = ""):
   """Global step: merge all block RAGs, agglomerate with and without constraints, track.
 
   Writes OUT/agglomeration/table.npz (fragment_ids, segment_ids, baseline_ids,
   sweep_<t>), OUT/agglomeration/summary.json and OUT/tracked.json.
   """
-  fragment_ids, node_of_fragment, rag = _stitched_rag(rag_prefix)
+  fragment_ids, node_of_fragment, rag = _stitched_rag(rag_prefix, hierarchy_prefix)
   p = AgglomerationParams(**params)
   seeds, positions = (None, {})
   if track:
@@ -247,7 +322,8 @@ def agglomerate_task(rag_prefix: str, supervoxels_path: str, out_prefix: str, pa
   _TABLES.clear()  # a remap in this process must read the new tables
   for neuron in result.tracked:
     neuron["seed_nm"] = positions.get(neuron["seed"])
-  summary = {"params": params, "fragments": int(len(fragment_ids)),
+  summary = {"params": params, "hierarchy_prefix": hierarchy_prefix,
+             "fragments": int(len(fragment_ids)),
              "stitched_fragments": int(len(result.fragment_ids)),
              "edges": int(len(rag["u"])),
              "segments": int(len(np.unique(result.segment_ids))),
@@ -262,7 +338,8 @@ def agglomerate_task(rag_prefix: str, supervoxels_path: str, out_prefix: str, pa
 
 @queueable
 def track_task(rag_prefix: str, supervoxels_path: str, out_prefix: str, params: dict,
-               name: str = "tracked", seeds_nm: list = None, state_prefix: str = ""):
+               name: str = "tracked", seeds_nm: list = None, state_prefix: str = "",
+               hierarchy_prefix: str = ""):
   """Seeded neuron tracking over the whole RAG: every seed (a detected nucleus instance, or a
   point in nm) grows best edge first down to params["track_threshold"], honouring the
   constraints; two seeds never claim one segment.
@@ -270,7 +347,7 @@ def track_task(rag_prefix: str, supervoxels_path: str, out_prefix: str, params: 
   Writes OUT/NAME/table.npz (fragment_ids, tracked_ids: the neuron's id or 0) and
   OUT/NAME.json ([{"id", "seed", "seed_nm", "fragments", "voxels"}]).
   """
-  fragment_ids, node_of_fragment, rag = _stitched_rag(rag_prefix)
+  fragment_ids, node_of_fragment, rag = _stitched_rag(rag_prefix, hierarchy_prefix)
   p = AgglomerationParams(**params)
   seeds, positions = _seed_fragments(rag, p, seeds_nm, supervoxels_path,
                                      (fragment_ids, node_of_fragment))

@@ -154,22 +154,66 @@ def _segment_volume(tmp_path, labels, task_shape, name, affinities=None):
   return out
 
 
-def test_segmentation_does_not_depend_on_the_task_shape(tmp_path):
-  """64³ tasks against one task over the whole FIB crop (GT affinities with smooth noise):
-  fragments cut by task faces are stitched where both blocks' watersheds agree, so the
-  agglomerated segmentation matches (ARAND 1e-4 here; 0.02 without stitching)."""
+@pytest.fixture(scope="module")
+def fib_runs(tmp_path_factory):
+  """GT affinities of the FIB crop with smooth noise, segmented as one task and as 64³ tasks."""
   from iicats_cv.datasets import load_fib_crop
-  from iicats_cv.metrics import adapted_rand_error
+  tmp_path = tmp_path_factory.mktemp("fib")
   _, labels, _ = load_fib_crop()
   affinities = "file://" + str(tmp_path / "affinities")
   write_affinities(affinities, labels, noise=0.1, smooth=1.5)
-  whole = _segment_volume(tmp_path, labels, (208, 208, 112), "whole", affinities)
-  tiled = _segment_volume(tmp_path, labels, (64, 64, 64), "tiled", affinities)
-  segs = [CloudVolume(path + "/segmentation")[:, :, :][..., 0] for path in (whole, tiled)]
+  return {"whole": _segment_volume(tmp_path, labels, (208, 208, 112), "whole", affinities),
+          "tiled": _segment_volume(tmp_path, labels, (64, 64, 64), "tiled", affinities)}
+
+
+def _segmentation(path):
+  return CloudVolume(path + "/segmentation")[:, :, :][..., 0]
+
+
+def test_segmentation_does_not_depend_on_the_task_shape(fib_runs):
+  """64³ tasks against one task over the whole FIB crop (GT affinities with smooth noise):
+  fragments cut by task faces are stitched where both blocks' watersheds agree, so the
+  agglomerated segmentation matches (ARAND 1e-4 here; 0.02 without stitching)."""
+  from iicats_cv.metrics import adapted_rand_error
+  whole, tiled = fib_runs["whole"], fib_runs["tiled"]
   fragments = [len(np.unique(CloudVolume(path + "/supervoxels")[:, :, :]))
                for path in (whole, tiled)]
   assert fragments[1] > fragments[0], "task faces must cut fragments for this test to bite"
-  assert adapted_rand_error(segs[1], segs[0]) <= 0.005
+  assert adapted_rand_error(_segmentation(tiled), _segmentation(whole)) <= 0.005
+
+
+def test_hierarchical_agglomeration_keeps_regions_and_holds_fewer_edges(fib_runs):
+  from functools import partial
+  from iicats_cv.metrics import adapted_rand_error
+  from iicats_cv.tasks.common import get_json, get_npz
+  from iicats_cv.tasks.runner import run_tasks
+  from iicats_cv.tasks.segmentation import (agglomerate_task, create_reduce_tasks,
+                                            create_remap_tasks)
+  flat = fib_runs["tiled"]
+  out = flat + "/hierarchical"
+  tasks = create_reduce_tasks(flat + "/supervoxels", flat + "/rag", out + "/parts",
+                              (64, 64, 64), 2, threshold=0.5)
+  assert len(tasks) == 4                       # 4 × 4 × 2 blocks in parts of 2 × 2 × 2
+  run_tasks(tasks, None, 1)
+  run_tasks([partial(agglomerate_task, rag_prefix=flat + "/rag",
+                     supervoxels_path=flat + "/supervoxels", out_prefix=out,
+                     params={"threshold": 0.5}, sweep=[], track=False,
+                     hierarchy_prefix=out + "/parts")], None, 1)
+  run_tasks(create_remap_tasks(flat + "/supervoxels", out + "/segmentation", out, (64, 64, 64),
+                               chunk_size=(16, 16, 16)), None, 1)
+  edges = [get_json(path, "agglomeration/summary.json")["edges"] for path in (flat, out)]
+  assert edges[1] < 0.8 * edges[0], edges
+  table = get_npz(out, "agglomeration/table.npz")
+  flat_table = get_npz(flat, "agglomeration/table.npz")
+  np.testing.assert_array_equal(table["fragment_ids"], flat_table["fragment_ids"])
+  # a first-level region always ends inside one segment
+  segment = dict(zip(table["fragment_ids"].tolist(), table["segment_ids"].tolist()))
+  for name in ("0_0_0", "1_1_0"):
+    part = get_npz(out + "/parts", f"{name}.npz")
+    regions, members = part["regions"], part["fragments"]
+    for region in np.unique(regions)[:200]:
+      assert len({segment[f] for f in members[regions == region].tolist()}) == 1
+  assert adapted_rand_error(_segmentation(out), _segmentation(flat)) <= 0.03
 
 
 def test_contract_stitched_joins_fragments_and_adds_their_statistics():
