@@ -12,6 +12,7 @@ to a lower threshold, and two seeds never merge.
 """
 from __future__ import annotations
 
+import array
 import copy
 import heapq
 from dataclasses import dataclass, field
@@ -94,46 +95,82 @@ def derive_constraints(rag: dict, params: AgglomerationParams) -> tuple[Constrai
 
 
 class _Agglomerator:
-  """Union of regions with lazily re-scored boundary edges in a max-heap."""
+  """Union of regions with lazily re-scored boundary edges in a max-heap.
+
+  Boundary statistics live in flat arrays indexed by edge number (aff_sum, count: float64;
+  mito: bool; histograms: float64 rows), and each region's adjacency maps a neighbour to the
+  edge number: about half the memory of a Python object per boundary.
+  """
 
   def __init__(self, n, u, v, aff_sum, count, mito, constraints: Constraints | None,
                mito_bonus, hist=None, quantile=None):
-    """Entries are [aff_sum, count, mito, histogram or None], shared by both directions."""
     self.parent = np.arange(n)
     self.adj = [dict() for _ in range(n)]
-    hists = hist.astype(np.float64) if quantile is not None else [None] * len(u)
-    for a, b, s, c, m, h in zip(u.tolist(), v.tolist(), aff_sum.tolist(), count.tolist(),
-                                mito.tolist(), hists):
-      if a == b:
-        continue
-      entry = self.adj[a].get(b)
-      if entry is None:
-        entry = [s, c, m, None if h is None else h.copy()]
-        self.adj[a][b] = self.adj[b][a] = entry
-      else:
-        _accumulate(entry, (s, c, m, h))
+    self.sum = array.array("d", np.asarray(aff_sum, np.float64).tobytes())
+    self.count = array.array("d", np.asarray(count, np.float64).tobytes())
+    self.mito = bytearray(np.asarray(mito, bool).tobytes())
+    self.hist = np.asarray(hist, np.float64) if quantile is not None else None
+    self.live = 0               # boundaries between current regions
+    regions = list(range(n))  # one int object per region, shared by every reference to it
+    step = 1 << 20              # edges converted to Python ints a chunk at a time
+    for start in range(0, len(u), step):
+      ends = zip(u[start:start + step].tolist(), v[start:start + step].tolist())
+      for e, (a, b) in enumerate(ends, start):
+        if a == b:
+          continue
+        a, b = regions[a], regions[b]
+        known = self.adj[a].get(b)
+        if known is None:
+          self.adj[a][b] = self.adj[b][a] = e
+          self.live += 1
+        else:
+          self._accumulate(known, e)
     self.quantile = quantile
     self.mito_bonus = mito_bonus
     self.identity = np.zeros(n, dtype=np.int64)
-    self.cannot = [set() for _ in range(n)]
+    self.cannot = {}  # region -> regions it must never merge with (only where there are any)
     if constraints is not None:
       self.identity[:] = constraints.nucleus
       for a, b in constraints.cannot_link.tolist():
-        self.cannot[a].add(b)
-        self.cannot[b].add(a)
+        self.cannot.setdefault(a, set()).add(b)
+        self.cannot.setdefault(b, set()).add(a)
     self.heap = []
     for a in range(n):
       for b in self.adj[a]:
         if a < b:
           self._push(a, b)
 
+  def _accumulate(self, into, other):
+    """Add boundary `other`'s statistics into boundary `into`."""
+    self.sum[into] += self.sum[other]
+    self.count[into] += self.count[other]
+    self.mito[into] |= self.mito[other]
+    if self.hist is not None:
+      self.hist[into] += self.hist[other]
+
   def score(self, a, b):
-    s, c, m, h = self.adj[a][b]
-    value = s / c if self.quantile is None else _histogram_quantile(h, self.quantile)
-    return value + (self.mito_bonus if m else 0.0)
+    e = self.adj[a][b]
+    if self.quantile is None:
+      value = self.sum[e] / self.count[e]
+    else:
+      value = _histogram_quantile(self.hist[e], self.quantile)
+    return value + (self.mito_bonus if self.mito[e] else 0.0)
 
   def _push(self, a, b):
     heapq.heappush(self.heap, (-self.score(a, b), a, b))
+    if len(self.heap) > 2 * self.live + 4096:
+      self._rebuild_heap()
+
+  def _rebuild_heap(self):
+    """Drop stale entries (of merged-away regions, or older scores of a boundary): the merge
+    order is unchanged, as each live boundary's current entry stays."""
+    self.heap[:] = [entry for entry in self.heap if self._current(entry)]
+    heapq.heapify(self.heap)
+
+  def _current(self, entry) -> bool:
+    neg, a, b = entry
+    return (self.parent[a] == a and self.parent[b] == b and b in self.adj[a]
+            and abs(self.score(a, b) + neg) <= 1e-12)
 
   def find(self, x):
     root = x
@@ -147,19 +184,18 @@ class _Agglomerator:
     ia, ib = self.identity[a], self.identity[b]
     if ia and ib and ia != ib:
       return False
-    return b not in self.cannot[a]
+    return b not in self.cannot.get(a, ())
 
   def run(self, threshold, merge_filter=None):
     """Merge best-first while the best live score ≥ threshold. Returns [(score, a, b)]."""
     history = []
     deferred = []
     while self.heap:
-      neg, a, b = heapq.heappop(self.heap)
-      if self.parent[a] != a or self.parent[b] != b or b not in self.adj[a]:
-        continue
-      score = self.score(a, b)
-      if abs(score + neg) > 1e-12:
-        continue  # stale entry; the current score was pushed when it changed
+      entry = heapq.heappop(self.heap)
+      if not self._current(entry):
+        continue  # stale: the current score was pushed when it changed
+      neg, a, b = entry
+      score = -neg
       if score < threshold:
         heapq.heappush(self.heap, (neg, a, b))
         break
@@ -180,38 +216,30 @@ class _Agglomerator:
     self.parent[b] = a
     if self.identity[b]:
       self.identity[a] = self.identity[b]
-    for x in self.cannot[b]:
+    apart = self.cannot.pop(b, set())
+    for x in apart:
       self.cannot[x].discard(b)
       self.cannot[x].add(a)
-    self.cannot[a] |= self.cannot[b]
-    self.cannot[a].discard(a)
-    self.cannot[b] = set()
+    if apart:
+      self.cannot.setdefault(a, set()).update(apart)
+      self.cannot[a].discard(a)
     del self.adj[a][b]
+    self.live -= 1
     for x, moved in self.adj[b].items():
       if x == a:
         continue
       del self.adj[x][b]
-      entry = self.adj[a].get(x)
-      if entry is None:
-        entry = moved
-        self.adj[a][x] = entry
+      kept = self.adj[a].get(x)
+      if kept is None:
+        self.adj[a][x] = self.adj[x][a] = moved
       else:
-        _accumulate(entry, moved)
-      self.adj[x][a] = entry
+        self._accumulate(kept, moved)
+        self.live -= 1
       self._push(min(a, x), max(a, x))
     self.adj[b] = {}
 
   def labels(self):
     return np.array([self.find(i) for i in range(len(self.parent))])
-
-
-def _accumulate(entry, other):
-  """Add another boundary's statistics into an adjacency entry (in place)."""
-  entry[0] += other[0]
-  entry[1] += other[1]
-  entry[2] = entry[2] or other[2]
-  if entry[3] is not None:
-    entry[3] += other[3]
 
 
 def _histogram_quantile(hist, q) -> float:
