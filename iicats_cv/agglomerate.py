@@ -335,8 +335,9 @@ def agglomerate_interior(rag: dict, frozen: np.ndarray, threshold: float,
   frozen: bool (F,) fragments the global step must see as they are: those with edges leaving
     the part, those holding nucleus evidence and those beside a synapse cannot-link.
   The others merge best-first while their boundary's mean (or `quantile`) affinity is
-  ≥ threshold, without organelle evidence: merges that the constrained agglomeration and the
-  unconstrained baseline both make at any threshold ≤ `threshold`, with no constraint in play.
+  ≥ threshold, without organelle evidence, and only while neither side's best boundary leads
+  to a frozen region (that blocks them in turn, as abiss does): such merges are the ones the
+  global step would make first as well.
   Returns uint64 (F,) the region of each fragment (its smallest fragment id).
   """
   frag = rag["frag_id"]
@@ -345,7 +346,17 @@ def agglomerate_interior(rag: dict, frozen: np.ndarray, threshold: float,
   agg = _Agglomerator(len(frag), u, v, rag["aff_sum"], rag["count"].astype(np.float64),
                       np.zeros(len(u), bool), None, 0.0, hist=rag.get("aff_hist"),
                       quantile=quantile)
-  agg.run(threshold, merge_filter=lambda a, b: not (frozen[a] or frozen[b]))
+  blocked = np.array(frozen, bool)
+
+  def unblocked(a, b):
+    # boundaries pop best first: a region whose best boundary leads to a frozen (or blocked)
+    # region may join it in the global step, so it must stay as it is here too
+    if blocked[a] or blocked[b]:
+      blocked[a] = blocked[b] = True
+      return False
+    return True
+
+  agg.run(threshold, merge_filter=unblocked)
   return _segment_table(frag, agg.labels())
 
 

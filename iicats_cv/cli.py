@@ -119,7 +119,7 @@ def _pipeline_options(func):
     click.option("--hierarchy", type=click.IntRange(min=1), default=None,
                  help="Agglomerate hierarchically: first inside parts of N×N×N tasks (in "
                       "parallel), then globally over their regions; for RAGs too big for one "
-                      "machine's memory."),
+                      "machine's memory. The threshold sweep then stops at --threshold."),
     click.option("--unsharded", is_flag=True,
                  help="Legacy meshes (per-label manifests) and one skeleton file per label "
                       "instead of multi-resolution Draco shards and sharded skeletons."),

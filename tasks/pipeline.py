@@ -135,12 +135,13 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
     task_shape, state_prefix=state, histogram=quantile is not None))
   params = {"threshold": threshold, "constraints": list(constraints), "quantile": quantile,
             "track_threshold": threshold if track_threshold is None else track_threshold}
-  hierarchy_prefix = join(out, "hierarchy") if hierarchy else ""
+  hierarchy_prefix = join(out, f"hierarchy/{hierarchy}") if hierarchy else ""
   if hierarchy:
-    # the first level merges only what every requested threshold merges too
+    # the first level merges down to the threshold, so the sweep can only go lower
+    sweep = [t for t in sweep if t <= threshold]
     run.stage("reduce", lambda: create_reduce_tasks(
       layers["supervoxels"], join(out, "rag"), hierarchy_prefix, task_shape, hierarchy,
-      max([threshold, *sweep]), quantile, state_prefix=state))
+      threshold, quantile, state_prefix=state))
   run.stage("agglomerate", lambda: [partial(agglomerate_task,
     rag_prefix=join(out, "rag"), supervoxels_path=layers["supervoxels"], out_prefix=out,
     params=params, sweep=list(sweep), seeds_nm=None if seeds_nm is None else seeds_nm.tolist(),

@@ -223,6 +223,9 @@ def _stitched_rag(rag_prefix: str, hierarchy_prefix: str = ""):
     regions = np.concatenate([p.pop("regions") for p in parts])
     order = np.argsort(fragments)
     fragments, regions = fragments[order], regions[order]
+    if np.any(fragments[1:] == fragments[:-1]):
+      raise IicatsError(f"{hierarchy_prefix}: parts overlap (objects left from a run with "
+                        "other parts?); remove the folder and run the reduce stage again")
     # edge ends in other parts are fragment ids: rename them to their regions
     region_rag = merge_rags(relabel(p, fragments, regions) for p in parts)
     rag, node_of_region = contract_stitched(region_rag)

@@ -213,7 +213,7 @@ def test_hierarchical_agglomeration_keeps_regions_and_holds_fewer_edges(fib_runs
     regions, members = part["regions"], part["fragments"]
     for region in np.unique(regions)[:200]:
       assert len({segment[f] for f in members[regions == region].tolist()}) == 1
-  assert adapted_rand_error(_segmentation(out), _segmentation(flat)) <= 0.03
+  assert adapted_rand_error(_segmentation(out), _segmentation(flat)) <= 0.005
 
 
 def test_contract_stitched_joins_fragments_and_adds_their_statistics():
