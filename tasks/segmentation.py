@@ -45,15 +45,19 @@ def check_affinities(path: str):
                     what="affinities layer")
 
 
-def context_voxels(context_nm: float, resolution) -> np.ndarray:
-  """Context per axis (voxels) for a physical margin: fewer voxels along a coarse z."""
+def context_voxels(context_nm: float | None, resolution) -> np.ndarray:
+  """Context per axis (voxels) for a physical margin: fewer voxels along a coarse z. The
+  default, 24 voxels of the finest axis, is where a block's watershed matched the whole
+  volume's closely enough for stitching (FIB crop, 64³ tasks against one)."""
   res = np.asarray(resolution, float)
+  if context_nm is None:
+    context_nm = 24.0 * res.min()
   return np.maximum(1, np.round(context_nm / res)).astype(int)
 
 
 @queueable
 def watershed_task(affinities_path: str, supervoxels_path: str, start: list, stop: list,
-                   block_index: int, id_stride: int, context_nm: float = 240.0,
+                   block_index: int, id_stride: int, context_nm: float | None = None,
                    threshold: float = 0.5, min_size: int = 50, per_section: bool = False,
                    state_prefix: str = ""):
   """Fragments of one block, computed with `context_nm` of margin around it, ids offset by
@@ -92,15 +96,12 @@ def create_watershed_tasks(affinities_path: str, supervoxels_path: str, task_sha
   res = aff_cv.resolution
   if per_section is None:
     per_section = bool(res[2] > 2.5 * min(res[0], res[1]))
-  if context_nm is None:
-    # 24 voxels of the finest axis: where the watershed of a block matches the whole
-    # volume's closely enough for stitching (measured on the FIB crop, 64³ vs one task)
-    context_nm = 24.0 * float(min(res))
   create_layer(supervoxels_path, layer_type="segmentation", dtype="uint64",
                resolution=aff_cv.resolution, voxel_offset=bounds.minpt,
                volume_size=bounds.size3(), chunk_size=chunk_size, step="watershed",
                params={"affinities": affinities_path, "threshold": threshold,
-                       "min_size": min_size, "context_nm": context_nm,
+                       "min_size": min_size,
+                       "context_voxels": context_voxels(context_nm, res).tolist(),
                        "per_section": per_section,
                        "task_shape": list(task_shape),
                        "ids": "local id + block index * voxels per block"})
