@@ -138,8 +138,8 @@ def render_served_run(chromium, prefix, segments, profile, screenshot=None):
     assert got["fragments"] == set(segments), f"meshes: {data_server.requests}"
     assert got["skeletons"] == set(segments), f"skeletons: {data_server.requests}"
     counts = wait_for_render(browser, segments)
-    assert all(n >= MIN_NEURON_PIXELS for n in counts.values()) \
-      and sum(counts.values()) >= MIN_TOTAL_PIXELS, f"neuron pixels in the 3D panel {counts}; console: {browser.console[-10:]}"
+    assert rendered(counts), \
+      f"neuron pixels in the 3D panel {counts}; console: {browser.console[-10:]}"
     assert not [r for r in data_server.requests if r.status >= 500]
     if screenshot:
       keep_screenshot(browser, screenshot)
@@ -161,14 +161,18 @@ def test_neuroglancer_renders_unsharded_meshes_and_skeletons(chromium, run, tmp_
   render_served_run(chromium, run["prefix"], run["segments"], str(tmp_path / "profile"))
 
 
+def rendered(counts: dict) -> bool:
+  return (all(n >= MIN_NEURON_PIXELS for n in counts.values())
+          and sum(counts.values()) >= MIN_TOTAL_PIXELS)
+
+
 def wait_for_render(browser, segments) -> dict:
   """Neuron pixel counts once every neuron shows in the 3D panel (or at the deadline)."""
   deadline = time.time() + RENDER_TIMEOUT_S
   while True:
     time.sleep(0.5)
     counts = neuron_pixels(browser.screenshot(), segments, panel_region(browser))
-    if all(n >= MIN_NEURON_PIXELS for n in counts.values()) \
-        and sum(counts.values()) >= MIN_TOTAL_PIXELS or time.time() > deadline:
+    if rendered(counts) or time.time() > deadline:
       return counts
 
 
