@@ -221,16 +221,24 @@ def make_link(out, layers, tracked, prefix=None):
   from iicats_cv.viewer.server import DEFAULT_PORT
   local = local_path(out)
 
-  def source_url(cloudpath):
+  def served_path(cloudpath):
+    """Path relative to OUT of a local layer `iicats view OUT` serves; None otherwise."""
     path = local_path(cloudpath)
-    if path is None:
-      return None
-    rel = os.path.relpath(path, local) if local else None
-    if rel is None or rel.startswith(".."):
-      raise IicatsError(f"{cloudpath}: a local layer outside {out} cannot be served")
-    return f"precomputed://http://127.0.0.1:{DEFAULT_PORT}/{rel}"
+    rel = os.path.relpath(path, local) if path is not None and local else None
+    return None if rel is None or rel.startswith("..") else rel
 
-  present = {k: v for k, v in layers.items() if k in LAYERS}
+  def source_url(cloudpath):
+    return f"precomputed://http://127.0.0.1:{DEFAULT_PORT}/{served_path(cloudpath)}"
+
+  present = {}
+  for name, cloudpath in layers.items():
+    if name not in LAYERS:
+      continue
+    if local_path(cloudpath) is not None and served_path(cloudpath) is None:
+      print(f"note: {name} {cloudpath} is a local layer outside {out}, which `iicats view` "
+            f"cannot serve: it is left out of the link", flush=True)
+      continue
+    present[name] = cloudpath
   state = build_state(**present, segments=[n["id"] for n in tracked], source_url=source_url,
                       **layer_geometry(layers["image"]))
   kwargs = {"prefix": prefix} if prefix else {}

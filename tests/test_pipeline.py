@@ -132,3 +132,29 @@ def test_track_names_seeds_outside_the_volume(synthetic_demo, tmp_path):
                                     "--task-shape", "64,64,64"])
   assert result.exit_code != 0
   assert "no seed point lies on a fragment" in result.output
+
+
+def test_pipeline_hierarchical_quantile_run(tmp_path, tiny_checkpoint, capsys):
+  """--hierarchy and --quantile through every stage to the segmentation (tiny network), on a
+  local image outside the run's folder (left out of the link, with a note, not an error)."""
+  from conftest import blobs
+  from iicats_cv.tasks.common import get_npz
+  from iicats_cv.tasks.pipeline import run_pipeline
+  from iicats_cv.volume_io import import_volume
+  _, image = blobs(shape=(128, 128, 64), n=12, seed=4)
+  image_path = import_volume(image, "file://" + str(tmp_path / "em"), "image", (8, 8, 8))
+  out = "file://" + str(tmp_path / "run")
+  summary = run_pipeline(image_path, out, task_shape=(64, 64, 64), checkpoint=tiny_checkpoint,
+                         meshes=False, report=False, quantile=0.75, hierarchy=1)
+  assert "reduce" in summary["timings"]
+  parts = sorted(os.listdir(tmp_path / "run" / "hierarchy" / "1"))
+  assert parts == ["0_0_0.npz", "0_1_0.npz", "1_0_0.npz", "1_1_0.npz"]
+  assert "aff_hist" in get_npz(out + "/rag", "0_0_0.npz")
+  assert summary["agglomeration"]["params"]["quantile"] == 0.75
+  assert max(summary["agglomeration"]["sweep"]) <= 0.5   # the sweep stops at the threshold
+  segmentation = np.asarray(CloudVolume(out + "/segmentation")[:, :, :])
+  assert segmentation.shape[:3] == (128, 128, 64) and segmentation.all()
+  import neuroglancer
+  names = [layer.name for layer in neuroglancer.parse_url(summary["neuroglancer_url"]).layers]
+  assert "segmentation" in names and "image" not in names
+  assert "image " + image_path + " is a local layer outside" in capsys.readouterr().out
