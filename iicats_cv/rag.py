@@ -32,8 +32,8 @@ def block_rag(supervoxels: np.ndarray, affinities: np.ndarray, organelles: np.nd
   block_origin: global voxel coordinate (x, y, z) of the block's first voxel.
   face_agreement: {axis (0, 1, 2): bool array over the block's low face on that axis} — True
     where the watersheds of both blocks beside the face put the two straddling voxels into one
-    fragment (see watershed.face_agreement). Edges across that face get `stitch` = 1 when the
-    agreeing pairs cover at least half of either fragment's area on the face.
+    fragment (see watershed.face_agreement). An edge across that face gets `stitch` = 1 when
+    its two fragments are each other's partner with the most agreeing pairs.
   histogram: also store `aff_hist`, uint32 (E, HIST_BINS) affinity counts per edge (for
     quantile agglomeration; HIST_BINS × 4 bytes more per edge).
   Returns a dict of flat arrays: edge fields EDGE_FIELDS (u < v) and fragment fields

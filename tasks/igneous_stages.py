@@ -172,15 +172,15 @@ def _missing_from_shards(cv, kind: str, labels: list) -> list:
     reader, path = cv.mesh.reader, cv.mesh.meta.mesh_path
   else:
     reader, path = cv.skeleton.reader, cv.skeleton.meta.skeleton_path
-  try:
-    found = reader.exists(labels, path)
-  except Exception:  # a missing or corrupt shard: find which labels it takes down
-    found = {}
-    for label in labels:
-      try:
-        found.update(reader.exists([label], path))
-      except Exception:
-        found[label] = None
+  by_shard = {}
+  for label in labels:
+    by_shard.setdefault(reader.get_filename(label), []).append(label)
+  found = {}
+  for shard_labels in by_shard.values():
+    try:
+      found.update(reader.exists(shard_labels, path))
+    except Exception:  # cloud-volume raises on a missing or corrupt shard index
+      pass
   return [label for label in labels if not found.get(label)]
 
 
