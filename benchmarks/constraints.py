@@ -9,7 +9,7 @@ over the same thresholds and are scored against the generator's skeletons, nucle
 The reference is the unconstrained baseline of the same run: ratio = constrained bERL /
 baseline bERL, each at its best threshold.
 
-  python benchmarks/constraints.py [--seed 0] [--noise 0.2] [--json OUT]
+  python benchmarks/constraints.py [--seed 0] [--noise 0.2] [--cells 40] [--json OUT]
 """
 import argparse
 import os
@@ -69,8 +69,10 @@ def main():
   parser.add_argument("--gap-affinity", type=float, default=0.55,
                       help="affinity across the membrane at synapses")
   parser.add_argument("--shape", default="192,192,96")
-  parser.add_argument("--cells", type=int, default=12, help="nucleated neurons")
-  parser.add_argument("--synapses", type=int, default=300)
+  parser.add_argument("--cells", type=int, default=40,
+                      help="nucleated neurons (40 packs the 192×192×96 volume with somata)")
+  parser.add_argument("--synapses", type=int, default=600,
+                      help="synapses to place (the generator stops when contacts run out)")
   parser.add_argument("--json", default=None)
   args = parser.parse_args()
   shape = tuple(int(v) for v in args.shape.split(","))

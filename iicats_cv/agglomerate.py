@@ -48,10 +48,19 @@ class AgglomerationParams:
   # that cut true neurons, so a run can leave a kind out
   constraints: tuple = ("nucleus", "synapse", "mitochondria")
   mito_bonus: float = 0.05
-  nucleus_fraction: float = 0.5   # a fragment is nuclear when this fraction of it is nucleus
+  # a fragment holds nucleus when this fraction of it is nucleus; nuclear fragments whose
+  # boundary the nucleus crosses (nucleus_min_pairs voxel pairs inside it on both sides) form
+  # one instance, kept when it has nucleus_min_voxels in all. A lower fraction finds more of
+  # the synthetic nuclei (fragments that span nucleus and cytoplasm) but turns the default
+  # model's false nucleus blobs on FIB neuropil into instances.
+  nucleus_fraction: float = 0.5
   nucleus_min_voxels: int = 50
+  nucleus_min_pairs: int = 5
   synapse_min_pairs: int = 80     # boundary voxel pairs with synapse signal for a cannot-link
   synapse_min_fraction: float = 0.0  # ... and at least this fraction of the boundary
+  # ... and the mean affinity over those pairs at most this: the signal lies on a membrane (a
+  # cleft), not inside one cell (a vesicle cloud split by the watershed)
+  synapse_max_affinity: float = 0.75
   mito_min_pairs: int = 40        # boundary voxel pairs inside a mitochondrion for the hint
   track_threshold: float = 0.5
   # None: mean affinity of the shared boundary; q in (0, 1): its q-quantile (waterz-style,
@@ -62,16 +71,20 @@ class AgglomerationParams:
 def derive_constraints(rag: dict, params: AgglomerationParams) -> tuple[Constraints, np.ndarray]:
   """Nucleus instances, synapse cannot-links and mitochondria hints from a merged RAG.
 
-  Nucleus instances are connected groups of nuclear fragments (fragments mostly inside a
-  predicted nucleus). Returns (constraints, nucleus_centroids_vx (N, 3) float, instance order).
+  Nucleus instances are groups of nuclear fragments joined where the predicted nucleus crosses
+  their boundary: the fragment-level connected components of the nucleus mask, so they need no
+  stitching across blocks. (A RAG without `nucleus_pairs` joins any two adjacent nuclear
+  fragments.) Returns (constraints, nucleus_centroids_vx (N, 3) float, instance order).
   """
   frag = rag["frag_id"]
   n = len(frag)
   u = np.searchsorted(frag, rag["u"])
   v = np.searchsorted(frag, rag["v"])
-  nuclear = ((rag["frag_nucleus_voxels"] >= params.nucleus_fraction * rag["frag_size"])
-             & (rag["frag_nucleus_voxels"] > 0))
+  nucleus_voxels = rag["frag_nucleus_voxels"]
+  nuclear = (nucleus_voxels > 0) & (nucleus_voxels >= params.nucleus_fraction * rag["frag_size"])
   both = nuclear[u] & nuclear[v]
+  if "nucleus_pairs" in rag:
+    both &= rag["nucleus_pairs"] >= params.nucleus_min_pairs
   graph = coo_matrix((np.ones(both.sum()), (u[both], v[both])), shape=(n, n))
   _, component = connected_components(graph, directed=False)
   nucleus = np.zeros(n, dtype=np.int64)
@@ -86,8 +99,11 @@ def derive_constraints(rag: dict, params: AgglomerationParams) -> tuple[Constrai
       sums = np.bincount(inverse, weights=rag[f"frag_nucleus_sum_{axis}"][nuclear])
       centroids.append(sums[big] / voxels[big])
   centroids = np.stack(centroids, axis=1) if centroids else np.zeros((0, 3))
+  synapse_affinity = rag.get("synapse_aff_sum", np.zeros(len(u))) / np.maximum(
+    rag["synapse_pairs"], 1)
   synapse = ((rag["synapse_pairs"] >= params.synapse_min_pairs)
              & (rag["synapse_pairs"] >= params.synapse_min_fraction * rag["count"])
+             & (synapse_affinity <= params.synapse_max_affinity)
              & ("synapse" in params.constraints))
   cannot = np.stack([u[synapse], v[synapse]], axis=1).astype(np.int64)
   mito = (rag["mito_pairs"] >= params.mito_min_pairs) & ("mitochondria" in params.constraints)

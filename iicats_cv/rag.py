@@ -12,7 +12,11 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 EDGE_FIELDS = ("u", "v", "count", "aff_sum", "aff_min", "aff_hist", "mito_pairs",
-               "synapse_pairs", "stitch")
+               "nucleus_pairs", "synapse_pairs", "synapse_aff_sum", "stitch")
+# edge fields that add up when boundaries join (the rest: aff_min takes the minimum, aff_hist
+# adds per bin)
+SUMMED_EDGE_FIELDS = ("count", "aff_sum", "mito_pairs", "nucleus_pairs", "synapse_pairs",
+                      "synapse_aff_sum", "stitch")
 # affinity histogram per edge (uint32 counts over [0, 1]): quantiles of merged regions are read
 # from summed histograms, as waterz does
 HIST_BINS = 32
@@ -47,7 +51,7 @@ def block_rag(supervoxels: np.ndarray, affinities: np.ndarray, organelles: np.nd
   for orig, new in mapping.items():
     ids[new] = orig
   n = len(ids)
-  us, vs, affs, mitos, syns = [], [], [], [], []
+  us, vs, affs, mitos, nucs, syns = [], [], [], [], [], []
   for axis in range(3):
     here = list(inner)
     there = list(inner)
@@ -65,12 +69,11 @@ def block_rag(supervoxels: np.ndarray, affinities: np.ndarray, organelles: np.nd
     vs.append(b[sel])
     affs.append(affinities[axis][tuple(aff_sl)][sel])
     if organelles is not None:
-      mito_a = organelles[1][tuple(here)][sel] > organelle_threshold
-      mito_b = organelles[1][tuple(there)][sel] > organelle_threshold
-      syn_a = organelles[2][tuple(here)][sel] > organelle_threshold
-      syn_b = organelles[2][tuple(there)][sel] > organelle_threshold
-      mitos.append(mito_a & mito_b)
-      syns.append(syn_a | syn_b)
+      inside = [organelles[c][tuple(here)][sel] > organelle_threshold for c in range(3)]
+      beside = [organelles[c][tuple(there)][sel] > organelle_threshold for c in range(3)]
+      nucs.append(inside[0] & beside[0])
+      mitos.append(inside[1] & beside[1])
+      syns.append(inside[2] | beside[2])
   u = np.concatenate(us)
   v = np.concatenate(vs)
   lo, hi = np.minimum(u, v), np.maximum(u, v)
@@ -92,13 +95,15 @@ def block_rag(supervoxels: np.ndarray, affinities: np.ndarray, organelles: np.nd
   stitched = _stitched_keys(compact, context, face_agreement or {}, n)
   out["stitch"] = np.isin(keys, stitched).astype(np.int64)
   if organelles is not None:
-    out["mito_pairs"] = np.bincount(inverse, weights=np.concatenate(mitos),
-                                    minlength=len(keys)).astype(np.int64)
-    out["synapse_pairs"] = np.bincount(inverse, weights=np.concatenate(syns),
-                                       minlength=len(keys)).astype(np.int64)
+    synapse = np.concatenate(syns)
+    for name, pairs in (("nucleus_pairs", np.concatenate(nucs)),
+                        ("mito_pairs", np.concatenate(mitos)), ("synapse_pairs", synapse)):
+      out[name] = np.bincount(inverse, weights=pairs, minlength=len(keys)).astype(np.int64)
+    out["synapse_aff_sum"] = np.bincount(inverse, weights=aff * synapse, minlength=len(keys))
   else:
-    out["mito_pairs"] = np.zeros(len(keys), dtype=np.int64)
-    out["synapse_pairs"] = np.zeros(len(keys), dtype=np.int64)
+    for name in ("nucleus_pairs", "mito_pairs", "synapse_pairs"):
+      out[name] = np.zeros(len(keys), dtype=np.int64)
+    out["synapse_aff_sum"] = np.zeros(len(keys))
 
   own = compact[inner].ravel()
   size = np.bincount(own, minlength=n)
@@ -200,7 +205,9 @@ def merge_rags(parts) -> dict:
   pairs, inverse = np.unique(np.stack([u, v], axis=1), axis=0, return_inverse=True)
   inverse = inverse.ravel()
   out = {"u": pairs[:, 0], "v": pairs[:, 1]}
-  for field in ("count", "aff_sum", "mito_pairs", "synapse_pairs", "stitch"):
+  for field in SUMMED_EDGE_FIELDS:
+    if not any(field in p for p in parts):
+      continue  # RAGs written before the field existed stay recognisable
     values = np.concatenate([p.get(field, np.zeros(len(p["u"]))) for p in parts]
                             ).astype(np.float64)
     out[field] = np.bincount(inverse, weights=values, minlength=len(pairs))

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from cloudvolume import CloudVolume
 
-from iicats_cv.agglomerate import AgglomerationParams, agglomerate
+from iicats_cv.agglomerate import AgglomerationParams, agglomerate, derive_constraints
 from iicats_cv.errors import IicatsError
 from iicats_cv.layers import create_layer
 from iicats_cv.rag import block_rag, merge_rags
@@ -94,6 +94,45 @@ def test_mitochondria_hint_raises_score_but_not_over_cannot_link():
   assert result.segment_ids[2] == result.segment_ids[3]
   no_hint = agglomerate(rag, AgglomerationParams(threshold=0.5, mito_bonus=0.0, **TOY))
   assert no_hint.segment_ids[2] != no_hint.segment_ids[3]
+
+
+def test_synapse_cannot_link_needs_the_signal_on_a_membrane():
+  """A vesicle cloud split by the watershed puts synapse signal on a boundary inside one cell
+  (high affinity there): no cannot-link; the same signal on a cleft (low affinity) is one."""
+  rag = _toy_rag()
+  rag["synapse_aff_sum"] = np.array([0.0, 20 * 0.9, 0.0])
+  assert len(derive_constraints(rag, AgglomerationParams(**TOY))[0].cannot_link) == 0
+  rag["synapse_aff_sum"] = np.array([0.0, 20 * 0.3, 0.0])
+  np.testing.assert_array_equal(
+    derive_constraints(rag, AgglomerationParams(**TOY))[0].cannot_link, [[1, 2]])
+
+
+def test_nucleus_instances_join_only_where_the_nucleus_crosses_the_boundary():
+  """Fragments 1-2 share nucleus A, 3-4 nucleus B; the somata touch at the 2-3 boundary, where
+  no nucleus voxel pairs are: two instances (the fragments' adjacency alone would make one)."""
+  rag = _toy_rag()
+  rag["frag_nucleus_voxels"] = np.array([800, 600, 900, 700])
+  rag["nucleus_pairs"] = np.array([40, 0, 40])
+  constraints = derive_constraints(rag, AgglomerationParams(**TOY))[0]
+  np.testing.assert_array_equal(constraints.nucleus, [1, 1, 2, 2])
+  rag["nucleus_pairs"] = np.array([40, 40, 40])
+  np.testing.assert_array_equal(
+    derive_constraints(rag, AgglomerationParams(**TOY))[0].nucleus, [1, 1, 1, 1])
+
+
+def test_block_rag_records_nucleus_pairs_and_synapse_affinity():
+  frags = np.zeros((4, 2, 2), np.uint64)
+  frags[:2], frags[2:] = 1, 2
+  affs = np.full((3, 4, 2, 2), 0.8, np.float32)
+  affs[0, 2] = 0.2                       # the x boundary between the fragments
+  organelles = np.zeros((3, 4, 2, 2), np.float32)
+  organelles[0, 1:3, 0] = 1              # a nucleus across the boundary on row y=0
+  organelles[2, 2, :, 0] = 1             # synapse signal beside it on z=0
+  rag = block_rag(frags, affs, organelles, (0, 0, 0))
+  assert rag["count"][0] == 4
+  assert rag["nucleus_pairs"][0] == 2
+  assert rag["synapse_pairs"][0] == 2
+  assert rag["synapse_aff_sum"][0] == pytest.approx(0.4)
 
 
 def test_sweep_tables_equal_separate_runs():
