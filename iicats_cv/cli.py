@@ -375,14 +375,16 @@ def infer_command(image, affinities, organelles, checkpoint, task_shape, as_floa
   Example:
     iicats infer file://./em --affinities file://./run/aff --organelles file://./run/org -p 2
   """
-  from iicats_cv.tasks.inference import create_inference_tasks
+  from iicats_cv.tasks.inference import clear_patch_cache, create_inference_tasks
   from iicats_cv.tasks.runner import run_tasks
   from .layers import normalize_cloudpath
   started = time.time()
-  tasks = create_inference_tasks(normalize_cloudpath(image), normalize_cloudpath(affinities),
+  affinities = normalize_cloudpath(affinities)
+  tasks = create_inference_tasks(normalize_cloudpath(image), affinities,
                                  normalize_cloudpath(organelles), checkpoint, task_shape,
                                  dtype="float32" if as_float else "uint8")
   run_tasks(tasks, queue, parallel, desc="inference")
+  clear_patch_cache(affinities)
   click.echo(f"done: {len(tasks)} inference task(s) in {time.time() - started:.1f} s")
 
 

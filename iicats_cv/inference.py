@@ -6,6 +6,8 @@ shape. Arrays are (x, y, z) / (c, x, y, z).
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 
@@ -48,20 +50,28 @@ def patches_for_block(block_start, block_stop, dataset_start, dataset_stop, patc
   return grid.reshape(-1, 3)
 
 
-def read_region(patch_starts, patch):
-  """Bounding box [start, stop) (x,y,z) of all the patches."""
-  return patch_starts.min(axis=0), patch_starts.max(axis=0) + np.array(patch)
-
-
 @torch.no_grad()
-def predict_block(model: UNet3D, image: np.ndarray, image_start, block_start, block_stop,
-                  patch_starts, batch_size: int = 4, device: str = "cpu") -> np.ndarray:
+def predict_block(model: UNet3D, image, image_start, block_start, block_stop, patch_starts,
+                  batch_size: int = 4, device: str = "cpu", patch_cache=None, on_final=None,
+                  z_align: int | None = None) -> np.ndarray:
   """Blend model outputs of the given patches over one block.
 
   image: uint8 (X, Y, Z) covering every patch, its first voxel at global `image_start`
-  (regions beyond the dataset must already be padded). Returns float32 (C, bx, by, bz)
-  probabilities for the block [block_start, block_stop); each voxel is the weighted mean of the
-  patches covering it (weights sum to 1). All-zero patches are not run and predict 0.
+    (regions beyond the dataset must already be padded); or a callable read(lo, hi) -> uint8
+    array of the global box [lo, hi), padded the same way. Patches run one z-layer (one patch
+    z start) at a time, and the next layer's image is read while this one computes.
+  patch_cache: optional object with get(start) -> float32 (C, *patch) or None and
+    put(start, probabilities): patches that cross the block's faces, which the neighbouring
+    blocks need as well, are looked up there first and stored once computed, so each is
+    computed once however the volume is cut into tasks (the stored values are the computed
+    float32, so the output does not depend on whether a patch came from the cache).
+  on_final: optional callable(z0, z1, probabilities (C, bx, by, z1 - z0)) called (in a
+    background thread) with each z-slab [z0, z1) (global) of the block as soon as no later
+    patch touches it; slab ends fall on multiples of z_align from block_start, or on the block
+    end. The call returns after every on_final and cache write has finished.
+  Returns float32 (C, bx, by, bz) probabilities for the block [block_start, block_stop); each
+  voxel is the weighted mean of the patches covering it (weights sum to 1). All-zero patches
+  are not run and predict 0.
   """
   config = model.config
   patch = np.array(config.patch_size)
@@ -71,44 +81,82 @@ def predict_block(model: UNet3D, image: np.ndarray, image_start, block_start, bl
   out = np.zeros((len(config.out_channels),) + shape, dtype=np.float32)
   weight_sum = np.zeros(shape, dtype=np.float32)
   use_amp = device.startswith("cuda")
+  patch_starts = np.asarray(patch_starts).reshape(-1, 3)
+  if callable(image):
+    read = image
+  else:
+    image_start = np.asarray(image_start)
 
-  def accumulate(starts, probs):
-    for start, prob in zip(starts, probs):
-      lo = np.maximum(start, block_start)
-      hi = np.minimum(start + patch, block_stop)
-      src = tuple(slice(l - s, h - s) for l, h, s in zip(lo, hi, start))
-      dst = tuple(slice(l - b, h - b) for l, h, b in zip(lo, hi, block_start))
-      w = weights[src]
-      if prob is not None:
-        out[(slice(None),) + dst] += prob[(slice(None),) + src] * w
-      weight_sum[dst] += w
+    def read(lo, hi):
+      return image[tuple(slice(a, b) for a, b in zip(lo - image_start, hi - image_start))]
 
-  batch, batch_starts = [], []
+  def accumulate(start, prob):
+    lo = np.maximum(start, block_start)
+    hi = np.minimum(start + patch, block_stop)
+    src = tuple(slice(l - s, h - s) for l, h, s in zip(lo, hi, start))
+    dst = tuple(slice(l - b, h - b) for l, h, b in zip(lo, hi, block_start))
+    w = weights[src]
+    if prob is not None:
+      out[(slice(None),) + dst] += prob[(slice(None),) + src] * w
+    weight_sum[dst] += w
 
-  def flush():
-    if not batch:
-      return
-    x = torch.from_numpy(np.stack(batch)[:, None]).to(device)
+  def run(batch):
+    x = torch.from_numpy(np.stack([tile for _, tile, _ in batch])[:, None]).to(device)
     with torch.autocast(device_type="cuda", enabled=use_amp):
       probs = torch.sigmoid(model(x).float()).cpu().numpy()
-    accumulate(batch_starts, probs)
-    batch.clear()
-    batch_starts.clear()
+    for (start, _, shared), prob in zip(batch, probs):
+      accumulate(start, prob)
+      if shared:
+        pending.append(io.submit(patch_cache.put, start, prob))
 
-  image_start = np.asarray(image_start)
-  for start in patch_starts:
-    offset = start - image_start
-    sl = tuple(slice(o, o + p) for o, p in zip(offset, patch))
-    tile = image[sl]
-    if not tile.any():
-      accumulate([start], [None])
-      continue
-    batch.append(normalize_image(tile, config))
-    batch_starts.append(start)
-    if len(batch) >= batch_size:
-      flush()
-  flush()
-  out /= weight_sum[None]
+  def final(z0, z1):
+    sl = (slice(None), slice(None), slice(None), slice(z0 - block_start[2], z1 - block_start[2]))
+    out[sl] /= weight_sum[None, :, :, sl[3]]
+    if on_final is not None:
+      pending.append(io.submit(on_final, z0, z1, out[sl]))
+
+  layers = np.unique(patch_starts[:, 2])
+  xy_lo, xy_hi = patch_starts[:, :2].min(0), patch_starts[:, :2].max(0) + patch[:2]
+
+  def fetch(z):
+    return read(np.r_[xy_lo, z], np.r_[xy_hi, z + patch[2]])
+
+  pending = []
+  done_z = int(block_start[2])
+  with ThreadPoolExecutor(max_workers=2) as io:
+    upcoming = io.submit(fetch, layers[0]) if len(layers) else None
+    for i, z in enumerate(layers):
+      layer_image = upcoming.result()
+      upcoming = io.submit(fetch, layers[i + 1]) if i + 1 < len(layers) else None
+      batch = []
+      for start in patch_starts[patch_starts[:, 2] == z]:
+        shared = patch_cache is not None and bool(
+          np.any(start < block_start) or np.any(start + patch > block_stop))
+        cached = patch_cache.get(start) if shared else None
+        if cached is not None:
+          accumulate(start, cached)
+          continue
+        offset = np.r_[start[:2] - xy_lo, 0]
+        tile = layer_image[tuple(slice(o, o + p) for o, p in zip(offset, patch))]
+        if not tile.any():
+          accumulate(start, None)
+          continue
+        batch.append((start, normalize_image(tile, config), shared))
+        if len(batch) >= batch_size:
+          run(batch)
+          batch = []
+      if batch:
+        run(batch)
+      # voxels below the next layer's start see no more patches
+      ready = int(block_stop[2]) if i + 1 == len(layers) else min(int(layers[i + 1]),
+                                                                 int(block_stop[2]))
+      if z_align and ready < block_stop[2]:
+        ready = done_z + (ready - done_z) // z_align * z_align
+      if ready > done_z:
+        final(done_z, ready)
+        done_z = ready
+    for future in pending:
+      future.result()
   return out
 
 

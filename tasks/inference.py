@@ -1,16 +1,20 @@
 """InferenceTask: EM image block (+ patch context) -> affinities and organelles layers."""
 from __future__ import annotations
 
+import hashlib
+import io
+import os
+import shutil
 from functools import partial
 
 import numpy as np
 import torch
+from cloudfiles import CloudFiles
 from cloudvolume import Bbox
 from taskqueue import queueable
 
-from iicats_cv.inference import patches_for_block, predict_block, quantize, read_region, \
-  pad_to_region
-from iicats_cv.layers import open_layer, create_layer
+from iicats_cv.inference import patches_for_block, predict_block, quantize, pad_to_region
+from iicats_cv.layers import open_layer, create_layer, local_path, resolve_cloudpath
 from iicats_cv.model import load_checkpoint, AFFINITY_CHANNELS, ORGANELLE_CHANNELS
 from .common import block_grid, check_task_shape, mark_done, block_name, done_names
 
@@ -28,32 +32,83 @@ def _device():
   return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+class PatchCache:
+  """Model outputs of patches that cross task faces, under a cloudpath prefix (one .npy per
+  patch, float32 (C, *patch)): the first task to need such a patch computes and stores it,
+  the neighbouring tasks read it."""
+
+  def __init__(self, prefix: str):
+    self.files = CloudFiles(resolve_cloudpath(prefix))
+
+  @staticmethod
+  def _key(start) -> str:
+    return "_".join(str(int(v)) for v in start) + ".npy"
+
+  def get(self, start):
+    data = self.files.get(self._key(start))
+    return None if data is None else np.load(io.BytesIO(data))
+
+  def put(self, start, probabilities) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(probabilities, np.float32))
+    self.files.put(self._key(start), buffer.getvalue(), compress=None)
+
+
+def patch_cache_prefix(affinities_path: str, image_path: str, checkpoint: str) -> str:
+  """Where a run's patch cache lives: beside the affinities layer, named after the image and
+  the model, so a cache left by an interrupted run with another model is never read."""
+  digest = hashlib.sha1(f"{image_path}|{checkpoint or 'default'}".encode()).hexdigest()[:12]
+  return f"{affinities_path.rstrip('/')}/patch_cache/{digest}"
+
+
+def clear_patch_cache(affinities_path: str) -> None:
+  """Delete the patch caches under an affinities layer (after the inference stage)."""
+  local = local_path(affinities_path)
+  if local:  # file:// deletes leave the folders behind
+    shutil.rmtree(os.path.join(local, "patch_cache"), ignore_errors=True)
+    return
+  files = CloudFiles(resolve_cloudpath(affinities_path))
+  files.delete(list(files.list(prefix="patch_cache/")))
+
+
 @queueable
 def inference_task(image_path: str, affinities_path: str, organelles_path: str,
                    checkpoint: str, start: list, stop: list, overlap: list,
-                   batch_size: int = 4, state_prefix: str = ""):
-  """Predict affinities + organelles for the block [start, stop) (x,y,z voxels)."""
+                   batch_size: int = 4, state_prefix: str = "", patch_cache: str = ""):
+  """Predict affinities + organelles for the block [start, stop) (x,y,z voxels).
+
+  The image is read one z-layer of patches at a time, the next layer while this one computes,
+  and each finished z-slab of output chunks is written while the next computes.
+  patch_cache: cloudpath prefix of a PatchCache shared by the run's tasks ("" = none).
+  """
   device = _device()
   model = _model(checkpoint, device)
   image_cv = open_layer(image_path, layer_type="image", dtypes=("uint8",), num_channels=1,
                         what="image layer")
+  aff_cv = open_layer(affinities_path)
+  org_cv = open_layer(organelles_path)
   bounds = image_cv.bounds
   patch = np.array(model.config.patch_size)
   stride = patch - np.asarray(overlap)
   starts = patches_for_block(start, stop, bounds.minpt, bounds.maxpt, patch, stride)
-  want_lo, want_hi = read_region(starts, patch)
-  have_lo = np.maximum(want_lo, bounds.minpt)
-  have_hi = np.minimum(want_hi, bounds.maxpt)
-  image = np.asarray(image_cv[Bbox(have_lo, have_hi)])[..., 0]
-  image = pad_to_region(image, have_lo, have_hi, want_lo, want_hi)
-  probs = predict_block(model, image, want_lo, start, stop, starts, batch_size, device)
-  slices = tuple(slice(a, b) for a, b in zip(start, stop))
-  aff_cv = open_layer(affinities_path)
-  org_cv = open_layer(organelles_path)
+
+  def read(want_lo, want_hi):
+    have_lo = np.maximum(want_lo, bounds.minpt)
+    have_hi = np.minimum(want_hi, bounds.maxpt)
+    image = np.asarray(image_cv[Bbox(have_lo, have_hi)])[..., 0]
+    return pad_to_region(image, have_lo, have_hi, want_lo, want_hi)
+
   n_aff = len(AFFINITY_CHANNELS)
-  for cv, data in ((aff_cv, probs[:n_aff]), (org_cv, probs[n_aff:])):
-    out = data if cv.dtype == np.float32 else quantize(data)
-    cv[slices] = np.moveaxis(out, 0, -1)
+
+  def write(z0, z1, probs):
+    box = tuple(slice(a, b) for a, b in zip(start[:2], stop[:2])) + (slice(z0, z1),)
+    for cv, data in ((aff_cv, probs[:n_aff]), (org_cv, probs[n_aff:])):
+      out = data if cv.dtype == np.float32 else quantize(data)
+      cv[box] = np.moveaxis(out, 0, -1)
+
+  predict_block(model, read, None, start, stop, starts, batch_size, device,
+                patch_cache=PatchCache(patch_cache) if patch_cache else None,
+                on_final=write, z_align=int(aff_cv.chunk_size[2]))
   if state_prefix:
     mark_done(state_prefix, "inference", block_name(start))
 
@@ -61,8 +116,12 @@ def inference_task(image_path: str, affinities_path: str, organelles_path: str,
 def create_inference_tasks(image_path: str, affinities_path: str, organelles_path: str,
                            checkpoint: str | None = None, task_shape=(128, 128, 128),
                            dtype: str = "uint8", batch_size: int = 4, state_prefix: str = "",
-                           chunk_size=(64, 64, 64)):
-  """Create the output layers (validated, with provenance) and one task per block."""
+                           chunk_size=(64, 64, 64), share_patches: bool = True):
+  """Create the output layers (validated, with provenance) and one task per block.
+
+  share_patches: the tasks share the patches that cross their faces through a PatchCache
+  beside the affinities layer (each computed once when tasks run one after another; call
+  clear_patch_cache after the stage)."""
   image_cv = open_layer(image_path, layer_type="image", dtypes=("uint8",), num_channels=1,
                         what="image layer")
   model, meta = load_checkpoint(checkpoint or None)
@@ -84,11 +143,12 @@ def create_inference_tasks(image_path: str, affinities_path: str, organelles_pat
                  num_channels=len(channels), step="inference",
                  params={**params, "channels": list(channels)})
   done = done_names(state_prefix, "inference") if state_prefix else set()
+  cache = patch_cache_prefix(affinities_path, image_path, checkpoint) if share_patches else ""
   return [
     partial(inference_task, image_path=image_path, affinities_path=affinities_path,
                    organelles_path=organelles_path, checkpoint=checkpoint or "",
                    start=lo, stop=hi, overlap=overlap, batch_size=batch_size,
-                   state_prefix=state_prefix)
+                   state_prefix=state_prefix, patch_cache=cache)
     for lo, hi, _ in block_grid(bounds.minpt, bounds.maxpt, task_shape)
     if block_name(lo) not in done
   ]

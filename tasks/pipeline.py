@@ -19,7 +19,7 @@ import numpy as np
 from iicats_cv.errors import IicatsError
 from iicats_cv.layers import normalize_cloudpath, open_layer, join, local_path
 from . import igneous_stages as ig
-from .inference import create_inference_tasks
+from .inference import clear_patch_cache, create_inference_tasks
 from .runner import open_queue, run_tasks
 from .segmentation import (create_watershed_tasks, create_rag_tasks, create_reduce_tasks,
                            agglomerate_task, create_remap_tasks)
@@ -128,6 +128,7 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
   run.stage("inference", lambda: create_inference_tasks(
     image, layers["affinities"], layers["organelles"], checkpoint, task_shape,
     state_prefix=state))
+  clear_patch_cache(layers["affinities"])
   run.stage("watershed", lambda: create_watershed_tasks(
     layers["affinities"], layers["supervoxels"], task_shape, state_prefix=state))
   run.stage("rag", lambda: create_rag_tasks(

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import tensorstore as ts
 import torch
+from cloudfiles import CloudFiles
 
 from iicats_cv.errors import IicatsError
 from iicats_cv.inference import bump_weights, patches_for_block, predict_block, grid_starts
@@ -49,7 +50,7 @@ def test_blending_weights_sum_to_one():
   np.testing.assert_allclose(out, 0.5, rtol=1e-5)
 
 
-def _run_inference(tmp_path, checkpoint, task_shape, name):
+def _run_inference(tmp_path, checkpoint, task_shape, name, share_patches=True):
   from iicats_cv.tasks.inference import create_inference_tasks
   from iicats_cv.tasks.runner import run_tasks
   labels, image = blobs((64, 64, 40))
@@ -58,7 +59,7 @@ def _run_inference(tmp_path, checkpoint, task_shape, name):
   aff = "file://" + str(tmp_path / name / "aff")
   org = "file://" + str(tmp_path / name / "org")
   tasks = create_inference_tasks(image_path, aff, org, checkpoint, task_shape,
-                                 chunk_size=(32, 32, 32))
+                                 chunk_size=(32, 32, 32), share_patches=share_patches)
   run_tasks(tasks, None, 1, desc="inference")
   return aff, org
 
@@ -78,6 +79,43 @@ def test_inference_independent_of_task_shape(tmp_path, tiny_checkpoint):
   store = ts.open({"driver": "neuroglancer_precomputed", "kvstore": aff_a + "/"}).result()
   assert store.shape[-1] == len(AFFINITY_CHANNELS)
   np.testing.assert_array_equal(np.asarray(store.read().result())[..., :], a)
+
+
+def test_patches_across_task_faces_are_computed_once(tmp_path, tiny_checkpoint, monkeypatch):
+  """32³ tasks over 64×64×40 voxels: with the patch cache, the model runs each patch of the
+  global grid once (as one whole-volume pass would), and the output is that of tasks that
+  each compute every patch they touch (to one quantisation step: patches batch differently)."""
+  from cloudvolume import CloudVolume
+  from iicats_cv.tasks import inference as task_module
+  forwarded = []
+  model_of = task_module._model
+
+  def counting_model(checkpoint, device):
+    model = model_of(checkpoint, device)
+
+    class Counting(torch.nn.Module):
+      config = model.config
+
+      def forward(self, x):
+        forwarded.append(x.shape[0])
+        return model(x)
+    return Counting()
+
+  monkeypatch.setattr(task_module, "_model", counting_model)
+  shared_aff, _ = _run_inference(tmp_path, tiny_checkpoint, (32, 32, 32), "shared")
+  shared_runs = sum(forwarded)
+  forwarded.clear()
+  alone_aff, _ = _run_inference(tmp_path / "alone", tiny_checkpoint, (32, 32, 32), "alone",
+                                share_patches=False)
+  patch = np.array(load_checkpoint(tiny_checkpoint)[0].config.patch_size)
+  whole = patches_for_block(np.zeros(3, int), np.array([64, 64, 40]), np.zeros(3, int),
+                            np.array([64, 64, 40]), patch, patch - patch // 4)
+  assert shared_runs == len(whole) < sum(forwarded)
+  difference = CloudVolume(shared_aff)[:, :, :].astype(int) - CloudVolume(alone_aff)[:, :, :]
+  assert np.abs(difference).max() <= 1
+  assert list(CloudFiles(shared_aff).list(prefix="patch_cache/"))
+  task_module.clear_patch_cache(shared_aff)
+  assert not (tmp_path / "shared" / "aff" / "patch_cache").exists()
 
 
 def test_outputs_finite_and_in_range(tiny_checkpoint):
