@@ -107,13 +107,13 @@ def predict_block(model: UNet3D, image, image_start, block_start, block_stop, pa
     for (start, _, shared), prob in zip(batch, probs):
       accumulate(start, prob)
       if shared:
-        pending.append(io.submit(patch_cache.put, start, prob))
+        pending.append(background.submit(patch_cache.put, start, prob))
 
   def final(z0, z1):
     sl = (slice(None), slice(None), slice(None), slice(z0 - block_start[2], z1 - block_start[2]))
     out[sl] /= weight_sum[None, :, :, sl[3]]
     if on_final is not None:
-      pending.append(io.submit(on_final, z0, z1, out[sl]))
+      pending.append(background.submit(on_final, z0, z1, out[sl]))
 
   layers = np.unique(patch_starts[:, 2])
   xy_lo, xy_hi = patch_starts[:, :2].min(0), patch_starts[:, :2].max(0) + patch[:2]
@@ -123,11 +123,11 @@ def predict_block(model: UNet3D, image, image_start, block_start, block_stop, pa
 
   pending = []
   done_z = int(block_start[2])
-  with ThreadPoolExecutor(max_workers=2) as io:
-    upcoming = io.submit(fetch, layers[0]) if len(layers) else None
+  with ThreadPoolExecutor(max_workers=2) as background:
+    upcoming = background.submit(fetch, layers[0]) if len(layers) else None
     for i, z in enumerate(layers):
       layer_image = upcoming.result()
-      upcoming = io.submit(fetch, layers[i + 1]) if i + 1 < len(layers) else None
+      upcoming = background.submit(fetch, layers[i + 1]) if i + 1 < len(layers) else None
       batch = []
       for start in patch_starts[patch_starts[:, 2] == z]:
         shared = patch_cache is not None and bool(
