@@ -102,7 +102,9 @@ def _pipeline_options(func):
                  help="Run N local worker processes (default 1 when no --queue)."),
     click.option("--task-shape", default="128,128,128", callback=_triple("task_shape", int),
                  help="Task (block) shape X,Y,Z in voxels; a multiple of 64."),
-    click.option("--checkpoint", default=None, help="Model checkpoint (default: shipped)."),
+    click.option("--checkpoint", default=None,
+                 help="Model checkpoint file, or a shipped model: 'default' (10 nm "
+                      "isotropic EM), 'vnc' (ssTEM organelles)."),
     click.option("--json", "json_path", default=None, help="Write the run summary here."),
     click.option("--threshold", type=float, default=0.5, show_default=True,
                  help="Agglomeration threshold (mean affinity)."),
@@ -332,10 +334,13 @@ def synthetic_command(out, shape, resolution, seed):
 @click.option("--lr", type=float, default=2e-3, show_default=True)
 @click.option("--patch-size", default="48,48,48", callback=_triple("patch_size", int))
 @click.option("--anisotropic", is_flag=True, help="Pool only in x,y (ssEM, ~4x4x40 nm).")
+@click.option("--long-range", type=int, multiple=True,
+              help="Also predict x, y, z affinities to the neighbour this many voxels away "
+                   "(repeat for several distances); written after the short-range ones.")
 @click.option("--seed", type=int, default=0)
 @click.option("--resume", is_flag=True, help="Continue from OUT.state if present.")
 def train_command(image, labels, nuclei, mitochondria, synapses, bounds, out, iterations,
-                  batch_size, lr, patch_size, anisotropic, seed, resume):
+                  batch_size, lr, patch_size, anisotropic, long_range, seed, resume):
   """Train the affinity + organelle network on precomputed layers.
 
   Options repeat per dataset: the i-th --labels/--nuclei/... belong to the i-th --image.
@@ -345,12 +350,17 @@ def train_command(image, labels, nuclei, mitochondria, synapses, bounds, out, it
     iicats train --image file://fib/image --labels file://fib/neurons --out model.safetensors
   """
   from .training_data import load_training_volumes
-  from .model import ModelConfig
+  from .model import AFFINITY_CHANNELS, ORGANELLE_CHANNELS, ModelConfig, long_range_channels
   from .train import train
+  if any(d < 2 or d >= min(patch_size) for d in long_range):
+    raise click.BadParameter(f"distances {long_range}: each must be 2 or more and below the "
+                             f"patch size {patch_size}", param_hint="--long-range")
   volumes, resolution = load_training_volumes(image, labels, nuclei, mitochondria, synapses,
                                               bounds)
   down = ((2, 2, 1), (2, 2, 1)) if anisotropic else ((2, 2, 2), (2, 2, 2))
-  config = ModelConfig(patch_size=patch_size, resolution=resolution, downsample=down)
+  config = ModelConfig(patch_size=patch_size, resolution=resolution, downsample=down,
+                       out_channels=AFFINITY_CHANNELS + ORGANELLE_CHANNELS
+                       + long_range_channels(sorted(set(long_range))))
   command = _command_line(click.get_current_context())
   meta = train(volumes, out, config=config, iterations=iterations, batch_size=batch_size,
                lr=lr, seed=seed, resume=resume, command=command)
@@ -362,7 +372,9 @@ def train_command(image, labels, nuclei, mitochondria, synapses, bounds, out, it
 @click.argument("image")
 @click.option("--affinities", required=True, help="Output affinities layer.")
 @click.option("--organelles", required=True, help="Output organelles layer.")
-@click.option("--checkpoint", default=None)
+@click.option("--checkpoint", default=None,
+              help="Model checkpoint file, or a shipped model: 'default' (10 nm isotropic EM), "
+                   "'vnc' (ssTEM organelles).")
 @click.option("--task-shape", default="128,128,128", callback=_triple("task_shape", int))
 @click.option("--float32", "as_float", is_flag=True, help="float32 output instead of uint8.")
 @click.option("--queue", default=None)

@@ -20,6 +20,20 @@ from .errors import IicatsError
 
 AFFINITY_CHANNELS = ("affinity_x", "affinity_y", "affinity_z")
 ORGANELLE_CHANNELS = ("nucleus", "mitochondria", "synapse")
+
+
+def long_range_channels(distances) -> tuple:
+  """Channel names of long-range affinities: x, y, z to the -d neighbour for each distance d
+  (voxels), e.g. (3,) -> ("affinity_x3", "affinity_y3", "affinity_z3"). Models put them after
+  the organelle channels; the affinities layer after the three short-range ones."""
+  return tuple(f"{name}{int(d)}" for d in distances for name in AFFINITY_CHANNELS)
+
+
+def long_range_offsets(out_channels) -> list:
+  """(axis 0/1/2, distance) of each long-range channel in a model's out_channels, in order."""
+  first = len(AFFINITY_CHANNELS) + len(ORGANELLE_CHANNELS)
+  return [("xyz".index(name[len("affinity_")]), int(name[len("affinity_") + 1:]))
+          for name in out_channels[first:]]
 CHECKPOINT_FORMAT = "iicats-cv/unet3d/1"
 
 
@@ -140,15 +154,23 @@ def save_checkpoint(path: str, model: UNet3D, metadata: dict | None = None) -> N
   os.replace(tmp, path)
 
 
-def default_checkpoint_path() -> str:
-  return os.path.join(os.path.dirname(__file__), "data", "default_model.safetensors")
+# models shipped in iicats_cv/data, by the name `--checkpoint` accepts (see MODEL_CARD.md)
+SHIPPED_MODELS = {"default": "default_model.safetensors", "vnc": "vnc_model.safetensors"}
+
+
+def default_checkpoint_path(name: str = "default") -> str:
+  return os.path.join(os.path.dirname(__file__), "data", SHIPPED_MODELS[name])
 
 
 def load_checkpoint(path: str | None = None, device: str = "cpu") -> tuple[UNet3D, dict]:
-  """Load a checkpoint -> (model in eval mode, metadata dict). Clear errors when unusable."""
+  """Load a checkpoint -> (model in eval mode, metadata dict). Clear errors when unusable.
+
+  path: a .safetensors file, a shipped model's name (SHIPPED_MODELS: "default" for 10 nm
+  isotropic EM, "vnc" for ~4.6×4.6×47 nm ssTEM organelles), or None for "default"."""
   from safetensors import safe_open
   from safetensors.torch import load_file
-  path = path or default_checkpoint_path()
+  path = default_checkpoint_path(path or "default") if (path or "default") in SHIPPED_MODELS \
+    else path
   if not os.path.exists(path):
     raise IicatsError(f"checkpoint {path}: file not found")
   try:

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .model import ModelConfig, UNet3D, normalize_image, save_checkpoint, ORGANELLE_CHANNELS
+from .model import (ModelConfig, UNet3D, normalize_image, save_checkpoint, ORGANELLE_CHANNELS,
+                    long_range_offsets)
 
 
 @dataclass
@@ -37,20 +38,21 @@ class TrainingVolume:
     return getattr(self, name)
 
 
-def affinities_from_labels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def affinities_from_labels(labels: np.ndarray, distance: int = 1
+                           ) -> tuple[np.ndarray, np.ndarray]:
   """Affinity targets and validity masks from instance labels.
 
   labels: (X, Y, Z) uint. Returns (affs, mask), both float32 (3, X, Y, Z): channel c at voxel v
-  is 1 when v and v - e_c carry the same non-zero label. The mask is 0 at the low border of each
-  axis, where the neighbour lies outside the array.
+  is 1 when v and v - distance * e_c carry the same non-zero label. The mask is 0 within
+  `distance` of the low border of each axis, where the neighbour lies outside the array.
   """
   affs = np.zeros((3,) + labels.shape, dtype=np.float32)
   mask = np.zeros_like(affs)
   for axis in range(3):
     here = [slice(None)] * 3
     there = [slice(None)] * 3
-    here[axis] = slice(1, None)
-    there[axis] = slice(None, -1)
+    here[axis] = slice(distance, None)
+    there[axis] = slice(None, -distance)
     a, b = labels[tuple(here)], labels[tuple(there)]
     affs[(axis,) + tuple(here)] = (a == b) & (a != 0)
     mask[(axis,) + tuple(here)] = 1
@@ -67,6 +69,9 @@ class PatchSampler:
     self.augment = augment
     self.patch = np.array(config.patch_size, dtype=int)
     self.isotropic = isotropic
+    # (axis, distance) of every affinity channel: short-range 0-2, long-range from channel 6
+    self.affinities = [(axis, 1, axis) for axis in range(3)] + [
+      (axis, d, 6 + i) for i, (axis, d) in enumerate(long_range_offsets(config.out_channels))]
     self.rng = np.random.default_rng(seed)
     self.z_range = z_range  # per volume (z0, z1) or None for all
     weights = np.array([v.weight for v in volumes], dtype=float)
@@ -78,7 +83,8 @@ class PatchSampler:
     return self.z_range[index]
 
   def sample(self, index=None):
-    """-> (image float32 (1,X,Y,Z), target (6,X,Y,Z), mask (6,X,Y,Z))."""
+    """-> (image float32 (1,X,Y,Z), target (C,X,Y,Z), mask (C,X,Y,Z)), C = the model's
+    out_channels (affinities x,y,z; nucleus, mitochondria, synapse; long-range affinities)."""
     rng = self.rng
     if index is None:
       index = rng.choice(len(self.volumes), p=self.p)
@@ -90,10 +96,15 @@ class PatchSampler:
     start[2] += z0
     sl = tuple(slice(a, a + p) for a, p in zip(start, size))
     image = vol.image[sl]
-    target = np.zeros((6,) + image.shape, dtype=np.float32)
+    target = np.zeros((len(self.config.out_channels),) + image.shape, dtype=np.float32)
     mask = np.zeros_like(target)
     if vol.labels is not None:
       target[:3], mask[:3] = affinities_from_labels(vol.labels[sl])
+      for d in sorted({d for _, d, c in self.affinities if c >= 6}):
+        affs, valid = affinities_from_labels(vol.labels[sl], d)
+        for axis, distance, c in self.affinities:
+          if distance == d and c >= 6:
+            target[c], mask[c] = affs[axis], valid[axis]
     for c, name in enumerate(ORGANELLE_CHANNELS):
       organelle = vol.organelle(name)
       if organelle is not None:
@@ -113,21 +124,29 @@ class PatchSampler:
 
   def _augment(self, image, target, mask):
     rng = self.rng
-    # flips mirror the affinity definition (v vs v - e) by one voxel: shift it back
+    # flips mirror the affinity definition (v vs v - d e) by d voxels: shift it back
     for axis in ((0, 1, 2) if self.isotropic else (0, 1)):
       if rng.random() < 0.5:
         image = np.flip(image, axis)
         target = np.flip(target, axis + 1)
         mask = np.flip(mask, axis + 1)
-        target[axis] = np.roll(target[axis], 1, axis)
-        mask[axis] = np.roll(mask[axis], 1, axis)
-        edge = [slice(None)] * 3
-        edge[axis] = 0
-        mask[(axis,) + tuple(edge)] = 0
+        for along, distance, c in self.affinities:
+          if along != axis:
+            continue
+          target[c] = np.roll(target[c], distance, axis)
+          mask[c] = np.roll(mask[c], distance, axis)
+          edge = [slice(None)] * 3
+          edge[axis] = slice(0, distance)
+          mask[(c,) + tuple(edge)] = 0
     if rng.random() < 0.5 and image.shape[0] == image.shape[1]:
+      # x <-> y: each affinity channel trades places with its partner on the other axis
+      swap = list(range(len(target)))
+      for axis, distance, c in self.affinities:
+        if axis < 2:
+          swap[c] = next(o for a, d, o in self.affinities if a == 1 - axis and d == distance)
       image = image.transpose(1, 0, 2)
-      target = target.transpose(0, 2, 1, 3)[[1, 0, 2, 3, 4, 5]]
-      mask = mask.transpose(0, 2, 1, 3)[[1, 0, 2, 3, 4, 5]]
+      target = target.transpose(0, 2, 1, 3)[swap]
+      mask = mask.transpose(0, 2, 1, 3)[swap]
     if not self.isotropic and rng.random() < 0.1:
       # missing section: one z slice blanked, as in ssEM
       image = image.copy()

@@ -98,11 +98,13 @@ def inference_task(image_path: str, affinities_path: str, organelles_path: str,
     image = np.asarray(image_cv[Bbox(have_lo, have_hi)])[..., 0]
     return pad_to_region(image, have_lo, have_hi, want_lo, want_hi)
 
-  n_aff = len(AFFINITY_CHANNELS)
+  n_aff, n_org = len(AFFINITY_CHANNELS), len(ORGANELLE_CHANNELS)
 
   def write(z0, z1, probs):
     box = tuple(slice(a, b) for a, b in zip(start[:2], stop[:2])) + (slice(z0, z1),)
-    for cv, data in ((aff_cv, probs[:n_aff]), (org_cv, probs[n_aff:])):
+    # model channels: short-range affinities, organelles, then any long-range affinities
+    affinities = np.concatenate([probs[:n_aff], probs[n_aff + n_org:]])
+    for cv, data in ((aff_cv, affinities), (org_cv, probs[n_aff:n_aff + n_org])):
       out = data if cv.dtype == np.float32 else quantize(data)
       cv[box] = np.moveaxis(out, 0, -1)
 
@@ -136,7 +138,9 @@ def create_inference_tasks(image_path: str, affinities_path: str, organelles_pat
   params = {"image": image_path, "checkpoint": checkpoint or "default",
             "patch_size": list(config.patch_size), "overlap": overlap, "dtype": dtype,
             "task_shape": list(task_shape)}
-  for path, channels in ((affinities_path, AFFINITY_CHANNELS),
+  affinity_channels = AFFINITY_CHANNELS + config.out_channels[
+    len(AFFINITY_CHANNELS) + len(ORGANELLE_CHANNELS):]
+  for path, channels in ((affinities_path, affinity_channels),
                          (organelles_path, ORGANELLE_CHANNELS)):
     create_layer(path, layer_type="image", dtype=dtype, resolution=image_cv.resolution,
                  voxel_offset=bounds.minpt, volume_size=bounds.size3(), chunk_size=chunk_size,

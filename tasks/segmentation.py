@@ -28,9 +28,11 @@ from .common import (block_grid, check_task_shape, mark_done, block_name, done_n
 from cloudfiles import CloudFiles
 
 
-def _float_channels(cv, bbox) -> np.ndarray:
-  """Read a multi-channel probability layer as float32 (c, x, y, z) in [0, 1]."""
-  data = np.asarray(cv[bbox])
+def _float_channels(cv, bbox, channels: int | None = None) -> np.ndarray:
+  """Read a multi-channel probability layer (its first `channels`, or all) as float32
+  (c, x, y, z) in [0, 1]."""
+  data = np.asarray(cv[bbox] if channels is None else
+                    cv[tuple(bbox.to_slices()) + (slice(0, channels),)])
   data = np.moveaxis(data, -1, 0)
   if data.dtype == np.uint8:
     return data.astype(np.float32) / 255.0
@@ -41,8 +43,13 @@ def _float_channels(cv, bbox) -> np.ndarray:
 
 
 def check_affinities(path: str):
-  return open_layer(path, layer_type="image", dtypes=("uint8", "float32"), num_channels=3,
-                    what="affinities layer")
+  """The affinities layer: x, y, z to the -1 neighbour, then optionally x, y, z per long-range
+  distance (which the segmentation does not read)."""
+  cv = open_layer(path, layer_type="image", dtypes=("uint8", "float32"), what="affinities layer")
+  if cv.num_channels < 3 or cv.num_channels % 3:
+    raise IicatsError(f"affinities layer {path}: has {cv.num_channels} channel(s), expected 3 "
+                      "(x, y, z), plus 3 per long-range distance")
+  return cv
 
 
 def context_voxels(context_nm: float | None, resolution) -> np.ndarray:
@@ -69,7 +76,7 @@ def watershed_task(affinities_path: str, supervoxels_path: str, start: list, sto
   context = context_voxels(context_nm, aff_cv.resolution)
   lo = np.maximum(np.asarray(start) - context, bounds.minpt)
   hi = np.minimum(np.asarray(stop) + context, bounds.maxpt)
-  affs = _float_channels(aff_cv, Bbox(lo, hi))
+  affs = _float_channels(aff_cv, Bbox(lo, hi), channels=3)
   labels = fragments(affs, aff_cv.resolution, threshold=threshold, min_size=min_size,
                      per_section=per_section)
   core_lo, core_hi = np.asarray(start) - lo, np.asarray(stop) - lo
@@ -130,7 +137,7 @@ def rag_task(supervoxels_path: str, affinities_path: str, organelles_path: str,
   lo = np.asarray(start) - np.asarray(context)
   block = Bbox(start, stop)
   supervoxels = np.asarray(sv_cv[Bbox(lo, stop)])[..., 0]
-  affs = _float_channels(check_affinities(affinities_path), block)
+  affs = _float_channels(check_affinities(affinities_path), block, channels=3)
   organelles = None
   if organelles_path:
     org_cv = open_layer(organelles_path, num_channels=3, what="organelles layer")

@@ -118,6 +118,38 @@ def test_patches_across_task_faces_are_computed_once(tmp_path, tiny_checkpoint, 
   assert not (tmp_path / "shared" / "aff" / "patch_cache").exists()
 
 
+def test_long_range_affinities_follow_the_short_range_ones(tmp_path):
+  """A model with long-range heads: the affinities layer holds x, y, z, then x3, y3, z3 (named
+  in its provenance); the segmentation reads only the first three; a layer whose channels are
+  not x, y, z triples is refused by name."""
+  import json
+  from cloudvolume import Bbox, CloudVolume
+  from iicats_cv.model import long_range_channels, save_checkpoint
+  from iicats_cv.layers import create_layer
+  from iicats_cv.tasks.segmentation import _float_channels, check_affinities
+  torch.manual_seed(0)
+  config = ModelConfig(width=(4, 8), downsample=((2, 2, 2),), patch_size=(16, 16, 16),
+                       out_channels=AFFINITY_CHANNELS + ORGANELLE_CHANNELS
+                       + long_range_channels((3,)))
+  checkpoint = str(tmp_path / "long.safetensors")
+  save_checkpoint(checkpoint, UNet3D(config), {"note": "random weights for tests"})
+  aff, org = _run_inference(tmp_path, checkpoint, (32, 32, 32), "long")
+  cv = check_affinities(aff)
+  assert cv.num_channels == 6 and CloudVolume(org).num_channels == 3
+  provenance = json.loads(CloudFiles(aff).get("provenance"))
+  assert provenance["processing"][-1]["method"]["channels"][3:] == [
+    "affinity_x3", "affinity_y3", "affinity_z3"]
+  box = Bbox((0, 0, 0), (16, 16, 8))
+  first = _float_channels(cv, box, channels=3)
+  np.testing.assert_array_equal(first, _float_channels(cv, box)[:3])
+  bad = "file://" + str(tmp_path / "four")
+  create_layer(bad, layer_type="image", dtype="uint8", resolution=(10, 10, 10),
+               voxel_offset=(0, 0, 0), volume_size=(8, 8, 8), chunk_size=(8, 8, 8),
+               num_channels=4, step="test", params={})
+  with pytest.raises(IicatsError, match="four: has 4 channel"):
+    check_affinities(bad)
+
+
 def test_outputs_finite_and_in_range(tiny_checkpoint):
   model, _ = load_checkpoint(tiny_checkpoint)
   _, image = blobs((32, 32, 32))

@@ -5,7 +5,8 @@ import torch
 from click.testing import CliRunner
 
 from iicats_cv.cli import cli
-from iicats_cv.model import ModelConfig, load_checkpoint
+from iicats_cv.model import (AFFINITY_CHANNELS, ORGANELLE_CHANNELS, ModelConfig, load_checkpoint,
+                            long_range_channels)
 from iicats_cv.train import (PatchSampler, TrainingVolume, affinities_from_labels,
                              masked_balanced_bce, train)
 from iicats_cv.volume_io import import_volume
@@ -34,6 +35,31 @@ def test_augmented_targets_match_labels_of_augmented_image():
     boundary = img[0] < np.median(img[0]) - 1.0
     valid = mask[0] > 0
     assert target[0][boundary & valid].mean() < target[0][~boundary & valid].mean()
+
+
+def test_long_range_targets_follow_every_augmentation():
+  """The image is the labels (one grey value per label), so each augmented patch's labels can
+  be read back from it: every affinity channel, short and long range, must equal the
+  affinities of those labels wherever both are defined."""
+  labels, _ = blobs((24, 24, 24), n=5)
+  labels = labels + 1                     # no background: every grey value is one label
+  image = (labels * 20 + 10).astype(np.uint8)
+  config = ModelConfig(**TINY, out_channels=AFFINITY_CHANNELS + ORGANELLE_CHANNELS
+                       + long_range_channels((2, 4)))
+  sampler = PatchSampler([TrainingVolume("t", image=image, labels=labels)], config,
+                         isotropic=True, seed=5)
+  offsets = [(axis, 1, axis) for axis in range(3)] + [
+    (axis, d, 6 + 3 * i + axis) for i, d in enumerate((2, 4)) for axis in range(3)]
+  for _ in range(12):
+    img, target, mask = sampler.sample()
+    assert target.shape[0] == 12
+    # intensity augmentation is increasing, so grey-value ranks are the labels
+    seen = np.unique(img[0], return_inverse=True)[1].reshape(img[0].shape) + 1
+    for axis, distance, channel in offsets:
+      expected, valid = affinities_from_labels(seen, distance)
+      both = (valid[axis] > 0) & (mask[channel] > 0)
+      assert both.any()
+      np.testing.assert_array_equal(target[channel][both], expected[axis][both])
 
 
 def test_loss_ignores_masked_channels():
