@@ -96,6 +96,15 @@ def test_train_command_on_layers(tmp_path):
   assert result.exit_code == 0, result.output
   _, meta = load_checkpoint(out)
   assert "iicats train" in meta["training_command"]
+  long = str(tmp_path / "long.safetensors")
+  result = CliRunner().invoke(cli, ["train", "--image", img, "--labels", lab, "--out", long,
+                                    "--iterations", "2", "--patch-size", "16,16,16",
+                                    "--long-range", "4", "--long-range", "2"])
+  assert result.exit_code == 0, result.output
+  assert load_checkpoint(long)[0].config.out_channels[6:] == long_range_channels((2, 4))
+  too_far = CliRunner().invoke(cli, ["train", "--image", img, "--labels", lab, "--out", long,
+                                     "--patch-size", "16,16,16", "--long-range", "16"])
+  assert too_far.exit_code != 0 and "--long-range" in too_far.output
   bad = CliRunner().invoke(cli, ["train", "--image", img, "--labels", lab, "--labels", lab,
                                  "--out", out])
   assert bad.exit_code != 0 and "given 2 time(s) for 1 --image" in bad.output

@@ -1,0 +1,79 @@
+"""Choose the agglomeration statistic, evidence and threshold for the default model on FIB
+data the evaluation never sees: a crop of the *training* half of the FlyEM medulla cube
+(z 25-124 of z < 150, y, x 25-224: the shape of the held-out demo crop). Prints ARAND and VOI
+for each setting over a threshold sweep, best first.
+
+  python scripts/tune_agglomeration.py [--checkpoint CKPT] [--json OUT]
+
+Needs ../shared/data/flyem_medulla_fib_250.npz (not shipped to users).
+"""
+import argparse
+import json
+import os
+
+import fastremap
+import numpy as np
+
+from iicats_cv.agglomerate import AgglomerationParams, agglomerate
+from iicats_cv.inference import patches_for_block, predict_block
+from iicats_cv.metrics import adapted_rand_error, voi
+from iicats_cv.model import load_checkpoint
+from iicats_cv.rag import block_rag, merge_rags
+from iicats_cv.watershed import fragments
+
+DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
+                    "flyem_medulla_fib_250.npz")
+THRESHOLDS = [0.3, 0.4, 0.5, 0.6, 0.7]
+SETTINGS = {
+  "mean": dict(use_constraints=False),
+  "mean + nucleus, mitochondria": dict(constraints=("nucleus", "mitochondria")),
+  "q75": dict(use_constraints=False, quantile=0.75),
+  "q75 + nucleus": dict(constraints=("nucleus",), quantile=0.75),
+  "q75 + nucleus, mitochondria": dict(constraints=("nucleus", "mitochondria"), quantile=0.75),
+  "q50 + nucleus": dict(constraints=("nucleus",), quantile=0.5),
+}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument("--checkpoint", default=None)
+  parser.add_argument("--json", default=None)
+  args = parser.parse_args()
+  with np.load(DATA) as npz:
+    crop = (slice(25, 125), slice(25, 225), slice(25, 225))   # (z, y, x), inside z < 150
+    image = npz["image"][crop].transpose(2, 1, 0).copy()
+    labels = npz["neurons"][crop].transpose(2, 1, 0).copy()
+  model, _ = load_checkpoint(args.checkpoint)
+  patch = np.array(model.config.patch_size)
+  start, stop = np.zeros(3, int), np.array(image.shape)
+  probs = predict_block(model, image, start, start, stop,
+                        patches_for_block(start, stop, start, stop, patch, patch - patch // 4))
+  affs, organelles = probs[:3], probs[3:6]
+  resolution = model.config.resolution
+  frags = fragments(affs, resolution)
+  rows = []
+  for name, options in SETTINGS.items():
+    params = AgglomerationParams(threshold=min(THRESHOLDS), **options)
+    rag = merge_rags([block_rag(frags, affs, organelles, (0, 0, 0),
+                                histogram=params.quantile is not None)])
+    result = agglomerate(rag, params, sweep_thresholds=THRESHOLDS)
+    for threshold, table in result.sweep.items():
+      seg = fastremap.remap(frags, dict(zip(result.fragment_ids.tolist(), table.tolist())))
+      split, merge = voi(seg, labels)
+      rows.append({"setting": name, "threshold": threshold,
+                   "arand": adapted_rand_error(seg, labels), "voi_split": split,
+                   "voi_merge": merge})
+  rows.sort(key=lambda r: r["arand"])
+  for r in rows:
+    print(f"{r['setting']:<30} t={r['threshold']:.1f}  ARAND {r['arand']:.4f}  "
+          f"VOI {r['voi_split']:.3f} / {r['voi_merge']:.3f}")
+  if args.json:
+    with open(args.json, "w") as fh:
+      json.dump(rows, fh, indent=1)
+  best = rows[0]
+  print(f"best on the training half: {best['setting']} at t={best['threshold']} "
+        f"(ARAND {best['arand']:.4f})")
+
+
+if __name__ == "__main__":
+  main()
