@@ -169,8 +169,8 @@ def load_checkpoint(path: str | None = None, device: str = "cpu") -> tuple[UNet3
   isotropic EM, "vnc" for ~4.6×4.6×47 nm ssTEM organelles), or None for "default"."""
   from safetensors import safe_open
   from safetensors.torch import load_file
-  path = default_checkpoint_path(path or "default") if (path or "default") in SHIPPED_MODELS \
-    else path
+  if (path or "default") in SHIPPED_MODELS:
+    path = default_checkpoint_path(path or "default")
   if not os.path.exists(path):
     raise IicatsError(f"checkpoint {path}: file not found")
   try:

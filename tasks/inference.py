@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import shutil
 from functools import partial
@@ -54,10 +55,12 @@ class PatchCache:
     self.files.put(self._key(start), buffer.getvalue(), compress=None)
 
 
-def patch_cache_prefix(affinities_path: str, image_path: str, checkpoint: str) -> str:
+def patch_cache_prefix(affinities_path: str, image_path: str, model_metadata: dict) -> str:
   """Where a run's patch cache lives: beside the affinities layer, named after the image and
-  the model, so a cache left by an interrupted run with another model is never read."""
-  digest = hashlib.sha1(f"{image_path}|{checkpoint or 'default'}".encode()).hexdigest()[:12]
+  the model (its checkpoint metadata), so a cache left by an interrupted run with another
+  model is never read."""
+  model = json.dumps(model_metadata, sort_keys=True, default=str)
+  digest = hashlib.sha1(f"{image_path}|{model}".encode()).hexdigest()[:12]
   return f"{affinities_path.rstrip('/')}/patch_cache/{digest}"
 
 
@@ -147,7 +150,7 @@ def create_inference_tasks(image_path: str, affinities_path: str, organelles_pat
                  num_channels=len(channels), step="inference",
                  params={**params, "channels": list(channels)})
   done = done_names(state_prefix, "inference") if state_prefix else set()
-  cache = patch_cache_prefix(affinities_path, image_path, checkpoint) if share_patches else ""
+  cache = patch_cache_prefix(affinities_path, image_path, meta) if share_patches else ""
   return [
     partial(inference_task, image_path=image_path, affinities_path=affinities_path,
                    organelles_path=organelles_path, checkpoint=checkpoint or "",
