@@ -6,7 +6,7 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 work=${1:-/tmp/iicats-train-vnc}
-iterations=${2:-2000}
+iterations=${2:-2400}
 out=${3:-$here/iicats_cv/data/vnc_model.safetensors}
 data="$here/../shared/data"
 mkdir -p "$work"
