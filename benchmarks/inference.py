@@ -14,7 +14,7 @@ import time
 import numpy as np
 import torch
 
-from iicats_cv.inference import patches_for_block
+from iicats_cv.inference import default_overlap, patches_for_block
 from iicats_cv.model import load_checkpoint, normalize_image
 from iicats_cv.synthetic import make_synthetic_volume
 from iicats_cv.tasks.inference import create_inference_tasks
@@ -41,7 +41,7 @@ def main():
 
   patch = np.array(model.config.patch_size)
   start, stop = np.zeros(3, int), np.array(shape)
-  starts = patches_for_block(start, stop, start, stop, patch, patch - patch // 4)
+  starts = patches_for_block(start, stop, start, stop, patch, patch - default_overlap(patch))
   tiles = np.stack([normalize_image(image[tuple(slice(s, s + p) for s, p in zip(st, patch))],
                                     model.config) for st in starts])[:, None]
   use_amp = device == "cuda"

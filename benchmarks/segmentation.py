@@ -19,7 +19,7 @@ import torch
 
 from iicats_cv.agglomerate import AgglomerationParams, agglomerate
 from iicats_cv.datasets import load_fib_crop
-from iicats_cv.inference import patches_for_block, predict_block
+from iicats_cv.inference import predict_volume
 from iicats_cv.metrics import adapted_rand_error, voi
 from iicats_cv.model import load_checkpoint
 from iicats_cv.rag import block_rag, merge_rags
@@ -31,11 +31,7 @@ THRESHOLDS = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
 
 def predict(checkpoint):
   image, labels, resolution = load_fib_crop()
-  model, _ = load_checkpoint(checkpoint)
-  patch = np.array(model.config.patch_size)
-  start, stop = np.zeros(3, int), np.array(image.shape)
-  patches = patches_for_block(start, stop, start, stop, patch, patch - patch // 4)
-  probs = predict_block(model, image, start, start, stop, patches)
+  probs = predict_volume(load_checkpoint(checkpoint)[0], image)
   return probs[:3], probs[3:], labels, resolution
 
 

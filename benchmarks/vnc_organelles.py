@@ -18,7 +18,7 @@ import os
 import numpy as np
 import torch
 
-from iicats_cv.inference import patches_for_block, predict_block
+from iicats_cv.inference import predict_volume
 from iicats_cv.model import ORGANELLE_CHANNELS, load_checkpoint
 from bench_report import report
 
@@ -30,15 +30,6 @@ HELD_OUT = slice(12, 20)
 def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
   denominator = prediction.sum() + truth.sum()
   return float(2 * (prediction & truth).sum() / denominator) if denominator else 1.0
-
-
-def predict(model, image_xyz: np.ndarray, device: str) -> np.ndarray:
-  """float32 (C, X, Y, Z) blended probabilities over a whole uint8 (X, Y, Z) stack."""
-  patch = np.array(model.config.patch_size)
-  start, stop = np.zeros(3, int), np.array(image_xyz.shape)
-  starts = patches_for_block(start, stop, start, stop, patch, patch - patch // 4)
-  return predict_block(model, image_xyz, start, start, stop, starts, batch_size=4,
-                       device=device)
 
 
 def best_threshold(image: np.ndarray, truth: np.ndarray) -> int:
@@ -60,8 +51,8 @@ def main():
     return np.ascontiguousarray(np.transpose(array, (2, 1, 0)))
 
   image = xyz(data["image"])
-  probabilities = predict(model, image[..., HELD_OUT], device)
-  training = predict(model, image[..., :12], device)
+  probabilities = predict_volume(model, image[..., HELD_OUT], device=device)
+  training = predict_volume(model, image[..., :12], device=device)
   out = {"checkpoint": args.checkpoint, "device": device,
          "held_out_sections": [HELD_OUT.start, HELD_OUT.stop - 1],
          "training_command": meta.get("training_command")}

@@ -160,6 +160,21 @@ def predict_block(model: UNet3D, image, image_start, block_start, block_stop, pa
   return out
 
 
+def default_overlap(patch_size) -> np.ndarray:
+  """Patch overlap (voxels, x,y,z) that InferenceTask uses: a quarter of the patch."""
+  return np.asarray(patch_size) // 4
+
+
+def predict_volume(model: UNet3D, image: np.ndarray, batch_size: int = 4,
+                   device: str = "cpu") -> np.ndarray:
+  """A whole in-memory uint8 (X, Y, Z) volume -> float32 (C, X, Y, Z) probabilities, on the
+  patch grid and overlap that InferenceTask uses for a dataset of this shape."""
+  patch = np.array(model.config.patch_size)
+  start, stop = np.zeros(3, int), np.array(image.shape)
+  starts = patches_for_block(start, stop, start, stop, patch, patch - default_overlap(patch))
+  return predict_block(model, image, start, start, stop, starts, batch_size, device)
+
+
 def quantize(probabilities: np.ndarray) -> np.ndarray:
   """float32 probabilities in [0, 1] -> uint8 (round(p * 255))."""
   return np.clip(np.rint(probabilities * 255.0), 0, 255).astype(np.uint8)

@@ -15,7 +15,7 @@ import fastremap
 import numpy as np
 
 from iicats_cv.agglomerate import AgglomerationParams, agglomerate
-from iicats_cv.inference import patches_for_block, predict_block
+from iicats_cv.inference import predict_volume
 from iicats_cv.metrics import adapted_rand_error, voi
 from iicats_cv.model import load_checkpoint
 from iicats_cv.rag import block_rag, merge_rags
@@ -44,10 +44,7 @@ def main():
     image = npz["image"][crop].transpose(2, 1, 0).copy()
     labels = npz["neurons"][crop].transpose(2, 1, 0).copy()
   model, _ = load_checkpoint(args.checkpoint)
-  patch = np.array(model.config.patch_size)
-  start, stop = np.zeros(3, int), np.array(image.shape)
-  probs = predict_block(model, image, start, start, stop,
-                        patches_for_block(start, stop, start, stop, patch, patch - patch // 4))
+  probs = predict_volume(model, image)
   affs, organelles = probs[:3], probs[3:6]
   resolution = model.config.resolution
   frags = fragments(affs, resolution)

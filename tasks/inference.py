@@ -14,7 +14,8 @@ from cloudfiles import CloudFiles
 from cloudvolume import Bbox
 from taskqueue import queueable
 
-from iicats_cv.inference import patches_for_block, predict_block, quantize, pad_to_region
+from iicats_cv.inference import (default_overlap, patches_for_block, predict_block, quantize,
+                                 pad_to_region)
 from iicats_cv.layers import open_layer, create_layer, local_path, resolve_cloudpath
 from iicats_cv.model import load_checkpoint, AFFINITY_CHANNELS, ORGANELLE_CHANNELS
 from .common import block_grid, check_task_shape, mark_done, block_name, done_names
@@ -136,7 +137,7 @@ def create_inference_tasks(image_path: str, affinities_path: str, organelles_pat
     warnings.warn(f"image layer {image_path}: resolution {tuple(image_cv.resolution)} differs "
                   f"from the model's training resolution {config.resolution}")
   check_task_shape(task_shape, chunk_size, affinities_path)
-  overlap = [p // 4 for p in config.patch_size]
+  overlap = default_overlap(config.patch_size).tolist()
   bounds = image_cv.bounds
   params = {"image": image_path, "checkpoint": checkpoint or "default",
             "patch_size": list(config.patch_size), "overlap": overlap, "dtype": dtype,

@@ -6,7 +6,8 @@ import torch
 from cloudfiles import CloudFiles
 
 from iicats_cv.errors import IicatsError
-from iicats_cv.inference import bump_weights, patches_for_block, predict_block, grid_starts
+from iicats_cv.inference import bump_weights, default_overlap, patches_for_block, predict_block, \
+  grid_starts
 from iicats_cv.model import load_checkpoint, save_checkpoint, ModelConfig, UNet3D, \
   AFFINITY_CHANNELS, ORGANELLE_CHANNELS
 from iicats_cv.volume_io import import_volume
@@ -109,7 +110,7 @@ def test_patches_across_task_faces_are_computed_once(tmp_path, tiny_checkpoint, 
                                 share_patches=False)
   patch = np.array(load_checkpoint(tiny_checkpoint)[0].config.patch_size)
   whole = patches_for_block(np.zeros(3, int), np.array([64, 64, 40]), np.zeros(3, int),
-                            np.array([64, 64, 40]), patch, patch - patch // 4)
+                            np.array([64, 64, 40]), patch, patch - default_overlap(patch))
   assert shared_runs == len(whole) < sum(forwarded)
   difference = CloudVolume(shared_aff)[:, :, :].astype(int) - CloudVolume(alone_aff)[:, :, :]
   assert np.abs(difference).max() <= 1

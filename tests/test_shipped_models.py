@@ -1,7 +1,7 @@
 """The shipped models by name, and the ssTEM model's organelles on held-out real sections."""
 import numpy as np
 
-from iicats_cv.inference import patches_for_block, predict_block
+from iicats_cv.inference import predict_volume
 from iicats_cv.model import ORGANELLE_CHANNELS, SHIPPED_MODELS, load_checkpoint
 from conftest import shared_file
 
@@ -23,10 +23,7 @@ def test_vnc_model_finds_mitochondria_on_held_out_sections():
   truth = data["mitochondria"][crop].transpose(2, 1, 0)
   model, meta = load_checkpoint("vnc")
   assert [v["shape_xyz"][2] for v in meta["training_data"]] == [12]
-  patch = np.array(model.config.patch_size)
-  start, stop = np.zeros(3, int), np.array(image.shape)
-  starts = patches_for_block(start, stop, start, stop, patch, patch - patch // 4)
-  probabilities = predict_block(model, image, start, start, stop, starts)
+  probabilities = predict_volume(model, image)
   predicted = probabilities[3 + ORGANELLE_CHANNELS.index("mitochondria")] > 0.5
   dice = 2 * (predicted & truth).sum() / (predicted.sum() + truth.sum())
   assert dice >= 0.65
