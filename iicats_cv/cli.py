@@ -122,6 +122,9 @@ def _pipeline_options(func):
                  help="Agglomerate hierarchically: first inside parts of N×N×N tasks (in "
                       "parallel), then globally over their regions; for RAGs too big for one "
                       "machine's memory. The threshold sweep then stops at --threshold."),
+    click.option("--levels", type=click.IntRange(min=1), default=1, show_default=True,
+                 help="With --hierarchy: levels of parts before the global step (level L "
+                      "joins N×N×N parts of level L-1), so the global step holds fewer edges."),
     click.option("--unsharded", is_flag=True,
                  help="Legacy meshes (per-label manifests) and one skeleton file per label "
                       "instead of multi-resolution Draco shards and sharded skeletons."),
@@ -142,8 +145,8 @@ def _pipeline_options(func):
 @click.option("--nuclei", default=None, help="GT nuclei CSV x,y,z nm (bERL).")
 @click.option("--synapses", default=None, help="GT synapses CSV pre_x..post_z nm (bERL).")
 def pipeline_command(image, out, queue, parallel, task_shape, checkpoint, json_path, threshold,
-                     link_prefix, constraints, quantile, hierarchy, unsharded, seeds, gt_labels,
-                     gt_skeletons, nuclei, synapses):
+                     link_prefix, constraints, quantile, hierarchy, levels, unsharded, seeds,
+                     gt_labels, gt_skeletons, nuclei, synapses):
   """Run every stage: inference, watershed, RAG, agglomeration + tracking, remap, meshes,
   skeletons, mips, Neuroglancer link and metrics.
 
@@ -158,7 +161,7 @@ def pipeline_command(image, out, queue, parallel, task_shape, checkpoint, json_p
                          gt_skeletons=gt_skeletons, nuclei=nuclei, synapses=synapses,
                          json_path=json_path, threshold=threshold, link_prefix=link_prefix,
                          constraints=constraints or CONSTRAINTS, sharded=not unsharded,
-                         quantile=quantile, hierarchy=hierarchy)
+                         quantile=quantile, hierarchy=hierarchy, levels=levels)
   _print_summary(summary, out)
 
 
@@ -198,7 +201,7 @@ DEMO_CONSTRAINTS = {"fib": ("nucleus", "mitochondria"), "synthetic": CONSTRAINTS
 @click.option("--out", default="./iicats-demo", show_default=True, help="Output prefix.")
 @_pipeline_options
 def demo_command(dataset, out, queue, parallel, task_shape, checkpoint, json_path, threshold,
-                 link_prefix, constraints, quantile, hierarchy, unsharded):
+                 link_prefix, constraints, quantile, hierarchy, levels, unsharded):
   """Import an embedded dataset with its ground truth and run the pipeline on it.
 
   \b
@@ -217,7 +220,8 @@ def demo_command(dataset, out, queue, parallel, task_shape, checkpoint, json_pat
                          nuclei=inputs["nuclei"], synapses=inputs["synapses"],
                          json_path=json_path, threshold=threshold, link_prefix=link_prefix,
                          constraints=constraints or DEMO_CONSTRAINTS[dataset],
-                         sharded=not unsharded, quantile=quantile, hierarchy=hierarchy)
+                         sharded=not unsharded, quantile=quantile, hierarchy=hierarchy,
+                         levels=levels)
   _print_summary(summary, out)
 
 

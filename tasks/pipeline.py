@@ -22,6 +22,7 @@ from . import igneous_stages as ig
 from .inference import clear_patch_cache, create_inference_tasks
 from .runner import open_queue, run_tasks
 from .segmentation import (create_watershed_tasks, create_rag_tasks, create_reduce_tasks,
+                           level_prefix,
                            agglomerate_task, create_remap_tasks)
 from .common import get_json, put_json
 
@@ -107,7 +108,7 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
                  report: bool = True, link_prefix: str | None = None, lease_sec: int = 600,
                  num_mips: int = 2, constraints=("nucleus", "synapse", "mitochondria"),
                  sharded: bool = True, quantile: float | None = None,
-                 hierarchy: int | None = None):
+                 hierarchy: int | None = None, levels: int = 1):
   """Run every stage from an EM image layer to segmentation, meshes, link and metrics.
 
   Returns the summary dict ({"layers", "neuroglancer_url", "metrics", "timings", ...}).
@@ -140,9 +141,12 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
   if hierarchy:
     # the first level merges down to the threshold, so the sweep can only go lower
     sweep = [t for t in sweep if t <= threshold]
-    run.stage("reduce", lambda: create_reduce_tasks(
-      layers["supervoxels"], join(out, "rag"), hierarchy_prefix, task_shape, hierarchy,
-      threshold, quantile, state_prefix=state))
+    for level in range(1, levels + 1):
+      run.stage("reduce" if level == 1 else f"reduce-{level}",
+                lambda level=level: create_reduce_tasks(
+                  layers["supervoxels"], join(out, "rag"), hierarchy_prefix, task_shape,
+                  hierarchy, threshold, quantile, state_prefix=state, level=level))
+    hierarchy_prefix = level_prefix(hierarchy_prefix, levels)
   run.stage("agglomerate", lambda: [partial(agglomerate_task,
     rag_prefix=join(out, "rag"), supervoxels_path=layers["supervoxels"], out_prefix=out,
     params=params, sweep=list(sweep), seeds_nm=None if seeds_nm is None else seeds_nm.tolist(),

@@ -3,6 +3,8 @@
 Data in the bucket, next to the layers (`OUT` is the run's prefix):
   OUT/supervoxels            uint64 fragments, globally unique ids (block index offsets)
   OUT/rag/<block>.npz        one RAG object per block (edges across its low faces included)
+  OUT/hierarchy/<N>/level<L>/<part>.npz  with --hierarchy N: one part's region RAG and its
+                             fragment -> region table, per level L of the hierarchy
   OUT/agglomeration/table.npz  fragment -> segment tables (constrained, baseline, sweep)
   OUT/tracked.json           tracked neurons (id, seed, size)
   OUT/segmentation           uint64 agglomerated (and tracked) neurons
@@ -243,62 +245,93 @@ def _stitched_rag(rag_prefix: str, hierarchy_prefix: str = ""):
   return fragment_rag["frag_id"], node_of_fragment, rag
 
 
-@queueable
-def reduce_task(rag_prefix: str, hierarchy_prefix: str, name: str, blocks: list,
-                neighbours: list, threshold: float, quantile: float = None,
-                state_prefix: str = ""):
-  """First level of hierarchical agglomeration over one part of the volume (several blocks):
-  its interior fragments merge down to `threshold` (see agglomerate_interior), and the part's
-  RAG, contracted to those regions, goes to HIERARCHY/NAME.npz with the fragment -> region
-  table. The global step then holds only the regions' edges in memory.
+def level_prefix(hierarchy_prefix: str, level: int) -> str:
+  """Where the regions of one level of hierarchical agglomeration go (level 1, 2, ...)."""
+  return join(hierarchy_prefix, f"level{level}")
 
-  blocks: names of the part's blocks; neighbours: names of the blocks just beyond its high
-  faces (their RAGs hold the edges that enter the part from above).
+
+def _region_table(children: list) -> tuple[np.ndarray, np.ndarray]:
+  """(fragment ids (sorted), region id of each) over a part's children: a reduced part's
+  table, or the identity over a block RAG's own fragments."""
+  fragments = np.concatenate([c.pop("fragments", c["frag_id"]) for c in children])
+  regions = np.concatenate([c.pop("regions", c["frag_id"]) for c in children])
+  order = np.argsort(fragments)
+  return fragments[order], regions[order]
+
+
+@queueable
+def reduce_task(source_prefix: str, hierarchy_prefix: str, name: str, children: list,
+                neighbours: list, threshold: float, quantile: float = None,
+                state_prefix: str = "", level: int = 1):
+  """One part of one level of hierarchical agglomeration (abiss-style): the part's interior
+  regions merge down to `threshold` (see agglomerate_interior), and its RAG, contracted to
+  the new regions, goes to HIERARCHY/level<L>/NAME.npz with the fragment -> region table. The
+  next level (or the global step) then holds only those regions' edges in memory.
+
+  children: names of the part's objects under source_prefix (block RAGs at level 1, parts of
+    the level below above it); neighbours: names of the objects just beyond the part's high
+    faces (they hold the edges that enter the part from above).
+  Edge ends outside a part keep their fragment ids at every level, so a part recognises the
+  ends of its neighbours' edges that lie inside it by its own fragment table.
   """
-  own = merge_rags(get_npz(rag_prefix, f"{b}.npz") for b in blocks)
+  loaded = [get_npz(source_prefix, f"{c}.npz") for c in children]
+  fragments, regions = _region_table(loaded)
+  own = relabel(merge_rags(loaded), fragments, regions)
   ids = own["frag_id"]
   inside_u, inside_v = np.isin(own["u"], ids), np.isin(own["v"], ids)
   border = [own["u"][inside_u & ~inside_v], own["v"][inside_v & ~inside_u]]
   for b in neighbours:
-    above = get_npz(rag_prefix, f"{b}.npz")
-    border += [above["u"][np.isin(above["u"], ids)], above["v"][np.isin(above["v"], ids)]]
+    above = get_npz(source_prefix, f"{b}.npz")
+    ends = np.concatenate([above["u"], above["v"]])
+    at = np.minimum(np.searchsorted(fragments, ends), len(fragments) - 1)
+    border.append(regions[at][fragments[at] == ends])
   internal = {k: (v[inside_u & inside_v] if k in EDGE_FIELDS else v) for k, v in own.items()}
   nodes, node_of = contract_stitched(internal)
   frozen = np.isin(nodes["frag_id"], node_of[np.isin(ids, np.concatenate(border))])
   evidence, _ = derive_constraints(nodes, AgglomerationParams())
   frozen |= evidence.nucleus > 0
   frozen[evidence.cannot_link.ravel()] = True
-  region = agglomerate_interior(nodes, frozen, threshold, quantile)
-  regions = region[np.searchsorted(nodes["frag_id"], node_of)]
-  put_npz(hierarchy_prefix, f"{name}.npz",
-          {**relabel(own, ids, regions), "fragments": ids, "regions": regions})
+  region_of_node = agglomerate_interior(nodes, frozen, threshold, quantile)
+  new_region = region_of_node[np.searchsorted(nodes["frag_id"], node_of)]  # per ids
+  put_npz(level_prefix(hierarchy_prefix, level), f"{name}.npz",
+          {**relabel(own, ids, new_region), "fragments": fragments,
+           "regions": new_region[np.searchsorted(ids, regions)]})
   if state_prefix:
-    mark_done(state_prefix, "reduce", name)
+    mark_done(state_prefix, f"reduce{level}", name)
 
 
 def create_reduce_tasks(supervoxels_path, rag_prefix, hierarchy_prefix, task_shape,
-                        part_blocks: int, threshold: float, quantile=None, state_prefix=""):
-  """One reduce task per part of part_blocks³ blocks."""
+                        part_blocks: int, threshold: float, quantile=None, state_prefix="",
+                        level: int = 1):
+  """One reduce task per part of level `level`: part_blocks**level blocks along each axis,
+  made of part_blocks³ parts of the level below (of blocks at level 1)."""
   bounds = open_layer(supervoxels_path, layer_type="segmentation").bounds
   shape = np.asarray(task_shape)
-  grid = {tuple(lo): tuple((np.asarray(lo) - bounds.minpt) // shape // part_blocks)
-          for lo, _, _ in block_grid(bounds.minpt, bounds.maxpt, task_shape)}
+  index = {tuple(lo): (np.asarray(lo) - bounds.minpt) // shape
+           for lo, _, _ in block_grid(bounds.minpt, bounds.maxpt, task_shape)}
+
+  def part_name(lo, at_level):
+    if at_level == 0:
+      return block_name(lo)
+    return "_".join(str(int(i)) for i in index[lo] // part_blocks ** at_level)
+
   parts = {}
-  for lo, part in grid.items():
-    own, neighbours = parts.setdefault(part, ([], set()))
-    own.append(block_name(lo))
+  for lo in index:
+    children, neighbours = parts.setdefault(part_name(lo, level), (set(), set()))
+    children.add(part_name(lo, level - 1))
     for axis in range(3):
       above = list(lo)
       above[axis] += int(shape[axis])
-      if tuple(above) in grid and grid[tuple(above)] != part:
-        neighbours.add(block_name(above))
-  done = done_names(state_prefix, "reduce") if state_prefix else set()
+      above = tuple(above)
+      if above in index and part_name(above, level) != part_name(lo, level):
+        neighbours.add(part_name(above, level - 1))
+  source = rag_prefix if level == 1 else level_prefix(hierarchy_prefix, level - 1)
+  done = done_names(state_prefix, f"reduce{level}") if state_prefix else set()
   return [
-    partial(reduce_task, rag_prefix=rag_prefix, hierarchy_prefix=hierarchy_prefix,
-            name="_".join(map(str, part)), blocks=own, neighbours=sorted(neighbours),
-            threshold=threshold, quantile=quantile, state_prefix=state_prefix)
-    for part, (own, neighbours) in sorted(parts.items())
-    if "_".join(map(str, part)) not in done
+    partial(reduce_task, source_prefix=source, hierarchy_prefix=hierarchy_prefix, name=name,
+            children=sorted(children), neighbours=sorted(neighbours), threshold=threshold,
+            quantile=quantile, state_prefix=state_prefix, level=level)
+    for name, (children, neighbours) in sorted(parts.items()) if name not in done
   ]
 
 

@@ -147,7 +147,7 @@ def test_pipeline_hierarchical_quantile_run(tmp_path, tiny_checkpoint, capsys):
   summary = run_pipeline(image_path, out, task_shape=(64, 64, 64), checkpoint=tiny_checkpoint,
                          meshes=False, report=False, quantile=0.75, hierarchy=1)
   assert "reduce" in summary["timings"]
-  parts = sorted(os.listdir(tmp_path / "run" / "hierarchy" / "1"))
+  parts = sorted(os.listdir(tmp_path / "run" / "hierarchy" / "1" / "level1"))
   assert parts == ["0_0_0.npz", "0_1_0.npz", "1_0_0.npz", "1_1_0.npz"]
   assert "aff_hist" in get_npz(out + "/rag", "0_0_0.npz")
   assert summary["agglomeration"]["params"]["quantile"] == 0.75

@@ -227,32 +227,36 @@ def test_hierarchical_agglomeration_keeps_regions_and_holds_fewer_edges(fib_runs
   from iicats_cv.tasks.common import get_json, get_npz
   from iicats_cv.tasks.runner import run_tasks
   from iicats_cv.tasks.segmentation import (agglomerate_task, create_reduce_tasks,
-                                            create_remap_tasks)
+                                            create_remap_tasks, level_prefix)
   flat = fib_runs["tiled"]
-  out = flat + "/hierarchical"
-  tasks = create_reduce_tasks(flat + "/supervoxels", flat + "/rag", out + "/parts",
-                              (64, 64, 64), 2, threshold=0.5)
-  assert len(tasks) == 4                       # 4 × 4 × 2 blocks in parts of 2 × 2 × 2
-  run_tasks(tasks, None, 1)
-  run_tasks([partial(agglomerate_task, rag_prefix=flat + "/rag",
-                     supervoxels_path=flat + "/supervoxels", out_prefix=out,
-                     params={"threshold": 0.5}, sweep=[], track=False,
-                     hierarchy_prefix=out + "/parts")], None, 1)
-  run_tasks(create_remap_tasks(flat + "/supervoxels", out + "/segmentation", out, (64, 64, 64),
-                               chunk_size=(16, 16, 16)), None, 1)
-  edges = [get_json(path, "agglomeration/summary.json")["edges"] for path in (flat, out)]
-  assert edges[1] < 0.8 * edges[0], edges
-  table = get_npz(out, "agglomeration/table.npz")
-  flat_table = get_npz(flat, "agglomeration/table.npz")
-  np.testing.assert_array_equal(table["fragment_ids"], flat_table["fragment_ids"])
-  # a first-level region always ends inside one segment
-  segment = dict(zip(table["fragment_ids"].tolist(), table["segment_ids"].tolist()))
-  for name in ("0_0_0", "1_1_0"):
-    part = get_npz(out + "/parts", f"{name}.npz")
-    regions, members = part["regions"], part["fragments"]
-    for region in np.unique(regions)[:200]:
-      assert len({segment[f] for f in members[regions == region].tolist()}) == 1
-  assert adapted_rand_error(_segmentation(out), _segmentation(flat)) <= 0.005
+  parts = flat + "/hierarchical/parts"
+  edges = {0: get_json(flat, "agglomeration/summary.json")["edges"]}
+  for levels in (1, 2):
+    tasks = create_reduce_tasks(flat + "/supervoxels", flat + "/rag", parts, (64, 64, 64), 2,
+                                threshold=0.5, level=levels)
+    # 4 × 4 × 2 blocks: parts of 2 × 2 × 2 blocks, then one part of 2 × 2 × 1 of those
+    assert len(tasks) == {1: 4, 2: 1}[levels]
+    run_tasks(tasks, None, 1)
+    out = flat + f"/hierarchical/{levels}"
+    run_tasks([partial(agglomerate_task, rag_prefix=flat + "/rag",
+                       supervoxels_path=flat + "/supervoxels", out_prefix=out,
+                       params={"threshold": 0.5}, sweep=[], track=False,
+                       hierarchy_prefix=level_prefix(parts, levels))], None, 1)
+    run_tasks(create_remap_tasks(flat + "/supervoxels", out + "/segmentation", out,
+                                 (64, 64, 64), chunk_size=(16, 16, 16)), None, 1)
+    edges[levels] = get_json(out, "agglomeration/summary.json")["edges"]
+    table = get_npz(out, "agglomeration/table.npz")
+    flat_table = get_npz(flat, "agglomeration/table.npz")
+    np.testing.assert_array_equal(table["fragment_ids"], flat_table["fragment_ids"])
+    # a region of any level always ends inside one segment
+    segment = dict(zip(table["fragment_ids"].tolist(), table["segment_ids"].tolist()))
+    for name in {1: ("0_0_0", "1_1_0"), 2: ("0_0_0",)}[levels]:
+      part = get_npz(level_prefix(parts, levels), f"{name}.npz")
+      regions, members = part["regions"], part["fragments"]
+      for region in np.unique(regions)[:200]:
+        assert len({segment[f] for f in members[regions == region].tolist()}) == 1
+    assert adapted_rand_error(_segmentation(out), _segmentation(flat)) <= 0.005
+  assert edges[2] < edges[1] < 0.8 * edges[0], edges
 
 
 def test_contract_stitched_joins_fragments_and_adds_their_statistics():
