@@ -345,7 +345,8 @@ def agglomerate(rag: dict, params: AgglomerationParams, sweep_thresholds=(),
 
 def agglomerate_interior(rag: dict, frozen: np.ndarray, threshold: float,
                          quantile: float | None = None) -> np.ndarray:
-  """First level of hierarchical agglomeration, over the fragments of one part of the volume.
+  """One level of hierarchical agglomeration, over the fragments (or the regions of the level
+  below) of one part of the volume.
 
   rag: merged RAG of the part (edges with both ends inside it).
   frozen: bool (F,) fragments the global step must see as they are: those with edges leaving

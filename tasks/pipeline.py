@@ -118,6 +118,9 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
   gt_labels = normalize_cloudpath(gt_labels) if gt_labels else None
   task_shape = tuple(int(t) for t in task_shape)
   image_cv, seeds_nm = validate_inputs(image, gt_labels, gt_skeletons, seeds, nuclei, synapses)
+  if levels > 1 and not hierarchy:
+    raise IicatsError(f"levels={levels} needs hierarchy (--hierarchy N): the parts of each "
+                      "level are N×N×N parts of the level below")
   layers = {"image": image, **{name: join(out, name) for name in LAYERS[1:]},
             "segmentation_baseline": join(out, "segmentation_baseline")}
   run = Pipeline(out, queue, parallel, lease_sec=lease_sec)

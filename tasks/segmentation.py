@@ -226,7 +226,7 @@ def _npz_keys(prefix: str, what: str) -> list:
 def _stitched_rag(rag_prefix: str, hierarchy_prefix: str = ""):
   """The graph the global step agglomerates, stitched fragments contracted: (fragment ids
   (F,), node id of each (F,), node RAG). Built from every block RAG, or from the regions of
-  the hierarchical first level when hierarchy_prefix is given."""
+  the last level of the hierarchy when hierarchy_prefix (that level's prefix) is given."""
   if hierarchy_prefix:
     parts = [get_npz(hierarchy_prefix, k) for k in _npz_keys(hierarchy_prefix, "region RAG")]
     fragments = np.concatenate([p.pop("fragments") for p in parts])

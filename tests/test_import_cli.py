@@ -100,6 +100,9 @@ def test_pipeline_bad_inputs_leave_nothing(tmp_path, volume_zyx):
   # a malformed task shape
   result = invoke("pipeline", "--image", img, "--out", out, "--task-shape", "64,64")
   assert result.exit_code != 0 and "--task-shape" in result.output
+  # levels of a hierarchy that was not asked for
+  result = invoke("pipeline", "--image", img, "--out", out, "--levels", "2")
+  assert result.exit_code != 0 and "needs hierarchy (--hierarchy N)" in result.output
   for result_output in (result.output,):
     assert "Traceback" not in result_output
   assert not out.exists()

@@ -135,8 +135,9 @@ def test_track_names_seeds_outside_the_volume(synthetic_demo, tmp_path):
 
 
 def test_pipeline_hierarchical_quantile_run(tmp_path, tiny_checkpoint, capsys):
-  """--hierarchy and --quantile through every stage to the segmentation (tiny network), on a
-  local image outside the run's folder (left out of the link, with a note, not an error)."""
+  """--hierarchy (two levels) and --quantile through every stage to the segmentation (tiny
+  network), on a local image outside the run's folder (left out of the link, with a note, not
+  an error)."""
   from conftest import blobs
   from iicats_cv.tasks.common import get_npz
   from iicats_cv.tasks.pipeline import run_pipeline
@@ -145,10 +146,13 @@ def test_pipeline_hierarchical_quantile_run(tmp_path, tiny_checkpoint, capsys):
   image_path = import_volume(image, "file://" + str(tmp_path / "em"), "image", (8, 8, 8))
   out = "file://" + str(tmp_path / "run")
   summary = run_pipeline(image_path, out, task_shape=(64, 64, 64), checkpoint=tiny_checkpoint,
-                         meshes=False, report=False, quantile=0.75, hierarchy=1)
-  assert "reduce" in summary["timings"]
-  parts = sorted(os.listdir(tmp_path / "run" / "hierarchy" / "1" / "level1"))
-  assert parts == ["0_0_0.npz", "0_1_0.npz", "1_0_0.npz", "1_1_0.npz"]
+                         meshes=False, report=False, quantile=0.75, hierarchy=1,
+                         levels=2)
+  assert "reduce" in summary["timings"] and "reduce-2" in summary["timings"]
+  for level in ("level1", "level2"):  # parts of 1 block, then of 1 part
+    parts = sorted(os.listdir(tmp_path / "run" / "hierarchy" / "1" / level))
+    assert parts == ["0_0_0.npz", "0_1_0.npz", "1_0_0.npz", "1_1_0.npz"]
+  assert summary["agglomeration"]["hierarchy_prefix"].endswith("hierarchy/1/level2")
   assert "aff_hist" in get_npz(out + "/rag", "0_0_0.npz")
   assert summary["agglomeration"]["params"]["quantile"] == 0.75
   assert max(summary["agglomeration"]["sweep"]) <= 0.5   # the sweep stops at the threshold
