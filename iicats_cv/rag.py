@@ -197,26 +197,39 @@ def relabel(rag: dict, old_ids: np.ndarray, new_ids: np.ndarray) -> dict:
   return merge_rags([part])
 
 
+def unique_pairs(u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Distinct (u, v) pairs, sorted by u then v, and the index of each input pair among them:
+  what np.unique(np.stack([u, v], 1), axis=0, return_inverse=True) returns, about 8× faster
+  on millions of pairs (a lexsort instead of sorting rows as opaque bytes).
+  u, v: integer arrays (E,). Returns (first (P,), second (P,), inverse int64 (E,))."""
+  order = np.lexsort((v, u))
+  su, sv = u[order], v[order]
+  new = np.ones(len(u), dtype=bool)
+  new[1:] = (su[1:] != su[:-1]) | (sv[1:] != sv[:-1])
+  inverse = np.empty(len(u), dtype=np.int64)
+  inverse[order] = np.cumsum(new) - 1
+  return su[new], sv[new], inverse
+
+
 def merge_rags(parts) -> dict:
   """Sum per-block RAG dicts into one global RAG (edges keyed by (u, v), fragments by id)."""
   parts = list(parts)
   u = np.concatenate([p["u"] for p in parts]).astype(np.uint64)
   v = np.concatenate([p["v"] for p in parts]).astype(np.uint64)
-  pairs, inverse = np.unique(np.stack([u, v], axis=1), axis=0, return_inverse=True)
-  inverse = inverse.ravel()
-  out = {"u": pairs[:, 0], "v": pairs[:, 1]}
+  first, second, inverse = unique_pairs(u, v)
+  out = {"u": first, "v": second}
   for field in SUMMED_EDGE_FIELDS:
     if not any(field in p for p in parts):
       continue  # RAGs written before the field existed stay recognisable
     values = np.concatenate([p.get(field, np.zeros(len(p["u"]))) for p in parts]
                             ).astype(np.float64)
-    out[field] = np.bincount(inverse, weights=values, minlength=len(pairs))
+    out[field] = np.bincount(inverse, weights=values, minlength=len(first))
   out["count"] = out["count"].astype(np.int64)
   if all("aff_hist" in p for p in parts):
     hist = np.concatenate([p["aff_hist"] for p in parts]).astype(np.float64)
-    out["aff_hist"] = np.stack([np.bincount(inverse, weights=hist[:, b], minlength=len(pairs))
+    out["aff_hist"] = np.stack([np.bincount(inverse, weights=hist[:, b], minlength=len(first))
                                 for b in range(HIST_BINS)], axis=1).astype(np.uint32)
-  aff_min = np.full(len(pairs), np.inf)
+  aff_min = np.full(len(first), np.inf)
   np.minimum.at(aff_min, inverse, np.concatenate([p["aff_min"] for p in parts]))
   out["aff_min"] = aff_min
   frag = np.concatenate([p["frag_id"] for p in parts]).astype(np.uint64)

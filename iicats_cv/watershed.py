@@ -13,6 +13,8 @@ import numpy as np
 from scipy import ndimage
 from skimage.segmentation import watershed
 
+from .rag import unique_pairs
+
 
 def boundary_map(affinities: np.ndarray) -> np.ndarray:
   """affinities float32 (3, X, Y, Z) in [0, 1] -> boundary float32 (X, Y, Z) in [0, 1].
@@ -106,12 +108,11 @@ def merge_small_fragments(labels: np.ndarray, boundary: np.ndarray, min_size: in
     u, v, w = np.concatenate(us), np.concatenate(vs), np.concatenate(ws)
     if len(u) == 0:
       break
-    pairs, inverse = np.unique(np.stack([u, v], axis=1), axis=0, return_inverse=True)
-    inverse = inverse.ravel()
+    first, second, inverse = unique_pairs(u, v)
     mean = np.bincount(inverse, weights=w) / np.bincount(inverse)
     # one row per (small fragment, neighbour), best (lowest boundary) first
-    frm = np.concatenate([pairs[:, 0], pairs[:, 1]])
-    to = np.concatenate([pairs[:, 1], pairs[:, 0]])
+    frm = np.concatenate([first, second])
+    to = np.concatenate([second, first])
     score = np.concatenate([mean, mean])
     keep = np.isin(frm, small_ids)
     frm, to, score = frm[keep], to[keep], score[keep]
