@@ -343,8 +343,12 @@ def synthetic_command(out, shape, resolution, seed):
                    "(repeat for several distances); written after the short-range ones.")
 @click.option("--seed", type=int, default=0)
 @click.option("--resume", is_flag=True, help="Continue from OUT.state if present.")
+@click.option("--init", default=None,
+              help="Fine-tune: start from this checkpoint (a file, or a shipped model: "
+                   "'default', 'vnc') and keep its architecture (--patch-size, "
+                   "--anisotropic and --long-range then come from it).")
 def train_command(image, labels, nuclei, mitochondria, synapses, bounds, out, iterations,
-                  batch_size, lr, patch_size, anisotropic, long_range, seed, resume):
+                  batch_size, lr, patch_size, anisotropic, long_range, seed, resume, init):
   """Train the affinity + organelle network on precomputed layers.
 
   Options repeat per dataset: the i-th --labels/--nuclei/... belong to the i-th --image.
@@ -352,22 +356,34 @@ def train_command(image, labels, nuclei, mitochondria, synapses, bounds, out, it
   \b
   Example:
     iicats train --image file://fib/image --labels file://fib/neurons --out model.safetensors
+    iicats train --init default --image gs://lab/em --labels gs://lab/gt --out tuned.safetensors
   """
   from .training_data import load_training_volumes
-  from .model import AFFINITY_CHANNELS, ORGANELLE_CHANNELS, ModelConfig, long_range_channels
+  from dataclasses import replace
+  from .model import (AFFINITY_CHANNELS, ORGANELLE_CHANNELS, ModelConfig, load_checkpoint,
+                      long_range_channels)
   from .train import train
   if any(d < 2 or d >= min(patch_size) for d in long_range):
     raise click.BadParameter(f"distances {long_range}: each must be 2 or more and below the "
                              f"patch size {patch_size}", param_hint="--long-range")
+  ctx = click.get_current_context()
+  if init:
+    given = [f"--{name.replace('_', '-')}" for name in ("patch_size", "anisotropic", "long_range")
+             if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT]
+    if given:
+      raise click.UsageError(f"--init {init} keeps that checkpoint's architecture: leave out "
+                             f"{', '.join(given)}")
   volumes, resolution = load_training_volumes(image, labels, nuclei, mitochondria, synapses,
                                               bounds)
-  down = ((2, 2, 1), (2, 2, 1)) if anisotropic else ((2, 2, 2), (2, 2, 2))
-  config = ModelConfig(patch_size=patch_size, resolution=resolution, downsample=down,
-                       out_channels=AFFINITY_CHANNELS + ORGANELLE_CHANNELS
-                       + long_range_channels(sorted(set(long_range))))
-  command = _command_line(click.get_current_context())
+  if init:
+    config = replace(load_checkpoint(init)[0].config, resolution=resolution)
+  else:
+    down = ((2, 2, 1), (2, 2, 1)) if anisotropic else ((2, 2, 2), (2, 2, 2))
+    config = ModelConfig(patch_size=patch_size, resolution=resolution, downsample=down,
+                         out_channels=AFFINITY_CHANNELS + ORGANELLE_CHANNELS
+                         + long_range_channels(sorted(set(long_range))))
   meta = train(volumes, out, config=config, iterations=iterations, batch_size=batch_size,
-               lr=lr, seed=seed, resume=resume, command=command)
+               lr=lr, seed=seed, resume=resume, command=_command_line(ctx), init=init)
   click.echo(json.dumps(meta["validation"], indent=1))
   click.echo(f"done: {out} after {iterations} iterations in {meta['wall_time_s']:.0f} s")
 

@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .model import (ModelConfig, UNet3D, normalize_image, save_checkpoint, ORGANELLE_CHANNELS,
-                    long_range_offsets)
+from .errors import IicatsError
+from .model import (ModelConfig, UNet3D, load_checkpoint, normalize_image, save_checkpoint,
+                    ORGANELLE_CHANNELS, long_range_offsets)
 
 
 @dataclass
@@ -186,17 +187,28 @@ def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
 def train(volumes, out_path: str, config: ModelConfig | None = None, iterations: int = 2000,
           batch_size: int = 2, lr: float = 2e-3, val_fraction: float = 0.2, seed: int = 0,
           resume: bool = False, device: str | None = None, command: str = "",
-          checkpoint_every: int = 250, progress: bool = True) -> dict:
+          checkpoint_every: int = 250, progress: bool = True, init: str | None = None) -> dict:
   """Train a UNet3D on `volumes` (list[TrainingVolume]) and write a checkpoint to out_path.
 
   The top `val_fraction` of each volume's z range is held out for validation. Resumable: the
   optimiser state lives in `out_path + '.state'` until training finishes.
+  init: start from this checkpoint's weights (a file or a shipped model's name) instead of a
+    random initialisation: fine-tuning. Its architecture is kept; `config` may only change
+    the resolution.
   Returns the metadata written into the checkpoint (including validation metrics).
   """
   config = config or ModelConfig()
   device = device or ("cuda" if torch.cuda.is_available() else "cpu")
   torch.manual_seed(seed)
   model = UNet3D(config).to(device)
+  initial = None
+  if init:
+    start, start_meta = load_checkpoint(init, device=device)
+    if replace(start.config, resolution=config.resolution) != config:
+      raise IicatsError(f"--init {init}: its architecture ({start.config}) is not the one "
+                        f"asked for ({config})")
+    model.load_state_dict(start.state_dict())
+    initial = {"checkpoint": init, "training_command": start_meta.get("training_command")}
   optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
   scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=iterations)
   use_amp = device.startswith("cuda")
@@ -253,6 +265,8 @@ def train(volumes, out_path: str, config: ModelConfig | None = None, iterations:
                                   if getattr(v, k) is not None]} for v in volumes],
     "validation": validation,
   }
+  if initial:
+    metadata["initialised_from"] = initial
   save_checkpoint(out_path, model.eval(), metadata)
   if os.path.exists(state_path):
     os.remove(state_path)

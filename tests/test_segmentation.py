@@ -379,3 +379,13 @@ def test_quantile_agglomeration_ignores_a_few_strong_pairs_across_a_membrane():
   without = merge_rags([block_rag(labels, affs, None, (0, 0, 0))])
   with pytest.raises(IicatsError, match="histograms"):
     agglomerate(without, AgglomerationParams(quantile=0.5))
+
+
+def test_unique_pairs_matches_numpy_unique_over_rows():
+  from iicats_cv.rag import unique_pairs
+  rng = np.random.default_rng(0)
+  u, v = rng.integers(0, 30, 500).astype(np.uint64), rng.integers(0, 30, 500).astype(np.uint64)
+  pairs, inverse = np.unique(np.stack([u, v], 1), axis=0, return_inverse=True)
+  first, second, mine = unique_pairs(u, v)
+  np.testing.assert_array_equal(np.stack([first, second], 1), pairs)
+  np.testing.assert_array_equal(mine, inverse.ravel())

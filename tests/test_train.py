@@ -1,10 +1,12 @@
 """Affinity targets, augmentations that keep targets consistent, masked loss, resumable
-training and the `iicats train` command on precomputed layers."""
+training, fine-tuning and the `iicats train` command on precomputed layers."""
 import numpy as np
+import pytest
 import torch
 from click.testing import CliRunner
 
 from iicats_cv.cli import cli
+from iicats_cv.errors import IicatsError
 from iicats_cv.model import (AFFINITY_CHANNELS, ORGANELLE_CHANNELS, ModelConfig, load_checkpoint,
                             long_range_channels)
 from iicats_cv.train import (PatchSampler, TrainingVolume, affinities_from_labels,
@@ -108,3 +110,34 @@ def test_train_command_on_layers(tmp_path):
   bad = CliRunner().invoke(cli, ["train", "--image", img, "--labels", lab, "--labels", lab,
                                  "--out", out])
   assert bad.exit_code != 0 and "given 2 time(s) for 1 --image" in bad.output
+
+
+def test_fine_tuning_starts_from_the_checkpoint(tmp_path):
+  """--init: the weights come from the checkpoint (with lr 0 they stay exactly its own), its
+  architecture is kept, and the provenance says where training started."""
+  labels, image = blobs((40, 40, 40), n=5)
+  img = "file://" + str(tmp_path / "img")
+  lab = "file://" + str(tmp_path / "lab")
+  import_volume(image, img, "image", (8, 8, 8))
+  import_volume(labels, lab, "segmentation", (8, 8, 8))
+  start = str(tmp_path / "start.safetensors")
+  assert CliRunner().invoke(cli, ["train", "--image", img, "--labels", lab, "--out", start,
+                                  "--iterations", "2", "--patch-size", "16,16,16",
+                                  "--long-range", "2"]).exit_code == 0
+  tuned = str(tmp_path / "tuned.safetensors")
+  result = CliRunner().invoke(cli, ["train", "--init", start, "--image", img, "--labels", lab,
+                                    "--out", tuned, "--iterations", "2", "--lr", "0"])
+  assert result.exit_code == 0, result.output
+  (before, _), (after, meta) = load_checkpoint(start), load_checkpoint(tuned)
+  assert after.config.out_channels == before.config.out_channels
+  for name, weights in before.state_dict().items():
+    torch.testing.assert_close(after.state_dict()[name], weights)
+  assert meta["initialised_from"]["checkpoint"] == start
+  assert "--long-range 2" in meta["initialised_from"]["training_command"]
+  clash = CliRunner().invoke(cli, ["train", "--init", start, "--image", img, "--labels", lab,
+                                   "--out", tuned, "--patch-size", "32,32,32"])
+  assert clash.exit_code != 0 and "leave out --patch-size" in clash.output
+  with pytest.raises(IicatsError, match="not the one asked for"):
+    train([TrainingVolume("blobs", image=image, labels=labels)], tuned,
+          config=ModelConfig(**TINY), iterations=1, progress=False, init=start)
+
