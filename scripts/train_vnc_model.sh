@@ -2,12 +2,15 @@
 # Reproduce the shipped ssTEM organelle model (iicats_cv/data/vnc_model.safetensors) with the
 # project's own commands, from ../shared/data/vnc_sstem_stack1.npz (never shipped to users):
 # mitochondria and synapses of sections 0-11 (12-19 are held out for evaluation).
-# Usage: bash scripts/train_vnc_model.sh [WORKDIR] [ITERATIONS] [OUT]
+# Two stages: ITERATIONS from random weights, then FINETUNE more from that checkpoint (--init,
+# a fresh one-cycle schedule at half the peak learning rate, other random patches).
+# Usage: bash scripts/train_vnc_model.sh [WORKDIR] [ITERATIONS] [OUT] [FINETUNE]
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 work=${1:-/tmp/iicats-train-vnc}
 iterations=${2:-2400}
 out=${3:-$here/iicats_cv/data/vnc_model.safetensors}
+finetune=${4:-1200}
 data="$here/../shared/data"
 mkdir -p "$work"
 python - "$data/vnc_sstem_stack1.npz" "$work/vnc_train.npz" <<'PY'
@@ -25,7 +28,9 @@ for key in mitochondria synapses; do
   iicats import "$work/vnc_train.npz" "file://$work/vnc/$key" --type segmentation --key $key \
     --resolution $resolution --chunk-size 128,128,12 --overwrite
 done
-iicats train --anisotropic --patch-size 128,128,4 --batch-size 4 \
-  --image "file://$work/vnc/image" --labels none --nuclei none \
-  --mitochondria "file://$work/vnc/mitochondria" --synapses "file://$work/vnc/synapses" \
-  --iterations "$iterations" --out "$out"
+layers=(--image "file://$work/vnc/image" --labels none --nuclei none
+        --mitochondria "file://$work/vnc/mitochondria" --synapses "file://$work/vnc/synapses")
+iicats train --anisotropic --patch-size 128,128,4 --batch-size 4 "${layers[@]}" \
+  --iterations "$iterations" --out "$work/vnc_base.safetensors"
+iicats train --init "$work/vnc_base.safetensors" --batch-size 4 "${layers[@]}" \
+  --iterations "$finetune" --lr 1e-3 --seed 1 --out "$out"
