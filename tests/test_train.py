@@ -86,12 +86,18 @@ def test_train_resume_and_metadata(tmp_path):
   assert meta["training_data"][0]["labels"] == ["labels", "nucleus"]
 
 
-def test_train_command_on_layers(tmp_path):
+def _blob_layers(tmp_path):
+  """(image, labels, image layer, labels layer): a small blob volume as precomputed layers."""
   labels, image = blobs((40, 40, 40), n=5)
   img = "file://" + str(tmp_path / "img")
   lab = "file://" + str(tmp_path / "lab")
   import_volume(image, img, "image", (10, 10, 10))
   import_volume(labels, lab, "segmentation", (10, 10, 10))
+  return image, labels, img, lab
+
+
+def test_train_command_on_layers(tmp_path):
+  _, _, img, lab = _blob_layers(tmp_path)
   out = str(tmp_path / "cli.safetensors")
   result = CliRunner().invoke(cli, ["train", "--image", img, "--labels", lab, "--out", out,
                                     "--iterations", "2", "--patch-size", "16,16,16"])
@@ -115,11 +121,7 @@ def test_train_command_on_layers(tmp_path):
 def test_fine_tuning_starts_from_the_checkpoint(tmp_path):
   """--init: the weights come from the checkpoint (with lr 0 they stay exactly its own), its
   architecture is kept, and the provenance says where training started."""
-  labels, image = blobs((40, 40, 40), n=5)
-  img = "file://" + str(tmp_path / "img")
-  lab = "file://" + str(tmp_path / "lab")
-  import_volume(image, img, "image", (8, 8, 8))
-  import_volume(labels, lab, "segmentation", (8, 8, 8))
+  image, labels, img, lab = _blob_layers(tmp_path)
   start = str(tmp_path / "start.safetensors")
   assert CliRunner().invoke(cli, ["train", "--image", img, "--labels", lab, "--out", start,
                                   "--iterations", "2", "--patch-size", "16,16,16",
