@@ -18,7 +18,6 @@ the adapted Rand error between the two segment tables says what the hierarchy ch
 """
 import argparse
 import os
-import resource
 import shutil
 import tempfile
 import time
@@ -59,7 +58,8 @@ def _in_fresh_processes(jobs, parallel, desc):
 
 
 def write_block_rags(prefix: str, blocks: int, fragments: int, neuron: float, seed: int):
-  """Block RAGs of the lattice under prefix; returns (fragment ids, neuron of each)."""
+  """Block RAGs of the lattice under prefix -> (fragment ids (N,) uint64, the neuron of each
+  (N,) int64, edges written)."""
   from iicats_cv.rag import FRAGMENT_FIELDS
   from iicats_cv.tasks.common import block_name, put_npz
   side = blocks * fragments

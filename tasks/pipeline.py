@@ -22,8 +22,7 @@ from . import igneous_stages as ig
 from .inference import clear_patch_cache, create_inference_tasks
 from .runner import open_queue, run_tasks
 from .segmentation import (create_watershed_tasks, create_rag_tasks, create_reduce_tasks,
-                           level_prefix,
-                           agglomerate_task, create_remap_tasks)
+                           level_prefix, agglomerate_task, create_remap_tasks)
 from .common import get_json, put_json
 
 LAYERS = ("image", "affinities", "organelles", "supervoxels", "segmentation")
