@@ -344,25 +344,28 @@ def agglomerate(rag: dict, params: AgglomerationParams, sweep_thresholds=(),
 
 
 def agglomerate_interior(rag: dict, frozen: np.ndarray, threshold: float,
-                         quantile: float | None = None) -> np.ndarray:
+                         quantile: float | None = None, mito_edge: np.ndarray | None = None,
+                         mito_bonus: float = 0.0) -> np.ndarray:
   """One level of hierarchical agglomeration, over the fragments (or the regions of the level
   below) of one part of the volume.
 
   rag: merged RAG of the part (edges with both ends inside it).
   frozen: bool (F,) fragments the global step must see as they are: those with edges leaving
     the part, those holding nucleus evidence and those beside a synapse cannot-link.
-  The others merge best-first while their boundary's mean (or `quantile`) affinity is
-  ≥ threshold, without organelle evidence, and only while neither side's best boundary leads
-  to a frozen region (that blocks them in turn, as abiss does): such merges are the ones the
-  global step would make first as well.
+  mito_edge: bool (E,) edges crossed by a mitochondrion, which get `mito_bonus` as in the
+    global step (without it the two would merge in another order).
+  The others merge best-first while their boundary's mean (or `quantile`) affinity (plus the
+  bonus) is ≥ threshold, and only while neither side's best boundary leads to a frozen
+  region (that blocks them in turn, as abiss does): such merges are the ones the global step
+  would make first as well.
   Returns uint64 (F,) the region of each fragment (its smallest fragment id).
   """
   frag = rag["frag_id"]
   u = np.searchsorted(frag, rag["u"])
   v = np.searchsorted(frag, rag["v"])
   agg = _Agglomerator(len(frag), u, v, rag["aff_sum"], rag["count"].astype(np.float64),
-                      np.zeros(len(u), bool), None, 0.0, hist=rag.get("aff_hist"),
-                      quantile=quantile)
+                      np.zeros(len(u), bool) if mito_edge is None else mito_edge, None,
+                      mito_bonus, hist=rag.get("aff_hist"), quantile=quantile)
   blocked = np.array(frozen, bool)
 
   def unblocked(a, b):

@@ -147,7 +147,8 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
       run.stage("reduce" if level == 1 else f"reduce-{level}",
                 lambda level=level: create_reduce_tasks(
                   layers["supervoxels"], join(out, "rag"), hierarchy_prefix, task_shape,
-                  hierarchy, threshold, quantile, state_prefix=state, level=level))
+                  hierarchy, threshold, quantile, state_prefix=state, level=level,
+                  constraints=constraints))
     hierarchy_prefix = level_prefix(hierarchy_prefix, levels)
   run.stage("agglomerate", lambda: [partial(agglomerate_task,
     rag_prefix=join(out, "rag"), supervoxels_path=layers["supervoxels"], out_prefix=out,

@@ -262,7 +262,7 @@ def _region_table(children: list) -> tuple[np.ndarray, np.ndarray]:
 @queueable
 def reduce_task(source_prefix: str, hierarchy_prefix: str, name: str, children: list,
                 neighbours: list, threshold: float, quantile: float = None,
-                state_prefix: str = "", level: int = 1):
+                state_prefix: str = "", level: int = 1, constraints: list = None):
   """One part of one level of hierarchical agglomeration (abiss-style): the part's interior
   regions merge down to `threshold` (see agglomerate_interior), and its RAG, contracted to
   the new regions, goes to HIERARCHY/level<L>/NAME.npz with the fragment -> region table. The
@@ -271,6 +271,9 @@ def reduce_task(source_prefix: str, hierarchy_prefix: str, name: str, children: 
   children: names of the part's objects under source_prefix (block RAGs at level 1, parts of
     the level below above it); neighbours: names of the objects just beyond the part's high
     faces (they hold the edges that enter the part from above).
+  constraints: the kinds of organelle evidence the global step will use (default: all):
+    fragments beside a synapse cannot-link stay frozen only when "synapse" is among them;
+    nuclear fragments always do (tracking seeds come from them).
   Edge ends outside a part keep their fragment ids at every level, so a part recognises the
   ends of its neighbours' edges that lie inside it by its own fragment table.
   """
@@ -288,10 +291,13 @@ def reduce_task(source_prefix: str, hierarchy_prefix: str, name: str, children: 
   internal = {k: (v[inside_u & inside_v] if k in EDGE_FIELDS else v) for k, v in own.items()}
   nodes, node_of = contract_stitched(internal)
   frozen = np.isin(nodes["frag_id"], node_of[np.isin(ids, np.concatenate(border))])
-  evidence, _ = derive_constraints(nodes, AgglomerationParams())
-  frozen |= evidence.nucleus > 0
+  used = AgglomerationParams() if constraints is None else AgglomerationParams(
+    constraints=tuple(constraints))
+  evidence, _ = derive_constraints(nodes, used)
+  frozen |= evidence.nucleus > 0  # always: tracking seeds come from nuclei
   frozen[evidence.cannot_link.ravel()] = True
-  region_of_node = agglomerate_interior(nodes, frozen, threshold, quantile)
+  region_of_node = agglomerate_interior(nodes, frozen, threshold, quantile,
+                                        evidence.mito_edge, used.mito_bonus)
   new_region = region_of_node[np.searchsorted(nodes["frag_id"], node_of)]  # per ids
   put_npz(level_prefix(hierarchy_prefix, level), f"{name}.npz",
           {**relabel(own, ids, new_region), "fragments": fragments,
@@ -302,7 +308,7 @@ def reduce_task(source_prefix: str, hierarchy_prefix: str, name: str, children: 
 
 def create_reduce_tasks(supervoxels_path, rag_prefix, hierarchy_prefix, task_shape,
                         part_blocks: int, threshold: float, quantile=None, state_prefix="",
-                        level: int = 1):
+                        level: int = 1, constraints=None):
   """One reduce task per part of level `level`: part_blocks**level blocks along each axis,
   made of part_blocks³ parts of the level below (of blocks at level 1)."""
   bounds = open_layer(supervoxels_path, layer_type="segmentation").bounds
@@ -330,7 +336,8 @@ def create_reduce_tasks(supervoxels_path, rag_prefix, hierarchy_prefix, task_sha
   return [
     partial(reduce_task, source_prefix=source, hierarchy_prefix=hierarchy_prefix, name=name,
             children=sorted(children), neighbours=sorted(neighbours), threshold=threshold,
-            quantile=quantile, state_prefix=state_prefix, level=level)
+            quantile=quantile, state_prefix=state_prefix, level=level,
+            constraints=None if constraints is None else list(constraints))
     for name, (children, neighbours) in sorted(parts.items()) if name not in done
   ]
 

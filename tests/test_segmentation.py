@@ -389,3 +389,21 @@ def test_unique_pairs_matches_numpy_unique_over_rows():
   first, second, mine = unique_pairs(u, v)
   np.testing.assert_array_equal(np.stack([first, second], 1), pairs)
   np.testing.assert_array_equal(mine, inverse.ravel())
+
+
+def test_interior_agglomeration_gives_the_mitochondria_bonus_and_respects_frozen():
+  """A part's interior merges use the global step's mitochondria bonus (else the two would
+  merge in different orders) and never touch a frozen fragment or a region reaching one."""
+  from iicats_cv.agglomerate import agglomerate_interior
+  rag = _toy_rag()
+  rag["aff_sum"] = np.array([95.0, 90.0, 47.0])        # 3-4: mean 0.47, crossed by a mito
+  free = np.zeros(4, bool)
+  without = agglomerate_interior(rag, free, threshold=0.5)
+  with_bonus = agglomerate_interior(rag, free, 0.5, mito_edge=np.array([False, False, True]),
+                                    mito_bonus=0.05)
+  assert without.tolist() == [1, 1, 1, 4] and with_bonus.tolist() == [1, 1, 1, 1]
+  # 2 is frozen: 1 and 3 have their best boundary to it, so they stay as they are, and so
+  # does 4, whose only boundary leads to 3
+  frozen = agglomerate_interior(rag, np.array([False, True, False, False]), 0.5,
+                                mito_edge=np.array([False, False, True]), mito_bonus=0.05)
+  assert frozen.tolist() == [1, 2, 3, 4]
