@@ -48,11 +48,11 @@ def main():
   affs, organelles = probs[:3], probs[3:6]
   resolution = model.config.resolution
   frags = fragments(affs, resolution)
+  # one RAG for every setting: mean agglomeration ignores the histograms quantiles need
+  rag = merge_rags([block_rag(frags, affs, organelles, (0, 0, 0), histogram=True)])
   rows = []
   for name, options in SETTINGS.items():
     params = AgglomerationParams(threshold=min(THRESHOLDS), **options)
-    rag = merge_rags([block_rag(frags, affs, organelles, (0, 0, 0),
-                                histogram=params.quantile is not None)])
     result = agglomerate(rag, params, sweep_thresholds=THRESHOLDS)
     for threshold, table in result.sweep.items():
       seg = fastremap.remap(frags, dict(zip(result.fragment_ids.tolist(), table.tolist())))
