@@ -76,11 +76,38 @@ def _watershed(boundary, resolution, threshold, seed_distance_nm):
     footprint[2] = 1
   maxima = (dist == ndimage.maximum_filter(dist, size=tuple(2 * footprint + 1))) & foreground
   markers = cc3d.connected_components(maxima, connectivity=26).astype(np.int64)
+  markers = _seed_unseeded_components(markers, foreground, dist)
   if markers.max() == 0:
     return np.ones(boundary.shape, dtype=np.uint64)
   # quantised boundary keeps the flooding order stable and fast
   level = np.rint(boundary * 255).astype(np.uint8)
   return watershed(level, markers=markers).astype(np.uint64)
+
+
+def _seed_unseeded_components(markers, foreground, dist):
+  """Adds a seed at the distance-transform peak of every foreground component that holds none.
+
+  The maximum filter spans membranes, so the narrow end of a neurite beside a thicker cell
+  loses its only maxima to the cell's higher distance values; without its own seed the
+  watershed floods it from across the membrane and the fragment merges two neurons.
+  markers int64 (X, Y, Z), 0 = none; foreground bool; dist float32. Returns markers.
+  """
+  components = cc3d.connected_components(foreground, connectivity=6)
+  n = int(components.max())
+  seeded = np.zeros(n + 1, dtype=bool)
+  seeded[np.unique(components[markers > 0])] = True
+  seeded[0] = True
+  if seeded.all():
+    return markers
+  voxels = np.nonzero(~seeded[components])
+  component = components[voxels]
+  # per unseeded component, its voxel of highest distance (the first one on ties)
+  order = np.lexsort((-dist[voxels], component))
+  first = np.ones(len(order), dtype=bool)
+  first[1:] = component[order[1:]] != component[order[:-1]]
+  peaks = tuple(axis[order[first]] for axis in voxels)
+  markers[peaks] = markers.max() + 1 + np.arange(np.count_nonzero(first))
+  return markers
 
 
 def merge_small_fragments(labels: np.ndarray, boundary: np.ndarray, min_size: int) -> np.ndarray:

@@ -38,6 +38,19 @@ def test_fragments_cover_volume_and_respect_boundaries():
   assert majority / labels.size > 0.9
 
 
+def test_thin_neurite_beside_a_thick_cell_keeps_its_own_fragment():
+  # a 4-voxel-wide neurite against a 30-voxel cell: within the seed spacing window the cell's
+  # distance values exceed the neurite's everywhere, so the maximum filter leaves it no seed
+  labels = np.zeros((40, 40, 20), np.uint64)
+  labels[:30] = 1
+  labels[31:35, 10:30, 5:15] = 2
+  affs, _ = affinities_from_labels(labels)
+  frags = fragments(affs * 0.8 + 0.1, (10, 10, 10), seed_distance_nm=80, min_size=1)
+  neurite = np.unique(frags[32:34, 12:28, 7:13])
+  assert len(neurite) == 1
+  assert not np.isin(neurite, frags[:30]).any()
+
+
 def test_block_rags_add_up_to_the_whole():
   labels, _ = blobs((32, 32, 32), n=6)
   frags = fragments(noisy_affinities(labels), (10, 10, 10), min_size=10)
