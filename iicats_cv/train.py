@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .errors import IicatsError
-from .model import (ModelConfig, UNet3D, load_checkpoint, normalize_image, save_checkpoint,
+from .model import (ModelConfig, UNet3D, load_checkpoint, normalize_image, reuse_freed_memory,
+                    save_checkpoint,
                     ORGANELLE_CHANNELS, long_range_offsets)
 
 
@@ -199,6 +200,8 @@ def train(volumes, out_path: str, config: ModelConfig | None = None, iterations:
   """
   config = config or ModelConfig()
   device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+  if device == "cpu":
+    reuse_freed_memory()
   torch.manual_seed(seed)
   model = UNet3D(config).to(device)
   initial = None

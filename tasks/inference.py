@@ -6,6 +6,7 @@ import io
 import json
 import os
 import shutil
+import threading
 from functools import partial
 
 import numpy as np
@@ -17,7 +18,8 @@ from taskqueue import queueable
 from iicats_cv.inference import (default_overlap, patches_for_block, predict_block, quantize,
                                  pad_to_region)
 from iicats_cv.layers import open_layer, create_layer, local_path, resolve_cloudpath
-from iicats_cv.model import load_checkpoint, AFFINITY_CHANNELS, ORGANELLE_CHANNELS
+from iicats_cv.model import (load_checkpoint, reuse_freed_memory, AFFINITY_CHANNELS,
+                             ORGANELLE_CHANNELS)
 from .common import block_grid, check_task_shape, mark_done, block_name, done_names
 
 _MODELS = {}
@@ -26,6 +28,8 @@ _MODELS = {}
 def _model(checkpoint, device):
   key = (checkpoint, device)
   if key not in _MODELS:
+    if device == "cpu":
+      reuse_freed_memory()
     _MODELS[key] = load_checkpoint(checkpoint or None, device=device)[0]
   return _MODELS[key]
 
@@ -37,22 +41,38 @@ def _device():
 class PatchCache:
   """Model outputs of patches that cross task faces, under a cloudpath prefix (one .npy per
   patch, float32 (C, *patch)): the first task to need such a patch computes and stores it,
-  the neighbouring tasks read it."""
+  the neighbouring tasks read it. On local (or shared) disk the files are read and written
+  directly, each write renamed into place so that a parallel reader never sees half a file."""
 
   def __init__(self, prefix: str):
-    self.files = CloudFiles(resolve_cloudpath(prefix))
+    self.directory = local_path(prefix)
+    self.files = None if self.directory else CloudFiles(resolve_cloudpath(prefix))
 
   @staticmethod
   def _key(start) -> str:
     return "_".join(str(int(v)) for v in start) + ".npy"
 
   def get(self, start):
+    if self.directory:
+      try:
+        return np.load(os.path.join(self.directory, self._key(start)))
+      except FileNotFoundError:
+        return None
     data = self.files.get(self._key(start))
     return None if data is None else np.load(io.BytesIO(data))
 
   def put(self, start, probabilities) -> None:
+    probabilities = np.ascontiguousarray(probabilities, np.float32)
+    if self.directory:
+      os.makedirs(self.directory, exist_ok=True)
+      path = os.path.join(self.directory, self._key(start))
+      partial_path = f"{path}.{os.getpid()}.{threading.get_ident()}.part"
+      with open(partial_path, "wb") as fh:
+        np.save(fh, probabilities)
+      os.replace(partial_path, path)
+      return
     buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(probabilities, np.float32))
+    np.save(buffer, probabilities)
     self.files.put(self._key(start), buffer.getvalue(), compress=None)
 
 
