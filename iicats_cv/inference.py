@@ -80,6 +80,7 @@ def predict_block(model: UNet3D, image, image_start, block_start, block_stop, pa
   weights = bump_weights(patch)
   out = np.zeros((len(config.out_channels),) + shape, dtype=np.float32)
   weight_sum = np.zeros(shape, dtype=np.float32)
+  scratch = np.empty((len(config.out_channels),) + tuple(patch), dtype=np.float32)
   use_amp = device.startswith("cuda")
   patch_starts = np.asarray(patch_starts).reshape(-1, 3)
   if callable(image):
@@ -97,7 +98,9 @@ def predict_block(model: UNet3D, image, image_start, block_start, block_stop, pa
     dst = tuple(slice(l - b, h - b) for l, h, b in zip(lo, hi, block_start))
     w = weights[src]
     if prob is not None:
-      out[(slice(None),) + dst] += prob[(slice(None),) + src] * w
+      weighted = scratch[(slice(None),) + tuple(slice(0, h - l) for l, h in zip(lo, hi))]
+      np.multiply(prob[(slice(None),) + src], w, out=weighted)
+      out[(slice(None),) + dst] += weighted
     weight_sum[dst] += w
 
   def run(batch):
@@ -123,12 +126,24 @@ def predict_block(model: UNet3D, image, image_start, block_start, block_stop, pa
 
   pending = []
   done_z = int(block_start[2])
+
+  def advance(ready):
+    """Finalise the voxels below global z `ready` (rounded down to the write alignment)."""
+    nonlocal done_z
+    if z_align and ready < block_stop[2]:
+      ready = done_z + (ready - done_z) // z_align * z_align
+    if ready > done_z:
+      final(done_z, ready)
+      done_z = ready
+
+  # a part-filled batch waits for the next layer's patches (a batch of one runs on one core
+  # of a CPU), and the voxels its patches cover wait with it
+  batch, deferred = [], None
   with ThreadPoolExecutor(max_workers=2) as background:
     upcoming = background.submit(fetch, layers[0]) if len(layers) else None
     for i, z in enumerate(layers):
       layer_image = upcoming.result()
       upcoming = background.submit(fetch, layers[i + 1]) if i + 1 < len(layers) else None
-      batch = []
       for start in patch_starts[patch_starts[:, 2] == z]:
         shared = patch_cache is not None and bool(
           np.any(start < block_start) or np.any(start + patch > block_stop))
@@ -145,16 +160,19 @@ def predict_block(model: UNet3D, image, image_start, block_start, block_stop, pa
         if len(batch) >= batch_size:
           run(batch)
           batch = []
-      if batch:
+          if deferred is not None:
+            advance(deferred)
+            deferred = None
+      last = i + 1 == len(layers)
+      if batch and last:
         run(batch)
+        batch = []
       # voxels below the next layer's start see no more patches
-      ready = int(block_stop[2]) if i + 1 == len(layers) else min(int(layers[i + 1]),
-                                                                 int(block_stop[2]))
-      if z_align and ready < block_stop[2]:
-        ready = done_z + (ready - done_z) // z_align * z_align
-      if ready > done_z:
-        final(done_z, ready)
-        done_z = ready
+      ready = int(block_stop[2]) if last else min(int(layers[i + 1]), int(block_stop[2]))
+      if batch:
+        deferred = ready
+      else:
+        advance(ready)
     for future in pending:
       future.result()
   return out
@@ -176,8 +194,10 @@ def predict_volume(model: UNet3D, image: np.ndarray, batch_size: int = 4,
 
 
 def quantize(probabilities: np.ndarray) -> np.ndarray:
-  """float32 probabilities in [0, 1] -> uint8 (round(p * 255))."""
-  return np.clip(np.rint(probabilities * 255.0), 0, 255).astype(np.uint8)
+  """float32 probabilities in [0, 1] -> uint8 (round(p * 255), halves rounded up)."""
+  scaled = np.clip(probabilities, 0.0, 1.0) * np.float32(255.0)
+  scaled += np.float32(0.5)
+  return scaled.astype(np.uint8)
 
 
 def pad_to_region(image: np.ndarray, have_start, have_stop, want_start, want_stop) -> np.ndarray:

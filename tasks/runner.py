@@ -213,7 +213,9 @@ def run_tasks(tasks, queue: str | None, parallel: int | None, desc: str = "tasks
   try:
     if tasks:
       # the fq insert counter costs ~1 s of lock retries per insert here, and nothing reads it
-      open_queue(queue).insert(tasks, skip_insert_counter=True)
+      # a local file queue needs no insert threads, whose pool polls every 0.1 s to finish
+      threads = {"n_threads": 0} if queue.startswith("fq://") else {}
+      open_queue(queue, **threads).insert(tasks, skip_insert_counter=True)
       who = "external workers" if parallel is None else f"{parallel} local worker(s)"
       print(f"[{desc}] {len(tasks)} task(s) on {queue} for {who}", flush=True)
       drain(queue, len(tasks), parallel=parallel or 1, desc=desc, lease_sec=lease_sec,
