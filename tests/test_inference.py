@@ -51,6 +51,26 @@ def test_blending_weights_sum_to_one():
   np.testing.assert_allclose(out, 0.5, rtol=1e-5)
 
 
+def test_batches_fill_across_z_layers_and_slabs_cover_the_block():
+  config = ModelConfig(width=(4, 8), downsample=((2, 2, 2),), patch_size=(16, 16, 16))
+  image = np.full((40, 40, 64), 100, np.uint8)
+  start, stop = np.array([0, 0, 0]), np.array(image.shape)
+  patches = patches_for_block(start, stop, start, stop, np.array(config.patch_size),
+                              np.array([12, 12, 12]))
+  assert len(patches) == 9 * 5  # 9 patches per z layer: a batch of 4 never divides a layer
+  model = ConstantModel(config)
+  sizes, slabs = [], []
+  model.forward = lambda x: sizes.append(x.shape[0]) or ConstantModel.forward(model, x)
+  out = predict_block(model, image, start, start, stop, patches, batch_size=4,
+                      on_final=lambda z0, z1, probs: slabs.append((z0, z1, probs.copy())),
+                      z_align=8)
+  assert sizes == [4] * 11 + [1]
+  assert [z0 for z0, _, _ in slabs] == [0] + [z1 for _, z1, _ in slabs[:-1]]
+  assert slabs[-1][1] == 64 and all(z0 % 8 == 0 for z0, _, _ in slabs)
+  np.testing.assert_allclose(np.concatenate([p for _, _, p in slabs], axis=-1), out)
+  np.testing.assert_allclose(out, 0.5, rtol=1e-5)
+
+
 def _run_inference(tmp_path, checkpoint, task_shape, name, share_patches=True):
   from iicats_cv.tasks.inference import create_inference_tasks
   from iicats_cv.tasks.runner import run_tasks
