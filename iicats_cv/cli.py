@@ -62,12 +62,13 @@ def import_command(src, dest, layer_type, resolution, axes, key, offset, chunk_s
   click.echo(f"imported {src} {array.shape} {array.dtype} -> {path} ({layer_type})")
 
 
-def _command_line(ctx) -> str:
-  """The invocation, rebuilt from the parsed options (recorded in checkpoints)."""
+def _command_line(ctx, omit=()) -> str:
+  """The invocation, rebuilt from the parsed options (recorded in checkpoints); parameters
+  named in `omit` are left out."""
   parts = ["iicats"] + ctx.command_path.split()[1:]
   for param in ctx.command.params:
     value = ctx.params.get(param.name)
-    if value is None or value is False or value == () or not param.opts:
+    if value is None or value is False or value == () or not param.opts or param.name in omit:
       continue
     flag = max(param.opts, key=len)
     for item in (value if isinstance(value, tuple) and param.multiple else (value,)):
@@ -80,6 +81,7 @@ def _command_line(ctx) -> str:
 
 
 CONSTRAINTS = ("nucleus", "synapse", "mitochondria")
+ARCHITECTURE_OPTIONS = ("patch_size", "anisotropic", "long_range")  # of `iicats train`
 
 
 def _constraint_list(ctx, param, value):
@@ -368,7 +370,7 @@ def train_command(image, labels, nuclei, mitochondria, synapses, bounds, out, it
                              f"patch size {patch_size}", param_hint="--long-range")
   ctx = click.get_current_context()
   if init:
-    given = [f"--{name.replace('_', '-')}" for name in ("patch_size", "anisotropic", "long_range")
+    given = [f"--{name.replace('_', '-')}" for name in ARCHITECTURE_OPTIONS
              if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT]
     if given:
       raise click.UsageError(f"--init {init} keeps that checkpoint's architecture: leave out "
@@ -383,7 +385,9 @@ def train_command(image, labels, nuclei, mitochondria, synapses, bounds, out, it
                          out_channels=AFFINITY_CHANNELS + ORGANELLE_CHANNELS
                          + long_range_channels(sorted(set(long_range))))
   meta = train(volumes, out, config=config, iterations=iterations, batch_size=batch_size,
-               lr=lr, seed=seed, resume=resume, command=_command_line(ctx), init=init)
+               lr=lr, seed=seed, resume=resume, init=init,
+               # with --init the architecture options are refused, so the record leaves them out
+               command=_command_line(ctx, omit=ARCHITECTURE_OPTIONS if init else ()))
   click.echo(json.dumps(meta["validation"], indent=1))
   click.echo(f"done: {out} after {iterations} iterations in {meta['wall_time_s']:.0f} s")
 

@@ -136,6 +136,8 @@ def test_fine_tuning_starts_from_the_checkpoint(tmp_path):
     torch.testing.assert_close(after.state_dict()[name], weights)
   assert meta["initialised_from"]["checkpoint"] == start
   assert "--long-range 2" in meta["initialised_from"]["training_command"]
+  # the recorded command runs as written: no architecture option that --init refuses
+  assert "--init" in meta["training_command"] and "--patch-size" not in meta["training_command"]
   clash = CliRunner().invoke(cli, ["train", "--init", start, "--image", img, "--labels", lab,
                                    "--out", tuned, "--patch-size", "32,32,32"])
   assert clash.exit_code != 0 and "leave out --patch-size" in clash.output
