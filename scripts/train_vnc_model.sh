@@ -2,15 +2,16 @@
 # Reproduce the shipped ssTEM organelle model (iicats_cv/data/vnc_model.safetensors) with the
 # project's own commands, from ../shared/data/vnc_sstem_stack1.npz (never shipped to users):
 # mitochondria and synapses of sections 0-11 (12-19 are held out for evaluation).
-# Two stages: ITERATIONS from random weights, then FINETUNE more from that checkpoint (--init,
-# a fresh one-cycle schedule at half the peak learning rate, other random patches).
+# ITERATIONS from random weights, then one fine-tuning round per comma-separated entry of
+# FINETUNE, each from the previous checkpoint (--init: a fresh one-cycle schedule at half the
+# peak learning rate; round k uses seed k, so other random patches).
 # Usage: bash scripts/train_vnc_model.sh [WORKDIR] [ITERATIONS] [OUT] [FINETUNE]
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 work=${1:-/tmp/iicats-train-vnc}
 iterations=${2:-2400}
 out=${3:-$here/iicats_cv/data/vnc_model.safetensors}
-finetune=${4:-1200}
+finetune=${4:-1200,1200}
 data="$here/../shared/data"
 mkdir -p "$work"
 python - "$data/vnc_sstem_stack1.npz" "$work/vnc_train.npz" <<'PY'
@@ -32,5 +33,13 @@ layers=(--image "file://$work/vnc/image" --labels none --nuclei none
         --mitochondria "file://$work/vnc/mitochondria" --synapses "file://$work/vnc/synapses")
 iicats train --anisotropic --patch-size 128,128,4 --batch-size 4 "${layers[@]}" \
   --iterations "$iterations" --out "$work/vnc_base.safetensors"
-iicats train --init "$work/vnc_base.safetensors" --batch-size 4 "${layers[@]}" \
-  --iterations "$finetune" --lr 1e-3 --seed 1 --out "$out"
+previous="$work/vnc_base.safetensors"
+IFS=, read -ra rounds <<< "$finetune"
+for k in "${!rounds[@]}"; do
+  seed=$((k + 1))
+  target="$work/vnc_finetune$seed.safetensors"
+  iicats train --init "$previous" --batch-size 4 "${layers[@]}" \
+    --iterations "${rounds[$k]}" --lr 1e-3 --seed "$seed" --out "$target"
+  previous=$target
+done
+cp "$previous" "$out"
