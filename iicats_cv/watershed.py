@@ -85,7 +85,8 @@ def _watershed(boundary, resolution, threshold, seed_distance_nm):
 
 
 def _seed_unseeded_components(markers, foreground, dist):
-  """Adds a seed at the distance-transform peak of every foreground component that holds none.
+  """Adds a seed at the distance-transform peak of every foreground component that holds none
+  and lies inside the array.
 
   The maximum filter spans membranes, so the narrow end of a neurite beside a thicker cell
   loses its only maxima to the cell's higher distance values; without its own seed the
@@ -97,6 +98,11 @@ def _seed_unseeded_components(markers, foreground, dist):
   seeded = np.zeros(n + 1, dtype=bool)
   seeded[np.unique(components[markers > 0])] = True
   seeded[0] = True
+  # a component the array's faces cut may have its maxima beyond them: seeding it here would
+  # make a block's fragments depend on where its read window ends
+  for axis in range(3):
+    for index in (0, -1):
+      seeded[np.unique(np.take(components, index, axis=axis))] = True
   if seeded.all():
     return markers
   voxels = np.nonzero(~seeded[components])
