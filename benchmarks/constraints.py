@@ -20,7 +20,8 @@ from scipy import ndimage
 
 from iicats_cv.agglomerate import AgglomerationParams, agglomerate, count_violations
 from iicats_cv.datasets import write_ground_truth_files
-from iicats_cv.evaluate import evaluate_tables
+from iicats_cv.evaluate import evaluate_tables, lookup_segments
+from iicats_cv.metrics import concatenate_skeletons, merging_segments, synapse_violations
 from iicats_cv.rag import block_rag, merge_rags
 from iicats_cv.synthetic import make_synthetic_volume
 from iicats_cv.train import affinities_from_labels
@@ -62,6 +63,18 @@ def score(rag, frag_ids, supervoxels, gt, params):
   return {row["threshold"]: row for row in rows}
 
 
+def fragment_errors(supervoxels, vol) -> dict:
+  """Errors already in the fragments, which no agglomeration can undo: fragments holding
+  nodes of two skeletons, and synapses whose two partners lie in one fragment."""
+  flat = concatenate_skeletons(vol.skeletons)
+  nodes = lookup_segments(supervoxels, flat.vertices_nm).astype(np.uint64)
+  partners = lookup_segments(supervoxels, vol.synapses_nm.reshape(-1, 3)).astype(np.uint64)
+  _, _, per_fragment = synapse_violations(partners.reshape(-1, 2))
+  return {"merging_fragments": int(len(merging_segments(nodes, flat.node_skeleton)[0])),
+          "synapses_within_one_fragment": int(per_fragment.sum()),
+          "synapses": int(len(vol.synapses_nm))}
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--seed", type=int, default=0)
@@ -95,6 +108,7 @@ def main():
   best_b = max(baseline.values(), key=lambda r: r["berl"])
   out = {
     "volume": vol.summary(), "noise": args.noise, "fragments": int(len(rag["frag_id"])),
+    "fragment_errors": fragment_errors(supervoxels, vol),
     "constrained": constrained, "baseline": baseline,
     "best_constrained": best_c, "best_baseline": best_b,
     "ratio": best_c["berl"] / best_b["berl"],
@@ -107,7 +121,10 @@ def main():
               f"violations left: {left['segments_with_several_nuclei']} multi-nucleus, "
               f"{left['synapse_partners_merged']} synapse (baseline "
               f"{best_b['violations']['segments_with_several_nuclei']}, "
-              f"{best_b['violations']['synapse_partners_merged']})", args.json)
+              f"{best_b['violations']['synapse_partners_merged']}); in the fragments already: "
+              f"{out['fragment_errors']['merging_fragments']} of {out['fragments']} hold two "
+              f"skeletons, {out['fragment_errors']['synapses_within_one_fragment']} of "
+              f"{out['fragment_errors']['synapses']} synapses lie within one", args.json)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,7 @@ from tqdm import tqdm
 
 from .errors import IicatsError
 from .model import (ModelConfig, UNet3D, load_checkpoint, normalize_image, reuse_freed_memory,
-                    save_checkpoint,
-                    ORGANELLE_CHANNELS, long_range_offsets)
+                    save_checkpoint, ORGANELLE_CHANNELS, long_range_offsets)
 
 
 @dataclass
