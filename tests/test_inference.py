@@ -40,23 +40,25 @@ class ConstantModel(torch.nn.Module):
     return torch.zeros((x.shape[0], len(self.config.out_channels)) + tuple(x.shape[2:]))
 
 
-def test_blending_weights_sum_to_one():
+def _constant_image_on_a_grid(shape):
+  """A constant uint8 image of `shape` and the patch grid (16³ patches, stride 12) over it."""
   config = ModelConfig(width=(4, 8), downsample=((2, 2, 2),), patch_size=(16, 16, 16))
-  image = np.full((40, 40, 30), 100, np.uint8)
-  start, stop = np.array([0, 0, 0]), np.array(image.shape)
+  image = np.full(shape, 100, np.uint8)
+  start, stop = np.array([0, 0, 0]), np.array(shape)
   patches = patches_for_block(start, stop, start, stop, np.array(config.patch_size),
                               np.array([12, 12, 12]))
+  return config, image, start, stop, patches
+
+
+def test_blending_weights_sum_to_one():
+  config, image, start, stop, patches = _constant_image_on_a_grid((40, 40, 30))
   out = predict_block(ConstantModel(config), image, start, start, stop, patches)
   # a constant prediction survives normalised blending unchanged iff weights sum to 1
   np.testing.assert_allclose(out, 0.5, rtol=1e-5)
 
 
 def test_batches_fill_across_z_layers_and_slabs_cover_the_block():
-  config = ModelConfig(width=(4, 8), downsample=((2, 2, 2),), patch_size=(16, 16, 16))
-  image = np.full((40, 40, 64), 100, np.uint8)
-  start, stop = np.array([0, 0, 0]), np.array(image.shape)
-  patches = patches_for_block(start, stop, start, stop, np.array(config.patch_size),
-                              np.array([12, 12, 12]))
+  config, image, start, stop, patches = _constant_image_on_a_grid((40, 40, 64))
   assert len(patches) == 9 * 5  # 9 patches per z layer: a batch of 4 never divides a layer
   model = ConstantModel(config)
   sizes, slabs = [], []
