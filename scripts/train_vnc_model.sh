@@ -11,7 +11,7 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 work=${1:-/tmp/iicats-train-vnc}
 iterations=${2:-2400}
 out=${3:-$here/iicats_cv/data/vnc_model.safetensors}
-finetune=${4:-1200,1200}
+finetune=${4:-1200,1200,1200}
 data="$here/../shared/data"
 mkdir -p "$work"
 python - "$data/vnc_sstem_stack1.npz" "$work/vnc_train.npz" <<'PY'
