@@ -99,10 +99,12 @@ def _seed_unseeded_components(markers, foreground, dist):
   seeded[np.unique(components[markers > 0])] = True
   seeded[0] = True
   # a component the array's faces cut may have its maxima beyond them: seeding it here would
-  # make a block's fragments depend on where its read window ends
+  # make a block's fragments depend on where its read window ends (a single section's z
+  # faces are the section itself, not a cut)
   for axis in range(3):
-    for index in (0, -1):
-      seeded[np.unique(np.take(components, index, axis=axis))] = True
+    if components.shape[axis] > 1:
+      for index in (0, -1):
+        seeded[np.unique(np.take(components, index, axis=axis))] = True
   if seeded.all():
     return markers
   voxels = np.nonzero(~seeded[components])

@@ -49,6 +49,11 @@ def test_thin_neurite_beside_a_thick_cell_keeps_its_own_fragment():
   neurite = np.unique(frags[32:34, 12:28, 7:13])
   assert len(neurite) == 1
   assert not np.isin(neurite, frags[:30]).any()
+  # the same per section (anisotropic data), in the sections inside the neurite's z range
+  sections = fragments(affs * 0.8 + 0.1, (10, 10, 10), seed_distance_nm=80, min_size=1,
+                       per_section=True)
+  for z in range(6, 14):
+    assert not np.isin(sections[32:34, 12:28, z], sections[:30, :, z]).any()
 
 
 def test_block_rags_add_up_to_the_whole():
