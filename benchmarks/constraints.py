@@ -9,12 +9,18 @@ over the same thresholds and are scored against the generator's skeletons, nucle
 The reference is the unconstrained baseline of the same run: ratio = constrained bERL /
 baseline bERL, each at its best threshold.
 
-  python benchmarks/constraints.py [--seed 0] [--noise 0.2] [--cells 40] [--json OUT]
+With --oracle-fragments the watershed fragments are cut along the ground-truth neurons, so no
+fragment holds two cells: what is left is the agglomeration's own effect.
+
+  python benchmarks/constraints.py [--seed 0] [--noise 0.2] [--cells 40] [--oracle-fragments]
+                                   [--json OUT]
 """
 import argparse
 import os
 import tempfile
 
+import cc3d
+import fastremap
 import numpy as np
 from scipy import ndimage
 
@@ -75,6 +81,13 @@ def fragment_errors(supervoxels, vol) -> dict:
           "synapses": int(len(vol.synapses_nm))}
 
 
+def split_by_ground_truth(frags: np.ndarray, neurons: np.ndarray) -> np.ndarray:
+  """uint64 (X, Y, Z): each fragment cut into its connected pieces within each GT neuron."""
+  pairs = frags.astype(np.uint64) * np.uint64(int(neurons.max()) + 1) + neurons.astype(np.uint64)
+  pieces = cc3d.connected_components(pairs, connectivity=6, out_dtype=np.uint64)
+  return fastremap.renumber(pieces, preserve_zero=True)[0].astype(np.uint64)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--seed", type=int, default=0)
@@ -86,6 +99,8 @@ def main():
                       help="nucleated neurons (40 packs the 192×192×96 volume with somata)")
   parser.add_argument("--synapses", type=int, default=600,
                       help="synapses to place (the generator stops when contacts run out)")
+  parser.add_argument("--oracle-fragments", action="store_true",
+                      help="cut the fragments along the ground-truth neurons")
   parser.add_argument("--json", default=None)
   args = parser.parse_args()
   shape = tuple(int(v) for v in args.shape.split(","))
@@ -95,6 +110,8 @@ def main():
   organelles = np.stack([vol.nuclei > 0, vol.mitochondria > 0, vol.synapse_mask > 0]
                         ).astype(np.float32)
   frags = fragments(affs, vol.resolution)
+  if args.oracle_fragments:
+    frags = split_by_ground_truth(frags, vol.neurons)
   rag = merge_rags([block_rag(frags, affs, organelles, (0, 0, 0))])
   root = tempfile.mkdtemp(prefix="iicats-constraints-bench-")
   supervoxels = import_volume(frags, f"file://{root}/supervoxels", "segmentation",
@@ -107,7 +124,8 @@ def main():
   best_c = max(constrained.values(), key=lambda r: r["berl"])
   best_b = max(baseline.values(), key=lambda r: r["berl"])
   out = {
-    "volume": vol.summary(), "noise": args.noise, "fragments": int(len(rag["frag_id"])),
+    "volume": vol.summary(), "noise": args.noise, "oracle_fragments": args.oracle_fragments,
+    "fragments": int(len(rag["frag_id"])),
     "fragment_errors": fragment_errors(supervoxels, vol),
     "constrained": constrained, "baseline": baseline,
     "best_constrained": best_c, "best_baseline": best_b,
