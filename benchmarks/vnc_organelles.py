@@ -10,7 +10,9 @@ Reference, in the same run: the best intensity threshold (dark voxels = organell
 sections 0-11, scored on 12-19), the classic baseline for these dark organelles; ratio =
 model Dice / threshold Dice.
 
-  python benchmarks/vnc_organelles.py [--checkpoint vnc] [--json OUT]
+--tta predicts with test-time augmentation (the mean over the 8 in-plane mirror images).
+
+  python benchmarks/vnc_organelles.py [--checkpoint vnc] [--tta] [--json OUT]
 """
 import argparse
 import os
@@ -41,6 +43,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--checkpoint", default="vnc")
   parser.add_argument("--data", default=DATA)
+  parser.add_argument("--tta", action="store_true", help="test-time augmentation")
   parser.add_argument("--json", default=None)
   args = parser.parse_args()
   device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -51,9 +54,9 @@ def main():
     return np.ascontiguousarray(np.transpose(array, (2, 1, 0)))
 
   image = xyz(data["image"])
-  probabilities = predict_volume(model, image[..., HELD_OUT], device=device)
-  training = predict_volume(model, image[..., :12], device=device)
-  out = {"checkpoint": args.checkpoint, "device": device,
+  probabilities = predict_volume(model, image[..., HELD_OUT], device=device, augment=args.tta)
+  training = predict_volume(model, image[..., :12], device=device, augment=args.tta)
+  out = {"checkpoint": args.checkpoint, "device": device, "test_time_augmentation": args.tta,
          "held_out_sections": [HELD_OUT.start, HELD_OUT.stop - 1],
          "training_command": meta.get("training_command")}
   summary = []

@@ -76,12 +76,13 @@ class PatchCache:
     self.files.put(self._key(start), buffer.getvalue(), compress=None)
 
 
-def patch_cache_prefix(affinities_path: str, image_path: str, model_metadata: dict) -> str:
-  """Where a run's patch cache lives: beside the affinities layer, named after the image and
-  the model (its checkpoint metadata), so a cache left by an interrupted run with another
-  model is never read."""
+def patch_cache_prefix(affinities_path: str, image_path: str, model_metadata: dict,
+                       augment: bool = False) -> str:
+  """Where a run's patch cache lives: beside the affinities layer, named after the image, the
+  model (its checkpoint metadata) and the augmentation, so a cache left by an interrupted run
+  with another model or setting is never read."""
   model = json.dumps(model_metadata, sort_keys=True, default=str)
-  digest = hashlib.sha1(f"{image_path}|{model}".encode()).hexdigest()[:12]
+  digest = hashlib.sha1(f"{image_path}|{model}|{augment}".encode()).hexdigest()[:12]
   return f"{affinities_path.rstrip('/')}/patch_cache/{digest}"
 
 
@@ -98,12 +99,14 @@ def clear_patch_cache(affinities_path: str) -> None:
 @queueable
 def inference_task(image_path: str, affinities_path: str, organelles_path: str,
                    checkpoint: str, start: list, stop: list, overlap: list,
-                   batch_size: int = 4, state_prefix: str = "", patch_cache: str = ""):
+                   batch_size: int = 4, state_prefix: str = "", patch_cache: str = "",
+                   augment: bool = False):
   """Predict affinities + organelles for the block [start, stop) (x,y,z voxels).
 
   The image is read one z-layer of patches at a time, the next layer while this one computes,
   and each finished z-slab of output chunks is written while the next computes.
   patch_cache: cloudpath prefix of a PatchCache shared by the run's tasks ("" = none).
+  augment: test-time augmentation over the in-plane mirror images of each patch.
   """
   device = _device()
   model = _model(checkpoint, device)
@@ -134,7 +137,7 @@ def inference_task(image_path: str, affinities_path: str, organelles_path: str,
 
   predict_block(model, read, None, start, stop, starts, batch_size, device,
                 patch_cache=PatchCache(patch_cache) if patch_cache else None,
-                on_final=write, z_align=int(aff_cv.chunk_size[2]))
+                on_final=write, z_align=int(aff_cv.chunk_size[2]), augment=augment)
   if state_prefix:
     mark_done(state_prefix, "inference", block_name(start))
 
@@ -142,12 +145,15 @@ def inference_task(image_path: str, affinities_path: str, organelles_path: str,
 def create_inference_tasks(image_path: str, affinities_path: str, organelles_path: str,
                            checkpoint: str | None = None, task_shape=(128, 128, 128),
                            dtype: str = "uint8", batch_size: int = 4, state_prefix: str = "",
-                           chunk_size=(64, 64, 64), share_patches: bool = True):
+                           chunk_size=(64, 64, 64), share_patches: bool = True,
+                           augment: bool = False):
   """Create the output layers (validated, with provenance) and one task per block.
 
   share_patches: the tasks share the patches that cross their faces through a PatchCache
   beside the affinities layer (each computed once when tasks run one after another; call
-  clear_patch_cache after the stage)."""
+  clear_patch_cache after the stage).
+  augment: test-time augmentation (the mean over the in-plane mirror images of each patch;
+  4-8× the compute)."""
   image_cv = open_layer(image_path, layer_type="image", dtypes=("uint8",), num_channels=1,
                         what="image layer")
   model, meta = load_checkpoint(checkpoint or None)
@@ -161,7 +167,7 @@ def create_inference_tasks(image_path: str, affinities_path: str, organelles_pat
   bounds = image_cv.bounds
   params = {"image": image_path, "checkpoint": checkpoint or "default",
             "patch_size": list(config.patch_size), "overlap": overlap, "dtype": dtype,
-            "task_shape": list(task_shape)}
+            "task_shape": list(task_shape), "test_time_augmentation": augment}
   affinity_channels = AFFINITY_CHANNELS + config.out_channels[
     len(AFFINITY_CHANNELS) + len(ORGANELLE_CHANNELS):]
   for path, channels in ((affinities_path, affinity_channels),
@@ -171,12 +177,13 @@ def create_inference_tasks(image_path: str, affinities_path: str, organelles_pat
                  num_channels=len(channels), step="inference",
                  params={**params, "channels": list(channels)})
   done = done_names(state_prefix, "inference") if state_prefix else set()
-  cache = patch_cache_prefix(affinities_path, image_path, meta) if share_patches else ""
+  cache = (patch_cache_prefix(affinities_path, image_path, meta, augment) if share_patches
+           else "")
   return [
     partial(inference_task, image_path=image_path, affinities_path=affinities_path,
                    organelles_path=organelles_path, checkpoint=checkpoint or "",
                    start=lo, stop=hi, overlap=overlap, batch_size=batch_size,
-                   state_prefix=state_prefix, patch_cache=cache)
+                   state_prefix=state_prefix, patch_cache=cache, augment=augment)
     for lo, hi, _ in block_grid(bounds.minpt, bounds.maxpt, task_shape)
     if block_name(lo) not in done
   ]

@@ -107,8 +107,10 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
                  report: bool = True, link_prefix: str | None = None, lease_sec: int = 600,
                  num_mips: int = 2, constraints=("nucleus", "synapse", "mitochondria"),
                  sharded: bool = True, quantile: float | None = None,
-                 hierarchy: int | None = None, levels: int = 1):
+                 hierarchy: int | None = None, levels: int = 1, augment: bool = False):
   """Run every stage from an EM image layer to segmentation, meshes, link and metrics.
+
+  augment: test-time augmentation in the inference stage (create_inference_tasks).
 
   Returns the summary dict ({"layers", "neuroglancer_url", "metrics", "timings", ...}).
   """
@@ -124,13 +126,14 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
             "segmentation_baseline": join(out, "segmentation_baseline")}
   run = Pipeline(out, queue, parallel, lease_sec=lease_sec)
   put_json(run.state, "run.json", {"image": image, "task_shape": task_shape,
-                                   "checkpoint": checkpoint or "default", "threshold": threshold})
+                                   "checkpoint": checkpoint or "default", "threshold": threshold,
+                                   "test_time_augmentation": augment})
   started = time.time()
   state = run.state
 
   run.stage("inference", lambda: create_inference_tasks(
     image, layers["affinities"], layers["organelles"], checkpoint, task_shape,
-    state_prefix=state))
+    state_prefix=state, augment=augment))
   clear_patch_cache(layers["affinities"])
   run.stage("watershed", lambda: create_watershed_tasks(
     layers["affinities"], layers["supervoxels"], task_shape, state_prefix=state))

@@ -7,9 +7,9 @@ from cloudfiles import CloudFiles
 
 from iicats_cv.errors import IicatsError
 from iicats_cv.inference import bump_weights, default_overlap, patches_for_block, predict_block, \
-  grid_starts
+  grid_starts, forward_probabilities, in_plane_orientations
 from iicats_cv.model import load_checkpoint, save_checkpoint, ModelConfig, UNet3D, \
-  AFFINITY_CHANNELS, ORGANELLE_CHANNELS
+  AFFINITY_CHANNELS, ORGANELLE_CHANNELS, long_range_channels, long_range_offsets
 from iicats_cv.volume_io import import_volume
 from conftest import blobs
 
@@ -73,7 +73,7 @@ def test_batches_fill_across_z_layers_and_slabs_cover_the_block():
   np.testing.assert_allclose(out, 0.5, rtol=1e-5)
 
 
-def _run_inference(tmp_path, checkpoint, task_shape, name, share_patches=True):
+def _run_inference(tmp_path, checkpoint, task_shape, name, share_patches=True, augment=False):
   from iicats_cv.tasks.inference import create_inference_tasks
   from iicats_cv.tasks.runner import run_tasks
   labels, image = blobs((64, 64, 40))
@@ -82,7 +82,8 @@ def _run_inference(tmp_path, checkpoint, task_shape, name, share_patches=True):
   aff = "file://" + str(tmp_path / name / "aff")
   org = "file://" + str(tmp_path / name / "org")
   tasks = create_inference_tasks(image_path, aff, org, checkpoint, task_shape,
-                                 chunk_size=(32, 32, 32), share_patches=share_patches)
+                                 chunk_size=(32, 32, 32), share_patches=share_patches,
+                                 augment=augment)
   run_tasks(tasks, None, 1, desc="inference")
   return aff, org
 
@@ -102,6 +103,17 @@ def test_inference_independent_of_task_shape(tmp_path, tiny_checkpoint):
   store = ts.open({"driver": "neuroglancer_precomputed", "kvstore": aff_a + "/"}).result()
   assert store.shape[-1] == len(AFFINITY_CHANNELS)
   np.testing.assert_array_equal(np.asarray(store.read().result())[..., :], a)
+
+
+def test_augmented_inference_independent_of_task_shape(tmp_path, tiny_checkpoint):
+  from cloudvolume import CloudVolume
+  aff_a, _ = _run_inference(tmp_path, tiny_checkpoint, (32, 32, 32), "a", augment=True)
+  aff_b, _ = _run_inference(tmp_path / "b", tiny_checkpoint, (64, 64, 64), "b", augment=True)
+  plain, _ = _run_inference(tmp_path / "c", tiny_checkpoint, (64, 64, 64), "c")
+  a, b = CloudVolume(aff_a)[:, :, :], CloudVolume(aff_b)[:, :, :]
+  assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+  assert np.abs(a.astype(int) - CloudVolume(plain)[:, :, :].astype(int)).max() > 1
+  assert CloudVolume(aff_a).provenance.processing[-1]["method"]["test_time_augmentation"]
 
 
 def test_patches_across_task_faces_are_computed_once(tmp_path, tiny_checkpoint, monkeypatch):
@@ -228,3 +240,69 @@ def test_image_of_wrong_dtype_or_channels_rejected(tmp_path, tiny_checkpoint):
   with pytest.raises(IicatsError, match="3 channel"):
     create_inference_tasks(path2, path2 + "_aff", path2 + "_org", tiny_checkpoint, (32, 32, 32))
   assert not (tmp_path / "float_image_aff").exists()
+
+
+class MirrorEquivariantModel(torch.nn.Module):
+  """Affinity logits from the intensity difference of each voxel and its -d partner (logit 0
+  where the partner lies outside the patch); organelle logits from the intensity alone. Its
+  prediction of a mirrored patch, mirrored back, is its prediction of the patch."""
+
+  def __init__(self, config):
+    super().__init__()
+    self.config = config
+    self.offsets = [(axis, 1) for axis in range(3)] + long_range_offsets(config.out_channels)
+
+  def forward(self, x):
+    image = x[:, 0]
+    out = []
+    for axis, d in self.offsets[:3]:
+      out.append(self._affinity(image, axis, d))
+    out += [image * 2.0, -image, image - 0.5]
+    for axis, d in self.offsets[3:]:
+      out.append(self._affinity(image, axis, d))
+    return torch.stack(out, 1)
+
+  @staticmethod
+  def _affinity(image, axis, d):
+    logit = torch.zeros_like(image)
+    here = image.narrow(axis + 1, d, image.shape[axis + 1] - d)
+    there = image.narrow(axis + 1, 0, image.shape[axis + 1] - d)
+    logit.narrow(axis + 1, d, image.shape[axis + 1] - d).copy_(2.0 - 4.0 * (here - there).abs())
+    return logit
+
+
+def _config_with_long_range(patch_size):
+  return ModelConfig(width=(4, 8), downsample=((2, 2, 2),), patch_size=patch_size,
+                     out_channels=AFFINITY_CHANNELS + ORGANELLE_CHANNELS
+                     + long_range_channels((3,)))
+
+
+def test_test_time_augmentation_mirrors_affinities_back_onto_their_voxels():
+  x = torch.from_numpy(np.random.default_rng(0).random((2, 1, 16, 16, 8), np.float32))
+  for patch in ((16, 16, 8), (16, 12, 8)):
+    config = _config_with_long_range(patch)
+    model = MirrorEquivariantModel(config)
+    batch = x[:, :, :, :patch[1]]
+    plain = forward_probabilities(model, batch)
+    augmented = forward_probabilities(model, batch, augment=True)
+    # a wrong shift or channel swap after un-mirroring would move affinities off their voxels
+    torch.testing.assert_close(augmented, plain, atol=1e-6, rtol=0)
+  assert len(in_plane_orientations(_config_with_long_range((16, 16, 8)))) == 8
+  # no x <-> y transpose for a patch that is not square in x, y
+  assert len(in_plane_orientations(_config_with_long_range((16, 12, 8)))) == 4
+
+
+def test_test_time_augmentation_averages_over_the_mirror_images():
+  config = ModelConfig(width=(4, 8), downsample=((2, 2, 2),), patch_size=(16, 16, 8))
+
+  class RampModel(ConstantModel):
+    """Logits that rise along x and y, whatever the image: not mirror-equivariant."""
+
+    def forward(self, x):
+      ramp = torch.linspace(-2, 2, x.shape[2])
+      logits = ramp[:, None, None] + ramp[None, :, None] + torch.zeros(x.shape[2:])
+      return logits.expand(x.shape[0], len(self.config.out_channels), *x.shape[2:])
+
+  out = forward_probabilities(RampModel(config), torch.zeros((1, 1, 16, 16, 8)), augment=True)
+  # organelle channels: sigmoid(r) and sigmoid(-r) average to 0.5 at every voxel
+  torch.testing.assert_close(out[:, 3:], torch.full_like(out[:, 3:], 0.5), atol=1e-6, rtol=0)
