@@ -11,7 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from .model import AFFINITY_CHANNELS, UNet3D, long_range_offsets, normalize_image
+from .model import (AFFINITY_CHANNELS, ORGANELLE_CHANNELS, UNet3D, long_range_offsets,
+                    normalize_image)
 
 
 def bump_weights(patch_size) -> np.ndarray:
@@ -50,29 +51,22 @@ def patches_for_block(block_start, block_stop, dataset_start, dataset_stop, patc
   return grid.reshape(-1, 3)
 
 
+def _channel_offsets(config) -> list:
+  """Per model output channel: (axis, distance) of an affinity, None for an organelle."""
+  return ([(axis, 1) for axis in range(len(AFFINITY_CHANNELS))]
+          + [None] * len(ORGANELLE_CHANNELS) + long_range_offsets(config.out_channels))
+
+
 def in_plane_orientations(config) -> list:
   """The in-plane symmetries that test-time augmentation averages over, as (transpose x<->y,
   flip x, flip y): the 8 of the square, or the 4 flips where the patch is not square in x,y or
-  an x long-range affinity has no y partner. z is never flipped (ssEM sections differ)."""
-  offsets = [(axis, 1) for axis in range(len(AFFINITY_CHANNELS))] + long_range_offsets(
-    config.out_channels)
-  in_plane = {o for o in offsets if o[0] < 2}
+  an x long-range affinity has no y partner. z is never flipped: anisotropic models never saw
+  it mirrored in training."""
+  in_plane = {o for o in _channel_offsets(config) if o is not None and o[0] < 2}
   square = (config.patch_size[0] == config.patch_size[1]
             and all((1 - axis, d) in in_plane for axis, d in in_plane))
   return [(t, fx, fy) for t in ((False, True) if square else (False,))
           for fx in (False, True) for fy in (False, True)]
-
-
-def _channel_offsets(config) -> list:
-  """Per output channel: (axis, distance) of an affinity channel, None for an organelle."""
-  n_aff = len(AFFINITY_CHANNELS)
-  first_long = len(config.out_channels) - len(long_range_offsets(config.out_channels))
-  offsets = [None] * len(config.out_channels)
-  for c in range(n_aff):
-    offsets[c] = (c, 1)
-  for c, offset in enumerate(long_range_offsets(config.out_channels), first_long):
-    offsets[c] = offset
-  return offsets
 
 
 def forward_probabilities(model: UNet3D, x: torch.Tensor, augment: bool = False,
