@@ -347,13 +347,17 @@ def synthetic_command(out, shape, resolution, seed):
               help="Also predict x, y, z affinities to the neighbour this many voxels away "
                    "(repeat for several distances); written after the short-range ones.")
 @click.option("--seed", type=int, default=0)
+@click.option("--dice-weight", type=float, default=0.0, show_default=True,
+              help="Add this times a soft Dice loss on the organelle channels to the "
+                   "class-balanced BCE (which over-predicts rare organelles at p > 0.5).")
 @click.option("--resume", is_flag=True, help="Continue from OUT.state if present.")
 @click.option("--init", default=None,
               help="Fine-tune: start from this checkpoint (a file, or a shipped model: "
                    "'default', 'vnc') and keep its architecture (--patch-size, "
                    "--anisotropic and --long-range then come from it).")
 def train_command(image, labels, nuclei, mitochondria, synapses, bounds, out, iterations,
-                  batch_size, lr, patch_size, anisotropic, long_range, seed, resume, init):
+                  batch_size, lr, patch_size, anisotropic, long_range, seed, dice_weight, resume,
+                  init):
   """Train the affinity + organelle network on precomputed layers.
 
   Options repeat per dataset: the i-th --labels/--nuclei/... belong to the i-th --image.
@@ -388,7 +392,7 @@ def train_command(image, labels, nuclei, mitochondria, synapses, bounds, out, it
                          out_channels=AFFINITY_CHANNELS + ORGANELLE_CHANNELS
                          + long_range_channels(sorted(set(long_range))))
   meta = train(volumes, out, config=config, iterations=iterations, batch_size=batch_size,
-               lr=lr, seed=seed, resume=resume, init=init,
+               lr=lr, seed=seed, resume=resume, init=init, dice_weight=dice_weight,
                # with --init the architecture options are refused, so the record leaves them out
                command=_command_line(ctx, omit=ARCHITECTURE_OPTIONS if init else ()))
   click.echo(json.dumps(meta["validation"], indent=1))

@@ -4,14 +4,15 @@
 # mitochondria and synapses of sections 0-11 (12-19 are held out for evaluation).
 # ITERATIONS from random weights, then one fine-tuning round per comma-separated entry of
 # FINETUNE, each from the previous checkpoint (--init: a fresh one-cycle schedule at half the
-# peak learning rate; round k uses seed k, so other random patches).
+# peak learning rate; round k uses seed k, so other random patches). An entry ITERATIONS:W
+# adds W times a soft Dice loss on the organelles (--dice-weight W).
 # Usage: bash scripts/train_vnc_model.sh [WORKDIR] [ITERATIONS] [OUT] [FINETUNE]
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 work=${1:-/tmp/iicats-train-vnc}
 iterations=${2:-2400}
 out=${3:-$here/iicats_cv/data/vnc_model.safetensors}
-finetune=${4:-1200,1200,1200}
+finetune=${4:-1200,1200,1200,1200:1,1200:1}
 data="$here/../shared/data"
 mkdir -p "$work"
 python - "$data/vnc_sstem_stack1.npz" "$work/vnc_train.npz" <<'PY'
@@ -38,8 +39,10 @@ IFS=, read -ra rounds <<< "$finetune"
 for k in "${!rounds[@]}"; do
   seed=$((k + 1))
   target="$work/vnc_finetune$seed.safetensors"
+  IFS=: read -r round_iterations dice_weight <<< "${rounds[$k]}"
   iicats train --init "$previous" --batch-size 4 "${layers[@]}" \
-    --iterations "${rounds[$k]}" --lr 1e-3 --seed "$seed" --out "$target"
+    --iterations "$round_iterations" --lr 1e-3 --seed "$seed" \
+    --dice-weight "${dice_weight:-0}" --out "$target"
   previous=$target
 done
 cp "$previous" "$out"

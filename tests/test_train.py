@@ -10,7 +10,7 @@ from iicats_cv.errors import IicatsError
 from iicats_cv.model import (AFFINITY_CHANNELS, ORGANELLE_CHANNELS, ModelConfig, load_checkpoint,
                             long_range_channels)
 from iicats_cv.train import (PatchSampler, TrainingVolume, affinities_from_labels,
-                             masked_balanced_bce, train)
+                             masked_balanced_bce, masked_soft_dice, train)
 from iicats_cv.volume_io import import_volume
 from conftest import blobs
 
@@ -74,14 +74,29 @@ def test_loss_ignores_masked_channels():
   assert torch.isclose(masked_balanced_bce(logits, target, mask), base)
 
 
+def test_soft_dice_scores_overlap_inside_the_mask():
+  target = torch.zeros(2, 6, 4, 4, 4)
+  target[0, 4, :2] = 1
+  mask = torch.ones_like(target)
+  mask[:, 5] = 0  # synapses unlabelled: skipped
+  sure = (target * 2 - 1) * 20  # logits: confident and right everywhere
+  assert masked_soft_dice(sure, target, mask, [3, 4, 5]) < 1e-3
+  # everything predicted present: mitochondria Dice 2·32/(128+32+1), nuclei 1/(128+1)
+  wrong = torch.full_like(target, 20.0)
+  expected = ((1 - 1 / 129) + (1 - 65 / 161)) / 2
+  assert masked_soft_dice(wrong, target, mask, [3, 4, 5]).item() == pytest.approx(expected, 1e-4)
+  assert masked_soft_dice(wrong, target, torch.zeros_like(mask), [3, 4, 5]).item() == 0
+
+
 def test_train_resume_and_metadata(tmp_path):
   labels, image = blobs((40, 40, 40), n=5)
   vol = TrainingVolume("blobs", image=image, labels=labels, nucleus=labels == 1)
   out = str(tmp_path / "m.safetensors")
   meta = train([vol], out, config=ModelConfig(**TINY), iterations=6, checkpoint_every=3,
-               progress=False, command="test")
+               progress=False, command="test", dice_weight=0.5)
   model, stored = load_checkpoint(out)
   assert stored["iterations"] == 6 and stored["training_command"] == "test"
+  assert stored["dice_weight"] == 0.5
   assert "affinity_ap" in stored["validation"]["blobs"]
   assert meta["training_data"][0]["labels"] == ["labels", "nucleus"]
 
