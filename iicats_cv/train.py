@@ -300,7 +300,6 @@ def train(volumes, out_path: str, config: ModelConfig | None = None, iterations:
 def validate(model, volumes, val_range, config, device, patches_per_volume=8) -> dict:
   """Affinity average precision and organelle Dice on fixed held-out patches per volume."""
   isotropic = all(d[2] == 2 for d in config.downsample)
-  organelles = [config.out_channels.index(name) for name in ORGANELLE_CHANNELS]
   sampler = PatchSampler(volumes, config, isotropic, seed=12345, z_range=val_range,
                          augment=False)
   model.eval()
