@@ -89,18 +89,23 @@ def forward_probabilities(model: UNet3D, x: torch.Tensor, augment: bool = False,
     return plain
   offsets = _channel_offsets(model.config)
   orientations = in_plane_orientations(model.config)
+  if any(transpose for transpose, _, _ in orientations):
+    # the x <-> y transpose swaps each x affinity with its y partner; with the swap it is its
+    # own inverse, so the same call maps predictions into a transposed frame and back
+    swap = [c if o is None or o[0] == 2 else offsets.index((1 - o[0], o[1]))
+            for c, o in enumerate(offsets)]
+
+  def in_frame(probabilities, transpose):
+    return probabilities.transpose(2, 3)[:, swap] if transpose else probabilities
+
   total = plain.clone()
   for transpose, flip_x, flip_y in orientations[1:]:
     flips = [axis + 2 for axis, flip in ((0, flip_x), (1, flip_y)) if flip]
-    # the x <-> y transpose swaps each x affinity with its y partner
-    swap = [c if o is None or o[0] == 2 else offsets.index((1 - o[0], o[1]))
-            for c, o in enumerate(offsets)] if transpose else None
-    # predictions in this orientation's frame (before flips): x, or x transposed
-    frame = (lambda t: t.transpose(2, 3)) if transpose else (lambda t: t)
-    out = forward(torch.flip(frame(x), flips) if flips else frame(x))
+    image = x.transpose(2, 3) if transpose else x
+    out = forward(torch.flip(image, flips) if flips else image)
     if flips:
       out = torch.flip(out, flips)
-      reference = frame(plain)[:, swap] if transpose else plain
+      reference = in_frame(plain, transpose)
       for c, offset in enumerate(offsets):
         if offset is None or offset[0] + 2 not in flips:
           continue
@@ -108,7 +113,7 @@ def forward_probabilities(model: UNet3D, x: torch.Tensor, augment: bool = False,
         shifted = torch.roll(out[:, c], d, dims=axis + 1)
         shifted.narrow(axis + 1, 0, d).copy_(reference[:, c].narrow(axis + 1, 0, d))
         out[:, c] = shifted
-    total += frame(out)[:, swap] if transpose else out
+    total += in_frame(out, transpose)
   return total / len(orientations)
 
 
