@@ -350,14 +350,17 @@ def synthetic_command(out, shape, resolution, seed):
 @click.option("--dice-weight", type=float, default=0.0, show_default=True,
               help="Add this times a soft Dice loss on the organelle channels to the "
                    "class-balanced BCE (which over-predicts rare organelles at p > 0.5).")
+@click.option("--val-fraction", type=click.FloatRange(0, 0.5), default=0.2, show_default=True,
+              help="Hold out the top fraction of each volume's z range (at least one patch "
+                   "deep) for validation; 0 trains on all of it and skips validation.")
 @click.option("--resume", is_flag=True, help="Continue from OUT.state if present.")
 @click.option("--init", default=None,
               help="Fine-tune: start from this checkpoint (a file, or a shipped model: "
                    "'default', 'vnc') and keep its architecture (--patch-size, "
                    "--anisotropic and --long-range then come from it).")
 def train_command(image, labels, nuclei, mitochondria, synapses, bounds, out, iterations,
-                  batch_size, lr, patch_size, anisotropic, long_range, seed, dice_weight, resume,
-                  init):
+                  batch_size, lr, patch_size, anisotropic, long_range, seed, dice_weight,
+                  val_fraction, resume, init):
   """Train the affinity + organelle network on precomputed layers.
 
   Options repeat per dataset: the i-th --labels/--nuclei/... belong to the i-th --image.
@@ -393,6 +396,7 @@ def train_command(image, labels, nuclei, mitochondria, synapses, bounds, out, it
                          + long_range_channels(sorted(set(long_range))))
   meta = train(volumes, out, config=config, iterations=iterations, batch_size=batch_size,
                lr=lr, seed=seed, resume=resume, init=init, dice_weight=dice_weight,
+               val_fraction=val_fraction,
                # with --init the architecture options are refused, so the record leaves them out
                command=_command_line(ctx, omit=ARCHITECTURE_OPTIONS if init else ()))
   click.echo(json.dumps(meta["validation"], indent=1))

@@ -206,8 +206,11 @@ def train(volumes, out_path: str, config: ModelConfig | None = None, iterations:
           dice_weight: float = 0.0) -> dict:
   """Train a UNet3D on `volumes` (list[TrainingVolume]) and write a checkpoint to out_path.
 
-  The top `val_fraction` of each volume's z range is held out for validation. Resumable: the
-  optimiser state lives in `out_path + '.state'` until training finishes.
+  The top `val_fraction` of each volume's z range (at least one patch deep) is held out for
+  validation; 0 trains on every section and skips validation (for volumes so thin that a
+  held-out patch would cost much of the labelled data, when the evaluation region lies outside
+  the training layers anyway). Resumable: the optimiser state lives in `out_path + '.state'`
+  until training finishes.
   init: start from this checkpoint's weights (a file or a shipped model's name) instead of a
     random initialisation: fine-tuning. Its architecture is kept; `config` may only change
     the resolution.
@@ -245,10 +248,12 @@ def train(volumes, out_path: str, config: ModelConfig | None = None, iterations:
   for vol in volumes:
     nz = vol.image.shape[2]
     need = config.patch_size[2] + 1
-    cut = min(int(round(nz * (1 - val_fraction))), nz - need)
+    cut = nz if val_fraction == 0 else min(int(round(nz * (1 - val_fraction))), nz - need)
     if cut < need:
-      raise ValueError(f"training volume {vol.name}: {nz} z slices; need at least {2 * need} "
-                       "for a training and a validation patch")
+      needed = need if val_fraction == 0 else 2 * need
+      raise ValueError(f"training volume {vol.name}: {nz} z slices; need at least {needed} "
+                       "(a training patch" + ("" if val_fraction == 0 else
+                                              " and a validation patch") + ")")
     train_range.append((0, cut))
     val_range.append((cut, nz))
   isotropic = all(d[2] == 2 for d in config.downsample)
@@ -282,6 +287,7 @@ def train(volumes, out_path: str, config: ModelConfig | None = None, iterations:
   metadata = {
     "training_command": command, "iterations": iterations, "batch_size": batch_size,
     "learning_rate": lr, "seed": seed, "device": device, "dice_weight": dice_weight,
+    "validation_fraction": val_fraction,
     "wall_time_s": round(time.time() - started, 1), "final_train_loss": running,
     "training_data": [{"name": v.name, "shape_xyz": list(v.image.shape),
                        "labels": [k for k in ("labels",) + ORGANELLE_CHANNELS

@@ -101,6 +101,19 @@ def test_train_resume_and_metadata(tmp_path):
   assert meta["training_data"][0]["labels"] == ["labels", "nucleus"]
 
 
+
+def test_validation_fraction_zero_trains_on_every_section(tmp_path):
+  """A volume one patch (+1 section of context) deep has no room for a validation patch: the
+  default refuses it, --val-fraction 0 trains on all of it and records no validation."""
+  labels, image = blobs((40, 40, 17), n=3)
+  vol = TrainingVolume("thin", image=image, labels=labels)
+  out = str(tmp_path / "thin.safetensors")
+  with pytest.raises(ValueError, match="thin: 17 z slices; need at least 34"):
+    train([vol], out, config=ModelConfig(**TINY), iterations=1, progress=False)
+  meta = train([vol], out, config=ModelConfig(**TINY), iterations=2, progress=False,
+               val_fraction=0)
+  assert meta["validation"] == {} and load_checkpoint(out)[1]["validation_fraction"] == 0
+
 def _blob_layers(tmp_path):
   """(image, labels, image layer, labels layer): a small blob volume as precomputed layers."""
   labels, image = blobs((40, 40, 40), n=5)
