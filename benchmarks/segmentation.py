@@ -7,6 +7,8 @@ chosen on the same crop, for both methods alike.
 The affinities are the model's prediction on the held-out FIB crop shipped with the package
 (z >= 150 of the FlyEM medulla cube). Both methods run in this process on the same machine;
 the ratio is this project's voxels/s over waterz's at each method's best threshold.
+The affinities themselves are scored too: average precision against the affinities derived
+from the ground-truth neurons (affinity_ap; boundary_ap ranks the rare boundaries).
 
   python benchmarks/segmentation.py [--checkpoint CKPT] [--json OUT]
 """
@@ -20,9 +22,10 @@ import torch
 from iicats_cv.agglomerate import AgglomerationParams, agglomerate
 from iicats_cv.datasets import load_fib_crop
 from iicats_cv.inference import predict_volume
-from iicats_cv.metrics import adapted_rand_error, voi
+from iicats_cv.metrics import adapted_rand_error, affinity_average_precision, voi
 from iicats_cv.model import load_checkpoint
 from iicats_cv.rag import block_rag, merge_rags
+from iicats_cv.train import affinities_from_labels
 from iicats_cv.watershed import fragments
 from bench_report import report
 
@@ -72,6 +75,7 @@ def main():
   torch.set_num_threads(2)
   affs, organelles, labels, resolution = predict(args.checkpoint)
   voxels = labels.size
+  precision = affinity_average_precision(affs, *affinities_from_labels(labels))
   ours_s, ours_segs = ours(affs, None, resolution,
                            AgglomerationParams(threshold=0.5, use_constraints=False))
   # II-CATS evidence as the fib demo uses it (the model's synapses are synthetic-only)
@@ -85,7 +89,7 @@ def main():
   t_ours, arand, split, merge = best(ours_segs, labels)
   t_w, arand_w, split_w, merge_w = best(waterz_segs, labels)
   out = {
-    "voxels": int(voxels), "thresholds": THRESHOLDS,
+    "voxels": int(voxels), "thresholds": THRESHOLDS, **precision,
     "ours_seconds": round(ours_s, 3), "waterz_seconds": round(waterz_s, 3),
     "ours_vx_per_s": voxels / ours_s, "waterz_vx_per_s": voxels / waterz_s,
     "ratio_vs_waterz": waterz_s / ours_s,
@@ -99,7 +103,8 @@ def main():
   }
   report(out, f"ours {voxels / ours_s / 1e6:.2f} Mvx/s vs waterz {voxels / waterz_s / 1e6:.2f} Mvx/s: "
               f"ratio {out['ratio_vs_waterz']:.2f}; best ARAND {arand:.4f} (with nucleus+mito evidence "
-              f"{arand_c:.4f}) vs waterz {arand_w:.4f}",
+              f"{arand_c:.4f}) vs waterz {arand_w:.4f}; affinity AP {precision['affinity_ap']:.4f}, "
+              f"boundary AP {precision['boundary_ap']:.4f}",
               args.json)
 
 

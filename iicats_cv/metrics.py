@@ -1,5 +1,5 @@
 """Reconstruction metrics: ERL, bERL, nERL on ground-truth skeletons; VOI and adapted Rand
-error on dense labels; organelle instance and voxel scores. Pure numpy (plus scipy.sparse and
+error on dense labels; affinity average precision; organelle instance and voxel scores. Pure numpy (plus scipy.sparse and
 fastremap), no I/O.
 
 Definitions (shared/DESIGN.md, "Metrics"):
@@ -657,3 +657,29 @@ def voxel_scores(pred_mask: np.ndarray, gt_mask: np.ndarray) -> dict:
           "iou": inter / union if union else 1.0,
           "precision": inter / n_p if n_p else 1.0,
           "recall": inter / n_g if n_g else 1.0}
+
+
+def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
+  """Average precision of binary labels ranked by scores (both flat arrays); NaN without
+  positives."""
+  order = np.argsort(-scores, kind="stable")
+  hits = labels[order].astype(bool)
+  if hits.sum() == 0:
+    return float("nan")
+  precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+  return float((precision * hits).sum() / hits.sum())
+
+
+def affinity_average_precision(predicted: np.ndarray, target: np.ndarray,
+                               mask: np.ndarray) -> dict:
+  """Predicted affinities against affinities derived from ground truth, inside the mask.
+
+  predicted, target, mask: float (..., 3, X, Y, Z) alike (target from
+  `train.affinities_from_labels`, 1 = same neuron). Returns {"affinity_ap": AP of
+  connections ranked by affinity, "boundary_ap": AP of boundaries (target 0) ranked by
+  1 - affinity}; the second is the harder, since boundaries are the rare class.
+  """
+  inside = mask > 0
+  scores, truth = predicted[inside], target[inside] > 0.5
+  return {"affinity_ap": average_precision(scores, truth),
+          "boundary_ap": average_precision(1 - scores, ~truth)}

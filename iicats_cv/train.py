@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .errors import IicatsError
+from .metrics import affinity_average_precision
 from .model import (ModelConfig, UNet3D, load_checkpoint, normalize_image, reuse_freed_memory,
                     save_checkpoint, ORGANELLE_CHANNELS, long_range_offsets)
 
@@ -188,17 +189,6 @@ def masked_soft_dice(logits, target, mask, channels) -> torch.Tensor:
   return torch.stack(losses).mean() if losses else logits.sum() * 0
 
 
-def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
-  """Average precision of binary labels ranked by scores (both flat arrays)."""
-  order = np.argsort(-scores, kind="stable")
-  hits = labels[order].astype(bool)
-  if hits.sum() == 0:
-    return float("nan")
-  tp = np.cumsum(hits)
-  precision = tp / np.arange(1, len(hits) + 1)
-  return float((precision * hits).sum() / hits.sum())
-
-
 def train(volumes, out_path: str, config: ModelConfig | None = None, iterations: int = 2000,
           batch_size: int = 2, lr: float = 2e-3, val_fraction: float = 0.2, seed: int = 0,
           resume: bool = False, device: str | None = None, command: str = "",
@@ -323,10 +313,7 @@ def validate(model, volumes, val_range, config, device, patches_per_volume=8) ->
     p, t, m = np.stack(preds), np.stack(targets), np.stack(masks)
     scores = {}
     if m[:, :3].any():
-      sel = m[:, :3] > 0
-      scores["affinity_ap"] = average_precision(p[:, :3][sel], t[:, :3][sel])
-      boundary = t[:, :3][sel] < 0.5
-      scores["boundary_ap"] = average_precision(1 - p[:, :3][sel], boundary)
+      scores.update(affinity_average_precision(p[:, :3], t[:, :3], m[:, :3]))
     for c, name in enumerate(ORGANELLE_CHANNELS):
       if m[:, 3 + c].any():
         pred = p[:, 3 + c] > 0.5

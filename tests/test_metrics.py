@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from iicats_cv.errors import IicatsError
-from iicats_cv.metrics import (Skeleton, adapted_rand_error, berl, concatenate_skeletons,
+from iicats_cv.metrics import (Skeleton, adapted_rand_error, affinity_average_precision,
+                               average_precision, berl, concatenate_skeletons,
                                contingency, erl, merging_segments, nerl, organelle_instance_scores,
                                run_length_metrics, voi, voxel_scores)
 
@@ -417,3 +418,22 @@ def test_voxel_scores():
   assert s["dice"] == pytest.approx(0.5)
   assert s["iou"] == pytest.approx(1 / 3)
   assert voxel_scores(np.zeros(3), np.zeros(3))["iou"] == 1.0
+
+
+def test_average_precision_by_hand():
+  # ranked hits 1, 0, 1, 0: precision 1/1 at the first hit, 2/3 at the second
+  assert average_precision(np.array([0.9, 0.8, 0.7, 0.6]), np.array([1, 0, 1, 0])) == \
+      pytest.approx((1 + 2 / 3) / 2)
+  assert np.isnan(average_precision(np.array([0.5]), np.array([0])))
+
+
+def test_affinity_average_precision_ignores_masked_voxels():
+  target = np.array([1, 0, 1, 0], dtype=np.float32).reshape(1, 4, 1, 1)
+  predicted = np.array([0.9, 0.95, 0.7, 0.2], dtype=np.float32).reshape(1, 4, 1, 1)
+  mask = np.ones_like(target)
+  # the boundary scored 0.95 ranks first: connections at ranks 2, 3 of 4
+  assert affinity_average_precision(predicted, target, mask) == pytest.approx(
+    {"affinity_ap": (1 / 2 + 2 / 3) / 2, "boundary_ap": (1 + 2 / 4) / 2})
+  mask[0, 1] = 0
+  assert affinity_average_precision(predicted, target, mask) == pytest.approx(
+    {"affinity_ap": 1.0, "boundary_ap": 1.0})
