@@ -5,14 +5,16 @@
 # ITERATIONS from random weights, then one fine-tuning round per comma-separated entry of
 # FINETUNE, each from the previous checkpoint (--init: a fresh one-cycle schedule at half the
 # peak learning rate; round k uses seed k, so other random patches). An entry ITERATIONS:W
-# adds W times a soft Dice loss on the organelles (--dice-weight W).
+# adds W times a soft Dice loss on the organelles (--dice-weight W); ITERATIONS:W:V also sets
+# --val-fraction V (0: train on all 12 sections; the default 0.2 holds sections 7-11 out for
+# validation, since a validation patch must be 4 sections deep).
 # Usage: bash scripts/train_vnc_model.sh [WORKDIR] [ITERATIONS] [OUT] [FINETUNE]
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 work=${1:-/tmp/iicats-train-vnc}
 iterations=${2:-2400}
 out=${3:-$here/iicats_cv/data/vnc_model.safetensors}
-finetune=${4:-1200,1200,1200,1200:1,1200:1}
+finetune=${4:-1200,1200,1200,1200:1,1200:1,1200:1:0,1200:1:0}
 data="$here/../shared/data"
 mkdir -p "$work"
 python - "$data/vnc_sstem_stack1.npz" "$work/vnc_train.npz" <<'PY'
@@ -39,10 +41,10 @@ IFS=, read -ra rounds <<< "$finetune"
 for k in "${!rounds[@]}"; do
   seed=$((k + 1))
   target="$work/vnc_finetune$seed.safetensors"
-  IFS=: read -r round_iterations dice_weight <<< "${rounds[$k]}"
+  IFS=: read -r round_iterations dice_weight val_fraction <<< "${rounds[$k]}"
   iicats train --init "$previous" --batch-size 4 "${layers[@]}" \
     --iterations "$round_iterations" --lr 1e-3 --seed "$seed" \
-    --dice-weight "${dice_weight:-0}" --out "$target"
+    --dice-weight "${dice_weight:-0}" --val-fraction "${val_fraction:-0.2}" --out "$target"
   previous=$target
 done
 cp "$previous" "$out"

@@ -26,4 +26,4 @@ def test_vnc_model_finds_mitochondria_on_held_out_sections():
   probabilities = predict_volume(model, image)
   predicted = probabilities[3 + ORGANELLE_CHANNELS.index("mitochondria")] > 0.5
   dice = 2 * (predicted & truth).sum() / (predicted.sum() + truth.sum())
-  assert dice >= 0.8  # 0.883 with the shipped model
+  assert dice >= 0.83  # 0.892 with the shipped model
