@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
 # Reproduce the shipped default model (iicats_cv/data/default_model.safetensors) with the
 # project's own commands, from ../shared/data (never shipped to users) and the synthetic
-# generator. Usage: bash scripts/train_default_model.sh [WORKDIR] [ITERATIONS]
+# generator. ITERATIONS from random weights (validating on the top 20% of each volume's z
+# range: FIB z 101-149), then one fine-tuning round per comma-separated entry of FINETUNE,
+# each from the previous checkpoint (--init: a fresh one-cycle schedule at half the peak
+# learning rate; round k uses seed k); an entry ITERATIONS:V sets --val-fraction V (0: train
+# on all of z < 150 as well).
+# Usage: bash scripts/train_default_model.sh [WORKDIR] [ITERATIONS] [FINETUNE]
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 work=${1:-/tmp/iicats-train}
-iterations=${2:-1500}
+iterations=${2:-1600}
+finetune=${3:-1200:0}
 data="$here/../shared/data"
 mkdir -p "$work"
 python - "$data/flyem_medulla_fib_250.npz" "$work/fib_train.npz" <<'PY'
@@ -19,10 +25,21 @@ iicats import "$work/fib_train.npz" "file://$work/fib/image" --type image --key 
 iicats import "$work/fib_train.npz" "file://$work/fib/neurons" --type segmentation \
   --key neurons --resolution 10,10,10 --overwrite
 iicats synthetic "file://$work/synthetic" --shape 160,160,128 --resolution 10,10,10 --seed 1
-iicats train \
-  --image "file://$work/fib/image" --labels "file://$work/fib/neurons" \
-  --nuclei none --mitochondria none --synapses none \
-  --image "file://$work/synthetic/image" --labels "file://$work/synthetic/neurons" \
-  --nuclei "file://$work/synthetic/nuclei" --mitochondria "file://$work/synthetic/mitochondria" \
-  --synapses "file://$work/synthetic/synapses" \
-  --iterations "$iterations" --out "$here/iicats_cv/data/default_model.safetensors"
+layers=(--image "file://$work/fib/image" --labels "file://$work/fib/neurons"
+        --nuclei none --mitochondria none --synapses none
+        --image "file://$work/synthetic/image" --labels "file://$work/synthetic/neurons"
+        --nuclei "file://$work/synthetic/nuclei"
+        --mitochondria "file://$work/synthetic/mitochondria"
+        --synapses "file://$work/synthetic/synapses")
+iicats train "${layers[@]}" --iterations "$iterations" --out "$work/default_base.safetensors"
+previous="$work/default_base.safetensors"
+IFS=, read -ra rounds <<< "$finetune"
+for k in "${!rounds[@]}"; do
+  seed=$((k + 1))
+  target="$work/default_finetune$seed.safetensors"
+  IFS=: read -r round_iterations val_fraction <<< "${rounds[$k]}"
+  iicats train --init "$previous" "${layers[@]}" --iterations "$round_iterations" --lr 1e-3 \
+    --seed "$seed" --val-fraction "${val_fraction:-0.2}" --out "$target"
+  previous=$target
+done
+cp "$previous" "$here/iicats_cv/data/default_model.safetensors"
