@@ -1,6 +1,6 @@
 """Reconstruction metrics: ERL, bERL, nERL on ground-truth skeletons; VOI and adapted Rand
-error on dense labels; affinity average precision; organelle instance and voxel scores. Pure numpy (plus scipy.sparse and
-fastremap), no I/O.
+error on dense labels; affinity average precision; organelle instance and voxel scores. Pure
+numpy (plus scipy.sparse and fastremap), no I/O.
 
 Definitions (shared/DESIGN.md, "Metrics"):
 - every skeleton node carries the predicted segment id at its voxel (0 = background/outside);

@@ -240,10 +240,10 @@ def train(volumes, out_path: str, config: ModelConfig | None = None, iterations:
     need = config.patch_size[2] + 1
     cut = nz if val_fraction == 0 else min(int(round(nz * (1 - val_fraction))), nz - need)
     if cut < need:
-      needed = need if val_fraction == 0 else 2 * need
+      needed, what = ((need, "a training patch") if val_fraction == 0 else
+                      (2 * need, "a training and a validation patch"))
       raise ValueError(f"training volume {vol.name}: {nz} z slices; need at least {needed} "
-                       "(a training patch" + ("" if val_fraction == 0 else
-                                              " and a validation patch") + ")")
+                       f"for {what}")
     train_range.append((0, cut))
     val_range.append((cut, nz))
   isotropic = all(d[2] == 2 for d in config.downsample)
