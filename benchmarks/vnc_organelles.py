@@ -2,10 +2,10 @@
 
 Data: ../shared/data/vnc_sstem_stack1.npz (Drosophila VNC ssTEM, 4.6×4.6×~47 nm, 20 sections
 of 896²); the `vnc` model was trained on sections 0-11 only (scripts/train_vnc_model.sh), and
-sections 12-19 are scored here: the model's prediction (blended patches, probability > 0.5,
-and > the probability cut that is best on sections 0-11: the class-balanced loss pushes
-probabilities of rare organelles up) against the ground-truth masks, voxel Dice over all
-eight sections.
+sections 12-19 are scored here: the model's prediction (blended patches, probability above
+the checkpoint's calibrated cut, which `iicats calibrate` chose on sections 0-11, since the
+class-balanced loss pushes probabilities of rare organelles up; and above 0.5) against the
+ground-truth masks, voxel Dice over all eight sections.
 Reference, in the same run: the best intensity threshold (dark voxels = organelle, chosen on
 sections 0-11, scored on 12-19), the classic baseline for these dark organelles; ratio =
 model Dice / threshold Dice.
@@ -20,6 +20,7 @@ import os
 import numpy as np
 import torch
 
+from iicats_cv.calibrate import dice, organelle_thresholds
 from iicats_cv.inference import predict_volume
 from iicats_cv.model import ORGANELLE_CHANNELS, load_checkpoint
 from bench_report import report
@@ -27,11 +28,6 @@ from bench_report import report
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
                     "vnc_sstem_stack1.npz")
 HELD_OUT = slice(12, 20)
-
-
-def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
-  denominator = prediction.sum() + truth.sum()
-  return float(2 * (prediction & truth).sum() / denominator) if denominator else 1.0
 
 
 def best_threshold(image: np.ndarray, truth: np.ndarray) -> int:
@@ -55,24 +51,24 @@ def main():
 
   image = xyz(data["image"])
   probabilities = predict_volume(model, image[..., HELD_OUT], device=device, augment=args.tta)
-  training = predict_volume(model, image[..., :12], device=device, augment=args.tta)
   out = {"checkpoint": args.checkpoint, "device": device, "test_time_augmentation": args.tta,
          "held_out_sections": [HELD_OUT.start, HELD_OUT.stop - 1],
          "training_command": meta.get("training_command")}
   summary = []
+  cuts = organelle_thresholds(meta)
   for name, key in (("mitochondria", "mitochondria"), ("synapse", "synapses")):
     truth = xyz(data[key]).astype(bool)
-    c = 3 + ORGANELLE_CHANNELS.index(name)
-    model_dice = dice(probabilities[c] > 0.5, truth[..., HELD_OUT])
-    cut = max(np.arange(0.3, 0.96, 0.05), key=lambda t: dice(training[c] > t, truth[..., :12]))
-    tuned_dice = dice(probabilities[c] > cut, truth[..., HELD_OUT])
+    c = ORGANELLE_CHANNELS.index(name)
+    model_dice = dice(probabilities[3 + c] > cuts[c], truth[..., HELD_OUT])
+    half_dice = dice(probabilities[3 + c] > 0.5, truth[..., HELD_OUT])
     threshold = best_threshold(image[..., :12], truth[..., :12])
     reference = dice(image[..., HELD_OUT] < threshold, truth[..., HELD_OUT])
-    out[name] = {"dice": model_dice, "dice_at_training_cut": tuned_dice,
-                 "probability_cut": round(float(cut), 2), "threshold_dice": reference,
-                 "intensity_threshold": threshold, "ratio": model_dice / max(reference, 1e-9)}
-    summary.append(f"{name} Dice {model_dice:.3f} ({tuned_dice:.3f} at p > {cut:.2f}; "
-                   f"intensity threshold {reference:.3f}, ratio {out[name]['ratio']:.2f})")
+    out[name] = {"dice": model_dice, "probability_cut": cuts[c], "dice_at_0.5": half_dice,
+                 "threshold_dice": reference, "intensity_threshold": threshold,
+                 "ratio": model_dice / max(reference, 1e-9)}
+    summary.append(f"{name} Dice {model_dice:.3f} at p > {cuts[c]:.2f} ({half_dice:.3f} at "
+                   f"p > 0.5; intensity threshold {reference:.3f}, ratio "
+                   f"{out[name]['ratio']:.2f})")
   report(out, "held-out VNC sections 12-19: " + "; ".join(summary), args.json)
 
 

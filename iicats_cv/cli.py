@@ -87,12 +87,25 @@ ARCHITECTURE_OPTIONS = ("patch_size", "anisotropic", "long_range")  # of `iicats
 def _constraint_list(ctx, param, value):
   if value is None:
     return None
+  if value.strip() == "none":
+    return ()
   names = tuple(v.strip() for v in value.split(",") if v.strip())
   unknown = [n for n in names if n not in CONSTRAINTS]
   if unknown:
     raise click.BadParameter(f"unknown constraint(s) {', '.join(unknown)}; choose from "
                              f"{', '.join(CONSTRAINTS)}")
   return names
+
+
+def _quantile(ctx, param, value):
+  if value is None or value == "mean":
+    return value
+  try:
+    q = float(value)
+    assert 0 < q < 1
+  except (ValueError, AssertionError):
+    raise click.BadParameter(f"{value}: expected 'mean' or a quantile between 0 and 1")
+  return q
 
 
 def _pipeline_options(func):
@@ -108,19 +121,19 @@ def _pipeline_options(func):
                  help="Model checkpoint file, or a shipped model: 'default' (10 nm "
                       "isotropic EM), 'vnc' (ssTEM organelles)."),
     click.option("--json", "json_path", default=None, help="Write the run summary here."),
-    click.option("--threshold", type=float, default=0.5, show_default=True,
-                 help="Agglomeration threshold (mean affinity)."),
+    click.option("--threshold", type=float, default=None,
+                 help="Agglomeration threshold (default: the checkpoint's calibrated one, "
+                      "else 0.5)."),
     click.option("--link-prefix", default=None,
                  help="Neuroglancer client URL prefix for the printed link."),
     click.option("--constraints", default=None, callback=_constraint_list,
                  help="Organelle evidence used by agglomeration, comma-separated from "
-                      "nucleus,synapse,mitochondria (default: all; the fib demo leaves out "
-                      "synapse: the shipped model learnt synapses on synthetic data only)."),
-    click.option("--quantile", type=click.FloatRange(0, 1, min_open=True, max_open=True),
-                 default=None,
+                      "nucleus,synapse,mitochondria, or 'none' (default: the checkpoint's "
+                      "calibrated choice, else all)."),
+    click.option("--quantile", default=None, callback=_quantile,
                  help="Merge on this quantile of the boundary affinities (e.g. 0.75, as "
-                      "waterz does) instead of their mean; the RAG then keeps histograms. "
-                      "The fib demo uses 0.75 unless given."),
+                      "waterz does; the RAG then keeps histograms), or on their 'mean' "
+                      "(default: the checkpoint's calibrated choice, else the mean)."),
     click.option("--hierarchy", type=click.IntRange(min=1), default=None,
                  help="Agglomerate hierarchically: first inside parts of N×N×N tasks (in "
                       "parallel), then globally over their regions; for RAGs too big for one "
@@ -166,7 +179,7 @@ def pipeline_command(image, out, queue, parallel, task_shape, checkpoint, json_p
                          checkpoint=checkpoint, seeds=seeds, gt_labels=gt_labels,
                          gt_skeletons=gt_skeletons, nuclei=nuclei, synapses=synapses,
                          json_path=json_path, threshold=threshold, link_prefix=link_prefix,
-                         constraints=constraints or CONSTRAINTS, sharded=not unsharded,
+                         constraints=constraints, sharded=not unsharded,
                          quantile=quantile, hierarchy=hierarchy, levels=levels, augment=tta)
   _print_summary(summary, out)
 
@@ -195,14 +208,12 @@ def _print_summary(summary, out):
   click.echo(f"done: {len(summary['layers'])} layers under {out} in {timings['total']:.1f} s")
 
 
-# the shipped model learnt synapses from synthetic data only: on the real FIB crop its
-# synapse channel fires off-target and cannot-links cut neurons (its first version: ARAND
-# 0.46 vs 0.11)
-DEMO_CONSTRAINTS = {"fib": ("nucleus", "mitochondria"), "synthetic": CONSTRAINTS}
-# the statistic scripts/tune_agglomeration.py chose for the default model on the FIB
-# training half (the mean's best threshold there moves with the model; the 75th percentile's
-# ARAND stays within 0.01 of its best from t = 0.45 to 0.7)
-DEMO_QUANTILE = {"fib": 0.75, "synthetic": None}
+# The fib demo runs at the checkpoint's operating point (calibrated on FIB data). The
+# synthetic volume is another domain, dense with the synapses and nuclei whose constraints it
+# demonstrates: there every kind of evidence is used, on the mean affinity.
+DEMO_AGGLOMERATION = {"fib": {},
+                      "synthetic": {"threshold": 0.5, "quantile": "mean",
+                                    "constraints": CONSTRAINTS}}
 
 
 @cli.command("demo")
@@ -225,14 +236,16 @@ def demo_command(dataset, out, queue, parallel, task_shape, checkpoint, json_pat
   from iicats_cv.layers import normalize_cloudpath
   out = normalize_cloudpath(out)
   inputs = prepare_demo(dataset, out)
+  given = {"threshold": threshold, "quantile": quantile, "constraints": constraints}
+  setting = {**DEMO_AGGLOMERATION[dataset],
+             **{key: value for key, value in given.items() if value is not None}}
   summary = run_pipeline(inputs["image"], out, queue=queue, parallel=parallel,
                          task_shape=task_shape, checkpoint=checkpoint,
                          gt_labels=inputs["gt_labels"], gt_skeletons=inputs["gt_skeletons"],
                          nuclei=inputs["nuclei"], synapses=inputs["synapses"],
-                         json_path=json_path, threshold=threshold, link_prefix=link_prefix,
-                         constraints=constraints or DEMO_CONSTRAINTS[dataset],
-                         sharded=not unsharded, quantile=quantile or DEMO_QUANTILE[dataset],
-                         hierarchy=hierarchy, levels=levels, augment=tta)
+                         json_path=json_path, link_prefix=link_prefix,
+                         sharded=not unsharded, hierarchy=hierarchy, levels=levels,
+                         augment=tta, **setting)
   _print_summary(summary, out)
 
 
@@ -409,6 +422,94 @@ def train_command(image, labels, nuclei, mitochondria, synapses, bounds, out, it
   click.echo(f"done: {out} after {iterations} iterations in {meta['wall_time_s']:.0f} s")
 
 
+@cli.command("calibrate")
+@click.option("--checkpoint", default="default", show_default=True,
+              help="Checkpoint to calibrate: a file, or a shipped model ('default', 'vnc').")
+@click.option("--image", required=True, help="Image layer of labelled data the model trained "
+                                             "on (never the data you evaluate on).")
+@click.option("--labels", default=None, help="Neuron labels layer: chooses the agglomeration.")
+@click.option("--nuclei", default=None, help="Nucleus mask/labels layer: its probability cut.")
+@click.option("--mitochondria", default=None, help="Mitochondria layer: its probability cut.")
+@click.option("--synapses", default=None, help="Synapse layer: its probability cut.")
+@click.option("--bounds", default=None, help="Region x0,y0,z0,x1,y1,z1 voxels (default: all).")
+@click.option("--tta", is_flag=True, help="Calibrate the test-time-augmented prediction.")
+@click.option("--out", required=True,
+              help="Calibrated checkpoint (.safetensors; may be the --checkpoint file itself).")
+@click.option("--json", "json_path", default=None, help="Write every scored setting here.")
+def calibrate_command(checkpoint, image, labels, nuclei, mitochondria, synapses, bounds, tta,
+                      out, json_path):
+  """Choose a model's operating point on labelled data and record it in the checkpoint.
+
+  With --labels: the agglomeration statistic (mean, 50th or 75th percentile affinity), the
+  organelle evidence and the threshold with the lowest ARAND (then VOI) of the pipeline's own
+  watershed, RAG and agglomeration. With organelle layers: each organelle's probability cut
+  with the best voxel Dice. `iicats pipeline` uses these wherever its options are not given.
+  Reads the whole region into memory: give a cutout of a few hundred voxels a side.
+
+  \b
+  Example:
+    iicats calibrate --checkpoint mine.safetensors --image file://train/em \\
+      --labels file://train/neurons --mitochondria file://train/mito --out mine.safetensors
+  """
+  import numpy as np
+  import torch
+  from .calibrate import choose_organelle_thresholds, score_agglomeration
+  from .inference import predict_volume
+  from .model import ORGANELLE_CHANNELS, load_checkpoint, update_checkpoint_metadata
+  from .training_data import load_training_volumes
+  if not (labels or nuclei or mitochondria or synapses):
+    raise click.UsageError("give --labels and/or an organelle layer (--nuclei, "
+                           "--mitochondria, --synapses) to calibrate against")
+  started = time.time()
+  one = lambda value: (value,) if value else ("none",)  # noqa: E731
+  volumes, resolution = load_training_volumes(
+    (image,), one(labels), one(nuclei), one(mitochondria), one(synapses),
+    (bounds,) if bounds else ())
+  volume = volumes[0]
+  model, _ = load_checkpoint(checkpoint)
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  click.echo(f"predicting {volume.image.shape} voxels of {image} on {device}")
+  probabilities = predict_volume(model, volume.image, device=device, augment=tta,
+                                 progress=True)
+  affinities, organelles = probabilities[:3], probabilities[3:6]
+  masks = {name: getattr(volume, name) > 0 for name in ORGANELLE_CHANNELS
+           if getattr(volume, name) is not None}
+  point, lines = {}, []
+  if masks:
+    cuts = choose_organelle_thresholds(organelles, masks)
+    point["organelle_thresholds"] = {name: c["threshold"] for name, c in cuts.items()}
+    point["organelle_dice"] = {name: {"at_threshold": c["dice"], "at_0.5": c["dice_at_0.5"]}
+                               for name, c in cuts.items()}
+    lines += [f"{name} p > {c['threshold']:.2f} (Dice {c['dice']:.3f}; "
+              f"{c['dice_at_0.5']:.3f} at p > 0.5)" for name, c in cuts.items()]
+  rows = []
+  if labels:
+    organelle_cuts = [point.get("organelle_thresholds", {}).get(name, 0.5)
+                      for name in ORGANELLE_CHANNELS]
+    rows = score_agglomeration(affinities, organelles, volume.labels, resolution,
+                               organelle_cuts=organelle_cuts, progress=True)
+    for row in rows[:8]:
+      statistic = "mean" if row["quantile"] is None else f"q{round(row['quantile'] * 100)}"
+      click.echo(f"  {statistic:<5} + {','.join(row['constraints']) or 'no evidence':<32} "
+                 f"t={row['threshold']:.2f}  ARAND {row['arand']:.4f}  "
+                 f"VOI {row['voi_split']:.3f} / {row['voi_merge']:.3f}")
+    point["agglomeration"] = rows[0]
+    best = rows[0]
+    lines.append(f"agglomeration {'mean' if best['quantile'] is None else best['quantile']} "
+                 f"+ {','.join(best['constraints']) or 'no evidence'} at "
+                 f"t={best['threshold']:.2f} (ARAND {best['arand']:.4f})")
+  ctx = click.get_current_context()
+  point["calibration"] = {"command": _command_line(ctx), "image": image,
+                          "voxels": int(np.prod(volume.image.shape)),
+                          "test_time_augmentation": tta,
+                          "wall_time_s": round(time.time() - started, 1)}
+  update_checkpoint_metadata(checkpoint, out, {"operating_point": point})
+  if json_path:
+    with open(json_path, "w") as fh:
+      json.dump({"operating_point": point, "agglomeration_rows": rows}, fh, indent=1)
+  click.echo(f"done: {out} calibrated in {time.time() - started:.0f} s: " + "; ".join(lines))
+
+
 @cli.command("infer")
 @click.argument("image")
 @click.option("--affinities", required=True, help="Output affinities layer.")
@@ -575,7 +676,8 @@ def track_command(out_prefix, seeds, name, threshold, track_threshold, constrain
   ran = summary.get("params", {})
   threshold = ran.get("threshold", 0.5) if threshold is None else threshold
   params = {"threshold": threshold,
-            "constraints": list(constraints or ran.get("constraints", CONSTRAINTS)),
+            "constraints": list(ran.get("constraints", CONSTRAINTS) if constraints is None
+                                else constraints),
             "track_threshold": threshold if track_threshold is None else track_threshold,
             "quantile": ran.get("quantile")}
   started = time.time()

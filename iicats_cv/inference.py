@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from .model import (AFFINITY_CHANNELS, ORGANELLE_CHANNELS, UNet3D, long_range_offsets,
                     normalize_image)
@@ -120,7 +121,8 @@ def forward_probabilities(model: UNet3D, x: torch.Tensor, augment: bool = False,
 @torch.no_grad()
 def predict_block(model: UNet3D, image, image_start, block_start, block_stop, patch_starts,
                   batch_size: int = 4, device: str = "cpu", patch_cache=None, on_final=None,
-                  z_align: int | None = None, augment: bool = False) -> np.ndarray:
+                  z_align: int | None = None, augment: bool = False,
+                  progress: bool = False) -> np.ndarray:
   """Blend model outputs of the given patches over one block.
 
   image: uint8 (X, Y, Z) covering every patch, its first voxel at global `image_start`
@@ -138,6 +140,7 @@ def predict_block(model: UNet3D, image, image_start, block_start, block_stop, pa
     end. The call returns after every on_final and cache write has finished.
   augment: test-time augmentation, the mean over the in-plane mirror images of each patch
     (forward_probabilities): 4-8× the compute.
+  progress: a tqdm bar over the z-layers of patches.
   Returns float32 (C, bx, by, bz) probabilities for the block [block_start, block_stop); each
   voxel is the weighted mean of the patches covering it (weights sum to 1). All-zero patches
   are not run and predict 0.
@@ -209,7 +212,7 @@ def predict_block(model: UNet3D, image, image_start, block_start, block_stop, pa
   batch, deferred = [], None
   with ThreadPoolExecutor(max_workers=2) as background:
     upcoming = background.submit(fetch, layers[0]) if len(layers) else None
-    for i, z in enumerate(layers):
+    for i, z in enumerate(tqdm(layers, desc="predict", unit="layer", disable=not progress)):
       layer_image = upcoming.result()
       upcoming = background.submit(fetch, layers[i + 1]) if i + 1 < len(layers) else None
       for start in patch_starts[patch_starts[:, 2] == z]:
@@ -252,14 +255,16 @@ def default_overlap(patch_size) -> np.ndarray:
 
 
 def predict_volume(model: UNet3D, image: np.ndarray, batch_size: int = 4,
-                   device: str = "cpu", augment: bool = False) -> np.ndarray:
+                   device: str = "cpu", augment: bool = False,
+                   progress: bool = False) -> np.ndarray:
   """A whole in-memory uint8 (X, Y, Z) volume -> float32 (C, X, Y, Z) probabilities, on the
-  patch grid and overlap that InferenceTask uses for a dataset of this shape."""
+  patch grid and overlap that InferenceTask uses for a dataset of this shape (progress: a
+  tqdm bar)."""
   patch = np.array(model.config.patch_size)
   start, stop = np.zeros(3, int), np.array(image.shape)
   starts = patches_for_block(start, stop, start, stop, patch, patch - default_overlap(patch))
   return predict_block(model, image, start, start, stop, starts, batch_size, device,
-                       augment=augment)
+                       augment=augment, progress=progress)
 
 
 def quantize(probabilities: np.ndarray) -> np.ndarray:

@@ -184,6 +184,15 @@ def default_checkpoint_path(name: str = "default") -> str:
   return os.path.join(os.path.dirname(__file__), "data", SHIPPED_MODELS[name])
 
 
+def resolve_checkpoint(path: str | None) -> str:
+  """A checkpoint file path, or a shipped model's name (None = "default") -> its file path."""
+  if (path or "default") in SHIPPED_MODELS:
+    path = default_checkpoint_path(path or "default")
+  if not os.path.exists(path):
+    raise IicatsError(f"checkpoint {path}: file not found")
+  return path
+
+
 def load_checkpoint(path: str | None = None, device: str = "cpu") -> tuple[UNet3D, dict]:
   """Load a checkpoint -> (model in eval mode, metadata dict). Clear errors when unusable.
 
@@ -191,10 +200,7 @@ def load_checkpoint(path: str | None = None, device: str = "cpu") -> tuple[UNet3
   isotropic EM, "vnc" for ~4.6×4.6×47 nm ssTEM organelles), or None for "default"."""
   from safetensors import safe_open
   from safetensors.torch import load_file
-  if (path or "default") in SHIPPED_MODELS:
-    path = default_checkpoint_path(path or "default")
-  if not os.path.exists(path):
-    raise IicatsError(f"checkpoint {path}: file not found")
+  path = resolve_checkpoint(path)
   try:
     with safe_open(path, framework="pt") as handle:
       header = handle.metadata() or {}
@@ -213,3 +219,21 @@ def load_checkpoint(path: str | None = None, device: str = "cpu") -> tuple[UNet3
     raise IicatsError(f"checkpoint {path}: weights do not match its architecture ({err})")
   model.eval().to(device)
   return model, metadata
+
+
+def checkpoint_metadata(path: str | None = None) -> dict:
+  """The metadata record of a checkpoint (file or shipped model name), without its weights."""
+  from safetensors import safe_open
+  path = resolve_checkpoint(path)
+  try:
+    with safe_open(path, framework="pt") as handle:
+      return json.loads((handle.metadata() or {}).get("metadata", "{}"))
+  except Exception as err:
+    raise IicatsError(f"checkpoint {path}: not a readable safetensors checkpoint ({err})")
+
+
+def update_checkpoint_metadata(source: str | None, out: str, updates: dict) -> None:
+  """Write checkpoint `source`'s weights to `out` (atomically; may be `source` itself) with its
+  metadata record updated by `updates`; the weights are copied unchanged."""
+  model, metadata = load_checkpoint(source)
+  save_checkpoint(out, model, {**metadata, **updates})

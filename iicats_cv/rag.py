@@ -25,7 +25,7 @@ FRAGMENT_FIELDS = ("id", "size", "nucleus_voxels", "nucleus_sum_x", "nucleus_sum
 
 
 def block_rag(supervoxels: np.ndarray, affinities: np.ndarray, organelles: np.ndarray | None,
-              context, block_origin=(0, 0, 0), organelle_threshold: float = 0.5,
+              context, block_origin=(0, 0, 0), organelle_threshold=0.5,
               face_agreement: dict | None = None, histogram: bool = False) -> dict:
   """Edges and fragment statistics of one block.
 
@@ -38,12 +38,15 @@ def block_rag(supervoxels: np.ndarray, affinities: np.ndarray, organelles: np.nd
     where the watersheds of both blocks beside the face put the two straddling voxels into one
     fragment (see watershed.face_agreement). An edge across that face gets `stitch` = 1 when
     its two fragments are each other's partner with the most agreeing pairs.
+  organelle_threshold: probability above which a voxel counts as organelle: one value, or
+    (nucleus, mitochondria, synapse) cuts (a checkpoint's calibrated operating point).
   histogram: also store `aff_hist`, uint32 (E, HIST_BINS) affinity counts per edge (for
     quantile agglomeration; HIST_BINS × 4 bytes more per edge).
   Returns a dict of flat arrays: edge fields EDGE_FIELDS (u < v) and fragment fields
   prefixed 'frag_' (see FRAGMENT_FIELDS); fragment stats cover the block's own voxels only.
   """
   context = tuple(int(c) for c in context)
+  cuts = np.broadcast_to(np.asarray(organelle_threshold, np.float32), (3,))
   inner = tuple(slice(c, None) for c in context)
   compact, mapping = fastremap.renumber(supervoxels, preserve_zero=True)
   compact = compact.astype(np.int64, copy=False)
@@ -69,8 +72,8 @@ def block_rag(supervoxels: np.ndarray, affinities: np.ndarray, organelles: np.nd
     vs.append(b[sel])
     affs.append(affinities[axis][tuple(aff_sl)][sel])
     if organelles is not None:
-      inside = [organelles[c][tuple(here)][sel] > organelle_threshold for c in range(3)]
-      beside = [organelles[c][tuple(there)][sel] > organelle_threshold for c in range(3)]
+      inside = [organelles[c][tuple(here)][sel] > cuts[c] for c in range(3)]
+      beside = [organelles[c][tuple(there)][sel] > cuts[c] for c in range(3)]
       nucs.append(inside[0] & beside[0])
       mitos.append(inside[1] & beside[1])
       syns.append(inside[2] | beside[2])
@@ -110,7 +113,7 @@ def block_rag(supervoxels: np.ndarray, affinities: np.ndarray, organelles: np.nd
   out["frag_id"] = ids[size > 0]
   out["frag_size"] = size[size > 0].astype(np.int64)
   if organelles is not None:
-    nucleus = (organelles[0][inner] > organelle_threshold).ravel()
+    nucleus = (organelles[0][inner] > cuts[0]).ravel()
     coords = np.indices(compact[inner].shape).reshape(3, -1)
     out["frag_nucleus_voxels"] = np.bincount(own, weights=nucleus, minlength=n)[size > 0]
     for axis, name in enumerate("xyz"):

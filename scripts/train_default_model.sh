@@ -5,7 +5,8 @@
 # range: FIB z 101-149), then one fine-tuning round per comma-separated entry of FINETUNE,
 # each from the previous checkpoint (--init: a fresh one-cycle schedule at half the peak
 # learning rate; round k uses seed k); an entry ITERATIONS:V sets --val-fraction V (0: train
-# on all of z < 150 as well).
+# on all of z < 150 as well). Last, `iicats calibrate` chooses the model's agglomeration
+# setting on the training half and records it in the shipped checkpoint.
 # Usage: bash scripts/train_default_model.sh [WORKDIR] [ITERATIONS] [FINETUNE]
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -42,4 +43,6 @@ for k in "${!rounds[@]}"; do
     --seed "$seed" --val-fraction "${val_fraction:-0.2}" --out "$target"
   previous=$target
 done
-cp "$previous" "$here/iicats_cv/data/default_model.safetensors"
+# the operating point (agglomeration statistic, evidence, threshold) on the training half
+iicats calibrate --checkpoint "$previous" --image "file://$work/fib/image" \
+  --labels "file://$work/fib/neurons" --out "$here/iicats_cv/data/default_model.safetensors"

@@ -7,7 +7,8 @@
 # peak learning rate; round k uses seed k, so other random patches). An entry ITERATIONS:W
 # adds W times a soft Dice loss on the organelles (--dice-weight W); ITERATIONS:W:V also sets
 # --val-fraction V (0: train on all 12 sections; the default 0.2 holds sections 7-11 out for
-# validation, since a validation patch must be 4 sections deep).
+# validation, since a validation patch must be 4 sections deep). Last, `iicats calibrate`
+# chooses each organelle's probability cut on sections 0-11 and records it in the checkpoint.
 # Usage: bash scripts/train_vnc_model.sh [WORKDIR] [ITERATIONS] [OUT] [FINETUNE]
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -47,4 +48,7 @@ for k in "${!rounds[@]}"; do
     --dice-weight "${dice_weight:-0}" --val-fraction "${val_fraction:-0.2}" --out "$target"
   previous=$target
 done
-cp "$previous" "$out"
+# the organelles' probability cuts on the training sections
+iicats calibrate --checkpoint "$previous" --image "file://$work/vnc/image" \
+  --mitochondria "file://$work/vnc/mitochondria" --synapses "file://$work/vnc/synapses" \
+  --out "$out"

@@ -102,15 +102,18 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
                  seeds: str | None = None, gt_labels: str | None = None,
                  gt_skeletons: str | None = None, nuclei: str | None = None,
                  synapses: str | None = None, json_path: str | None = None,
-                 threshold: float = 0.5, track_threshold: float | None = None,
+                 threshold: float | None = None, track_threshold: float | None = None,
                  sweep=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8), meshes: bool = True,
                  report: bool = True, link_prefix: str | None = None, lease_sec: int = 600,
-                 num_mips: int = 2, constraints=("nucleus", "synapse", "mitochondria"),
-                 sharded: bool = True, quantile: float | None = None,
+                 num_mips: int = 2, constraints=None,
+                 sharded: bool = True, quantile: float | str | None = None,
                  hierarchy: int | None = None, levels: int = 1, augment: bool = False):
   """Run every stage from an EM image layer to segmentation, meshes, link and metrics.
 
   augment: test-time augmentation in the inference stage (create_inference_tasks).
+  threshold, quantile ("mean" or q in (0, 1)), constraints: the agglomeration setting; None
+  takes the checkpoint's calibrated operating point (calibrate.agglomeration_settings), as do
+  the organelle probability cuts of the RAG's evidence.
 
   Returns the summary dict ({"layers", "neuroglancer_url", "metrics", "timings", ...}).
   """
@@ -122,11 +125,15 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
   if levels > 1 and not hierarchy:
     raise IicatsError(f"levels={levels} needs hierarchy (--hierarchy N): the parts of each "
                       "level are N×N×N parts of the level below")
+  threshold, quantile, constraints, organelle_cuts = resolve_operating_point(
+    checkpoint, threshold, quantile, constraints)
   layers = {"image": image, **{name: join(out, name) for name in LAYERS[1:]},
             "segmentation_baseline": join(out, "segmentation_baseline")}
   run = Pipeline(out, queue, parallel, lease_sec=lease_sec)
   put_json(run.state, "run.json", {"image": image, "task_shape": task_shape,
                                    "checkpoint": checkpoint or "default", "threshold": threshold,
+                                   "quantile": quantile, "constraints": list(constraints),
+                                   "organelle_thresholds": organelle_cuts,
                                    "test_time_augmentation": augment})
   started = time.time()
   state = run.state
@@ -139,7 +146,8 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
     layers["affinities"], layers["supervoxels"], task_shape, state_prefix=state))
   run.stage("rag", lambda: create_rag_tasks(
     layers["supervoxels"], layers["affinities"], layers["organelles"], join(out, "rag"),
-    task_shape, state_prefix=state, histogram=quantile is not None))
+    task_shape, state_prefix=state, histogram=quantile is not None,
+    organelle_thresholds=organelle_cuts))
   params = {"threshold": threshold, "constraints": list(constraints), "quantile": quantile,
             "track_threshold": threshold if track_threshold is None else track_threshold}
   hierarchy_prefix = join(out, f"hierarchy/{hierarchy}") if hierarchy else ""
@@ -194,6 +202,20 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
     with open(json_path, "w") as fh:
       json.dump(summary, fh, indent=1)
   return summary
+
+
+def resolve_operating_point(checkpoint, threshold, quantile, constraints):
+  """The run's (threshold, quantile or None for the mean, constraints, organelle cuts): what
+  the caller gave, the rest from the checkpoint's calibrated operating point."""
+  from iicats_cv.calibrate import agglomeration_settings, organelle_thresholds
+  from iicats_cv.model import checkpoint_metadata
+  metadata = checkpoint_metadata(checkpoint)
+  chosen = agglomeration_settings(metadata)
+  threshold = chosen["threshold"] if threshold is None else threshold
+  quantile = chosen["quantile"] if quantile is None else quantile
+  constraints = tuple(chosen["constraints"] if constraints is None else constraints)
+  return (float(threshold), None if quantile in (None, "mean") else float(quantile),
+          constraints, organelle_thresholds(metadata))
 
 
 def out_owns(out: str, path: str) -> bool:

@@ -130,9 +130,11 @@ def create_watershed_tasks(affinities_path: str, supervoxels_path: str, task_sha
 @queueable
 def rag_task(supervoxels_path: str, affinities_path: str, organelles_path: str,
              rag_prefix: str, start: list, stop: list, task_shape: list,
-             state_prefix: str = "", histogram: bool = False):
+             state_prefix: str = "", histogram: bool = False,
+             organelle_thresholds: list = (0.5, 0.5, 0.5)):
   """RAG of one block: voxel pairs whose upper voxel lies in the block (reads one voxel of
-  context below each face that has a neighbour), with the stitching of its low faces."""
+  context below each face that has a neighbour), with the stitching of its low faces.
+  organelle_thresholds: nucleus, mitochondria, synapse probability cuts."""
   sv_cv = open_layer(supervoxels_path, layer_type="segmentation", what="supervoxels layer")
   bounds = sv_cv.bounds
   context = [1 if s > b else 0 for s, b in zip(start, bounds.minpt)]
@@ -146,7 +148,8 @@ def rag_task(supervoxels_path: str, affinities_path: str, organelles_path: str,
     organelles = _float_channels(org_cv, Bbox(lo, stop))
   agreement = _low_face_agreement(supervoxels_path, start, task_shape, context)
   rag = block_rag(supervoxels, affs, organelles, context, block_origin=start,
-                  face_agreement=agreement, histogram=histogram)
+                  face_agreement=agreement, histogram=histogram,
+                  organelle_threshold=list(organelle_thresholds))
   put_npz(rag_prefix, f"{block_name(start)}.npz", rag)
   if state_prefix:
     mark_done(state_prefix, "rag", block_name(start))
@@ -168,14 +171,16 @@ def _low_face_agreement(supervoxels_path, start, task_shape, context) -> dict:
 
 
 def create_rag_tasks(supervoxels_path, affinities_path, organelles_path, rag_prefix,
-                     task_shape, state_prefix="", histogram=False):
+                     task_shape, state_prefix="", histogram=False,
+                     organelle_thresholds=(0.5, 0.5, 0.5)):
   sv_cv = open_layer(supervoxels_path, layer_type="segmentation", what="supervoxels layer")
   bounds = sv_cv.bounds
   done = done_names(state_prefix, "rag") if state_prefix else set()
   return [
     partial(rag_task, supervoxels_path=supervoxels_path, affinities_path=affinities_path,
              organelles_path=organelles_path or "", rag_prefix=rag_prefix, start=lo, stop=hi,
-             task_shape=list(task_shape), state_prefix=state_prefix, histogram=histogram)
+             task_shape=list(task_shape), state_prefix=state_prefix, histogram=histogram,
+             organelle_thresholds=[float(t) for t in organelle_thresholds])
     for lo, hi, _ in block_grid(bounds.minpt, bounds.maxpt, task_shape)
     if block_name(lo) not in done
   ]

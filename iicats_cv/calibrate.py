@@ -1,0 +1,108 @@
+"""A model's operating point, chosen on labelled data it trained on (never the evaluation's).
+
+The settings that turn a model's probabilities into a segmentation are properties of the model:
+a retrained network moves the agglomeration threshold at which its mean boundary affinity
+splits and merges best (the shipped default model's best mean threshold moved from 0.4 to 0.5
+between two training stages), and the class-balanced loss pushes rare organelles' probabilities
+up, so p > 0.5 over-predicts them. `iicats calibrate` scores every candidate on a labelled
+volume and records the best in the checkpoint's metadata as
+
+  "operating_point": {"agglomeration": {"threshold", "quantile", "constraints", "arand",
+                                         "voi_split", "voi_merge"},
+                      "organelle_thresholds": {"nucleus", "mitochondria", "synapse"},
+                      "organelle_dice": {...}, "calibration": {"command", "data", ...}}
+
+which `iicats pipeline` then uses wherever its own options leave a setting out.
+"""
+from __future__ import annotations
+
+import fastremap
+import numpy as np
+from tqdm import tqdm
+
+from .agglomerate import AgglomerationParams, agglomerate
+from .metrics import adapted_rand_error, voi
+from .model import ORGANELLE_CHANNELS
+from .rag import block_rag, merge_rags
+from .watershed import fragments
+
+AGGLOMERATION_THRESHOLDS = tuple(round(0.3 + 0.05 * k, 2) for k in range(9))  # 0.3 ... 0.7
+STATISTICS = {"mean": None, "q50": 0.5, "q75": 0.75}
+EVIDENCE = ((), ("nucleus",), ("nucleus", "mitochondria"),
+            ("nucleus", "synapse", "mitochondria"))
+ORGANELLE_CUTS = tuple(round(0.3 + 0.05 * k, 2) for k in range(14))  # 0.3 ... 0.95
+DEFAULT_AGGLOMERATION = {"threshold": 0.5, "quantile": None,
+                         "constraints": ["nucleus", "synapse", "mitochondria"]}
+
+
+def score_agglomeration(affinities: np.ndarray, organelles: np.ndarray, labels: np.ndarray,
+                        resolution, thresholds=AGGLOMERATION_THRESHOLDS,
+                        organelle_cuts=(0.5, 0.5, 0.5), progress: bool = False) -> list[dict]:
+  """ARAND and VOI of every agglomeration setting over a threshold sweep, best first.
+
+  affinities: float32 (3, X, Y, Z) x, y, z affinities in [0, 1]; organelles: float32
+  (3, X, Y, Z) nucleus, mitochondria, synapse probabilities; labels: integer (X, Y, Z) ground
+  truth (0 ignored); resolution: nm (x, y, z); organelle_cuts: the nucleus, mitochondria,
+  synapse probability cuts the RAG's evidence uses; progress: a tqdm bar. Fragments, RAG and
+  agglomeration are the pipeline's own functions on the whole volume (one block). Each row:
+  {"quantile" (None = mean), "constraints" (list), "threshold", "arand", "voi_split",
+  "voi_merge"}; sorted by ARAND, then VOI split + merge.
+  """
+  frags = fragments(affinities, resolution)
+  # one RAG for every setting: mean agglomeration ignores the histograms quantiles need
+  rag = merge_rags([block_rag(frags, affinities, organelles, (0, 0, 0), histogram=True,
+                              organelle_threshold=list(organelle_cuts))])
+  rows = []
+  settings = [(q, e) for q in STATISTICS.values() for e in EVIDENCE]
+  for quantile, evidence in tqdm(settings, desc="agglomeration settings", disable=not progress):
+    params = AgglomerationParams(threshold=min(thresholds), quantile=quantile,
+                                 use_constraints=bool(evidence),
+                                 constraints=evidence or DEFAULT_AGGLOMERATION["constraints"])
+    result = agglomerate(rag, params, sweep_thresholds=thresholds)
+    for threshold, table in result.sweep.items():
+      seg = fastremap.remap(frags, dict(zip(result.fragment_ids.tolist(), table.tolist())))
+      split, merge = voi(seg, labels)
+      rows.append({"quantile": quantile, "constraints": list(evidence),
+                   "threshold": threshold, "arand": adapted_rand_error(seg, labels),
+                   "voi_split": split, "voi_merge": merge})
+  rows.sort(key=lambda r: (r["arand"], r["voi_split"] + r["voi_merge"]))
+  return rows
+
+
+def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
+  """Voxel Dice of two boolean arrays of one shape (1.0 when both are empty)."""
+  denominator = int(prediction.sum()) + int(truth.sum())
+  return float(2 * np.count_nonzero(prediction & truth) / denominator) if denominator else 1.0
+
+
+def choose_organelle_thresholds(organelles: np.ndarray, masks: dict,
+                                cuts=ORGANELLE_CUTS) -> dict:
+  """The probability cut with the best voxel Dice, per organelle that has a mask.
+
+  organelles: float32 (3, X, Y, Z) nucleus, mitochondria, synapse probabilities; masks:
+  {channel name (ORGANELLE_CHANNELS): bool (X, Y, Z)}. Returns {name: {"threshold", "dice",
+  "dice_at_0.5"}}; ties go to the cut nearest 0.5.
+  """
+  chosen = {}
+  for name, mask in masks.items():
+    probability = organelles[ORGANELLE_CHANNELS.index(name)]
+    mask = np.asarray(mask, bool)
+    scores = {cut: dice(probability > cut, mask) for cut in cuts}
+    best = max(scores, key=lambda cut: (scores[cut], -abs(cut - 0.5)))
+    chosen[name] = {"threshold": best, "dice": scores[best],
+                    "dice_at_0.5": dice(probability > 0.5, mask)}
+  return chosen
+
+
+def agglomeration_settings(metadata: dict) -> dict:
+  """{"threshold", "quantile", "constraints"} of a checkpoint's operating point, or the
+  uncalibrated defaults (mean affinity at 0.5, every kind of evidence)."""
+  chosen = (metadata.get("operating_point") or {}).get("agglomeration") or {}
+  return {key: chosen.get(key, default) for key, default in DEFAULT_AGGLOMERATION.items()}
+
+
+def organelle_thresholds(metadata: dict) -> list[float]:
+  """Probability cuts (nucleus, mitochondria, synapse) of a checkpoint's operating point;
+  0.5 for any organelle it was not calibrated on."""
+  chosen = (metadata.get("operating_point") or {}).get("organelle_thresholds") or {}
+  return [float(chosen.get(name, 0.5)) for name in ORGANELLE_CHANNELS]

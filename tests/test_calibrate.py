@@ -1,0 +1,109 @@
+"""`iicats calibrate`: a model's operating point chosen on labelled data, kept in its
+checkpoint and used by the pipeline wherever the caller leaves a setting out."""
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from iicats_cv.calibrate import (AGGLOMERATION_THRESHOLDS, EVIDENCE, STATISTICS,
+                                 choose_organelle_thresholds, score_agglomeration)
+from iicats_cv.cli import cli
+from iicats_cv.errors import IicatsError
+from iicats_cv.model import checkpoint_metadata, load_checkpoint, update_checkpoint_metadata
+from iicats_cv.tasks.pipeline import resolve_operating_point
+from iicats_cv.train import affinities_from_labels
+from iicats_cv.volume_io import import_volume
+from conftest import blobs
+
+
+def test_organelle_cut_with_the_best_dice():
+  """Probabilities that over-predict (0.6 on a false rim, 0.8 inside): p > 0.5 takes the rim
+  in, the chosen cut (the lowest best one nearest 0.5) leaves it out."""
+  mask = np.zeros((20, 20, 10), bool)
+  mask[5:15, 5:15] = True
+  probability = np.where(mask, 0.8, 0.1).astype(np.float32)
+  probability[3:5, 5:15] = 0.6
+  organelles = np.stack([np.zeros_like(probability), probability, probability])
+  chosen = choose_organelle_thresholds(organelles, {"mitochondria": mask})
+  assert list(chosen) == ["mitochondria"]
+  assert chosen["mitochondria"]["threshold"] == 0.6
+  assert chosen["mitochondria"]["dice"] == 1.0
+  assert chosen["mitochondria"]["dice_at_0.5"] == pytest.approx(2 * 100 / (120 + 100))
+
+
+def test_agglomeration_scores_every_setting_best_first():
+  labels, _ = blobs((32, 32, 24), n=5)
+  affinities = affinities_from_labels(labels)[0] * 0.8 + 0.1
+  organelles = np.zeros((3,) + labels.shape, np.float32)
+  rows = score_agglomeration(affinities, organelles, labels, (10, 10, 10))
+  assert len(rows) == len(STATISTICS) * len(EVIDENCE) * len(AGGLOMERATION_THRESHOLDS)
+  keys = [(r["arand"], r["voi_split"] + r["voi_merge"]) for r in rows]
+  assert keys == sorted(keys)
+  assert rows[0]["arand"] < 0.05  # the labels' own affinities separate the cells
+
+
+def _labelled_layers(tmp_path):
+  labels, image = blobs((40, 40, 32), n=5)
+  paths = {name: "file://" + str(tmp_path / name) for name in ("img", "lab", "mito")}
+  import_volume(image, paths["img"], "image", (10, 10, 10))
+  import_volume(labels, paths["lab"], "segmentation", (10, 10, 10))
+  import_volume((labels == 2).astype(np.uint8), paths["mito"], "segmentation", (10, 10, 10))
+  return paths
+
+
+def test_calibrate_command_records_the_operating_point(tmp_path, tiny_checkpoint):
+  paths = _labelled_layers(tmp_path)
+  out = str(tmp_path / "calibrated.safetensors")
+  result = CliRunner().invoke(cli, ["calibrate", "--checkpoint", tiny_checkpoint,
+                                    "--image", paths["img"], "--labels", paths["lab"],
+                                    "--mitochondria", paths["mito"], "--out", out])
+  assert result.exit_code == 0, result.output
+  assert "calibrated in" in result.output
+  point = checkpoint_metadata(out)["operating_point"]
+  chosen = point["agglomeration"]
+  assert chosen["threshold"] in AGGLOMERATION_THRESHOLDS
+  assert chosen["quantile"] in STATISTICS.values()
+  assert tuple(chosen["constraints"]) in EVIDENCE
+  assert set(point["organelle_thresholds"]) == {"mitochondria"}
+  assert "iicats calibrate" in point["calibration"]["command"]
+  # the source's metadata is kept and its weights are copied unchanged
+  assert checkpoint_metadata(out)["note"] == checkpoint_metadata(tiny_checkpoint)["note"]
+  before, after = load_checkpoint(tiny_checkpoint)[0], load_checkpoint(out)[0]
+  for name, weights in before.state_dict().items():
+    torch.testing.assert_close(after.state_dict()[name], weights, rtol=0, atol=0)
+  # the pipeline takes what the caller leaves out from the checkpoint
+  threshold, quantile, constraints, cuts = resolve_operating_point(out, None, None, None)
+  assert (threshold, quantile, list(constraints)) == (
+    chosen["threshold"], chosen["quantile"], chosen["constraints"])
+  assert cuts == [0.5, point["organelle_thresholds"]["mitochondria"], 0.5]
+  assert resolve_operating_point(out, 0.3, "mean", ("nucleus",))[:3] == (0.3, None,
+                                                                         ("nucleus",))
+
+
+def test_uncalibrated_checkpoint_keeps_the_defaults(tiny_checkpoint):
+  assert resolve_operating_point(tiny_checkpoint, None, None, None) == (
+    0.5, None, ("nucleus", "synapse", "mitochondria"), [0.5, 0.5, 0.5])
+
+
+def test_calibrate_needs_labels_and_a_readable_checkpoint(tmp_path, tiny_checkpoint):
+  paths = _labelled_layers(tmp_path)
+  result = CliRunner().invoke(cli, ["calibrate", "--checkpoint", tiny_checkpoint, "--image",
+                                    paths["img"], "--out", str(tmp_path / "x.safetensors")])
+  assert result.exit_code != 0 and "give --labels" in result.output
+  garbage = tmp_path / "garbage.safetensors"
+  garbage.write_bytes(b"not a checkpoint")
+  with pytest.raises(IicatsError, match="not a readable safetensors checkpoint"):
+    checkpoint_metadata(str(garbage))
+  with pytest.raises(IicatsError, match="file not found"):
+    update_checkpoint_metadata(str(tmp_path / "missing.safetensors"),
+                               str(tmp_path / "y.safetensors"), {})
+
+
+def test_shipped_models_carry_their_operating_points():
+  """The default model's agglomeration was calibrated on the FIB training half, the vnc
+  model's organelle cuts on VNC sections 0-11 (scripts/train_*_model.sh)."""
+  default = checkpoint_metadata("default")["operating_point"]
+  assert default["agglomeration"]["quantile"] == 0.75
+  assert "fib" in default["calibration"]["image"]
+  vnc = checkpoint_metadata("vnc")["operating_point"]
+  assert set(vnc["organelle_thresholds"]) == {"mitochondria", "synapse"}
