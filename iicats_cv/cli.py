@@ -196,6 +196,10 @@ def _print_summary(summary, out):
       click.echo(f"{name:<16}{metrics[name]:14.4f}{base_text}{unit}")
   agg = summary.get("agglomeration") or {}
   if agg:
+    params = agg["params"]
+    statistic = "mean" if params.get("quantile") is None else f"{params['quantile']:g}-quantile"
+    click.echo(f"agglomeration: {statistic} affinity + "
+               f"{','.join(params['constraints']) or 'no evidence'} at t={params['threshold']}")
     click.echo(f"segments {agg['segments']} (baseline {agg['baseline_segments']}), tracked "
                f"neurons {agg['tracked']}, violations left {agg['violations']}")
   timings = summary["timings"]
