@@ -46,7 +46,7 @@ def score_agglomeration(affinities: np.ndarray, organelles: np.ndarray, labels: 
   synapse probability cuts the RAG's evidence uses; progress: a tqdm bar. Fragments, RAG and
   agglomeration are the pipeline's own functions on the whole volume (one block). Each row:
   {"quantile" (None = mean), "constraints" (list), "threshold", "arand", "voi_split",
-  "voi_merge"}; sorted by ARAND, then VOI split + merge.
+  "voi_merge"}; sorted by ARAND, then VOI split + merge, then the most evidence.
   """
   frags = fragments(affinities, resolution)
   # one RAG for every setting: mean agglomeration ignores the histograms quantiles need
@@ -65,7 +65,9 @@ def score_agglomeration(affinities: np.ndarray, organelles: np.ndarray, labels: 
       rows.append({"quantile": quantile, "constraints": list(evidence),
                    "threshold": threshold, "arand": adapted_rand_error(seg, labels),
                    "voi_split": split, "voi_merge": merge})
-  rows.sort(key=lambda r: (r["arand"], r["voi_split"] + r["voi_merge"]))
+  # on a tie, more evidence: a constraint that costs nothing on the labelled data still
+  # guards against the merges it exists for (two nuclei, two synapse partners)
+  rows.sort(key=lambda r: (r["arand"], r["voi_split"] + r["voi_merge"], -len(r["constraints"])))
   return rows
 
 

@@ -376,6 +376,10 @@ def synthetic_command(out, shape, resolution, seed):
 @click.option("--val-fraction", type=click.FloatRange(0, 0.5), default=0.2, show_default=True,
               help="Hold out the top fraction of each volume's z range (at least one patch "
                    "deep) for validation; 0 trains on all of it and skips validation.")
+@click.option("--hard-examples", "hard_fraction", type=click.FloatRange(0, 1), default=0.0,
+              show_default=True,
+              help="Hard-example mining (for fine-tuning with --init): draw this fraction of "
+                   "the patches where the starting model's affinities are most wrong.")
 @click.option("--resume", is_flag=True, help="Continue from OUT.state if present.")
 @click.option("--init", default=None,
               help="Fine-tune: start from this checkpoint (a file, or a shipped model: "
@@ -383,7 +387,7 @@ def synthetic_command(out, shape, resolution, seed):
                    "--anisotropic and --long-range then come from it).")
 def train_command(image, labels, nuclei, mitochondria, synapses, bounds, out, iterations,
                   batch_size, lr, patch_size, anisotropic, long_range, seed, dice_weight,
-                  val_fraction, resume, init):
+                  val_fraction, hard_fraction, resume, init):
   """Train the affinity + organelle network on precomputed layers.
 
   Options repeat per dataset: the i-th --labels/--nuclei/... belong to the i-th --image.
@@ -419,7 +423,7 @@ def train_command(image, labels, nuclei, mitochondria, synapses, bounds, out, it
                          + long_range_channels(sorted(set(long_range))))
   meta = train(volumes, out, config=config, iterations=iterations, batch_size=batch_size,
                lr=lr, seed=seed, resume=resume, init=init, dice_weight=dice_weight,
-               val_fraction=val_fraction,
+               val_fraction=val_fraction, hard_fraction=hard_fraction,
                # with --init the architecture options are refused, so the record leaves them out
                command=_command_line(ctx, omit=ARCHITECTURE_OPTIONS if init else ()))
   click.echo(json.dumps(meta["validation"], indent=1))

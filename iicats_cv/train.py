@@ -61,11 +61,39 @@ def affinities_from_labels(labels: np.ndarray, distance: int = 1
   return affs, mask
 
 
+def affinity_error_map(probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray:
+  """Per-voxel class-balanced BCE of predicted short-range affinities against the labels' own.
+
+  probabilities: float32 (3, X, Y, Z) x, y, z affinities; labels: uint (X, Y, Z) instances.
+  Returns float32 (X, Y, Z): the sum over the three channels, weighted as the training loss
+  weights them (masked_balanced_bce), 0 where no affinity is defined."""
+  target, mask = affinities_from_labels(labels)
+  p = np.clip(probabilities, 1e-4, 1 - 1e-4)
+  bce = -(target * np.log(p) + (1 - target) * np.log1p(-p))
+  positive = float(np.clip(target[mask > 0].mean() if mask.any() else 0.5, 0.05, 0.95))
+  weight = np.where(target > 0.5, 0.5 / positive, 0.5 / (1 - positive))
+  return (bce * weight * mask).sum(0).astype(np.float32)
+
+
+def window_sums(values: np.ndarray, window) -> np.ndarray:
+  """Sum of `values` (X, Y, Z) over every window of shape `window` inside it: float64
+  (X - wx + 1, Y - wy + 1, Z - wz + 1), element [i, j, k] the window starting there."""
+  table = np.pad(values.astype(np.float64), [(1, 0)] * 3).cumsum(0).cumsum(1).cumsum(2)
+  wx, wy, wz = window
+  return (table[wx:, wy:, wz:] - table[:-wx, wy:, wz:] - table[wx:, :-wy, wz:]
+          - table[wx:, wy:, :-wz] + table[:-wx, :-wy, wz:] + table[:-wx, wy:, :-wz]
+          + table[wx:, :-wy, :-wz] - table[:-wx, :-wy, :-wz])
+
+
 class PatchSampler:
-  """Random training patches with EM augmentations, deterministic from a seed."""
+  """Random training patches with EM augmentations, deterministic from a seed.
+
+  hard: optional per-volume error maps (X, Y, Z over the volume's z range, or None): a
+  `hard_fraction` of the patches then start with probability proportional to the error they
+  hold (hard-example mining), the rest uniformly."""
 
   def __init__(self, volumes, config: ModelConfig, isotropic: bool, seed: int = 0,
-               z_range=None, augment: bool = True):
+               z_range=None, augment: bool = True, hard=None, hard_fraction: float = 0.0):
     self.volumes = volumes
     self.config = config
     self.augment = augment
@@ -78,6 +106,15 @@ class PatchSampler:
     self.z_range = z_range  # per volume (z0, z1) or None for all
     weights = np.array([v.weight for v in volumes], dtype=float)
     self.p = weights / weights.sum()
+    self.hard_fraction = hard_fraction
+    self.hard_starts = [None] * len(volumes)
+    for index, error in enumerate(hard or []):
+      if error is not None:
+        # a patch start's window is what the loss sees: the patch after its context voxel
+        size = np.minimum(self.patch + 1, error.shape)
+        context = (size > self.patch).astype(int)
+        sums = window_sums(error[context[0]:, context[1]:, context[2]:], size - context)
+        self.hard_starts[index] = (sums.shape, np.cumsum(sums.ravel()) / sums.sum())
 
   def _z_bounds(self, index, vol):
     if self.z_range is None:
@@ -94,7 +131,14 @@ class PatchSampler:
     z0, z1 = self._z_bounds(index, vol)
     shape = np.array(vol.image.shape[:2] + (z1 - z0,))
     size = np.minimum(self.patch + 1, shape)
-    start = np.array([rng.integers(0, s - p + 1) for s, p in zip(shape, size)])
+    hard = self.hard_starts[index]
+    if hard is not None and rng.random() < self.hard_fraction:
+      starts_shape, cumulative = hard
+      flat = min(int(np.searchsorted(cumulative, rng.random() * cumulative[-1])),
+                 len(cumulative) - 1)
+      start = np.array(np.unravel_index(flat, starts_shape))
+    else:
+      start = np.array([rng.integers(0, s - p + 1) for s, p in zip(shape, size)])
     start[2] += z0
     sl = tuple(slice(a, a + p) for a, p in zip(start, size))
     image = vol.image[sl]
@@ -193,7 +237,7 @@ def train(volumes, out_path: str, config: ModelConfig | None = None, iterations:
           batch_size: int = 2, lr: float = 2e-3, val_fraction: float = 0.2, seed: int = 0,
           resume: bool = False, device: str | None = None, command: str = "",
           checkpoint_every: int = 250, progress: bool = True, init: str | None = None,
-          dice_weight: float = 0.0) -> dict:
+          dice_weight: float = 0.0, hard_fraction: float = 0.0) -> dict:
   """Train a UNet3D on `volumes` (list[TrainingVolume]) and write a checkpoint to out_path.
 
   The top `val_fraction` of each volume's z range (at least one patch deep) is held out for
@@ -206,6 +250,9 @@ def train(volumes, out_path: str, config: ModelConfig | None = None, iterations:
     the resolution.
   dice_weight: add this times the organelle channels' soft Dice loss (masked_soft_dice) to
     the class-balanced BCE, which alone leaves rare organelles over-predicted at p > 0.5.
+  hard_fraction: hard-example mining for fine-tuning: before training, the starting model
+    predicts every labelled training region, and this fraction of the patches is drawn where
+    its affinities are most wrong (affinity_error_map; PatchSampler).
   Returns the metadata written into the checkpoint (including validation metrics).
   """
   config = config or ModelConfig()
@@ -248,8 +295,16 @@ def train(volumes, out_path: str, config: ModelConfig | None = None, iterations:
     val_range.append((cut, nz))
   isotropic = all(d[2] == 2 for d in config.downsample)
   organelles = [config.out_channels.index(name) for name in ORGANELLE_CHANNELS]
+  hard = None
+  if hard_fraction > 0:
+    from .inference import predict_volume
+    model.eval()
+    hard = [None if vol.labels is None else affinity_error_map(
+              predict_volume(model, np.ascontiguousarray(vol.image[..., z0:z1]),
+                             device=device, progress=progress)[:3], vol.labels[..., z0:z1])
+            for vol, (z0, z1) in zip(volumes, train_range)]
   sampler = PatchSampler(volumes, config, isotropic, seed=seed + start_iter,
-                         z_range=train_range)
+                         z_range=train_range, hard=hard, hard_fraction=hard_fraction)
   started = time.time()
   model.train()
   bar = tqdm(range(start_iter, iterations), desc="train", disable=not progress,
@@ -277,6 +332,7 @@ def train(volumes, out_path: str, config: ModelConfig | None = None, iterations:
   metadata = {
     "training_command": command, "iterations": iterations, "batch_size": batch_size,
     "learning_rate": lr, "seed": seed, "device": device, "dice_weight": dice_weight,
+    "hard_example_fraction": hard_fraction,
     "validation_fraction": val_fraction,
     "wall_time_s": round(time.time() - started, 1), "final_train_loss": running,
     "training_data": [{"name": v.name, "shape_xyz": list(v.image.shape),

@@ -10,7 +10,8 @@ from iicats_cv.errors import IicatsError
 from iicats_cv.model import (AFFINITY_CHANNELS, ORGANELLE_CHANNELS, ModelConfig, load_checkpoint,
                             long_range_channels)
 from iicats_cv.train import (PatchSampler, TrainingVolume, affinities_from_labels,
-                             masked_balanced_bce, masked_soft_dice, train)
+                             affinity_error_map, masked_balanced_bce, masked_soft_dice, train,
+                             window_sums)
 from iicats_cv.volume_io import import_volume
 from conftest import blobs
 
@@ -173,3 +174,42 @@ def test_fine_tuning_starts_from_the_checkpoint(tmp_path):
     train([TrainingVolume("blobs", image=image, labels=labels)], tuned,
           config=ModelConfig(**TINY), iterations=1, progress=False, init=start)
 
+
+
+def test_window_sums_match_brute_force():
+  values = np.random.default_rng(0).random((7, 6, 5))
+  sums = window_sums(values, (3, 2, 4))
+  brute = np.array([[[values[i:i + 3, j:j + 2, k:k + 4].sum() for k in range(2)]
+                     for j in range(5)] for i in range(5)])
+  np.testing.assert_allclose(sums, brute)
+
+
+def test_hard_examples_are_drawn_where_the_model_errs():
+  """The error map is the balanced BCE of the affinities: small where they are right, large
+  where they are wrong; with hard_fraction 1 every patch holds the one wrong voxel."""
+  labels, image = blobs((40, 40, 40), n=5)
+  right = affinities_from_labels(labels)[0]
+  wrong = right.copy()
+  wrong[:, 30, 30, 30] = 1 - wrong[:, 30, 30, 30]
+  error = affinity_error_map(wrong, labels)
+  assert error.shape == labels.shape and error[30, 30, 30] > 10
+  assert np.delete(error.ravel(), np.ravel_multi_index((30, 30, 30), error.shape)).max() < 0.01
+  only_there = np.zeros(labels.shape, np.float32)
+  only_there[30, 30, 30] = 1
+  marker = image.copy()
+  marker[30, 30, 30] = 255  # the voxel, recognisable in the sampled image
+  vol = TrainingVolume("marked", image=marker, labels=labels)
+  sampler = PatchSampler([vol], ModelConfig(**TINY), True, augment=False, hard=[only_there],
+                         hard_fraction=1.0)
+  for _ in range(5):
+    img, _, _ = sampler.sample()
+    assert img.max() == pytest.approx((1.0 - 0.5) / 0.25)
+
+
+def test_fine_tuning_with_hard_examples_records_it(tmp_path, tiny_checkpoint):
+  labels, image = blobs((40, 40, 40), n=5)
+  out = str(tmp_path / "hard.safetensors")
+  meta = train([TrainingVolume("blobs", image=image, labels=labels)], out,
+               config=load_checkpoint(tiny_checkpoint)[0].config, iterations=2,
+               progress=False, init=tiny_checkpoint, val_fraction=0, hard_fraction=0.5)
+  assert meta["hard_example_fraction"] == 0.5
