@@ -135,19 +135,26 @@ def test_track_names_seeds_outside_the_volume(synthetic_demo, tmp_path):
 
 
 def test_pipeline_hierarchical_quantile_run(tmp_path, tiny_checkpoint, capsys):
-  """--hierarchy (two levels) and --quantile through every stage to the segmentation (tiny
+  """--hierarchy (two levels) and a quantile through every stage to the segmentation (tiny
   network), on a local image outside the run's folder (left out of the link, with a note, not
-  an error)."""
+  an error). The quantile, evidence and organelle cuts come from the checkpoint's calibrated
+  operating point."""
   from conftest import blobs
-  from iicats_cv.tasks.common import get_npz
+  from iicats_cv.model import update_checkpoint_metadata
+  from iicats_cv.tasks.common import get_json, get_npz
   from iicats_cv.tasks.pipeline import run_pipeline
   from iicats_cv.volume_io import import_volume
   _, image = blobs(shape=(128, 128, 64), n=12, seed=4)
   image_path = import_volume(image, "file://" + str(tmp_path / "em"), "image", (8, 8, 8))
+  calibrated = str(tmp_path / "calibrated.safetensors")
+  update_checkpoint_metadata(tiny_checkpoint, calibrated, {"operating_point": {
+    "agglomeration": {"threshold": 0.5, "quantile": 0.75, "constraints": ["nucleus"]},
+    "organelle_thresholds": {"mitochondria": 0.7}}})
   out = "file://" + str(tmp_path / "run")
-  summary = run_pipeline(image_path, out, task_shape=(64, 64, 64), checkpoint=tiny_checkpoint,
-                         meshes=False, report=False, quantile=0.75, hierarchy=1,
-                         levels=2)
+  summary = run_pipeline(image_path, out, task_shape=(64, 64, 64), checkpoint=calibrated,
+                         meshes=False, report=False, hierarchy=1, levels=2)
+  assert summary["agglomeration"]["params"]["constraints"] == ["nucleus"]
+  assert get_json(out + "/pipeline", "run.json")["organelle_thresholds"] == [0.5, 0.7, 0.5]
   assert "reduce" in summary["timings"] and "reduce-2" in summary["timings"]
   for level in ("level1", "level2"):  # parts of 1 block, then of 1 part
     parts = sorted(os.listdir(tmp_path / "run" / "hierarchy" / "1" / level))
