@@ -19,7 +19,8 @@ def _per_image(values, count, name):
   return [None if v.lower() == "none" else v for v in values]
 
 
-def _bbox(text, cv, name):
+def region_bbox(text, cv, name):
+  """--bounds text (x0,y0,z0,x1,y1,z1 voxels, 'all' or None) -> Bbox inside layer `cv`."""
   if text is None or text == "all":
     return cv.bounds
   try:
@@ -46,7 +47,7 @@ def load_training_volumes(images, labels=(), nuclei=(), mitochondria=(), synapse
   for i, path in enumerate(images):
     image_cv = open_layer(path, layer_type="image", dtypes=("uint8",), num_channels=1,
                           what="training image")
-    box = _bbox(regions[i], image_cv, path)
+    box = region_bbox(regions[i], image_cv, path)
     resolution = resolution or tuple(float(r) for r in image_cv.resolution)
     arrays = {"image": np.asarray(image_cv[box])[..., 0]}
     for field, values in columns.items():

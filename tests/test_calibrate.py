@@ -90,6 +90,12 @@ def test_calibrate_needs_labels_and_a_readable_checkpoint(tmp_path, tiny_checkpo
   result = CliRunner().invoke(cli, ["calibrate", "--checkpoint", tiny_checkpoint, "--image",
                                     paths["img"], "--out", str(tmp_path / "x.safetensors")])
   assert result.exit_code != 0 and "give --labels" in result.output
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr("iicats_cv.cli.CALIBRATION_MAX_VOXELS", 1000)
+    big = CliRunner().invoke(cli, ["calibrate", "--checkpoint", tiny_checkpoint, "--image",
+                                   paths["img"], "--labels", paths["lab"], "--out",
+                                   str(tmp_path / "x.safetensors")])
+  assert big.exit_code != 0 and "with --bounds" in big.output
   garbage = tmp_path / "garbage.safetensors"
   garbage.write_bytes(b"not a checkpoint")
   with pytest.raises(IicatsError, match="not a readable safetensors checkpoint"):
