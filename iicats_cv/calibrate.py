@@ -96,6 +96,14 @@ def choose_organelle_thresholds(organelles: np.ndarray, masks: dict,
   return chosen
 
 
+def setting_text(setting: dict) -> str:
+  """An agglomeration setting ({"quantile", "constraints", "threshold"}) in words."""
+  quantile = setting.get("quantile")
+  statistic = "mean" if quantile is None else f"{quantile:g}-quantile"
+  evidence = ",".join(setting["constraints"]) or "no evidence"
+  return f"{statistic} affinity + {evidence} at t={setting['threshold']:.2f}"
+
+
 def agglomeration_settings(metadata: dict) -> dict:
   """{"threshold", "quantile", "constraints"} of a checkpoint's operating point, or the
   uncalibrated defaults (mean affinity at 0.5, every kind of evidence)."""

@@ -81,7 +81,7 @@ def _command_line(ctx, omit=()) -> str:
 
 
 CONSTRAINTS = ("nucleus", "synapse", "mitochondria")
-ARCHITECTURE_OPTIONS = ("patch_size", "anisotropic", "long_range")  # of `iicats train`
+ARCHITECTURE_OPTIONS = ("patch_size", "anisotropic", "long_range", "widths")  # iicats train
 
 
 def _constraint_list(ctx, param, value):
@@ -196,10 +196,8 @@ def _print_summary(summary, out):
       click.echo(f"{name:<16}{metrics[name]:14.4f}{base_text}{unit}")
   agg = summary.get("agglomeration") or {}
   if agg:
-    params = agg["params"]
-    statistic = "mean" if params.get("quantile") is None else f"{params['quantile']:g}-quantile"
-    click.echo(f"agglomeration: {statistic} affinity + "
-               f"{','.join(params['constraints']) or 'no evidence'} at t={params['threshold']}")
+    from .calibrate import setting_text
+    click.echo(f"agglomeration: {setting_text(agg['params'])}")
     click.echo(f"segments {agg['segments']} (baseline {agg['baseline_segments']}), tracked "
                f"neurons {agg['tracked']}, violations left {agg['violations']}")
   timings = summary["timings"]
@@ -366,6 +364,9 @@ def synthetic_command(out, shape, resolution, seed):
 @click.option("--lr", type=float, default=2e-3, show_default=True)
 @click.option("--patch-size", default="48,48,48", callback=_triple("patch_size", int))
 @click.option("--anisotropic", is_flag=True, help="Pool only in x,y (ssEM, ~4x4x40 nm).")
+@click.option("--widths", default="12,24,48", show_default=True,
+              help="Feature channels per U-Net level, comma-separated; each level after the "
+                   "first pools by 2 (in x,y only with --anisotropic).")
 @click.option("--long-range", type=int, multiple=True,
               help="Also predict x, y, z affinities to the neighbour this many voxels away "
                    "(repeat for several distances); written after the short-range ones.")
@@ -384,10 +385,10 @@ def synthetic_command(out, shape, resolution, seed):
 @click.option("--init", default=None,
               help="Fine-tune: start from this checkpoint (a file, or a shipped model: "
                    "'default', 'vnc') and keep its architecture (--patch-size, "
-                   "--anisotropic and --long-range then come from it).")
+                   "--anisotropic, --widths and --long-range then come from it).")
 def train_command(image, labels, nuclei, mitochondria, synapses, bounds, out, iterations,
-                  batch_size, lr, patch_size, anisotropic, long_range, seed, dice_weight,
-                  val_fraction, hard_fraction, resume, init):
+                  batch_size, lr, patch_size, anisotropic, widths, long_range, seed,
+                  dice_weight, val_fraction, hard_fraction, resume, init):
   """Train the affinity + organelle network on precomputed layers.
 
   Options repeat per dataset: the i-th --labels/--nuclei/... belong to the i-th --image.
@@ -402,6 +403,12 @@ def train_command(image, labels, nuclei, mitochondria, synapses, bounds, out, it
   from .model import (AFFINITY_CHANNELS, ORGANELLE_CHANNELS, ModelConfig, load_checkpoint,
                       long_range_channels)
   from .train import train
+  try:
+    width = tuple(int(w) for w in widths.split(","))
+    assert len(width) >= 2 and min(width) > 0
+  except (ValueError, AssertionError):
+    raise click.BadParameter(f"{widths}: expected two or more positive integers",
+                             param_hint="--widths")
   if any(d < 2 or d >= min(patch_size) for d in long_range):
     raise click.BadParameter(f"distances {long_range}: each must be 2 or more and below the "
                              f"patch size {patch_size}", param_hint="--long-range")
@@ -417,8 +424,9 @@ def train_command(image, labels, nuclei, mitochondria, synapses, bounds, out, it
   if init:
     config = replace(load_checkpoint(init)[0].config, resolution=resolution)
   else:
-    down = ((2, 2, 1), (2, 2, 1)) if anisotropic else ((2, 2, 2), (2, 2, 2))
+    down = ((2, 2, 1) if anisotropic else (2, 2, 2),) * (len(width) - 1)
     config = ModelConfig(patch_size=patch_size, resolution=resolution, downsample=down,
+                         width=width,
                          out_channels=AFFINITY_CHANNELS + ORGANELLE_CHANNELS
                          + long_range_channels(sorted(set(long_range))))
   meta = train(volumes, out, config=config, iterations=iterations, batch_size=batch_size,
@@ -466,7 +474,7 @@ def calibrate_command(checkpoint, image, labels, nuclei, mitochondria, synapses,
   """
   import numpy as np
   import torch
-  from .calibrate import choose_organelle_thresholds, score_agglomeration
+  from .calibrate import choose_organelle_thresholds, score_agglomeration, setting_text
   from .inference import predict_volume
   from .model import ORGANELLE_CHANNELS, load_checkpoint, update_checkpoint_metadata
   from .layers import open_layer
@@ -510,18 +518,13 @@ def calibrate_command(checkpoint, image, labels, nuclei, mitochondria, synapses,
     rows = score_agglomeration(affinities, organelles, volume.labels, resolution,
                                organelle_cuts=organelle_cuts, progress=True)
     for row in rows[:8]:
-      statistic = "mean" if row["quantile"] is None else f"q{round(row['quantile'] * 100)}"
-      click.echo(f"  {statistic:<5} + {','.join(row['constraints']) or 'no evidence':<32} "
-                 f"t={row['threshold']:.2f}  ARAND {row['arand']:.4f}  "
+      click.echo(f"  {setting_text(row):<58} ARAND {row['arand']:.4f}  "
                  f"VOI {row['voi_split']:.3f} / {row['voi_merge']:.3f}")
     point["agglomeration"] = rows[0]
-    best = rows[0]
-    lines.append(f"agglomeration {'mean' if best['quantile'] is None else best['quantile']} "
-                 f"+ {','.join(best['constraints']) or 'no evidence'} at "
-                 f"t={best['threshold']:.2f} (ARAND {best['arand']:.4f})")
+    lines.append(f"agglomeration {setting_text(rows[0])} (ARAND {rows[0]['arand']:.4f})")
   ctx = click.get_current_context()
   point["calibration"] = {"command": _command_line(ctx), "image": image,
-                          "voxels": int(np.prod(volume.image.shape)),
+                          "voxels": voxels,
                           "test_time_augmentation": tta,
                           "wall_time_s": round(time.time() - started, 1)}
   update_checkpoint_metadata(checkpoint, out, {"operating_point": point})

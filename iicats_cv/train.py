@@ -114,7 +114,8 @@ class PatchSampler:
         size = np.minimum(self.patch + 1, error.shape)
         context = (size > self.patch).astype(int)
         sums = window_sums(error[context[0]:, context[1]:, context[2]:], size - context)
-        self.hard_starts[index] = (sums.shape, np.cumsum(sums.ravel()) / sums.sum())
+        if sums.sum() > 0:  # a volume the model gets right is sampled uniformly
+          self.hard_starts[index] = (sums.shape, np.cumsum(sums.ravel()))
 
   def _z_bounds(self, index, vol):
     if self.z_range is None:

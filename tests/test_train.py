@@ -145,6 +145,16 @@ def test_train_command_on_layers(tmp_path):
   bad = CliRunner().invoke(cli, ["train", "--image", img, "--labels", lab, "--labels", lab,
                                  "--out", out])
   assert bad.exit_code != 0 and "given 2 time(s) for 1 --image" in bad.output
+  deep = str(tmp_path / "deep.safetensors")
+  result = CliRunner().invoke(cli, ["train", "--image", img, "--labels", lab, "--out", deep,
+                                    "--iterations", "1", "--patch-size", "16,16,16",
+                                    "--widths", "4,8,8,16", "--val-fraction", "0"])
+  assert result.exit_code == 0, result.output
+  config = load_checkpoint(deep)[0].config
+  assert config.width == (4, 8, 8, 16) and config.downsample == ((2, 2, 2),) * 3
+  one_level = CliRunner().invoke(cli, ["train", "--image", img, "--labels", lab, "--out", deep,
+                                       "--widths", "8"])
+  assert one_level.exit_code != 0 and "--widths" in one_level.output
 
 
 def test_fine_tuning_starts_from_the_checkpoint(tmp_path):
