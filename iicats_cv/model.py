@@ -173,6 +173,11 @@ def save_checkpoint(path: str, model: UNet3D, metadata: dict | None = None) -> N
   tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
   tmp = f"{path}.tmp"
   save_file(tensors, tmp, metadata=meta)
+  # safetensors creates the file owner-only (0600): give it the mode any new file gets, so
+  # workers running as other users can read a checkpoint on a shared filesystem
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(tmp, 0o666 & ~umask)
   os.replace(tmp, path)
 
 

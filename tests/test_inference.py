@@ -1,4 +1,6 @@
 """Blending, task-shape independence, channel layout and checkpoints."""
+import os
+
 import numpy as np
 import pytest
 import tensorstore as ts
@@ -204,6 +206,13 @@ def test_checkpoint_round_trip(tmp_path, tiny_checkpoint):
   assert meta2 == meta and again.config == model.config
   for (k, v), (k2, v2) in zip(model.state_dict().items(), again.state_dict().items()):
     assert k == k2 and torch.equal(v, v2)
+  # readable by whoever the umask lets read new files (workers of other users), not 0600
+  umask = os.umask(0o022)
+  try:
+    save_checkpoint(path, model, meta)
+  finally:
+    os.umask(umask)
+  assert os.stat(path).st_mode & 0o777 == 0o644
 
 
 def test_bad_checkpoints(tmp_path, tiny_checkpoint):
