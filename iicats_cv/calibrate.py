@@ -2,15 +2,16 @@
 
 The settings that turn a model's probabilities into a segmentation are properties of the model:
 a retrained network moves the agglomeration threshold at which its mean boundary affinity
-splits and merges best (the shipped default model's best mean threshold moved from 0.4 to 0.5
-between two training stages), and the class-balanced loss pushes rare organelles' probabilities
+splits and merges best (from 0.45 to 0.4 between two training stages of the shipped default
+model), and the class-balanced loss pushes rare organelles' probabilities
 up, so p > 0.5 over-predicts them. `iicats calibrate` scores every candidate on a labelled
 volume and records the best in the checkpoint's metadata as
 
   "operating_point": {"agglomeration": {"threshold", "quantile", "constraints", "arand",
                                          "voi_split", "voi_merge"},
                       "organelle_thresholds": {"nucleus", "mitochondria", "synapse"},
-                      "organelle_dice": {...}, "calibration": {"command", "data", ...}}
+                      "organelle_dice": {...}, "calibration": {"command", "image",
+                                                               "voxels", ...}}
 
 which `iicats pipeline` then uses wherever its own options leave a setting out.
 """
