@@ -126,7 +126,7 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
     raise IicatsError(f"levels={levels} needs hierarchy (--hierarchy N): the parts of each "
                       "level are N×N×N parts of the level below")
   threshold, quantile, constraints, organelle_cuts = resolve_operating_point(
-    checkpoint, threshold, quantile, constraints)
+    checkpoint, threshold, quantile, constraints, augment)
   layers = {"image": image, **{name: join(out, name) for name in LAYERS[1:]},
             "segmentation_baseline": join(out, "segmentation_baseline")}
   run = Pipeline(out, queue, parallel, lease_sec=lease_sec)
@@ -204,12 +204,19 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
   return summary
 
 
-def resolve_operating_point(checkpoint, threshold, quantile, constraints):
+def resolve_operating_point(checkpoint, threshold, quantile, constraints, augment=False):
   """The run's (threshold, quantile or None for the mean, constraints, organelle cuts): what
-  the caller gave, the rest from the checkpoint's calibrated operating point."""
+  the caller gave, the rest from the checkpoint's calibrated operating point (with a note
+  when that was calibrated with test-time augmentation on and the run has it off, or the
+  other way round)."""
   from iicats_cv.calibrate import agglomeration_settings, organelle_thresholds
   from iicats_cv.model import checkpoint_metadata
   metadata = checkpoint_metadata(checkpoint)
+  calibration = (metadata.get("operating_point") or {}).get("calibration")
+  if calibration and bool(calibration.get("test_time_augmentation")) != augment:
+    print(f"note: checkpoint {checkpoint or 'default'} was calibrated with test-time "
+          f"augmentation {'on' if not augment else 'off'}; this run has it "
+          f"{'on' if augment else 'off'} (--tta)", flush=True)
   chosen = agglomeration_settings(metadata)
   threshold = chosen["threshold"] if threshold is None else threshold
   quantile = chosen["quantile"] if quantile is None else quantile

@@ -51,7 +51,7 @@ def _labelled_layers(tmp_path):
   return paths
 
 
-def test_calibrate_command_records_the_operating_point(tmp_path, tiny_checkpoint):
+def test_calibrate_command_records_the_operating_point(tmp_path, tiny_checkpoint, capsys):
   paths = _labelled_layers(tmp_path)
   out = str(tmp_path / "calibrated.safetensors")
   result = CliRunner().invoke(cli, ["calibrate", "--checkpoint", tiny_checkpoint,
@@ -78,6 +78,10 @@ def test_calibrate_command_records_the_operating_point(tmp_path, tiny_checkpoint
   assert cuts == [0.5, point["organelle_thresholds"]["mitochondria"], 0.5]
   assert resolve_operating_point(out, 0.3, "mean", ("nucleus",))[:3] == (0.3, None,
                                                                          ("nucleus",))
+  capsys.readouterr()
+  resolve_operating_point(out, None, None, None, augment=True)
+  assert "calibrated with test-time augmentation off; this run has it on" in \
+    capsys.readouterr().out
 
 
 def test_uncalibrated_checkpoint_keeps_the_defaults(tiny_checkpoint):
