@@ -20,8 +20,9 @@ import os
 import numpy as np
 import torch
 
-from iicats_cv.calibrate import dice, organelle_thresholds
+from iicats_cv.calibrate import organelle_thresholds
 from iicats_cv.inference import predict_volume
+from iicats_cv.metrics import dice
 from iicats_cv.model import ORGANELLE_CHANNELS, load_checkpoint
 from bench_report import report
 

@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .agglomerate import AgglomerationParams, agglomerate
-from .metrics import adapted_rand_error, voi
+from .metrics import adapted_rand_error, dice, voi
 from .model import ORGANELLE_CHANNELS
 from .rag import block_rag, merge_rags
 from .watershed import fragments
@@ -70,12 +70,6 @@ def score_agglomeration(affinities: np.ndarray, organelles: np.ndarray, labels: 
   # guards against the merges it exists for (two nuclei, two synapse partners)
   rows.sort(key=lambda r: (r["arand"], r["voi_split"] + r["voi_merge"], -len(r["constraints"])))
   return rows
-
-
-def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
-  """Voxel Dice of two boolean arrays of one shape (1.0 when both are empty)."""
-  denominator = int(prediction.sum()) + int(truth.sum())
-  return float(2 * np.count_nonzero(prediction & truth) / denominator) if denominator else 1.0
 
 
 def choose_organelle_thresholds(organelles: np.ndarray, masks: dict,

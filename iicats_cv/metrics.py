@@ -604,6 +604,12 @@ def adapted_rand_error(seg: np.ndarray, gt: np.ndarray, all_stats: bool = False)
 # organelles
 
 
+def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
+  """Voxel Dice of two boolean arrays of one shape (1.0 when both are empty)."""
+  denominator = int(np.count_nonzero(prediction)) + int(np.count_nonzero(truth))
+  return float(2 * np.count_nonzero(prediction & truth) / denominator) if denominator else 1.0
+
+
 def organelle_instance_scores(pred_instances: np.ndarray, gt_instances: np.ndarray,
                               iou_threshold: float = 0.5) -> dict:
   """Instance detection scores for organelles (nuclei, mitochondria, synapses).

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .errors import IicatsError
-from .metrics import affinity_average_precision
+from .metrics import affinity_average_precision, dice
 from .model import (ModelConfig, UNet3D, load_checkpoint, normalize_image, reuse_freed_memory,
                     save_checkpoint, ORGANELLE_CHANNELS, long_range_offsets)
 
@@ -373,9 +373,6 @@ def validate(model, volumes, val_range, config, device, patches_per_volume=8) ->
       scores.update(affinity_average_precision(p[:, :3], t[:, :3], m[:, :3]))
     for c, name in enumerate(ORGANELLE_CHANNELS):
       if m[:, 3 + c].any():
-        pred = p[:, 3 + c] > 0.5
-        truth = t[:, 3 + c] > 0.5
-        denom = pred.sum() + truth.sum()
-        scores[f"{name}_dice"] = float(2 * (pred & truth).sum() / denom) if denom else 1.0
+        scores[f"{name}_dice"] = dice(p[:, 3 + c] > 0.5, t[:, 3 + c] > 0.5)
     out[vol.name] = scores
   return out
