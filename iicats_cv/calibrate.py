@@ -92,10 +92,14 @@ def choose_organelle_thresholds(organelles: np.ndarray, masks: dict,
 
 
 def setting_text(setting: dict) -> str:
-  """An agglomeration setting ({"quantile", "constraints", "threshold"}) in words."""
+  """An agglomeration setting ({"quantile", "constraints", "threshold"}, and optionally
+  "nucleus_fraction") in words."""
   quantile = setting.get("quantile")
   statistic = "mean" if quantile is None else f"{quantile:g}-quantile"
   evidence = ",".join(setting["constraints"]) or "no evidence"
+  fraction = setting.get("nucleus_fraction", AgglomerationParams.nucleus_fraction)
+  if "nucleus" in setting["constraints"] and fraction != AgglomerationParams.nucleus_fraction:
+    evidence += f" (nuclear fragments ≥ {fraction:.0%} nucleus)"
   return f"{statistic} affinity + {evidence} at t={setting['threshold']:.2f}"
 
 

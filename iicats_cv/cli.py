@@ -134,6 +134,11 @@ def _pipeline_options(func):
                  help="Merge on this quantile of the boundary affinities (e.g. 0.75, as "
                       "waterz does; the RAG then keeps histograms), or on their 'mean' "
                       "(default: the checkpoint's calibrated choice, else the mean)."),
+    click.option("--nucleus-fraction", type=click.FloatRange(0, 1, min_open=True), default=None,
+                 help="A fragment counts as nuclear when this share of its voxels is predicted "
+                      "nucleus (default 0.5). Lower it (e.g. 0.1) where the watershed does not "
+                      "cut at the nuclear envelope, so each nucleus spans fragments that are "
+                      "mostly cytoplasm; raise it to keep false nucleus predictions out."),
     click.option("--hierarchy", type=click.IntRange(min=1), default=None,
                  help="Agglomerate hierarchically: first inside parts of N×N×N tasks (in "
                       "parallel), then globally over their regions; for RAGs too big for one "
@@ -164,8 +169,8 @@ def _pipeline_options(func):
 @click.option("--nuclei", default=None, help="GT nuclei CSV x,y,z nm (bERL).")
 @click.option("--synapses", default=None, help="GT synapses CSV pre_x..post_z nm (bERL).")
 def pipeline_command(image, out, queue, parallel, task_shape, checkpoint, json_path, threshold,
-                     link_prefix, constraints, quantile, hierarchy, levels, tta, unsharded,
-                     seeds, gt_labels, gt_skeletons, nuclei, synapses):
+                     link_prefix, constraints, quantile, nucleus_fraction, hierarchy, levels,
+                     tta, unsharded, seeds, gt_labels, gt_skeletons, nuclei, synapses):
   """Run every stage: inference, watershed, RAG, agglomeration + tracking, remap, meshes,
   skeletons, mips, Neuroglancer link and metrics.
 
@@ -180,7 +185,8 @@ def pipeline_command(image, out, queue, parallel, task_shape, checkpoint, json_p
                          gt_skeletons=gt_skeletons, nuclei=nuclei, synapses=synapses,
                          json_path=json_path, threshold=threshold, link_prefix=link_prefix,
                          constraints=constraints, sharded=not unsharded,
-                         quantile=quantile, hierarchy=hierarchy, levels=levels, augment=tta)
+                         quantile=quantile, nucleus_fraction=nucleus_fraction,
+                         hierarchy=hierarchy, levels=levels, augment=tta)
   _print_summary(summary, out)
 
 
@@ -225,7 +231,8 @@ DEMO_AGGLOMERATION = {"fib": {},
 @click.option("--out", default="./iicats-demo", show_default=True, help="Output prefix.")
 @_pipeline_options
 def demo_command(dataset, out, queue, parallel, task_shape, checkpoint, json_path, threshold,
-                 link_prefix, constraints, quantile, hierarchy, levels, tta, unsharded):
+                 link_prefix, constraints, quantile, nucleus_fraction, hierarchy, levels, tta,
+                 unsharded):
   """Import an embedded dataset with its ground truth and run the pipeline on it.
 
   \b
@@ -246,8 +253,8 @@ def demo_command(dataset, out, queue, parallel, task_shape, checkpoint, json_pat
                          gt_labels=inputs["gt_labels"], gt_skeletons=inputs["gt_skeletons"],
                          nuclei=inputs["nuclei"], synapses=inputs["synapses"],
                          json_path=json_path, link_prefix=link_prefix,
-                         sharded=not unsharded, hierarchy=hierarchy, levels=levels,
-                         augment=tta, **setting)
+                         sharded=not unsharded, nucleus_fraction=nucleus_fraction,
+                         hierarchy=hierarchy, levels=levels, augment=tta, **setting)
   _print_summary(summary, out)
 
 
@@ -703,7 +710,8 @@ def track_command(out_prefix, seeds, name, threshold, track_threshold, constrain
             "constraints": list(ran.get("constraints", CONSTRAINTS) if constraints is None
                                 else constraints),
             "track_threshold": threshold if track_threshold is None else track_threshold,
-            "quantile": ran.get("quantile")}
+            "quantile": ran.get("quantile"),
+            **{key: ran[key] for key in ("nucleus_fraction",) if key in ran}}
   started = time.time()
   queue = run_tasks([partial(track_task, rag_prefix=join(out, "rag"),
                              supervoxels_path=supervoxels, out_prefix=out, params=params,

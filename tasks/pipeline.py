@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 
+from iicats_cv.agglomerate import AgglomerationParams
 from iicats_cv.errors import IicatsError
 from iicats_cv.layers import normalize_cloudpath, open_layer, join, local_path
 from . import igneous_stages as ig
@@ -107,13 +108,16 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
                  report: bool = True, link_prefix: str | None = None, lease_sec: int = 600,
                  num_mips: int = 2, constraints=None,
                  sharded: bool = True, quantile: float | str | None = None,
-                 hierarchy: int | None = None, levels: int = 1, augment: bool = False):
+                 nucleus_fraction: float | None = None, hierarchy: int | None = None,
+                 levels: int = 1, augment: bool = False):
   """Run every stage from an EM image layer to segmentation, meshes, link and metrics.
 
   augment: test-time augmentation in the inference stage (create_inference_tasks).
   threshold, quantile ("mean" or q in (0, 1)), constraints: the agglomeration setting; None
   takes the checkpoint's calibrated operating point (calibrate.agglomeration_settings), as do
   the organelle probability cuts of the RAG's evidence.
+  nucleus_fraction: the share of a fragment that must be nucleus for it to count as nuclear
+  (AgglomerationParams.nucleus_fraction when None).
 
   Returns the summary dict ({"layers", "neuroglancer_url", "metrics", "timings", ...}).
   """
@@ -127,6 +131,8 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
                       "level are N×N×N parts of the level below")
   threshold, quantile, constraints, organelle_cuts = resolve_operating_point(
     checkpoint, threshold, quantile, constraints, augment)
+  if nucleus_fraction is None:
+    nucleus_fraction = AgglomerationParams.nucleus_fraction
   layers = {"image": image, **{name: join(out, name) for name in LAYERS[1:]},
             "segmentation_baseline": join(out, "segmentation_baseline")}
   run = Pipeline(out, queue, parallel, lease_sec=lease_sec)
@@ -134,6 +140,7 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
                                    "checkpoint": checkpoint or "default", "threshold": threshold,
                                    "quantile": quantile, "constraints": list(constraints),
                                    "organelle_thresholds": organelle_cuts,
+                                   "nucleus_fraction": nucleus_fraction,
                                    "test_time_augmentation": augment})
   started = time.time()
   state = run.state
@@ -149,7 +156,8 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
     task_shape, state_prefix=state, histogram=quantile is not None,
     organelle_thresholds=organelle_cuts))
   params = {"threshold": threshold, "constraints": list(constraints), "quantile": quantile,
-            "track_threshold": threshold if track_threshold is None else track_threshold}
+            "track_threshold": threshold if track_threshold is None else track_threshold,
+            "nucleus_fraction": nucleus_fraction}
   hierarchy_prefix = join(out, f"hierarchy/{hierarchy}") if hierarchy else ""
   if hierarchy:
     # the first level merges down to the threshold, so the sweep can only go lower
@@ -159,7 +167,7 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
                 lambda level=level: create_reduce_tasks(
                   layers["supervoxels"], join(out, "rag"), hierarchy_prefix, task_shape,
                   hierarchy, threshold, quantile, state_prefix=state, level=level,
-                  constraints=constraints))
+                  constraints=constraints, nucleus_fraction=nucleus_fraction))
     hierarchy_prefix = level_prefix(hierarchy_prefix, levels)
   run.stage("agglomerate", lambda: [partial(agglomerate_task,
     rag_prefix=join(out, "rag"), supervoxels_path=layers["supervoxels"], out_prefix=out,

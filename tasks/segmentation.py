@@ -267,7 +267,8 @@ def _region_table(children: list) -> tuple[np.ndarray, np.ndarray]:
 @queueable
 def reduce_task(source_prefix: str, hierarchy_prefix: str, name: str, children: list,
                 neighbours: list, threshold: float, quantile: float = None,
-                state_prefix: str = "", level: int = 1, constraints: list = None):
+                state_prefix: str = "", level: int = 1, constraints: list = None,
+                nucleus_fraction: float | None = None):
   """One part of one level of hierarchical agglomeration (abiss-style): the part's interior
   regions merge down to `threshold` (see agglomerate_interior), and its RAG, contracted to
   the new regions, goes to HIERARCHY/level<L>/NAME.npz with the fragment -> region table. The
@@ -279,6 +280,8 @@ def reduce_task(source_prefix: str, hierarchy_prefix: str, name: str, children: 
   constraints: the kinds of organelle evidence the global step will use (default: all):
     fragments beside a synapse cannot-link stay frozen only when "synapse" is among them;
     nuclear fragments always do (tracking seeds come from them).
+  nucleus_fraction: as the global step's AgglomerationParams.nucleus_fraction (default: its
+    default), so that both see the same nuclear fragments.
   Edge ends outside a part keep their fragment ids at every level, so a part recognises the
   ends of its neighbours' edges that lie inside it by its own fragment table.
   """
@@ -296,8 +299,9 @@ def reduce_task(source_prefix: str, hierarchy_prefix: str, name: str, children: 
   internal = {k: (v[inside_u & inside_v] if k in EDGE_FIELDS else v) for k, v in own.items()}
   nodes, node_of = contract_stitched(internal)
   frozen = np.isin(nodes["frag_id"], node_of[np.isin(ids, np.concatenate(border))])
-  used = AgglomerationParams() if constraints is None else AgglomerationParams(
-    constraints=tuple(constraints))
+  given = {"constraints": None if constraints is None else tuple(constraints),
+           "nucleus_fraction": nucleus_fraction}
+  used = AgglomerationParams(**{key: value for key, value in given.items() if value is not None})
   evidence, _ = derive_constraints(nodes, used)
   frozen |= evidence.nucleus > 0  # always: tracking seeds come from nuclei
   frozen[evidence.cannot_link.ravel()] = True
@@ -313,7 +317,7 @@ def reduce_task(source_prefix: str, hierarchy_prefix: str, name: str, children: 
 
 def create_reduce_tasks(supervoxels_path, rag_prefix, hierarchy_prefix, task_shape,
                         part_blocks: int, threshold: float, quantile=None, state_prefix="",
-                        level: int = 1, constraints=None):
+                        level: int = 1, constraints=None, nucleus_fraction=None):
   """One reduce task per part of level `level`: part_blocks**level blocks along each axis,
   made of part_blocks³ parts of the level below (of blocks at level 1)."""
   bounds = open_layer(supervoxels_path, layer_type="segmentation").bounds
@@ -342,7 +346,8 @@ def create_reduce_tasks(supervoxels_path, rag_prefix, hierarchy_prefix, task_sha
     partial(reduce_task, source_prefix=source, hierarchy_prefix=hierarchy_prefix, name=name,
             children=sorted(children), neighbours=sorted(neighbours), threshold=threshold,
             quantile=quantile, state_prefix=state_prefix, level=level,
-            constraints=None if constraints is None else list(constraints))
+            constraints=None if constraints is None else list(constraints),
+            nucleus_fraction=nucleus_fraction)
     for name, (children, neighbours) in sorted(parts.items()) if name not in done
   ]
 

@@ -138,7 +138,7 @@ def test_pipeline_hierarchical_quantile_run(tmp_path, tiny_checkpoint, capsys):
   """--hierarchy (two levels) and a quantile through every stage to the segmentation (tiny
   network), on a local image outside the run's folder (left out of the link, with a note, not
   an error). The quantile, evidence and organelle cuts come from the checkpoint's calibrated
-  operating point."""
+  operating point; the nucleus fraction reaches the agglomeration."""
   from conftest import blobs
   from iicats_cv.model import update_checkpoint_metadata
   from iicats_cv.tasks.common import get_json, get_npz
@@ -152,8 +152,11 @@ def test_pipeline_hierarchical_quantile_run(tmp_path, tiny_checkpoint, capsys):
     "organelle_thresholds": {"mitochondria": 0.7}}})
   out = "file://" + str(tmp_path / "run")
   summary = run_pipeline(image_path, out, task_shape=(64, 64, 64), checkpoint=calibrated,
-                         meshes=False, report=False, hierarchy=1, levels=2)
+                         meshes=False, report=False, hierarchy=1, levels=2,
+                         nucleus_fraction=0.2)
   assert summary["agglomeration"]["params"]["constraints"] == ["nucleus"]
+  assert summary["agglomeration"]["params"]["nucleus_fraction"] == 0.2
+  assert get_json(out + "/pipeline", "run.json")["nucleus_fraction"] == 0.2
   assert get_json(out + "/pipeline", "run.json")["organelle_thresholds"] == [0.5, 0.7, 0.5]
   assert "reduce" in summary["timings"] and "reduce-2" in summary["timings"]
   for level in ("level1", "level2"):  # parts of 1 block, then of 1 part

@@ -138,6 +138,21 @@ def test_nucleus_instances_join_only_where_the_nucleus_crosses_the_boundary():
     derive_constraints(rag, AgglomerationParams(**TOY))[0].nucleus, [1, 1, 1, 1])
 
 
+def test_nucleus_fraction_finds_nuclei_that_span_mostly_cytoplasmic_fragments():
+  """Where the watershed does not cut at the nuclear envelope, each soma fragment is mostly
+  cytoplasm (here 20% nucleus): the default cut sees no nucleus, a lower one both, and the
+  cannot-link between them then holds."""
+  rag = _toy_rag()
+  rag["frag_nucleus_voxels"] = np.array([200, 0, 0, 200])
+  assert derive_constraints(rag, AgglomerationParams(**TOY))[0].nucleus.max() == 0
+  params = AgglomerationParams(threshold=0.5, nucleus_fraction=0.1, constraints=("nucleus",),
+                               **TOY)
+  np.testing.assert_array_equal(derive_constraints(rag, params)[0].nucleus, [1, 0, 0, 2])
+  result = agglomerate(rag, params)
+  assert result.segment_ids[0] != result.segment_ids[3]
+  assert result.violations["segments_with_several_nuclei"] == 0
+
+
 def test_block_rag_records_nucleus_pairs_and_synapse_affinity():
   frags = np.zeros((4, 2, 2), np.uint64)
   frags[:2], frags[2:] = 1, 2
