@@ -710,8 +710,9 @@ def track_command(out_prefix, seeds, name, threshold, track_threshold, constrain
             "constraints": list(ran.get("constraints", CONSTRAINTS) if constraints is None
                                 else constraints),
             "track_threshold": threshold if track_threshold is None else track_threshold,
-            "quantile": ran.get("quantile"),
-            **{key: ran[key] for key in ("nucleus_fraction",) if key in ran}}
+            "quantile": ran.get("quantile")}
+  if "nucleus_fraction" in ran:  # the run's nuclei, so its seeds and constraints hold
+    params["nucleus_fraction"] = ran["nucleus_fraction"]
   started = time.time()
   queue = run_tasks([partial(track_task, rag_prefix=join(out, "rag"),
                              supervoxels_path=supervoxels, out_prefix=out, params=params,
