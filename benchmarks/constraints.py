@@ -14,8 +14,14 @@ no fragment holds two cells: what is left is the agglomeration's own effect. Wit
 --oracle-fragments synapse only the fragments that hold both partners of a ground-truth synapse
 are cut: the bound for a watershed that keeps every faded cleft apart.
 
+With --skeleton-fraction F only a seeded random F of the cells keep their skeleton, as in real
+ground truth, where skeletons trace a subset of the cells while nuclei and synapses are
+annotated for all: merges with unskeletonised cells are then invisible to ERL, and only bERL's
+nucleus and synapse rules see them.
+
   python benchmarks/constraints.py [--seed 0] [--noise 0.2] [--cells 40]
-                                   [--oracle-fragments {all,synapse}] [--json OUT]
+                                   [--oracle-fragments {all,synapse}]
+                                   [--skeleton-fraction 1.0] [--json OUT]
 """
 import argparse
 import os
@@ -105,6 +111,15 @@ def fragments_holding_synapses(frags: np.ndarray, vol) -> np.ndarray:
   return np.unique(partners[(partners[:, 0] == partners[:, 1]) & (partners[:, 0] > 0), 0])
 
 
+def scored_skeletons(skeletons: list, fraction: float, seed: int) -> list:
+  """A seeded random `fraction` of `skeletons` (at least one), in their original order."""
+  if not 0 < fraction <= 1:
+    raise SystemExit(f"--skeleton-fraction must be in (0, 1], got {fraction}")
+  keep = max(1, round(fraction * len(skeletons)))
+  chosen = np.random.default_rng(seed).choice(len(skeletons), keep, replace=False)
+  return [skeletons[i] for i in sorted(chosen)]
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--seed", type=int, default=0)
@@ -124,6 +139,9 @@ def main():
                       help="nucleus share that makes a fragment nuclear; the default, set to "
                            "ignore the FIB model's false nuclei, finds few of the 40 here, "
                            "where nuclei span several fragments (0.1 finds them all)")
+  parser.add_argument("--skeleton-fraction", type=float, default=1.0,
+                      help="share of the cells whose skeleton is scored (nuclei and synapses "
+                           "stay annotated for all cells)")
   parser.add_argument("--json", default=None)
   args = parser.parse_args()
   shape = tuple(int(v) for v in args.shape.split(","))
@@ -140,7 +158,8 @@ def main():
   root = tempfile.mkdtemp(prefix="iicats-constraints-bench-")
   supervoxels = import_volume(frags, f"file://{root}/supervoxels", "segmentation",
                               vol.resolution, source="benchmarks/constraints.py")
-  gt = write_ground_truth_files(os.path.join(root, "gt"), vol.skeletons,
+  gt = write_ground_truth_files(os.path.join(root, "gt"),
+                                scored_skeletons(vol.skeletons, args.skeleton_fraction, args.seed),
                                 vol.nucleus_points_nm, vol.synapses_nm)
   evidence = AgglomerationParams(nucleus_fraction=args.nucleus_fraction)
   constrained = score(rag, rag["frag_id"], supervoxels, gt, evidence, evidence)
@@ -150,6 +169,7 @@ def main():
   best_b = max(baseline.values(), key=lambda r: r["berl"])
   out = {
     "volume": vol.summary(), "noise": args.noise, "oracle_fragments": args.oracle_fragments,
+    "skeleton_fraction": args.skeleton_fraction,
     "fragments": int(len(rag["frag_id"])),
     "nucleus_instances": int(derive_constraints(rag, evidence)[0].nucleus.max()),
     "fragment_errors": fragment_errors(supervoxels, vol),
