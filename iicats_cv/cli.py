@@ -388,6 +388,12 @@ def synthetic_command(out, shape, resolution, seed):
               show_default=True,
               help="Hard-example mining (for fine-tuning with --init): draw this fraction of "
                    "the patches where the starting model's affinities are most wrong.")
+@click.option("--lsd-sigma", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Also learn the neurons' local shape descriptors at this Gaussian scale "
+                   "in nm (e.g. 80): an auxiliary target that shapes the features the "
+                   "affinities use; the checkpoint keeps only the usual channels.")
+@click.option("--lsd-weight", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="Weight of the shape-descriptor loss against the affinity loss.")
 @click.option("--resume", is_flag=True, help="Continue from OUT.state if present.")
 @click.option("--init", default=None,
               help="Fine-tune: start from this checkpoint (a file, or a shipped model: "
@@ -395,7 +401,8 @@ def synthetic_command(out, shape, resolution, seed):
                    "--anisotropic, --widths and --long-range then come from it).")
 def train_command(image, labels, nuclei, mitochondria, synapses, bounds, out, iterations,
                   batch_size, lr, patch_size, anisotropic, widths, long_range, seed,
-                  dice_weight, val_fraction, hard_fraction, resume, init):
+                  dice_weight, val_fraction, hard_fraction, lsd_sigma, lsd_weight, resume,
+                  init):
   """Train the affinity + organelle network on precomputed layers.
 
   Options repeat per dataset: the i-th --labels/--nuclei/... belong to the i-th --image.
@@ -439,6 +446,7 @@ def train_command(image, labels, nuclei, mitochondria, synapses, bounds, out, it
   meta = train(volumes, out, config=config, iterations=iterations, batch_size=batch_size,
                lr=lr, seed=seed, resume=resume, init=init, dice_weight=dice_weight,
                val_fraction=val_fraction, hard_fraction=hard_fraction,
+               lsd_sigma_nm=lsd_sigma, lsd_weight=lsd_weight,
                # with --init the architecture options are refused, so the record leaves them out
                command=_command_line(ctx, omit=ARCHITECTURE_OPTIONS if init else ()))
   click.echo(json.dumps(meta["validation"], indent=1))

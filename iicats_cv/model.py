@@ -33,7 +33,13 @@ def long_range_offsets(out_channels) -> list:
   """(axis 0/1/2, distance) of each long-range channel in a model's out_channels, in order."""
   first = len(AFFINITY_CHANNELS) + len(ORGANELLE_CHANNELS)
   return [("xyz".index(name[len("affinity_")]), int(name[len("affinity_") + 1:]))
-          for name in out_channels[first:]]
+          for name in out_channels[first:] if name.startswith("affinity_")]
+
+
+# local shape descriptors (Sheridan et al. 2022), an auxiliary training target only: the head
+# rows that predict them are dropped from the saved checkpoint (iicats_cv.train)
+LSD_CHANNELS = ("lsd_offset_x", "lsd_offset_y", "lsd_offset_z", "lsd_var_x", "lsd_var_y",
+                "lsd_var_z", "lsd_cov_xy", "lsd_cov_xz", "lsd_cov_yz", "lsd_size")
 CHECKPOINT_FORMAT = "iicats-cv/unet3d/1"
 
 

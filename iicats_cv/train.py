@@ -12,12 +12,13 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 from tqdm import tqdm
 
 from .errors import IicatsError
 from .metrics import affinity_average_precision, dice
-from .model import (ModelConfig, UNet3D, load_checkpoint, normalize_image, reuse_freed_memory,
-                    save_checkpoint, ORGANELLE_CHANNELS, long_range_offsets)
+from .model import (LSD_CHANNELS, ModelConfig, UNet3D, load_checkpoint, normalize_image,
+                    reuse_freed_memory, save_checkpoint, ORGANELLE_CHANNELS, long_range_offsets)
 
 
 @dataclass
@@ -61,6 +62,65 @@ def affinities_from_labels(labels: np.ndarray, distance: int = 1
   return affs, mask
 
 
+def local_shape_descriptors(labels: np.ndarray, sigma) -> np.ndarray:
+  """Local shape descriptors of instance labels (Sheridan et al. 2022, lsd's definition).
+
+  labels: uint (X, Y, Z), 0 = unlabelled; sigma: Gaussian std per axis in voxels (x, y, z).
+  Returns float32 (10, X, Y, Z) in [0, 1], 0 where labels == 0; channels as LSD_CHANNELS:
+  for each voxel, the Gaussian-weighted moments of its own object around it: the offset from
+  the voxel to the object's local centre of mass (/ sigma, 0.5 = none), the variances (/
+  sigma²) and covariances (/ sigma², 0.5 = none) of its voxels, and the local share of the
+  window it fills. Each object is filtered within its bounding box plus 3 sigma."""
+  sigma = np.asarray(sigma, dtype=np.float64)
+  margin = np.ceil(3 * sigma).astype(int)
+  out = np.zeros((len(LSD_CHANNELS),) + labels.shape, dtype=np.float32)
+  boxes = ndimage.find_objects(labels.astype(np.int64, copy=False))
+
+  def smooth(values):
+    return ndimage.gaussian_filter(values, sigma, mode="constant", truncate=3.0)
+
+  for label, box in enumerate(boxes, start=1):
+    if box is None:
+      continue
+    box = tuple(slice(max(s.start - m, 0), min(s.stop + m, n))
+                for s, m, n in zip(box, margin, labels.shape))
+    inside = labels[box] == label
+    weight = inside.astype(np.float32)
+    coords = np.meshgrid(*(np.arange(s.start, s.stop, dtype=np.float32) for s in box),
+                         indexing="ij")
+    mass = smooth(weight)
+    total = np.maximum(mass, 1e-6)
+    means = [smooth(weight * c) / total for c in coords]
+    pairs = ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))
+    moments = [smooth(weight * coords[i] * coords[j]) / total - means[i] * means[j]
+               for i, j in pairs]
+    channels = ([(m - c) / s * 0.5 + 0.5 for m, c, s in zip(means, coords, sigma)]
+                + [v / (sigma[i] * sigma[j]) for v, (i, j) in zip(moments[:3], pairs)]
+                + [v / (sigma[i] * sigma[j]) * 0.5 + 0.5
+                   for v, (i, j) in zip(moments[3:], pairs[3:])] + [mass])
+    for c, values in enumerate(channels):
+      out[(c,) + box][inside] = np.clip(values[inside], 0, 1)
+  return out
+
+
+# the LSD_CHANNELS of the x <-> y transposed volume, by their index in the original
+LSD_XY_TRANSPOSED = (1, 0, 2, 4, 3, 5, 6, 8, 7, 9)
+
+
+def mirror_shape_descriptors(descriptors: np.ndarray, axis: int,
+                             flipped: bool = False) -> np.ndarray:
+  """local_shape_descriptors (10, X, Y, Z) of the labels mirrored along `axis` (0, 1, 2 = x,
+  y, z), from those of the labels themselves: mirrored, a voxel's object centre lies on the
+  other side and its covariances with that axis change sign (0.5 encodes zero for both).
+  flipped=True: `descriptors` are already mirrored voxel-wise, only their values change."""
+  out = np.array(descriptors if flipped else np.flip(descriptors, axis + 1))
+  inside = out[9] > 0  # the size channel: every labelled voxel weighs on itself
+  for c in (axis,) + tuple(6 + k for k, pair in enumerate(((0, 1), (0, 2), (1, 2)))
+                           if axis in pair):
+    out[c] = np.where(inside, 1 - out[c], 0)
+  return out
+
+
 def affinity_error_map(probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray:
   """Per-voxel class-balanced BCE of predicted short-range affinities against the labels' own.
 
@@ -93,7 +153,8 @@ class PatchSampler:
   hold (hard-example mining), the rest uniformly."""
 
   def __init__(self, volumes, config: ModelConfig, isotropic: bool, seed: int = 0,
-               z_range=None, augment: bool = True, hard=None, hard_fraction: float = 0.0):
+               z_range=None, augment: bool = True, hard=None, hard_fraction: float = 0.0,
+               shape_descriptors=None):
     self.volumes = volumes
     self.config = config
     self.augment = augment
@@ -107,6 +168,10 @@ class PatchSampler:
     weights = np.array([v.weight for v in volumes], dtype=float)
     self.p = weights / weights.sum()
     self.hard_fraction = hard_fraction
+    # float16 (10, X, Y, Z) local_shape_descriptors per volume, None where it has no labels
+    self.shape_descriptors = shape_descriptors or [None] * len(volumes)
+    self.lsd_first = (config.out_channels.index(LSD_CHANNELS[0])
+                      if LSD_CHANNELS[0] in config.out_channels else None)
     self.hard_starts = [None] * len(volumes)
     for index, error in enumerate(hard or []):
       if error is not None:
@@ -152,6 +217,11 @@ class PatchSampler:
         for axis, distance, c in self.affinities:
           if distance == d and c >= 6:
             target[c], mask[c] = affs[axis], valid[axis]
+      descriptors = self.shape_descriptors[index]
+      if self.lsd_first is not None and descriptors is not None:
+        lsd = slice(self.lsd_first, self.lsd_first + len(LSD_CHANNELS))
+        target[lsd] = descriptors[(slice(None),) + sl]
+        mask[lsd] = vol.labels[sl] > 0
     for c, name in enumerate(ORGANELLE_CHANNELS):
       organelle = vol.organelle(name)
       if organelle is not None:
@@ -185,12 +255,18 @@ class PatchSampler:
           edge = [slice(None)] * 3
           edge[axis] = slice(0, distance)
           mask[(c,) + tuple(edge)] = 0
+        if self.lsd_first is not None:
+          lsd = slice(self.lsd_first, self.lsd_first + len(LSD_CHANNELS))
+          target[lsd] = mirror_shape_descriptors(target[lsd], axis, flipped=True)
     if rng.random() < 0.5 and image.shape[0] == image.shape[1]:
       # x <-> y: each affinity channel trades places with its partner on the other axis
       swap = list(range(len(target)))
       for axis, distance, c in self.affinities:
         if axis < 2:
           swap[c] = next(o for a, d, o in self.affinities if a == 1 - axis and d == distance)
+      if self.lsd_first is not None:
+        swap[self.lsd_first:self.lsd_first + len(LSD_CHANNELS)] = [
+          self.lsd_first + c for c in LSD_XY_TRANSPOSED]
       image = image.transpose(1, 0, 2)
       target = target.transpose(0, 2, 1, 3)[swap]
       mask = mask.transpose(0, 2, 1, 3)[swap]
@@ -238,7 +314,8 @@ def train(volumes, out_path: str, config: ModelConfig | None = None, iterations:
           batch_size: int = 2, lr: float = 2e-3, val_fraction: float = 0.2, seed: int = 0,
           resume: bool = False, device: str | None = None, command: str = "",
           checkpoint_every: int = 250, progress: bool = True, init: str | None = None,
-          dice_weight: float = 0.0, hard_fraction: float = 0.0) -> dict:
+          dice_weight: float = 0.0, hard_fraction: float = 0.0, lsd_sigma_nm: float = 0.0,
+          lsd_weight: float = 1.0) -> dict:
   """Train a UNet3D on `volumes` (list[TrainingVolume]) and write a checkpoint to out_path.
 
   The top `val_fraction` of each volume's z range (at least one patch deep) is held out for
@@ -254,6 +331,9 @@ def train(volumes, out_path: str, config: ModelConfig | None = None, iterations:
   hard_fraction: hard-example mining for fine-tuning: before training, the starting model
     predicts every labelled training region, and this fraction of the patches is drawn where
     its affinities are most wrong (affinity_error_map; PatchSampler).
+  lsd_sigma_nm: > 0 adds local shape descriptors of the neuron labels at this Gaussian scale
+    as an auxiliary target (MSE, times lsd_weight), the multi-task LSD setup of Sheridan et
+    al. 2022; the saved checkpoint keeps only `config`'s channels.
   Returns the metadata written into the checkpoint (including validation metrics).
   """
   config = config or ModelConfig()
@@ -261,14 +341,20 @@ def train(volumes, out_path: str, config: ModelConfig | None = None, iterations:
   if device == "cpu":
     reuse_freed_memory()
   torch.manual_seed(seed)
-  model = UNet3D(config).to(device)
+  kept = len(config.out_channels)
+  training_config = (replace(config, out_channels=config.out_channels + LSD_CHANNELS)
+                     if lsd_sigma_nm > 0 else config)
+  model = UNet3D(training_config).to(device)
   initial = None
   if init:
     start, start_meta = load_checkpoint(init, device=device)
     if replace(start.config, resolution=config.resolution) != config:
       raise IicatsError(f"--init {init}: its architecture ({start.config}) is not the one "
                         f"asked for ({config})")
-    model.load_state_dict(start.state_dict())
+    weights = start.state_dict()
+    for name in ("head.weight", "head.bias"):  # new descriptor rows keep their random start
+      weights[name] = torch.cat([weights[name], model.state_dict()[name][kept:]])
+    model.load_state_dict(weights)
     initial = {"checkpoint": init, "training_command": start_meta.get("training_command")}
   optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
   scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=iterations)
@@ -304,8 +390,15 @@ def train(volumes, out_path: str, config: ModelConfig | None = None, iterations:
               predict_volume(model, np.ascontiguousarray(vol.image[..., z0:z1]),
                              device=device, progress=progress)[:3], vol.labels[..., z0:z1])
             for vol, (z0, z1) in zip(volumes, train_range)]
-  sampler = PatchSampler(volumes, config, isotropic, seed=seed + start_iter,
-                         z_range=train_range, hard=hard, hard_fraction=hard_fraction)
+  descriptors = None
+  if lsd_sigma_nm > 0:
+    sigma = lsd_sigma_nm / np.asarray(config.resolution, dtype=float)
+    descriptors = [None if vol.labels is None else
+                   local_shape_descriptors(vol.labels, sigma).astype(np.float16)
+                   for vol in tqdm(volumes, desc="shape descriptors", disable=not progress)]
+  sampler = PatchSampler(volumes, training_config, isotropic, seed=seed + start_iter,
+                         z_range=train_range, hard=hard, hard_fraction=hard_fraction,
+                         shape_descriptors=descriptors)
   started = time.time()
   model.train()
   bar = tqdm(range(start_iter, iterations), desc="train", disable=not progress,
@@ -316,9 +409,13 @@ def train(volumes, out_path: str, config: ModelConfig | None = None, iterations:
     img, target, mask = (torch.from_numpy(np.stack(x)).to(device) for x in zip(*batch))
     with torch.autocast(device_type="cuda", enabled=use_amp):
       logits = model(img)
-    loss = masked_balanced_bce(logits.float(), target, mask)
+    logits = logits.float()
+    loss = masked_balanced_bce(logits[:, :kept], target[:, :kept], mask[:, :kept])
+    if lsd_sigma_nm > 0:
+      squared = (torch.sigmoid(logits[:, kept:]) - target[:, kept:]) ** 2 * mask[:, kept:]
+      loss = loss + lsd_weight * squared.sum() / mask[:, kept:].sum().clamp(min=1)
     if dice_weight:
-      loss = loss + dice_weight * masked_soft_dice(logits.float(), target, mask, organelles)
+      loss = loss + dice_weight * masked_soft_dice(logits, target, mask, organelles)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
@@ -329,11 +426,13 @@ def train(volumes, out_path: str, config: ModelConfig | None = None, iterations:
     if (it + 1) % checkpoint_every == 0 and it + 1 < iterations:
       torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                   "scheduler": scheduler.state_dict(), "iteration": it + 1}, state_path)
-  validation = validate(model, volumes, val_range, config, device)
+  validation = validate(model, volumes, val_range, training_config, device)
   metadata = {
     "training_command": command, "iterations": iterations, "batch_size": batch_size,
     "learning_rate": lr, "seed": seed, "device": device, "dice_weight": dice_weight,
     "hard_example_fraction": hard_fraction,
+    "shape_descriptors": ({"sigma_nm": lsd_sigma_nm, "weight": lsd_weight}
+                          if lsd_sigma_nm > 0 else None),
     "validation_fraction": val_fraction,
     "wall_time_s": round(time.time() - started, 1), "final_train_loss": running,
     "training_data": [{"name": v.name, "shape_xyz": list(v.image.shape),
@@ -343,6 +442,13 @@ def train(volumes, out_path: str, config: ModelConfig | None = None, iterations:
   }
   if initial:
     metadata["initialised_from"] = initial
+  if training_config != config:
+    saved = UNet3D(config)
+    weights = model.state_dict()
+    for name in ("head.weight", "head.bias"):
+      weights[name] = weights[name][:kept]
+    saved.load_state_dict(weights)
+    model = saved
   save_checkpoint(out_path, model.eval(), metadata)
   if os.path.exists(state_path):
     os.remove(state_path)

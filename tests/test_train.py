@@ -7,11 +7,12 @@ from click.testing import CliRunner
 
 from iicats_cv.cli import cli
 from iicats_cv.errors import IicatsError
-from iicats_cv.model import (AFFINITY_CHANNELS, ORGANELLE_CHANNELS, ModelConfig, load_checkpoint,
-                            long_range_channels)
-from iicats_cv.train import (PatchSampler, TrainingVolume, affinities_from_labels,
-                             affinity_error_map, masked_balanced_bce, masked_soft_dice, train,
-                             window_sums)
+from iicats_cv.model import (AFFINITY_CHANNELS, LSD_CHANNELS, ORGANELLE_CHANNELS, ModelConfig,
+                            load_checkpoint, long_range_channels)
+from iicats_cv.train import (LSD_XY_TRANSPOSED, PatchSampler, TrainingVolume,
+                             affinities_from_labels, affinity_error_map,
+                             local_shape_descriptors, masked_balanced_bce, masked_soft_dice,
+                             mirror_shape_descriptors, train, window_sums)
 from iicats_cv.volume_io import import_volume
 from conftest import blobs
 
@@ -63,6 +64,74 @@ def test_long_range_targets_follow_every_augmentation():
       both = (valid[axis] > 0) & (mask[channel] > 0)
       assert both.any()
       np.testing.assert_array_equal(target[channel][both], expected[axis][both])
+
+
+def test_shape_descriptors_by_hand():
+  """Two objects meeting at y = 20: deep inside, the window is all one object (no offset, no
+  covariance, full size, variance near sigma²); beside the contact each voxel's object centre
+  lies away from the other object, and unlabelled voxels stay 0."""
+  labels = np.zeros((40, 40, 40), np.uint32)
+  labels[:, :20], labels[:, 20:38] = 1, 2
+  d = local_shape_descriptors(labels, (3, 3, 3))
+  assert d.shape == (len(LSD_CHANNELS), 40, 40, 40) and d.dtype == np.float32
+  np.testing.assert_allclose(d[[0, 1, 2, 6, 7, 8, 9], 20, 10, 20], [0.5] * 6 + [1], atol=1e-3)
+  assert 0.95 < d[3, 20, 10, 20] <= 1
+  assert d[1, 20, 19, 20] < 0.3 and d[1, 20, 20, 20] > 0.7   # centres on either side
+  assert d[9, 20, 19, 20] == pytest.approx(d[9, 20, 20, 20], abs=1e-3) and d[9, 20, 19, 20] < 0.6
+  assert not d[:, :, 38:].any()
+
+
+def test_mirrored_shape_descriptors_match_those_of_mirrored_labels():
+  labels, _ = blobs((30, 30, 24), n=6)
+  sigma = (2, 2, 3)
+  d = local_shape_descriptors(labels, sigma)
+  for axis in range(3):
+    np.testing.assert_allclose(mirror_shape_descriptors(d, axis),
+                               local_shape_descriptors(np.flip(labels, axis).copy(), sigma),
+                               atol=1e-3)
+  transposed = local_shape_descriptors(labels.transpose(1, 0, 2).copy(), sigma)
+  np.testing.assert_allclose(d[list(LSD_XY_TRANSPOSED)].transpose(0, 2, 1, 3), transposed,
+                             atol=1e-3)
+
+
+def test_shape_descriptor_targets_follow_every_augmentation():
+  """As for the affinities: the patch's labels are read back from its image, and away from
+  the patch faces (where the precomputed descriptors saw more context) its descriptor
+  targets are those of the labels it shows."""
+  labels, _ = blobs((30, 30, 30), n=5)
+  labels = labels + 1
+  image = (labels * 20 + 10).astype(np.uint8)
+  config = ModelConfig(**TINY, out_channels=AFFINITY_CHANNELS + ORGANELLE_CHANNELS
+                       + LSD_CHANNELS)
+  descriptors = [local_shape_descriptors(labels, (1, 1, 1))]
+  sampler = PatchSampler([TrainingVolume("t", image=image, labels=labels)], config,
+                         isotropic=True, seed=7, shape_descriptors=descriptors)
+  inner = (slice(None),) + (slice(4, -4),) * 3
+  for _ in range(12):
+    img, target, mask = sampler.sample()
+    seen = np.unique(img[0], return_inverse=True)[1].reshape(img[0].shape) + 1
+    np.testing.assert_allclose(target[6:][inner], local_shape_descriptors(seen, (1, 1, 1))[inner],
+                               atol=1e-2)
+    assert (mask[6:] == 1).all()
+
+
+def test_shape_descriptor_training_keeps_the_usual_channels(tmp_path, tiny_checkpoint):
+  """The descriptor head is a training aid: the checkpoint has the usual channels, records
+  the scale, and fine-tuning a model without it (lr 0) leaves that model's weights as they
+  were."""
+  labels, image = blobs((40, 40, 40), n=5)
+  vol = TrainingVolume("blobs", image=image, labels=labels)
+  out = str(tmp_path / "lsd.safetensors")
+  meta = train([vol], out, config=ModelConfig(**TINY), iterations=2, progress=False,
+               lsd_sigma_nm=20, val_fraction=0)
+  assert meta["shape_descriptors"] == {"sigma_nm": 20, "weight": 1.0}
+  assert load_checkpoint(out)[0].config.out_channels == AFFINITY_CHANNELS + ORGANELLE_CHANNELS
+  start = load_checkpoint(tiny_checkpoint)[0]
+  train([vol], out, config=start.config, iterations=1, progress=False, lsd_sigma_nm=20,
+        val_fraction=0, init=tiny_checkpoint, lr=0)
+  tuned = load_checkpoint(out)[0]
+  for name, weights in start.state_dict().items():
+    torch.testing.assert_close(tuned.state_dict()[name], weights)
 
 
 def test_loss_ignores_masked_channels():
