@@ -113,8 +113,6 @@ def fragments_holding_synapses(frags: np.ndarray, vol) -> np.ndarray:
 
 def scored_skeletons(skeletons: list, fraction: float, seed: int) -> list:
   """A seeded random `fraction` of `skeletons` (at least one), in their original order."""
-  if not 0 < fraction <= 1:
-    raise SystemExit(f"--skeleton-fraction must be in (0, 1], got {fraction}")
   keep = max(1, round(fraction * len(skeletons)))
   chosen = np.random.default_rng(seed).choice(len(skeletons), keep, replace=False)
   return [skeletons[i] for i in sorted(chosen)]
@@ -144,6 +142,8 @@ def main():
                            "stay annotated for all cells)")
   parser.add_argument("--json", default=None)
   args = parser.parse_args()
+  if not 0 < args.skeleton_fraction <= 1:
+    parser.error(f"--skeleton-fraction must be in (0, 1], got {args.skeleton_fraction}")
   shape = tuple(int(v) for v in args.shape.split(","))
   vol = make_synthetic_volume(shape=shape, seed=args.seed, n_cells=args.cells,
                               n_synapses=args.synapses)
