@@ -107,13 +107,12 @@ def local_shape_descriptors(labels: np.ndarray, sigma) -> np.ndarray:
 LSD_XY_TRANSPOSED = (1, 0, 2, 4, 3, 5, 6, 8, 7, 9)
 
 
-def mirror_shape_descriptors(descriptors: np.ndarray, axis: int,
-                             flipped: bool = False) -> np.ndarray:
-  """local_shape_descriptors (10, X, Y, Z) of the labels mirrored along `axis` (0, 1, 2 = x,
-  y, z), from those of the labels themselves: mirrored, a voxel's object centre lies on the
-  other side and its covariances with that axis change sign (0.5 encodes zero for both).
-  flipped=True: `descriptors` are already mirrored voxel-wise, only their values change."""
-  out = np.array(descriptors if flipped else np.flip(descriptors, axis + 1))
+def mirror_shape_descriptors(flipped: np.ndarray, axis: int) -> np.ndarray:
+  """local_shape_descriptors (10, X, Y, Z) of labels mirrored along `axis` (0, 1, 2 = x, y,
+  z), from `flipped`, the labels' own descriptors flipped along that axis: mirrored, a voxel's
+  object centre lies on the other side and its covariances with that axis change sign (0.5
+  encodes zero for both)."""
+  out = np.array(flipped)
   inside = out[9] > 0  # the size channel: every labelled voxel weighs on itself
   for c in (axis,) + tuple(6 + k for k, pair in enumerate(((0, 1), (0, 2), (1, 2)))
                            if axis in pair):
@@ -257,7 +256,7 @@ class PatchSampler:
           mask[(c,) + tuple(edge)] = 0
         if self.lsd_first is not None:
           lsd = slice(self.lsd_first, self.lsd_first + len(LSD_CHANNELS))
-          target[lsd] = mirror_shape_descriptors(target[lsd], axis, flipped=True)
+          target[lsd] = mirror_shape_descriptors(target[lsd], axis)
     if rng.random() < 0.5 and image.shape[0] == image.shape[1]:
       # x <-> y: each affinity channel trades places with its partner on the other axis
       swap = list(range(len(target)))

@@ -86,7 +86,7 @@ def test_mirrored_shape_descriptors_match_those_of_mirrored_labels():
   sigma = (2, 2, 3)
   d = local_shape_descriptors(labels, sigma)
   for axis in range(3):
-    np.testing.assert_allclose(mirror_shape_descriptors(d, axis),
+    np.testing.assert_allclose(mirror_shape_descriptors(np.flip(d, axis + 1), axis),
                                local_shape_descriptors(np.flip(labels, axis).copy(), sigma),
                                atol=1e-3)
   transposed = local_shape_descriptors(labels.transpose(1, 0, 2).copy(), sigma)
