@@ -66,6 +66,10 @@ class AgglomerationParams:
   # None: mean affinity of the shared boundary; q in (0, 1): its q-quantile (waterz-style,
   # from the RAG's affinity histograms; needs a RAG built with histograms)
   quantile: float | None = None
+  # after merging down to the threshold, every segment smaller than this (voxels) joins its
+  # best-scoring neighbour whatever the score, constraints still honoured: the dust a
+  # threshold leaves (0 = off). Sweep tables are taken before this step.
+  min_segment_voxels: int = 0
 
 
 def derive_constraints(rag: dict, params: AgglomerationParams) -> tuple[Constraints, np.ndarray]:
@@ -119,8 +123,10 @@ class _Agglomerator:
   """
 
   def __init__(self, n, u, v, aff_sum, count, mito, constraints: Constraints | None,
-               mito_bonus, hist=None, quantile=None):
+               mito_bonus, hist=None, quantile=None, sizes=None):
     self.parent = np.arange(n)
+    self.size = (np.zeros(n, np.int64) if sizes is None
+                 else np.asarray(sizes, np.int64).copy())  # voxels per region (at its root)
     self.adj = [dict() for _ in range(n)]
     self.sum = array.array("d", np.asarray(aff_sum, np.float64).tobytes())
     self.count = array.array("d", np.asarray(count, np.float64).tobytes())
@@ -230,6 +236,7 @@ class _Agglomerator:
     if len(self.adj[a]) < len(self.adj[b]):
       a, b = b, a
     self.parent[b] = a
+    self.size[a] += self.size[b]
     if self.identity[b]:
       self.identity[a] = self.identity[b]
     apart = self.cannot.pop(b, set())
@@ -253,6 +260,12 @@ class _Agglomerator:
         self.live -= 1
       self._push(min(a, x), max(a, x))
     self.adj[b] = {}
+
+  def absorb_small(self, min_voxels):
+    """Merge each region smaller than min_voxels into its best-scoring neighbour, best
+    boundary first and whatever its score, where the constraints allow."""
+    small = lambda a, b: self.size[a] < min_voxels or self.size[b] < min_voxels  # noqa: E731
+    return self.run(-np.inf, merge_filter=small)
 
   def labels(self):
     return np.array([self.find(i) for i in range(len(self.parent))])
@@ -314,7 +327,8 @@ def agglomerate(rag: dict, params: AgglomerationParams, sweep_thresholds=(),
                       "rag stage with histograms (pipeline --quantile)")
   agg = _Agglomerator(n, u, v, rag["aff_sum"], rag["count"].astype(np.float64), mito,
                       constraints, params.mito_bonus if constraints is not None else 0.0,
-                      hist=rag.get("aff_hist"), quantile=params.quantile)
+                      hist=rag.get("aff_hist"), quantile=params.quantile,
+                      sizes=rag["frag_size"])
   history = agg.run(params.threshold)
   sweep = {}
   if len(sweep_thresholds):
@@ -323,6 +337,8 @@ def agglomerate(rag: dict, params: AgglomerationParams, sweep_thresholds=(),
     if lowest < params.threshold:
       full = history + copy.deepcopy(agg).run(lowest)
     sweep = {float(t): _replay(frag, full, t, n) for t in sweep_thresholds}
+  if params.min_segment_voxels > 0:
+    history = history + agg.absorb_small(params.min_segment_voxels)
   tracked = []
   if seeds:
     for number, index in seeds.items():

@@ -33,7 +33,12 @@ EVIDENCE = ((), ("nucleus",), ("nucleus", "mitochondria"),
             ("nucleus", "synapse", "mitochondria"))
 ORGANELLE_CUTS = tuple(round(0.3 + 0.05 * k, 2) for k in range(14))  # 0.3 ... 0.95
 DEFAULT_AGGLOMERATION = {"threshold": 0.5, "quantile": None,
-                         "constraints": ["nucleus", "synapse", "mitochondria"]}
+                         "constraints": ["nucleus", "synapse", "mitochondria"],
+                         "min_segment_voxels": 0}
+MIN_SEGMENT_VOXELS = (0, 250, 500, 1000, 2000, 4000)
+# a dust cleanup may cost at most this much ARAND: it is there for the split VOI of many tiny
+# segments, not to trade merges for splits
+CLEANUP_ARAND_TOLERANCE = 0.005
 
 
 def score_agglomeration(affinities: np.ndarray, organelles: np.ndarray, labels: np.ndarray,
@@ -47,7 +52,10 @@ def score_agglomeration(affinities: np.ndarray, organelles: np.ndarray, labels: 
   synapse probability cuts the RAG's evidence uses; progress: a tqdm bar. Fragments, RAG and
   agglomeration are the pipeline's own functions on the whole volume (one block). Each row:
   {"quantile" (None = mean), "constraints" (list), "threshold", "arand", "voi_split",
-  "voi_merge"}; sorted by ARAND, then VOI split + merge, then the most evidence.
+  "voi_merge"}; sorted by ARAND, then VOI split + merge, then the most evidence. The best
+  row then also gets "min_segment_voxels": of MIN_SEGMENT_VOXELS, the dust cleanup with the
+  lowest VOI among those within CLEANUP_ARAND_TOLERANCE of its ARAND, and "cleanup": the
+  scores of each ({"min_segment_voxels", "arand", "voi_split", "voi_merge"}).
   """
   frags = fragments(affinities, resolution)
   # one RAG for every setting: mean agglomeration ignores the histograms quantiles need
@@ -69,6 +77,24 @@ def score_agglomeration(affinities: np.ndarray, organelles: np.ndarray, labels: 
   # on a tie, more evidence: a constraint that costs nothing on the labelled data still
   # guards against the merges it exists for (two nuclei, two synapse partners)
   rows.sort(key=lambda r: (r["arand"], r["voi_split"] + r["voi_merge"], -len(r["constraints"])))
+  best = rows[0]
+  cleanups = []
+  for size in MIN_SEGMENT_VOXELS:
+    params = AgglomerationParams(threshold=best["threshold"], quantile=best["quantile"],
+                                 use_constraints=bool(best["constraints"]),
+                                 constraints=(best["constraints"]
+                                              or DEFAULT_AGGLOMERATION["constraints"]),
+                                 min_segment_voxels=size)
+    result = agglomerate(rag, params)
+    seg = fastremap.remap(frags, dict(zip(result.fragment_ids.tolist(),
+                                          result.segment_ids.tolist())))
+    split, merge = voi(seg, labels)
+    cleanups.append({"min_segment_voxels": size, "arand": adapted_rand_error(seg, labels),
+                     "voi_split": split, "voi_merge": merge})
+  allowed = [c for c in cleanups if c["arand"] <= best["arand"] + CLEANUP_ARAND_TOLERANCE]
+  best["min_segment_voxels"] = min(allowed, key=lambda c: c["voi_split"] + c["voi_merge"]
+                                   )["min_segment_voxels"]
+  best["cleanup"] = cleanups
   return rows
 
 
@@ -93,19 +119,22 @@ def choose_organelle_thresholds(organelles: np.ndarray, masks: dict,
 
 def setting_text(setting: dict) -> str:
   """An agglomeration setting ({"quantile", "constraints", "threshold"}, and optionally
-  "nucleus_fraction") in words."""
+  "nucleus_fraction", "min_segment_voxels") in words."""
   quantile = setting.get("quantile")
   statistic = "mean" if quantile is None else f"{quantile:g}-quantile"
   evidence = ",".join(setting["constraints"]) or "no evidence"
   fraction = setting.get("nucleus_fraction", AgglomerationParams.nucleus_fraction)
   if "nucleus" in setting["constraints"] and fraction != AgglomerationParams.nucleus_fraction:
     evidence += f" (nuclear fragments ≥ {fraction:.0%} nucleus)"
-  return f"{statistic} affinity + {evidence} at t={setting['threshold']:.2f}"
+  cleanup = setting.get("min_segment_voxels") or 0
+  dust = f", segments < {cleanup} voxels joined to a neighbour" if cleanup else ""
+  return f"{statistic} affinity + {evidence} at t={setting['threshold']:.2f}{dust}"
 
 
 def agglomeration_settings(metadata: dict) -> dict:
-  """{"threshold", "quantile", "constraints"} of a checkpoint's operating point, or the
-  uncalibrated defaults (mean affinity at 0.5, every kind of evidence)."""
+  """{"threshold", "quantile", "constraints", "min_segment_voxels"} of a checkpoint's
+  operating point, or the uncalibrated defaults (mean affinity at 0.5, every kind of
+  evidence, no dust cleanup)."""
   chosen = (metadata.get("operating_point") or {}).get("agglomeration") or {}
   return {key: chosen.get(key, default) for key, default in DEFAULT_AGGLOMERATION.items()}
 

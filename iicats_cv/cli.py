@@ -139,6 +139,10 @@ def _pipeline_options(func):
                       "nucleus (default 0.5). Lower it (e.g. 0.1) where the watershed does not "
                       "cut at the nuclear envelope, so each nucleus spans fragments that are "
                       "mostly cytoplasm; raise it to keep false nucleus predictions out."),
+    click.option("--min-segment-voxels", type=click.IntRange(min=0), default=None,
+                 help="After agglomeration, join every segment smaller than this many voxels "
+                      "to its best-scoring neighbour, constraints honoured (0: off; default: "
+                      "the checkpoint's calibrated choice, else 0)."),
     click.option("--hierarchy", type=click.IntRange(min=1), default=None,
                  help="Agglomerate hierarchically: first inside parts of N×N×N tasks (in "
                       "parallel), then globally over their regions; for RAGs too big for one "
@@ -169,8 +173,9 @@ def _pipeline_options(func):
 @click.option("--nuclei", default=None, help="GT nuclei CSV x,y,z nm (bERL).")
 @click.option("--synapses", default=None, help="GT synapses CSV pre_x..post_z nm (bERL).")
 def pipeline_command(image, out, queue, parallel, task_shape, checkpoint, json_path, threshold,
-                     link_prefix, constraints, quantile, nucleus_fraction, hierarchy, levels,
-                     tta, unsharded, seeds, gt_labels, gt_skeletons, nuclei, synapses):
+                     link_prefix, constraints, quantile, nucleus_fraction, min_segment_voxels,
+                     hierarchy, levels, tta, unsharded, seeds, gt_labels, gt_skeletons, nuclei,
+                     synapses):
   """Run every stage: inference, watershed, RAG, agglomeration + tracking, remap, meshes,
   skeletons, mips, Neuroglancer link and metrics.
 
@@ -186,7 +191,8 @@ def pipeline_command(image, out, queue, parallel, task_shape, checkpoint, json_p
                          json_path=json_path, threshold=threshold, link_prefix=link_prefix,
                          constraints=constraints, sharded=not unsharded,
                          quantile=quantile, nucleus_fraction=nucleus_fraction,
-                         hierarchy=hierarchy, levels=levels, augment=tta)
+                         min_segment_voxels=min_segment_voxels, hierarchy=hierarchy,
+                         levels=levels, augment=tta)
   _print_summary(summary, out)
 
 
@@ -221,7 +227,7 @@ def _print_summary(summary, out):
 # demonstrates: there every kind of evidence is used, on the mean affinity.
 DEMO_AGGLOMERATION = {"fib": {},
                       "synthetic": {"threshold": 0.5, "quantile": "mean",
-                                    "constraints": CONSTRAINTS}}
+                                    "constraints": CONSTRAINTS, "min_segment_voxels": 0}}
 
 
 @cli.command("demo")
@@ -231,8 +237,8 @@ DEMO_AGGLOMERATION = {"fib": {},
 @click.option("--out", default="./iicats-demo", show_default=True, help="Output prefix.")
 @_pipeline_options
 def demo_command(dataset, out, queue, parallel, task_shape, checkpoint, json_path, threshold,
-                 link_prefix, constraints, quantile, nucleus_fraction, hierarchy, levels, tta,
-                 unsharded):
+                 link_prefix, constraints, quantile, nucleus_fraction, min_segment_voxels,
+                 hierarchy, levels, tta, unsharded):
   """Import an embedded dataset with its ground truth and run the pipeline on it.
 
   \b
@@ -245,7 +251,8 @@ def demo_command(dataset, out, queue, parallel, task_shape, checkpoint, json_pat
   from iicats_cv.layers import normalize_cloudpath
   out = normalize_cloudpath(out)
   inputs = prepare_demo(dataset, out)
-  given = {"threshold": threshold, "quantile": quantile, "constraints": constraints}
+  given = {"threshold": threshold, "quantile": quantile, "constraints": constraints,
+           "min_segment_voxels": min_segment_voxels}
   setting = {**DEMO_AGGLOMERATION[dataset],
              **{key: value for key, value in given.items() if value is not None}}
   summary = run_pipeline(inputs["image"], out, queue=queue, parallel=parallel,
@@ -719,8 +726,10 @@ def track_command(out_prefix, seeds, name, threshold, track_threshold, constrain
                                 else constraints),
             "track_threshold": threshold if track_threshold is None else track_threshold,
             "quantile": ran.get("quantile")}
-  if "nucleus_fraction" in ran:  # the run's nuclei, so its seeds and constraints hold
-    params["nucleus_fraction"] = ran["nucleus_fraction"]
+  # the run's nuclei and segments, so that its seeds and constraints hold
+  for same in ("nucleus_fraction", "min_segment_voxels"):
+    if same in ran:
+      params[same] = ran[same]
   started = time.time()
   queue = run_tasks([partial(track_task, rag_prefix=join(out, "rag"),
                              supervoxels_path=supervoxels, out_prefix=out, params=params,

@@ -109,13 +109,15 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
                  num_mips: int = 2, constraints=None,
                  sharded: bool = True, quantile: float | str | None = None,
                  nucleus_fraction: float | None = None, hierarchy: int | None = None,
-                 levels: int = 1, augment: bool = False):
+                 levels: int = 1, augment: bool = False,
+                 min_segment_voxels: int | None = None):
   """Run every stage from an EM image layer to segmentation, meshes, link and metrics.
 
   augment: test-time augmentation in the inference stage (create_inference_tasks).
-  threshold, quantile ("mean" or q in (0, 1)), constraints: the agglomeration setting; None
-  takes the checkpoint's calibrated operating point (calibrate.agglomeration_settings), as do
-  the organelle probability cuts of the RAG's evidence.
+  threshold, quantile ("mean" or q in (0, 1)), constraints, min_segment_voxels (the dust
+  cleanup, AgglomerationParams): the agglomeration setting; None takes the checkpoint's
+  calibrated operating point (calibrate.agglomeration_settings), as do the organelle
+  probability cuts of the RAG's evidence.
   nucleus_fraction: the share of a fragment that must be nucleus for it to count as nuclear
   (AgglomerationParams.nucleus_fraction when None).
 
@@ -129,8 +131,9 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
   if levels > 1 and not hierarchy:
     raise IicatsError(f"levels={levels} needs hierarchy (--hierarchy N): the parts of each "
                       "level are N×N×N parts of the level below")
-  threshold, quantile, constraints, organelle_cuts = resolve_operating_point(
-    checkpoint, threshold, quantile, constraints, augment)
+  threshold, quantile, constraints, min_segment_voxels, organelle_cuts = (
+    resolve_operating_point(checkpoint, threshold, quantile, constraints, augment,
+                            min_segment_voxels))
   if nucleus_fraction is None:
     nucleus_fraction = AgglomerationParams.nucleus_fraction
   layers = {"image": image, **{name: join(out, name) for name in LAYERS[1:]},
@@ -141,6 +144,7 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
                                    "quantile": quantile, "constraints": list(constraints),
                                    "organelle_thresholds": organelle_cuts,
                                    "nucleus_fraction": nucleus_fraction,
+                                   "min_segment_voxels": min_segment_voxels,
                                    "test_time_augmentation": augment})
   started = time.time()
   state = run.state
@@ -157,7 +161,7 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
     organelle_thresholds=organelle_cuts))
   params = {"threshold": threshold, "constraints": list(constraints), "quantile": quantile,
             "track_threshold": threshold if track_threshold is None else track_threshold,
-            "nucleus_fraction": nucleus_fraction}
+            "nucleus_fraction": nucleus_fraction, "min_segment_voxels": min_segment_voxels}
   hierarchy_prefix = join(out, f"hierarchy/{hierarchy}") if hierarchy else ""
   if hierarchy:
     # the first level merges down to the threshold, so the sweep can only go lower
@@ -212,8 +216,10 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
   return summary
 
 
-def resolve_operating_point(checkpoint, threshold, quantile, constraints, augment=False):
-  """The run's (threshold, quantile or None for the mean, constraints, organelle cuts): what
+def resolve_operating_point(checkpoint, threshold, quantile, constraints, augment=False,
+                            min_segment_voxels=None):
+  """The run's (threshold, quantile or None for the mean, constraints, min_segment_voxels,
+  organelle cuts): what
   the caller gave, the rest from the checkpoint's calibrated operating point (with a note
   when that was calibrated with test-time augmentation on and the run has it off, or the
   other way round)."""
@@ -229,8 +235,10 @@ def resolve_operating_point(checkpoint, threshold, quantile, constraints, augmen
   threshold = chosen["threshold"] if threshold is None else threshold
   quantile = chosen["quantile"] if quantile is None else quantile
   constraints = tuple(chosen["constraints"] if constraints is None else constraints)
+  if min_segment_voxels is None:
+    min_segment_voxels = chosen["min_segment_voxels"]
   return (float(threshold), None if quantile in (None, "mean") else float(quantile),
-          constraints, organelle_thresholds(metadata))
+          constraints, int(min_segment_voxels), organelle_thresholds(metadata))
 
 
 def out_owns(out: str, path: str) -> bool:

@@ -5,8 +5,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from iicats_cv.calibrate import (AGGLOMERATION_THRESHOLDS, EVIDENCE, STATISTICS,
-                                 choose_organelle_thresholds, score_agglomeration)
+from iicats_cv.calibrate import (AGGLOMERATION_THRESHOLDS, CLEANUP_ARAND_TOLERANCE, EVIDENCE,
+                                 MIN_SEGMENT_VOXELS, STATISTICS, choose_organelle_thresholds,
+                                 score_agglomeration)
 from iicats_cv.cli import cli
 from iicats_cv.errors import IicatsError
 from iicats_cv.model import checkpoint_metadata, load_checkpoint, update_checkpoint_metadata
@@ -40,6 +41,15 @@ def test_agglomeration_scores_every_setting_best_first():
   keys = [(r["arand"], r["voi_split"] + r["voi_merge"], -len(r["constraints"])) for r in rows]
   assert keys == sorted(keys)
   assert rows[0]["arand"] < 0.05  # the labels' own affinities separate the cells
+  # the dust cleanup of the best setting: every size scored, the choice within the ARAND
+  # tolerance of none at all and the lowest VOI of those
+  cleanup = rows[0]["cleanup"]
+  assert [c["min_segment_voxels"] for c in cleanup] == list(MIN_SEGMENT_VOXELS)
+  assert cleanup[0]["arand"] == pytest.approx(rows[0]["arand"])
+  chosen = next(c for c in cleanup if c["min_segment_voxels"] == rows[0]["min_segment_voxels"])
+  assert chosen["arand"] <= rows[0]["arand"] + CLEANUP_ARAND_TOLERANCE
+  assert all(chosen["voi_split"] + chosen["voi_merge"] <= c["voi_split"] + c["voi_merge"]
+             for c in cleanup if c["arand"] <= rows[0]["arand"] + CLEANUP_ARAND_TOLERANCE)
 
 
 def _labelled_layers(tmp_path):
@@ -72,12 +82,14 @@ def test_calibrate_command_records_the_operating_point(tmp_path, tiny_checkpoint
   for name, weights in before.state_dict().items():
     torch.testing.assert_close(after.state_dict()[name], weights, rtol=0, atol=0)
   # the pipeline takes what the caller leaves out from the checkpoint
-  threshold, quantile, constraints, cuts = resolve_operating_point(out, None, None, None)
-  assert (threshold, quantile, list(constraints)) == (
-    chosen["threshold"], chosen["quantile"], chosen["constraints"])
+  threshold, quantile, constraints, min_voxels, cuts = resolve_operating_point(
+    out, None, None, None)
+  assert (threshold, quantile, list(constraints), min_voxels) == (
+    chosen["threshold"], chosen["quantile"], chosen["constraints"],
+    chosen["min_segment_voxels"])
   assert cuts == [0.5, point["organelle_thresholds"]["mitochondria"], 0.5]
-  assert resolve_operating_point(out, 0.3, "mean", ("nucleus",))[:3] == (0.3, None,
-                                                                         ("nucleus",))
+  assert resolve_operating_point(out, 0.3, "mean", ("nucleus",), min_segment_voxels=7
+                                 )[:4] == (0.3, None, ("nucleus",), 7)
   capsys.readouterr()
   resolve_operating_point(out, None, None, None, augment=True)
   assert "calibrated with test-time augmentation off; this run has it on" in \
@@ -86,7 +98,7 @@ def test_calibrate_command_records_the_operating_point(tmp_path, tiny_checkpoint
 
 def test_uncalibrated_checkpoint_keeps_the_defaults(tiny_checkpoint):
   assert resolve_operating_point(tiny_checkpoint, None, None, None) == (
-    0.5, None, ("nucleus", "synapse", "mitochondria"), [0.5, 0.5, 0.5])
+    0.5, None, ("nucleus", "synapse", "mitochondria"), 0, [0.5, 0.5, 0.5])
 
 
 def test_calibrate_needs_labels_and_a_readable_checkpoint(tmp_path, tiny_checkpoint):

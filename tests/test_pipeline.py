@@ -138,7 +138,8 @@ def test_pipeline_hierarchical_quantile_run(tmp_path, tiny_checkpoint, capsys):
   """--hierarchy (two levels) and a quantile through every stage to the segmentation (tiny
   network), on a local image outside the run's folder (left out of the link, with a note, not
   an error). The quantile, evidence and organelle cuts come from the checkpoint's calibrated
-  operating point; the nucleus fraction reaches the agglomeration."""
+  operating point, and so does the dust cleanup, which leaves no segment below its size
+  across the hierarchy's parts; the nucleus fraction reaches the agglomeration."""
   from conftest import blobs
   from iicats_cv.model import update_checkpoint_metadata
   from iicats_cv.tasks.common import get_json, get_npz
@@ -148,7 +149,8 @@ def test_pipeline_hierarchical_quantile_run(tmp_path, tiny_checkpoint, capsys):
   image_path = import_volume(image, "file://" + str(tmp_path / "em"), "image", (8, 8, 8))
   calibrated = str(tmp_path / "calibrated.safetensors")
   update_checkpoint_metadata(tiny_checkpoint, calibrated, {"operating_point": {
-    "agglomeration": {"threshold": 0.5, "quantile": 0.75, "constraints": ["nucleus"]},
+    "agglomeration": {"threshold": 0.5, "quantile": 0.75, "constraints": ["nucleus"],
+                      "min_segment_voxels": 300},
     "organelle_thresholds": {"mitochondria": 0.7}}})
   out = "file://" + str(tmp_path / "run")
   summary = run_pipeline(image_path, out, task_shape=(64, 64, 64), checkpoint=calibrated,
@@ -157,6 +159,7 @@ def test_pipeline_hierarchical_quantile_run(tmp_path, tiny_checkpoint, capsys):
   assert summary["agglomeration"]["params"]["constraints"] == ["nucleus"]
   assert summary["agglomeration"]["params"]["nucleus_fraction"] == 0.2
   assert get_json(out + "/pipeline", "run.json")["nucleus_fraction"] == 0.2
+  assert summary["agglomeration"]["params"]["min_segment_voxels"] == 300
   assert get_json(out + "/pipeline", "run.json")["organelle_thresholds"] == [0.5, 0.7, 0.5]
   assert "reduce" in summary["timings"] and "reduce-2" in summary["timings"]
   for level in ("level1", "level2"):  # parts of 1 block, then of 1 part
@@ -168,6 +171,7 @@ def test_pipeline_hierarchical_quantile_run(tmp_path, tiny_checkpoint, capsys):
   assert max(summary["agglomeration"]["sweep"]) <= 0.5   # the sweep stops at the threshold
   segmentation = np.asarray(CloudVolume(out + "/segmentation")[:, :, :])
   assert segmentation.shape[:3] == (128, 128, 64) and segmentation.all()
+  assert np.unique(segmentation, return_counts=True)[1].min() >= 300  # the dust joined others
   import neuroglancer
   names = [layer.name for layer in neuroglancer.parse_url(summary["neuroglancer_url"]).layers]
   assert "segmentation" in names and "image" not in names

@@ -125,6 +125,22 @@ def test_synapse_cannot_link_needs_the_signal_on_a_membrane():
     derive_constraints(rag, AgglomerationParams(**TOY))[0].cannot_link, [[1, 2]])
 
 
+def test_small_segments_join_their_best_neighbour_where_the_constraints_allow():
+  """Below the threshold everywhere but 1-2, fragment 3 (10 voxels) stays alone without the
+  cleanup; with it, it joins 2 (the better boundary, 0.4 against 0.3) unconstrained, and 4
+  where the synapse on 2-3 forbids that. Segments of 100 voxels or more stay as they are."""
+  rag = _toy_rag()
+  rag["aff_sum"] = np.array([95.0, 40.0, 30.0])
+  rag["mito_pairs"] = np.zeros(3, np.int64)
+  rag["frag_size"] = np.array([1000, 1000, 10, 1000])
+  plain = agglomerate(rag, AgglomerationParams(threshold=0.5, **TOY)).segment_ids
+  assert len(np.unique(plain)) == 3 and plain[2] not in (plain[1], plain[3])
+  for use_constraints, partner in ((False, 1), (True, 3)):
+    seg = agglomerate(rag, AgglomerationParams(threshold=0.5, use_constraints=use_constraints,
+                                               min_segment_voxels=100, **TOY)).segment_ids
+    assert seg[2] == seg[partner] and len(np.unique(seg)) == 2
+
+
 def test_nucleus_instances_join_only_where_the_nucleus_crosses_the_boundary():
   """Fragments 1-2 share nucleus A, 3-4 nucleus B; the somata touch at the 2-3 boundary, where
   no nucleus voxel pairs are: two instances (the fragments' adjacency alone would make one)."""
