@@ -61,36 +61,36 @@ def score_agglomeration(affinities: np.ndarray, organelles: np.ndarray, labels: 
   # one RAG for every setting: mean agglomeration ignores the histograms quantiles need
   rag = merge_rags([block_rag(frags, affinities, organelles, (0, 0, 0), histogram=True,
                               organelle_threshold=list(organelle_cuts))])
+
+  def setting(quantile, evidence, threshold, min_segment_voxels=0):
+    return AgglomerationParams(threshold=threshold, quantile=quantile,
+                               use_constraints=bool(evidence),
+                               constraints=evidence or DEFAULT_AGGLOMERATION["constraints"],
+                               min_segment_voxels=min_segment_voxels)
+
+  def scores(fragment_ids, table):
+    seg = fastremap.remap(frags, dict(zip(fragment_ids.tolist(), table.tolist())))
+    split, merge = voi(seg, labels)
+    return {"arand": adapted_rand_error(seg, labels), "voi_split": split, "voi_merge": merge}
+
   rows = []
   settings = [(q, e) for q in STATISTICS.values() for e in EVIDENCE]
   for quantile, evidence in tqdm(settings, desc="agglomeration settings", disable=not progress):
-    params = AgglomerationParams(threshold=min(thresholds), quantile=quantile,
-                                 use_constraints=bool(evidence),
-                                 constraints=evidence or DEFAULT_AGGLOMERATION["constraints"])
-    result = agglomerate(rag, params, sweep_thresholds=thresholds)
+    result = agglomerate(rag, setting(quantile, evidence, min(thresholds)),
+                         sweep_thresholds=thresholds)
     for threshold, table in result.sweep.items():
-      seg = fastremap.remap(frags, dict(zip(result.fragment_ids.tolist(), table.tolist())))
-      split, merge = voi(seg, labels)
       rows.append({"quantile": quantile, "constraints": list(evidence),
-                   "threshold": threshold, "arand": adapted_rand_error(seg, labels),
-                   "voi_split": split, "voi_merge": merge})
+                   "threshold": threshold, **scores(result.fragment_ids, table)})
   # on a tie, more evidence: a constraint that costs nothing on the labelled data still
   # guards against the merges it exists for (two nuclei, two synapse partners)
   rows.sort(key=lambda r: (r["arand"], r["voi_split"] + r["voi_merge"], -len(r["constraints"])))
   best = rows[0]
   cleanups = []
   for size in MIN_SEGMENT_VOXELS:
-    params = AgglomerationParams(threshold=best["threshold"], quantile=best["quantile"],
-                                 use_constraints=bool(best["constraints"]),
-                                 constraints=(best["constraints"]
-                                              or DEFAULT_AGGLOMERATION["constraints"]),
-                                 min_segment_voxels=size)
-    result = agglomerate(rag, params)
-    seg = fastremap.remap(frags, dict(zip(result.fragment_ids.tolist(),
-                                          result.segment_ids.tolist())))
-    split, merge = voi(seg, labels)
-    cleanups.append({"min_segment_voxels": size, "arand": adapted_rand_error(seg, labels),
-                     "voi_split": split, "voi_merge": merge})
+    result = agglomerate(rag, setting(best["quantile"], tuple(best["constraints"]),
+                                      best["threshold"], size))
+    cleanups.append({"min_segment_voxels": size,
+                     **scores(result.fragment_ids, result.segment_ids)})
   allowed = [c for c in cleanups if c["arand"] <= best["arand"] + CLEANUP_ARAND_TOLERANCE]
   best["min_segment_voxels"] = min(allowed, key=lambda c: c["voi_split"] + c["voi_merge"]
                                    )["min_segment_voxels"]
