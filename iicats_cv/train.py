@@ -169,8 +169,9 @@ class PatchSampler:
     self.hard_fraction = hard_fraction
     # float16 (10, X, Y, Z) local_shape_descriptors per volume, None where it has no labels
     self.shape_descriptors = shape_descriptors or [None] * len(volumes)
-    self.lsd_first = (config.out_channels.index(LSD_CHANNELS[0])
-                      if LSD_CHANNELS[0] in config.out_channels else None)
+    first = (config.out_channels.index(LSD_CHANNELS[0])
+             if LSD_CHANNELS[0] in config.out_channels else None)
+    self.lsd = None if first is None else slice(first, first + len(LSD_CHANNELS))
     self.hard_starts = [None] * len(volumes)
     for index, error in enumerate(hard or []):
       if error is not None:
@@ -217,10 +218,9 @@ class PatchSampler:
           if distance == d and c >= 6:
             target[c], mask[c] = affs[axis], valid[axis]
       descriptors = self.shape_descriptors[index]
-      if self.lsd_first is not None and descriptors is not None:
-        lsd = slice(self.lsd_first, self.lsd_first + len(LSD_CHANNELS))
-        target[lsd] = descriptors[(slice(None),) + sl]
-        mask[lsd] = vol.labels[sl] > 0
+      if self.lsd is not None and descriptors is not None:
+        target[self.lsd] = descriptors[(slice(None),) + sl]
+        mask[self.lsd] = vol.labels[sl] > 0
     for c, name in enumerate(ORGANELLE_CHANNELS):
       organelle = vol.organelle(name)
       if organelle is not None:
@@ -254,18 +254,16 @@ class PatchSampler:
           edge = [slice(None)] * 3
           edge[axis] = slice(0, distance)
           mask[(c,) + tuple(edge)] = 0
-        if self.lsd_first is not None:
-          lsd = slice(self.lsd_first, self.lsd_first + len(LSD_CHANNELS))
-          target[lsd] = mirror_shape_descriptors(target[lsd], axis)
+        if self.lsd is not None:
+          target[self.lsd] = mirror_shape_descriptors(target[self.lsd], axis)
     if rng.random() < 0.5 and image.shape[0] == image.shape[1]:
       # x <-> y: each affinity channel trades places with its partner on the other axis
       swap = list(range(len(target)))
       for axis, distance, c in self.affinities:
         if axis < 2:
           swap[c] = next(o for a, d, o in self.affinities if a == 1 - axis and d == distance)
-      if self.lsd_first is not None:
-        swap[self.lsd_first:self.lsd_first + len(LSD_CHANNELS)] = [
-          self.lsd_first + c for c in LSD_XY_TRANSPOSED]
+      if self.lsd is not None:
+        swap[self.lsd] = [self.lsd.start + c for c in LSD_XY_TRANSPOSED]
       image = image.transpose(1, 0, 2)
       target = target.transpose(0, 2, 1, 3)[swap]
       mask = mask.transpose(0, 2, 1, 3)[swap]
