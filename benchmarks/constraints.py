@@ -1,5 +1,7 @@
 """II-CATS constraints vs unconstrained agglomeration on synthetic tissue dense in nuclei and
-synapses: bERL, nERL and the violations left.
+synapses: bERL, nERL and the violations left, both of the cannot-links derived from the
+organelle channels and of the ground truth (segments holding two nuclei, synapses with both
+partners in one segment).
 
 The input isolates the agglomeration from the network: affinities are the ground truth's,
 scaled to [0.1, 0.9], plus Gaussian noise correlated over 1.5 voxels (std --noise) that opens
@@ -183,10 +185,15 @@ def main():
               f"unconstrained {best_b['berl']:.0f} nm (t={best_b['threshold']}): ratio "
               f"{out['ratio']:.2f} ({out['nucleus_instances']} nucleus instances); "
               f"nERL {best_c['nerl']:.0f} vs {best_b['nerl']:.0f} nm; "
-              f"violations left: {left['segments_with_several_nuclei']} multi-nucleus, "
+              f"violations of the predicted constraints left: "
+              f"{left['segments_with_several_nuclei']} multi-nucleus, "
               f"{left['synapse_partners_merged']} synapse (baseline "
               f"{best_b['violations']['segments_with_several_nuclei']}, "
-              f"{best_b['violations']['synapse_partners_merged']}); in the fragments already: "
+              f"{best_b['violations']['synapse_partners_merged']}); of the ground truth: "
+              f"{best_c['nucleus_violating_segments']} segments with several nuclei, "
+              f"{best_c['n_merged_synapses']} merged synapses (baseline "
+              f"{best_b['nucleus_violating_segments']}, {best_b['n_merged_synapses']}); "
+              f"in the fragments already: "
               f"{out['fragment_errors']['merging_fragments']} of {out['fragments']} hold two "
               f"skeletons, {out['fragment_errors']['synapses_within_one_fragment']} of "
               f"{out['fragment_errors']['synapses']} synapses lie within one", args.json)

@@ -277,7 +277,9 @@ def evaluate_tables(supervoxels, tables: dict, skeletons, nuclei=None, synapses=
   tables: {threshold: (fragment_ids uint64 (F,), segment_ids uint64 (F,))}. Node, nucleus and
   synapse points are looked up in the supervoxels once; each table maps them to segments
   (a supervoxel missing from a table keeps its own id). Returns one dict per threshold,
-  sorted: {threshold, erl, berl, nerl}.
+  sorted: {threshold, erl, berl, nerl, nucleus_violating_segments (how many segments hold two
+  or more ground-truth nuclei), n_merged_synapses (ground-truth synapses whose two partners
+  lie in one segment)}.
   """
   from .skeletons import load_skeletons, read_nuclei_csv, read_synapses_csv
   _, cv = _open_segmentation(supervoxels, mip, what="supervoxels")
@@ -295,7 +297,9 @@ def evaluate_tables(supervoxels, tables: dict, skeletons, nuclei=None, synapses=
     metrics = run_length_metrics(flat, segments[:n], segments[n:n + m],
                                  segments[n + m:].reshape(-1, 2), details=False)
     rows.append({"threshold": float(threshold), "erl": metrics["erl"],
-                 "berl": metrics["berl"], "nerl": metrics["nerl"]})
+                 "berl": metrics["berl"], "nerl": metrics["nerl"],
+                 "nucleus_violating_segments": len(metrics["nucleus_violating_segments"]),
+                 "n_merged_synapses": metrics["n_merged_synapses"]})
   return rows
 
 

@@ -295,7 +295,8 @@ def run_length_metrics(skeletons, node_segments, nucleus_segments=None, synapse_
   Returns a JSON-able dict: erl, berl, nerl (None when undefined: no edge length / no skeleton
   with a nucleus node), total_length L (nm), nerl_length (sum of L_s over skeletons with a
   nucleus node), counts, merging / nucleus_violating / synapse_violating / violating segment
-  ids, and (details=True) `skeletons`: one dict per skeleton (see _skeleton_details) and
+  ids, n_merged_synapses (ground-truth synapses whose two partners lie in one segment), and
+  (details=True) `skeletons`: one dict per skeleton (see _skeleton_details) and
   `violations`: dicts {segment, kind ('merge', 'nuclei', 'synapse'), node | nucleus |
   synapse index, ...} for locating the errors.
 
@@ -353,6 +354,7 @@ def run_length_metrics(skeletons, node_segments, nucleus_segments=None, synapse_
     "merging_segments": merge_ids.tolist(),
     "nucleus_violating_segments": nuc_ids.tolist(),
     "synapse_violating_segments": syn_ids.tolist(),
+    "n_merged_synapses": int(syn_counts.sum()),
     "violating_segments": violating_ids.tolist(),
   }
   if not details:

@@ -110,7 +110,13 @@ def test_synapse_pre_and_post_in_one_segment():
   assert r["erl"] == pytest.approx(200 / 30)
   assert r["berl"] == pytest.approx(100 / 30)
   assert r["synapse_violating_segments"] == [3]
+  assert r["n_merged_synapses"] == 1
   assert r["violations"] == [{"segment": 3, "kind": "synapse", "synapse": 0, "count": 1}]
+  # two synapses merged in segment 3 and one in 4: two violating segments, three synapses
+  merged = np.array([[3, 3], [3, 3], [4, 4], [3, 4]], np.uint64)
+  r = run_length_metrics(sk, segs(3, 3, 4, 4), synapse_segments=merged, details=False)
+  assert r["synapse_violating_segments"] == [3, 4]
+  assert r["n_merged_synapses"] == 3
   # pre in 3, post in 4 is how it should be; a synapse on background is no violation
   ok = np.array([[3, 4], [0, 0]], np.uint64)
   assert berl(sk, segs(3, 3, 4, 4), synapse_segments=ok) == pytest.approx(200 / 30)
