@@ -450,6 +450,8 @@ METRIC_ROWS = (("ERL", "erl", "µm"), ("bERL", "berl", "µm"), ("nERL", "nerl", 
                ("nodes in segment 0", "n_background_nodes", ""),
                ("merging segments", "merging_segments", "n"),
                ("violating segments (bERL)", "violating_segments", "n"),
+               ("segments with two or more GT nuclei", "nucleus_violating_segments", "n"),
+               ("GT synapses with both partners in one segment", "n_merged_synapses", ""),
                ("split edges", "n_split_edges", ""))
 
 
@@ -550,7 +552,8 @@ def summary_line(result: dict) -> str:
     if result.get(key) is not None:
       parts.append(f"{name} {result[key]:.4f}")
   parts.append(f"{len(result.get('merging_segments', []))} merging segment(s), "
-               f"{len(result.get('violating_segments', []))} violating, "
+               f"{len(result.get('violating_segments', []))} violating "
+               f"({result.get('n_merged_synapses', 0)} merged synapse(s)), "
                f"{result.get('n_split_edges', 0)} split edge(s)")
   return "; ".join(parts)
 

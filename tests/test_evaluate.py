@@ -9,8 +9,8 @@ from click.testing import CliRunner
 from cloudvolume import CloudVolume
 
 from iicats_cv.errors import IicatsError
-from iicats_cv.evaluate import (evaluate, evaluate_command, lookup_segments, position_linker,
-                                write_report)
+from iicats_cv.evaluate import (evaluate, evaluate_command, evaluate_tables, lookup_segments,
+                                metric_rows, position_linker, summary_line, write_report)
 from iicats_cv.metrics import Skeleton, adapted_rand_error, voi
 from iicats_cv.skeletons import write_swc
 
@@ -153,6 +153,29 @@ def test_evaluate_hand_case(tmp_path, seg_layer):
   assert {(v["segment"], v["kind"]) for v in r["violations"]} == {(3, "nuclei"),
                                                                   (1, "synapse")}
   assert r["berl"] <= r["erl"]
+  rows = dict(metric_rows(r))
+  assert rows["segments with two or more GT nuclei"] == "1"
+  assert rows["GT synapses with both partners in one segment"] == "1"
+  assert "2 violating (1 merged synapse(s))" in summary_line(r)
+
+
+def test_evaluate_tables_match_evaluate_and_count_violations(tmp_path, seg_layer):
+  # the layer as supervoxels; table 0.5 keeps each segment, table 0.3 also merges 2 into 1
+  sk, swc_dir, nuclei, synapses = ground_truth(tmp_path)
+  ids = np.array([1, 2, 3, 4], np.uint64)
+  tables = {0.5: (ids, ids), 0.3: (ids, np.array([1, 1, 3, 4], np.uint64))}
+  low, high = evaluate_tables(seg_layer, tables, swc_dir, nuclei, synapses)
+  whole = evaluate(seg_layer, skeletons=sk, nuclei=nuclei, synapses=synapses)
+  assert high["threshold"] == 0.5
+  for key in ("erl", "berl", "nerl"):
+    assert high[key] == pytest.approx(whole[key])
+  # segment 3 holds two nuclei, segment 1 both partners of the synapse, in both tables
+  for row in (low, high):
+    assert (row["nucleus_violating_segments"], row["n_merged_synapses"]) == (1, 1)
+  # merging 2 into 1 joins skeleton 1's runs into one, but in the violating segment 1: ERL
+  # gains, and bERL loses the 40 nm run that lay in segment 2 (its only correct run)
+  assert low["erl"] > high["erl"]
+  assert (high["berl"], low["berl"]) == (pytest.approx(1600 / 440), 0.0)
 
 
 def test_evaluate_merge_and_pooled(tmp_path, seg_layer):
