@@ -9,6 +9,8 @@ The affinities are the model's prediction on the held-out FIB crop shipped with 
 the ratio is this project's voxels/s over waterz's at each method's best threshold.
 The affinities themselves are scored too: average precision against the affinities derived
 from the ground-truth neurons (affinity_ap; boundary_ap ranks the rare boundaries).
+The fragment oracle gives each of this project's fragments its majority ground-truth neuron:
+the best any agglomeration of these fragments can score (oracle_*).
 
   python benchmarks/segmentation.py [--checkpoint CKPT] [--json OUT]
 """
@@ -60,6 +62,22 @@ def waterz_run(affs):
   return seconds, {t: s.transpose(2, 1, 0) for t, s in segs.items()}
 
 
+def fragment_oracle(frags: np.ndarray, labels: np.ndarray) -> np.ndarray:
+  """uint64 (X, Y, Z): each fragment relabelled with the ground-truth neuron holding most of
+  its voxels (ties: the lowest id)."""
+  frag = fastremap.renumber(frags.astype(np.uint64))[0]
+  truth = labels.astype(np.uint64)
+  width = np.uint64(int(truth.max()) + 1)
+  pairs, counts = np.unique(frag.ravel() * width + truth.ravel(), return_counts=True)
+  owner, neuron = pairs // width, pairs % width
+  order = np.lexsort((neuron, -counts, owner))
+  first = np.ones(len(order), bool)
+  first[1:] = owner[order[1:]] != owner[order[:-1]]
+  majority = np.zeros(int(frag.max()) + 1, np.uint64)
+  majority[owner[order[first]]] = neuron[order[first]]
+  return majority[frag]
+
+
 def best(segs, labels):
   scored = {t: adapted_rand_error(seg, labels) for t, seg in segs.items()}
   t = min(scored, key=scored.get)
@@ -88,6 +106,8 @@ def main():
   waterz_s, waterz_segs = waterz_run(affs)
   t_ours, arand, split, merge = best(ours_segs, labels)
   t_w, arand_w, split_w, merge_w = best(waterz_segs, labels)
+  oracle = fragment_oracle(fragments(affs, resolution), labels)
+  split_o, merge_o = voi(oracle, labels)
   out = {
     "voxels": int(voxels), "thresholds": THRESHOLDS, **precision,
     "ours_seconds": round(ours_s, 3), "waterz_seconds": round(waterz_s, 3),
@@ -100,11 +120,14 @@ def main():
     "voi_merge_constrained": merge_c, "threshold_constrained": t_c,
     "arand_quantile75": arand_q, "voi_split_quantile75": split_q,
     "voi_merge_quantile75": merge_q, "threshold_quantile75": t_q,
+    "oracle_arand": adapted_rand_error(oracle, labels), "oracle_voi_split": split_o,
+    "oracle_voi_merge": merge_o,
   }
   report(out, f"ours {voxels / ours_s / 1e6:.2f} Mvx/s vs waterz {voxels / waterz_s / 1e6:.2f} Mvx/s: "
               f"ratio {out['ratio_vs_waterz']:.2f}; best ARAND {arand:.4f} (with nucleus+mito evidence "
               f"{arand_c:.4f}) vs waterz {arand_w:.4f}; affinity AP {precision['affinity_ap']:.4f}, "
-              f"boundary AP {precision['boundary_ap']:.4f}",
+              f"boundary AP {precision['boundary_ap']:.4f}; fragment oracle ARAND "
+              f"{out['oracle_arand']:.4f}, VOI {split_o:.3f} / {merge_o:.3f}",
               args.json)
 
 
