@@ -206,12 +206,18 @@ def _print_summary(summary, out):
       unit = " nm" if "erl" in name else ""
       base_text = f"{base:12.4f}" if base is not None else " " * 12
       click.echo(f"{name:<16}{metrics[name]:14.4f}{base_text}{unit}")
+  for name, label in (("nucleus_violating_segments", "GT 2+ nuclei"),
+                      ("n_merged_synapses", "GT syn. merged")):
+    if name in metrics:  # ground-truth violations: segments, synapses
+      base = metrics.get(f"baseline_{name}")
+      click.echo(f"{label:<16}{metrics[name]:14d}{'' if base is None else f'{base:12d}'}")
   agg = summary.get("agglomeration") or {}
   if agg:
     from .calibrate import setting_text
     click.echo(f"agglomeration: {setting_text(agg['params'])}")
     click.echo(f"segments {agg['segments']} (baseline {agg['baseline_segments']}), tracked "
-               f"neurons {agg['tracked']}, violations left {agg['violations']}")
+               f"neurons {agg['tracked']}, violations of the predicted constraints left "
+               f"{agg['violations']}")
   timings = summary["timings"]
   click.echo("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
   if summary.get("report"):

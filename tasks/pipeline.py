@@ -259,6 +259,9 @@ def evaluate_run(out, layers, gt_labels, gt_skeletons, nuclei, synapses) -> dict
     for name in ("erl", "berl", "nerl", "total_length", "voi_split", "voi_merge", "arand"):
       if result.get(name) is not None:
         metrics[key + name] = result[name]
+    if "n_merged_synapses" in result:  # ground-truth violations (with skeletons given)
+      metrics[key + "nucleus_violating_segments"] = len(result["nucleus_violating_segments"])
+      metrics[key + "n_merged_synapses"] = result["n_merged_synapses"]
     if not key:
       metrics["details"] = result
   if gt_skeletons:

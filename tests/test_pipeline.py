@@ -20,6 +20,12 @@ def test_summary_contract(synthetic_demo):
   for name in ("erl", "berl", "nerl", "arand", "voi_split", "voi_merge"):
     assert isinstance(summary["metrics"][name], float), name
   assert summary["metrics"]["berl"] <= summary["metrics"]["erl"] + 1e-9
+  # ground-truth violations, for the result, the baseline and each threshold of the sweep
+  for name in ("nucleus_violating_segments", "n_merged_synapses"):
+    for value in [summary["metrics"][name], summary["metrics"]["baseline_" + name]] + [
+        row[name] for row in summary["metrics"]["sweep"]]:
+      assert isinstance(value, int) and value >= 0, name
+  assert "GT syn. merged" in output
   for stage in ("inference", "watershed", "rag", "agglomerate", "remap", "mesh", "skeleton"):
     assert summary["timings"][stage] >= 0
   assert "Neuroglancer:" in output and "done:" in output
