@@ -277,9 +277,9 @@ def evaluate_tables(supervoxels, tables: dict, skeletons, nuclei=None, synapses=
   tables: {threshold: (fragment_ids uint64 (F,), segment_ids uint64 (F,))}. Node, nucleus and
   synapse points are looked up in the supervoxels once; each table maps them to segments
   (a supervoxel missing from a table keeps its own id). Returns one dict per threshold,
-  sorted: {threshold, erl, berl, nerl, nucleus_violating_segments (how many segments hold two
-  or more ground-truth nuclei), n_merged_synapses (ground-truth synapses whose two partners
-  lie in one segment)}.
+  sorted: {threshold, erl, berl, nerl, and with nuclei nucleus_violating_segments (how many
+  segments hold two or more ground-truth nuclei), with synapses n_merged_synapses
+  (ground-truth synapses whose two partners lie in one segment)}.
   """
   from .skeletons import load_skeletons, read_nuclei_csv, read_synapses_csv
   _, cv = _open_segmentation(supervoxels, mip, what="supervoxels")
@@ -296,10 +296,13 @@ def evaluate_tables(supervoxels, tables: dict, skeletons, nuclei=None, synapses=
     segments = np.where(found, segment_ids[index], fragments)
     metrics = run_length_metrics(flat, segments[:n], segments[n:n + m],
                                  segments[n + m:].reshape(-1, 2), details=False)
-    rows.append({"threshold": float(threshold), "erl": metrics["erl"],
-                 "berl": metrics["berl"], "nerl": metrics["nerl"],
-                 "nucleus_violating_segments": len(metrics["nucleus_violating_segments"]),
-                 "n_merged_synapses": metrics["n_merged_synapses"]})
+    row = {"threshold": float(threshold), "erl": metrics["erl"], "berl": metrics["berl"],
+           "nerl": metrics["nerl"]}
+    if nuclei is not None:
+      row["nucleus_violating_segments"] = len(metrics["nucleus_violating_segments"])
+    if synapses is not None:
+      row["n_merged_synapses"] = metrics["n_merged_synapses"]
+    rows.append(row)
   return rows
 
 
@@ -453,13 +456,15 @@ METRIC_ROWS = (("ERL", "erl", "µm"), ("bERL", "berl", "µm"), ("nERL", "nerl", 
                ("segments with two or more GT nuclei", "nucleus_violating_segments", "n"),
                ("GT synapses with both partners in one segment", "n_merged_synapses", ""),
                ("split edges", "n_split_edges", ""))
+# rows that count violations of ground-truth points: shown only where such points were given
+COUNTED_POINTS = {"nucleus_violating_segments": "n_nuclei", "n_merged_synapses": "n_synapses"}
 
 
 def metric_rows(result) -> list[tuple[str, str]]:
   """(name, formatted value) for the metrics present in a result."""
   rows = []
   for name, key, unit in METRIC_ROWS:
-    if key not in result:
+    if key not in result or not result.get(COUNTED_POINTS.get(key), 1):
       continue
     value = result[key]
     rows.append((name, str(len(value)) if unit == "n" else _fmt(value, unit)))
@@ -552,9 +557,10 @@ def summary_line(result: dict) -> str:
     if result.get(key) is not None:
       parts.append(f"{name} {result[key]:.4f}")
   parts.append(f"{len(result.get('merging_segments', []))} merging segment(s), "
-               f"{len(result.get('violating_segments', []))} violating "
-               f"({result.get('n_merged_synapses', 0)} merged synapse(s)), "
-               f"{result.get('n_split_edges', 0)} split edge(s)")
+               f"{len(result.get('violating_segments', []))} violating"
+               + (f" ({result['n_merged_synapses']} merged synapse(s))"
+                  if result.get("n_synapses") else "")
+               + f", {result.get('n_split_edges', 0)} split edge(s)")
   return "; ".join(parts)
 
 

@@ -157,6 +157,11 @@ def test_evaluate_hand_case(tmp_path, seg_layer):
   assert rows["segments with two or more GT nuclei"] == "1"
   assert rows["GT synapses with both partners in one segment"] == "1"
   assert "2 violating (1 merged synapse(s))" in summary_line(r)
+  # without ground-truth synapses there is nothing to count
+  r = evaluate(seg_layer, skeletons=sk, nuclei=nuclei)
+  assert "GT synapses with both partners in one segment" not in dict(metric_rows(r))
+  assert "segments with two or more GT nuclei" in dict(metric_rows(r))
+  assert "merged synapse" not in summary_line(r)
 
 
 def test_evaluate_tables_match_evaluate_and_count_violations(tmp_path, seg_layer):
@@ -172,6 +177,9 @@ def test_evaluate_tables_match_evaluate_and_count_violations(tmp_path, seg_layer
   # segment 3 holds two nuclei, segment 1 both partners of the synapse, in both tables
   for row in (low, high):
     assert (row["nucleus_violating_segments"], row["n_merged_synapses"]) == (1, 1)
+  # without nuclei or synapses there is nothing to count
+  (row,) = evaluate_tables(seg_layer, {0.5: (ids, ids)}, swc_dir)
+  assert "nucleus_violating_segments" not in row and "n_merged_synapses" not in row
   # merging 2 into 1 joins skeleton 1's runs into one, but in the violating segment 1: ERL
   # gains, and bERL loses the 40 nm run that lay in segment 2 (its only correct run)
   assert low["erl"] > high["erl"]
