@@ -259,10 +259,10 @@ def evaluate_run(out, layers, gt_labels, gt_skeletons, nuclei, synapses) -> dict
     for name in ("erl", "berl", "nerl", "total_length", "voi_split", "voi_merge", "arand"):
       if result.get(name) is not None:
         metrics[key + name] = result[name]
-    # ground-truth violations, where skeletons and the nuclei / synapses are given
-    if "n_merged_synapses" in result and nuclei is not None:
+    # ground-truth violations, where the nuclei / synapses are given
+    if nuclei is not None:
       metrics[key + "nucleus_violating_segments"] = len(result["nucleus_violating_segments"])
-    if "n_merged_synapses" in result and synapses is not None:
+    if synapses is not None:
       metrics[key + "n_merged_synapses"] = result["n_merged_synapses"]
     if not key:
       metrics["details"] = result
