@@ -206,7 +206,7 @@ def _print_summary(summary, out):
       unit = " nm" if "erl" in name else ""
       base_text = f"{base:12.4f}" if base is not None else " " * 12
       click.echo(f"{name:<16}{metrics[name]:14.4f}{base_text}{unit}")
-  for name, label in (("nucleus_violating_segments", "GT 2+ nuclei"),
+  for name, label in (("n_nucleus_violating_segments", "GT 2+ nuclei"),
                       ("n_merged_synapses", "GT syn. merged")):
     if name in metrics:  # ground-truth violations: segments, synapses
       base = metrics.get(f"baseline_{name}")

@@ -209,6 +209,18 @@ def _split_locations(flat, node_segments, limit) -> tuple[int, list[dict]]:
                                             sb[shown].tolist())]
 
 
+def ground_truth_violations(metrics: dict, n_nuclei: int, n_synapses: int) -> dict:
+  """The ground-truth violations in run_length_metrics' output, for the kinds of points
+  given: n_nucleus_violating_segments (segments holding two or more nuclei, with nuclei) and
+  n_merged_synapses (synapses whose two partners lie in one segment, with synapses)."""
+  counts = {}
+  if n_nuclei:
+    counts["n_nucleus_violating_segments"] = len(metrics["nucleus_violating_segments"])
+  if n_synapses:
+    counts["n_merged_synapses"] = metrics["n_merged_synapses"]
+  return counts
+
+
 def evaluate(segmentation, skeletons=None, nuclei=None, synapses=None, gt_labels=None,
              mip: int = 0, pooled: bool = False, max_locations: int = MAX_LOCATIONS) -> dict:
   """Evaluate a segmentation layer against ground truth.
@@ -220,7 +232,8 @@ def evaluate(segmentation, skeletons=None, nuclei=None, synapses=None, gt_labels
   mip: the segmentation's mip; pooled: funlib-style pooled runs.
 
   Returns a JSON-able dict: erl, berl, nerl, total_length (nm; None without skeletons),
-  voi_split, voi_merge, arand (only with gt_labels), counts, `skeletons` (per-skeleton
+  voi_split, voi_merge, arand (only with gt_labels), counts, the ground_truth_violations
+  (for the kinds of points given), `skeletons` (per-skeleton
   details, see metrics.run_length_metrics), `violations` ({segment, kind: merge | nuclei |
   synapse, position nm, detail}), `splits` (split edge locations, at most max_locations) and
   the input description. All inputs are read and checked before anything is computed."""
@@ -257,6 +270,8 @@ def evaluate(segmentation, skeletons=None, nuclei=None, synapses=None, gt_labels
   }
   if skeletons is None:
     result["total_length"] = None
+  result.update(ground_truth_violations(metrics, m, len(synapses_nm)))
+  del metrics["n_merged_synapses"]  # reported above, where synapses were given
   result.update(metrics)
   result.update({
     "n_nuclei": int(m), "n_synapses": int(len(synapses_nm)),
@@ -277,9 +292,7 @@ def evaluate_tables(supervoxels, tables: dict, skeletons, nuclei=None, synapses=
   tables: {threshold: (fragment_ids uint64 (F,), segment_ids uint64 (F,))}. Node, nucleus and
   synapse points are looked up in the supervoxels once; each table maps them to segments
   (a supervoxel missing from a table keeps its own id). Returns one dict per threshold,
-  sorted: {threshold, erl, berl, nerl, and with nuclei nucleus_violating_segments (how many
-  segments hold two or more ground-truth nuclei), with synapses n_merged_synapses
-  (ground-truth synapses whose two partners lie in one segment)}.
+  sorted: {threshold, erl, berl, nerl} and the ground_truth_violations.
   """
   from .skeletons import load_skeletons, read_nuclei_csv, read_synapses_csv
   _, cv = _open_segmentation(supervoxels, mip, what="supervoxels")
@@ -296,13 +309,9 @@ def evaluate_tables(supervoxels, tables: dict, skeletons, nuclei=None, synapses=
     segments = np.where(found, segment_ids[index], fragments)
     metrics = run_length_metrics(flat, segments[:n], segments[n:n + m],
                                  segments[n + m:].reshape(-1, 2), details=False)
-    row = {"threshold": float(threshold), "erl": metrics["erl"], "berl": metrics["berl"],
-           "nerl": metrics["nerl"]}
-    if nuclei is not None:
-      row["nucleus_violating_segments"] = len(metrics["nucleus_violating_segments"])
-    if synapses is not None:
-      row["n_merged_synapses"] = metrics["n_merged_synapses"]
-    rows.append(row)
+    rows.append({"threshold": float(threshold), "erl": metrics["erl"],
+                 "berl": metrics["berl"], "nerl": metrics["nerl"],
+                 **ground_truth_violations(metrics, m, len(synapses_nm))})
   return rows
 
 
@@ -453,18 +462,16 @@ METRIC_ROWS = (("ERL", "erl", "µm"), ("bERL", "berl", "µm"), ("nERL", "nerl", 
                ("nodes in segment 0", "n_background_nodes", ""),
                ("merging segments", "merging_segments", "n"),
                ("violating segments (bERL)", "violating_segments", "n"),
-               ("segments with two or more GT nuclei", "nucleus_violating_segments", "n"),
+               ("segments with two or more GT nuclei", "n_nucleus_violating_segments", ""),
                ("GT synapses with both partners in one segment", "n_merged_synapses", ""),
                ("split edges", "n_split_edges", ""))
-# rows that count violations of ground-truth points: shown only where such points were given
-COUNTED_POINTS = {"nucleus_violating_segments": "n_nuclei", "n_merged_synapses": "n_synapses"}
 
 
 def metric_rows(result) -> list[tuple[str, str]]:
   """(name, formatted value) for the metrics present in a result."""
   rows = []
   for name, key, unit in METRIC_ROWS:
-    if key not in result or not result.get(COUNTED_POINTS.get(key), 1):
+    if key not in result:
       continue
     value = result[key]
     rows.append((name, str(len(value)) if unit == "n" else _fmt(value, unit)))
@@ -559,7 +566,7 @@ def summary_line(result: dict) -> str:
   parts.append(f"{len(result.get('merging_segments', []))} merging segment(s), "
                f"{len(result.get('violating_segments', []))} violating"
                + (f" ({result['n_merged_synapses']} merged synapse(s))"
-                  if result.get("n_synapses") else "")
+                  if "n_merged_synapses" in result else "")
                + f", {result.get('n_split_edges', 0)} split edge(s)")
   return "; ".join(parts)
 

@@ -219,10 +219,9 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
 def resolve_operating_point(checkpoint, threshold, quantile, constraints, augment=False,
                             min_segment_voxels=None):
   """The run's (threshold, quantile or None for the mean, constraints, min_segment_voxels,
-  organelle cuts): what
-  the caller gave, the rest from the checkpoint's calibrated operating point (with a note
-  when that was calibrated with test-time augmentation on and the run has it off, or the
-  other way round)."""
+  organelle cuts): what the caller gave, the rest from the checkpoint's calibrated operating
+  point (with a note when that was calibrated with test-time augmentation on and the run has
+  it off, or the other way round)."""
   from iicats_cv.calibrate import agglomeration_settings, organelle_thresholds
   from iicats_cv.model import checkpoint_metadata
   metadata = checkpoint_metadata(checkpoint)
@@ -256,14 +255,10 @@ def evaluate_run(out, layers, gt_labels, gt_skeletons, nuclei, synapses) -> dict
   for key, layer in (("", layers["segmentation"]), ("baseline_", layers["segmentation_baseline"])):
     result = evaluate(layer, skeletons=gt_skeletons, nuclei=nuclei, synapses=synapses,
                       gt_labels=gt_labels)
-    for name in ("erl", "berl", "nerl", "total_length", "voi_split", "voi_merge", "arand"):
+    for name in ("erl", "berl", "nerl", "total_length", "voi_split", "voi_merge", "arand",
+                 "n_nucleus_violating_segments", "n_merged_synapses"):
       if result.get(name) is not None:
         metrics[key + name] = result[name]
-    # ground-truth violations, where the nuclei / synapses are given
-    if nuclei is not None:
-      metrics[key + "nucleus_violating_segments"] = len(result["nucleus_violating_segments"])
-    if synapses is not None:
-      metrics[key + "n_merged_synapses"] = result["n_merged_synapses"]
     if not key:
       metrics["details"] = result
   if gt_skeletons:

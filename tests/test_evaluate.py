@@ -176,10 +176,10 @@ def test_evaluate_tables_match_evaluate_and_count_violations(tmp_path, seg_layer
     assert high[key] == pytest.approx(whole[key])
   # segment 3 holds two nuclei, segment 1 both partners of the synapse, in both tables
   for row in (low, high):
-    assert (row["nucleus_violating_segments"], row["n_merged_synapses"]) == (1, 1)
+    assert (row["n_nucleus_violating_segments"], row["n_merged_synapses"]) == (1, 1)
   # without nuclei or synapses there is nothing to count
   (row,) = evaluate_tables(seg_layer, {0.5: (ids, ids)}, swc_dir)
-  assert "nucleus_violating_segments" not in row and "n_merged_synapses" not in row
+  assert "n_nucleus_violating_segments" not in row and "n_merged_synapses" not in row
   # merging 2 into 1 joins skeleton 1's runs into one, but in the violating segment 1: ERL
   # gains, and bERL loses the 40 nm run that lay in segment 2 (its only correct run)
   assert low["erl"] > high["erl"]

@@ -21,7 +21,7 @@ def test_summary_contract(synthetic_demo):
     assert isinstance(summary["metrics"][name], float), name
   assert summary["metrics"]["berl"] <= summary["metrics"]["erl"] + 1e-9
   # ground-truth violations, for the result, the baseline and each threshold of the sweep
-  for name in ("nucleus_violating_segments", "n_merged_synapses"):
+  for name in ("n_nucleus_violating_segments", "n_merged_synapses"):
     for value in [summary["metrics"][name], summary["metrics"]["baseline_" + name]] + [
         row[name] for row in summary["metrics"]["sweep"]]:
       assert isinstance(value, int) and value >= 0, name
