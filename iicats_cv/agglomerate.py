@@ -22,6 +22,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from .errors import IicatsError
+from .edge_scorer import apply_edge_scorer
 
 
 @dataclass
@@ -70,6 +71,9 @@ class AgglomerationParams:
   # best-scoring neighbour whatever the score, constraints still honoured: the dust a
   # threshold leaves (0 = off). Sweep tables are taken before this step.
   min_segment_voxels: int = 0
+  # a learned edge scorer (edge_scorer.train_edge_scorer): when given, a boundary's score is
+  # its mean same-neuron probability instead of its affinity (quantile must be None)
+  edge_scorer: dict | None = None
 
 
 def derive_constraints(rag: dict, params: AgglomerationParams) -> tuple[Constraints, np.ndarray]:
@@ -314,6 +318,11 @@ def agglomerate(rag: dict, params: AgglomerationParams, sweep_thresholds=(),
     history (the greedy merge order is the same for every threshold, so each table equals a
     separate run at that threshold).
   """
+  if params.edge_scorer is not None:
+    if params.quantile is not None:
+      raise IicatsError("agglomeration: a learned edge scorer replaces the affinity statistic; "
+                        "give it or a quantile, not both")
+    rag = apply_edge_scorer(rag, params.edge_scorer)
   frag = rag["frag_id"]
   n = len(frag)
   u = np.searchsorted(frag, rag["u"])

@@ -34,8 +34,10 @@ EVIDENCE = ((), ("nucleus",), ("nucleus", "mitochondria"),
 ORGANELLE_CUTS = tuple(round(0.3 + 0.05 * k, 2) for k in range(14))  # 0.3 ... 0.95
 DEFAULT_AGGLOMERATION = {"threshold": 0.5, "quantile": None,
                          "constraints": ["nucleus", "synapse", "mitochondria"],
-                         "min_segment_voxels": 0}
+                         "min_segment_voxels": 0, "learned": False}
 MIN_SEGMENT_VOXELS = (0, 250, 500, 1000, 2000, 4000)
+# a learned edge probability: 0.5 is its natural cut, and merges above 0.8 are near certain
+SCORER_THRESHOLDS = tuple(round(0.3 + 0.05 * k, 2) for k in range(11))  # 0.3 ... 0.8
 # a dust cleanup may cost at most this much ARAND: it is there for the split VOI of many tiny
 # segments, not to trade merges for splits
 CLEANUP_ARAND_TOLERANCE = 0.005
@@ -98,6 +100,99 @@ def score_agglomeration(affinities: np.ndarray, organelles: np.ndarray, labels: 
   return rows
 
 
+def _halves(*arrays):
+  """Each (…, X, Y, Z) array cut in two along z: [(first halves), (second halves)]."""
+  middle = arrays[0].shape[-1] // 2
+  return [tuple(a[..., :middle] for a in arrays), tuple(a[..., middle:] for a in arrays)]
+
+
+def _scorer_rag(image, affinities, organelles, resolution, organelle_cuts):
+  frags = fragments(affinities, resolution)
+  rag = merge_rags([block_rag(frags, affinities, organelles, (0, 0, 0), histogram=True,
+                              organelle_threshold=list(organelle_cuts), image=image)])
+  return frags, rag
+
+
+def _table_scores(frags, labels, fragment_ids, table) -> dict:
+  seg = fastremap.remap(frags, dict(zip(fragment_ids.tolist(), table.tolist())))
+  split, merge = voi(seg, labels)
+  return {"arand": adapted_rand_error(seg, labels), "voi_split": split, "voi_merge": merge}
+
+
+def _mean_scores(rows: list) -> dict:
+  return {key: float(np.mean([r[key] for r in rows])) for key in ("arand", "voi_split",
+                                                                  "voi_merge")}
+
+
+def calibrate_edge_scorer(image: np.ndarray, affinities: np.ndarray, organelles: np.ndarray,
+                          labels: np.ndarray, resolution, classic: dict,
+                          thresholds=SCORER_THRESHOLDS, organelle_cuts=(0.5, 0.5, 0.5),
+                          progress: bool = False) -> dict:
+  """Train a learned edge scorer (edge_scorer) on a labelled volume and choose its threshold
+  without scoring it on the edges it learnt from: the volume is cut in two along z, a scorer
+  trained on each half agglomerates the other, and the threshold (then the dust cleanup, as
+  score_agglomeration chooses it) with the lowest ARAND (then VOI) over both halves wins. The
+  `classic` setting (score_agglomeration's best row) is scored on the same halves, and the
+  scorer is `used` only where it beats it there. The returned scorer is trained on the whole
+  volume.
+
+  image: uint8 (X, Y, Z); affinities, organelles: float32 (3, X, Y, Z); labels: integer
+  (X, Y, Z) ground truth. Returns {"scorer", "used", "setting": {"threshold",
+  "constraints", "min_segment_voxels", "arand", "voi_split", "voi_merge"} (means over the
+  halves), "classic_on_halves": {...}}.
+  """
+  from .edge_scorer import edge_features, same_neuron_edges, train_edge_scorer
+  constraints = tuple(classic["constraints"])
+  halves = []
+  for part in tqdm(_halves(image, affinities, organelles, labels), desc="edge scorer halves",
+                   disable=not progress):
+    frags, rag = _scorer_rag(*part[:3], resolution, organelle_cuts)
+    halves.append((frags, rag, part[3], edge_features(rag),
+                   same_neuron_edges(frags, part[3], rag)))
+
+  def setting(threshold, scorer=None, min_segment_voxels=0, quantile=None):
+    return AgglomerationParams(threshold=threshold, quantile=quantile,
+                               use_constraints=bool(constraints),
+                               constraints=constraints or DEFAULT_AGGLOMERATION["constraints"],
+                               min_segment_voxels=min_segment_voxels, edge_scorer=scorer)
+
+  per_threshold = {t: [] for t in thresholds}
+  cleanups = {size: [] for size in MIN_SEGMENT_VOXELS}
+  scorers, classic_rows = [], []
+  for k, (frags, rag, truth, _, _) in enumerate(halves):
+    other = halves[1 - k]
+    scorer = train_edge_scorer(other[3], other[4], other[1]["count"])
+    scorers.append(scorer)
+    result = agglomerate(rag, setting(min(thresholds), scorer), sweep_thresholds=thresholds)
+    for t, table in result.sweep.items():
+      per_threshold[t].append(_table_scores(frags, truth, result.fragment_ids, table))
+    result = agglomerate(rag, setting(classic["threshold"], None,
+                                      classic.get("min_segment_voxels", 0),
+                                      classic.get("quantile")))
+    classic_rows.append(_table_scores(frags, truth, result.fragment_ids, result.segment_ids))
+  ranked = sorted(((_mean_scores(rows), t) for t, rows in per_threshold.items()),
+                  key=lambda r: (r[0]["arand"], r[0]["voi_split"] + r[0]["voi_merge"]))
+  best, threshold = ranked[0]
+  for k, (frags, rag, truth, _, _) in enumerate(halves):
+    for size in MIN_SEGMENT_VOXELS:
+      result = agglomerate(rag, setting(threshold, scorers[k], size))
+      cleanups[size].append(_table_scores(frags, truth, result.fragment_ids,
+                                          result.segment_ids))
+  cleanup = {size: _mean_scores(rows) for size, rows in cleanups.items()}
+  allowed = [size for size, c in cleanup.items()
+             if c["arand"] <= best["arand"] + CLEANUP_ARAND_TOLERANCE]
+  size = min(allowed, key=lambda s: cleanup[s]["voi_split"] + cleanup[s]["voi_merge"])
+  classic_mean = _mean_scores(classic_rows)
+  frags, rag = _scorer_rag(image, affinities, organelles, resolution, organelle_cuts)
+  final = train_edge_scorer(edge_features(rag), same_neuron_edges(frags, labels, rag),
+                            rag["count"])
+  chosen = {"threshold": threshold, "quantile": None, "constraints": list(constraints),
+            "min_segment_voxels": size, "learned": True, **cleanup[size]}
+  return {"scorer": final, "setting": chosen, "classic_on_halves": classic_mean,
+          "used": (chosen["arand"], chosen["voi_split"] + chosen["voi_merge"])
+          < (classic_mean["arand"], classic_mean["voi_split"] + classic_mean["voi_merge"])}
+
+
 def choose_organelle_thresholds(organelles: np.ndarray, masks: dict,
                                 cuts=ORGANELLE_CUTS) -> dict:
   """The probability cut with the best voxel Dice, per organelle that has a mask.
@@ -119,22 +214,25 @@ def choose_organelle_thresholds(organelles: np.ndarray, masks: dict,
 
 def setting_text(setting: dict) -> str:
   """An agglomeration setting ({"quantile", "constraints", "threshold"}, and optionally
-  "nucleus_fraction", "min_segment_voxels") in words."""
+  "nucleus_fraction", "min_segment_voxels", "learned" or "edge_scorer") in words."""
   quantile = setting.get("quantile")
-  statistic = "mean" if quantile is None else f"{quantile:g}-quantile"
+  if setting.get("learned") or setting.get("edge_scorer"):
+    statistic = "learned edge probability"
+  else:
+    statistic = "mean affinity" if quantile is None else f"{quantile:g}-quantile affinity"
   evidence = ",".join(setting["constraints"]) or "no evidence"
   fraction = setting.get("nucleus_fraction", AgglomerationParams.nucleus_fraction)
   if "nucleus" in setting["constraints"] and fraction != AgglomerationParams.nucleus_fraction:
     evidence += f" (nuclear fragments ≥ {fraction:.0%} nucleus)"
   cleanup = setting.get("min_segment_voxels") or 0
   dust = f", segments < {cleanup} voxels joined to a neighbour" if cleanup else ""
-  return f"{statistic} affinity + {evidence} at t={setting['threshold']:.2f}{dust}"
+  return f"{statistic} + {evidence} at t={setting['threshold']:.2f}{dust}"
 
 
 def agglomeration_settings(metadata: dict) -> dict:
-  """{"threshold", "quantile", "constraints", "min_segment_voxels"} of a checkpoint's
-  operating point, or the uncalibrated defaults (mean affinity at 0.5, every kind of
-  evidence, no dust cleanup)."""
+  """{"threshold", "quantile", "constraints", "min_segment_voxels", "learned"} of a
+  checkpoint's operating point, or the uncalibrated defaults (mean affinity at 0.5, every kind
+  of evidence, no dust cleanup, no learned edge scorer)."""
   chosen = (metadata.get("operating_point") or {}).get("agglomeration") or {}
   return {key: chosen.get(key, default) for key, default in DEFAULT_AGGLOMERATION.items()}
 

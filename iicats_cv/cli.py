@@ -98,13 +98,14 @@ def _constraint_list(ctx, param, value):
 
 
 def _quantile(ctx, param, value):
-  if value is None or value == "mean":
+  if value in (None, "mean", "learned"):
     return value
   try:
     q = float(value)
     assert 0 < q < 1
   except (ValueError, AssertionError):
-    raise click.BadParameter(f"{value}: expected 'mean' or a quantile between 0 and 1")
+    raise click.BadParameter(f"{value}: expected 'mean', 'learned' or a quantile between 0 "
+                             "and 1")
   return q
 
 
@@ -132,8 +133,10 @@ def _pipeline_options(func):
                       "calibrated choice, else all)."),
     click.option("--quantile", default=None, callback=_quantile,
                  help="Merge on this quantile of the boundary affinities (e.g. 0.75, as "
-                      "waterz does; the RAG then keeps histograms), or on their 'mean' "
-                      "(default: the checkpoint's calibrated choice, else the mean)."),
+                      "waterz does; the RAG then keeps histograms), on their 'mean', or on "
+                      "the checkpoint's 'learned' edge scorer (same-neuron probability; "
+                      "`iicats calibrate` trains it) (default: the checkpoint's calibrated "
+                      "choice, else the mean)."),
     click.option("--nucleus-fraction", type=click.FloatRange(0, 1, min_open=True), default=None,
                  help="A fragment counts as nuclear when this share of its voxels is predicted "
                       "nucleus (default 0.5). Lower it (e.g. 0.1) where the watershed does not "
@@ -484,15 +487,22 @@ CALIBRATION_MAX_VOXELS = 150_000_000
 @click.option("--tta", is_flag=True, help="Calibrate the test-time-augmented prediction.")
 @click.option("--out", required=True,
               help="Calibrated checkpoint (.safetensors; may be the --checkpoint file itself).")
+@click.option("--edge-scorer/--no-edge-scorer", default=True, show_default=True,
+              help="With --labels, also train a learned edge scorer and use it where it beats "
+                   "the best affinity statistic on held-out halves of the region.")
 @click.option("--json", "json_path", default=None, help="Write every scored setting here.")
 def calibrate_command(checkpoint, image, labels, nuclei, mitochondria, synapses, bounds, tta,
-                      out, json_path):
+                      edge_scorer, out, json_path):
   """Choose a model's operating point on labelled data and record it in the checkpoint.
 
   With --labels: the agglomeration statistic (mean, 50th or 75th percentile affinity), the
   organelle evidence and the threshold with the lowest ARAND (then VOI) of the pipeline's own
-  watershed, RAG and agglomeration. With organelle layers: each organelle's probability cut
-  with the best voxel Dice. `iicats pipeline` uses these wherever its options are not given.
+  watershed, RAG and agglomeration. Then a learned edge scorer (fragment pairs' same-neuron
+  probability from their boundary and appearance): its threshold is chosen with each half of
+  the region (cut along z) agglomerated by a scorer trained on the other, and it becomes the
+  operating point where it scores better there than the best statistic does on the same
+  halves. With organelle layers: each organelle's probability cut with the best voxel Dice.
+  `iicats pipeline` uses these wherever its options are not given.
   Reads the whole region into memory: give a cutout of a few hundred voxels a side.
 
   \b
@@ -502,7 +512,8 @@ def calibrate_command(checkpoint, image, labels, nuclei, mitochondria, synapses,
   """
   import numpy as np
   import torch
-  from .calibrate import choose_organelle_thresholds, score_agglomeration, setting_text
+  from .calibrate import (calibrate_edge_scorer, choose_organelle_thresholds,
+                          score_agglomeration, setting_text)
   from .inference import predict_volume
   from .model import ORGANELLE_CHANNELS, load_checkpoint, update_checkpoint_metadata
   from .layers import open_layer
@@ -548,8 +559,24 @@ def calibrate_command(checkpoint, image, labels, nuclei, mitochondria, synapses,
     for row in rows[:8]:
       click.echo(f"  {setting_text(row):<58} ARAND {row['arand']:.4f}  "
                  f"VOI {row['voi_split']:.3f} / {row['voi_merge']:.3f}")
-    point["agglomeration"] = rows[0]
-    lines.append(f"agglomeration {setting_text(rows[0])} (ARAND {rows[0]['arand']:.4f})")
+    point["agglomeration"] = point["classic_agglomeration"] = rows[0]
+    if edge_scorer:
+      learned = calibrate_edge_scorer(volume.image, affinities, organelles, volume.labels,
+                                      resolution, rows[0], organelle_cuts=organelle_cuts,
+                                      progress=True)
+      on_halves = learned["classic_on_halves"]
+      click.echo(f"  on the two halves: {setting_text(learned['setting']):<46} ARAND "
+                 f"{learned['setting']['arand']:.4f}  VOI {learned['setting']['voi_split']:.3f}"
+                 f" / {learned['setting']['voi_merge']:.3f}; {setting_text(rows[0])} ARAND "
+                 f"{on_halves['arand']:.4f}  VOI {on_halves['voi_split']:.3f} / "
+                 f"{on_halves['voi_merge']:.3f}")
+      point["edge_scorer"] = {**learned["scorer"], "setting": learned["setting"],
+                              "classic_on_halves": on_halves, "used": learned["used"]}
+      if learned["used"]:
+        point["agglomeration"] = learned["setting"]
+    chosen = point["agglomeration"]
+    lines.append(f"agglomeration {setting_text(chosen)} (ARAND {chosen['arand']:.4f}"
+                 + (" on held-out halves)" if chosen.get("learned") else ")"))
   ctx = click.get_current_context()
   point["calibration"] = {"command": _command_line(ctx), "image": image,
                           "voxels": voxels,
@@ -733,7 +760,7 @@ def track_command(out_prefix, seeds, name, threshold, track_threshold, constrain
             "track_threshold": threshold if track_threshold is None else track_threshold,
             "quantile": ran.get("quantile")}
   # the run's nuclei and segments, so that its seeds and constraints hold
-  for same in ("nucleus_fraction", "min_segment_voxels"):
+  for same in ("nucleus_fraction", "min_segment_voxels", "edge_scorer"):
     if same in ran:
       params[same] = ran[same]
   started = time.time()

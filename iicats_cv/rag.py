@@ -22,11 +22,18 @@ SUMMED_EDGE_FIELDS = ("count", "aff_sum", "mito_pairs", "nucleus_pairs", "synaps
 HIST_BINS = 32
 FRAGMENT_FIELDS = ("id", "size", "nucleus_voxels", "nucleus_sum_x", "nucleus_sum_y",
                    "nucleus_sum_z")
+# what each fragment looks like, for a learned edge scorer (edge_scorer.edge_features): sums
+# over its voxels of the image (uint8 values), their squares, the nucleus, mitochondria and
+# synapse probabilities and 1 - the lowest of the voxel's three affinities; present when
+# block_rag was given the image
+APPEARANCE_FIELDS = ("intensity_sum", "intensity_sq_sum", "nucleus_prob_sum", "mito_prob_sum",
+                     "synapse_prob_sum", "boundary_sum")
 
 
 def block_rag(supervoxels: np.ndarray, affinities: np.ndarray, organelles: np.ndarray | None,
               context, block_origin=(0, 0, 0), organelle_threshold=0.5,
-              face_agreement: dict | None = None, histogram: bool = False) -> dict:
+              face_agreement: dict | None = None, histogram: bool = False,
+              image: np.ndarray | None = None) -> dict:
   """Edges and fragment statistics of one block.
 
   supervoxels: uint64 (X+cx, Y+cy, Z+cz) — the block plus `context` = (cx, cy, cz) voxels
@@ -42,6 +49,8 @@ def block_rag(supervoxels: np.ndarray, affinities: np.ndarray, organelles: np.nd
     (nucleus, mitochondria, synapse) cuts (a checkpoint's calibrated operating point).
   histogram: also store `aff_hist`, uint32 (E, HIST_BINS) affinity counts per edge (for
     quantile agglomeration; HIST_BINS × 4 bytes more per edge).
+  image: uint8 (X, Y, Z) EM of the block only, or None; given (with organelles), each
+    fragment also gets APPEARANCE_FIELDS (48 bytes more per fragment).
   Returns a dict of flat arrays: edge fields EDGE_FIELDS (u < v) and fragment fields
   prefixed 'frag_' (see FRAGMENT_FIELDS); fragment stats cover the block's own voxels only.
   """
@@ -123,8 +132,20 @@ def block_rag(supervoxels: np.ndarray, affinities: np.ndarray, organelles: np.nd
   else:
     for field in FRAGMENT_FIELDS[2:]:
       out[f"frag_{field}"] = np.zeros(len(out["frag_id"]))
+  if image is not None:
+    if organelles is None:
+      raise ValueError("block_rag: appearance statistics need the organelles too")
+    grey = image.astype(np.float64).ravel()
+    per_voxel = {"intensity_sum": grey, "intensity_sq_sum": grey * grey,
+                 # a voxel's own affinities (to its -1 neighbours): within the block, so the
+                 # sums of blocks add up to the whole volume's
+                 "boundary_sum": (1.0 - affinities.min(axis=0)).ravel()}
+    for channel, name in enumerate(("nucleus", "mito", "synapse")):
+      per_voxel[f"{name}_prob_sum"] = organelles[channel][inner].ravel()
+    for field in APPEARANCE_FIELDS:
+      out[f"frag_{field}"] = np.bincount(own, weights=per_voxel[field], minlength=n)[size > 0]
   keep = out["frag_id"] != 0
-  for field in FRAGMENT_FIELDS:
+  for field in FRAGMENT_FIELDS + (APPEARANCE_FIELDS if image is not None else ()):
     out[f"frag_{field}"] = out[f"frag_{field}"][keep]
   return out
 
@@ -195,8 +216,9 @@ def relabel(rag: dict, old_ids: np.ndarray, new_ids: np.ndarray) -> dict:
   for field in EDGE_FIELDS[2:]:
     if field in rag:
       part[field] = rag[field][keep]
-  for field in FRAGMENT_FIELDS[1:]:
-    part[f"frag_{field}"] = rag[f"frag_{field}"]
+  for field in FRAGMENT_FIELDS[1:] + APPEARANCE_FIELDS:
+    if f"frag_{field}" in rag:
+      part[f"frag_{field}"] = rag[f"frag_{field}"]
   return merge_rags([part])
 
 
@@ -238,7 +260,8 @@ def merge_rags(parts) -> dict:
   frag = np.concatenate([p["frag_id"] for p in parts]).astype(np.uint64)
   frag_ids, finv = np.unique(frag, return_inverse=True)
   out["frag_id"] = frag_ids
-  for field in FRAGMENT_FIELDS[1:]:
+  optional = [f for f in APPEARANCE_FIELDS if all(f"frag_{f}" in p for p in parts)]
+  for field in FRAGMENT_FIELDS[1:] + tuple(optional):
     values = np.concatenate([p[f"frag_{field}"] for p in parts]).astype(np.float64)
     out[f"frag_{field}"] = np.bincount(finv.ravel(), weights=values, minlength=len(frag_ids))
   return out

@@ -22,8 +22,9 @@ from iicats_cv.layers import normalize_cloudpath, open_layer, join, local_path
 from . import igneous_stages as ig
 from .inference import clear_patch_cache, create_inference_tasks
 from .runner import open_queue, run_tasks
-from .segmentation import (create_watershed_tasks, create_rag_tasks, create_reduce_tasks,
-                           level_prefix, agglomerate_task, create_remap_tasks)
+from .segmentation import (EDGE_SCORER_OBJECT, create_watershed_tasks, create_rag_tasks,
+                           create_reduce_tasks, level_prefix, agglomerate_task,
+                           create_remap_tasks)
 from .common import get_json, put_json
 
 LAYERS = ("image", "affinities", "organelles", "supervoxels", "segmentation")
@@ -131,9 +132,9 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
   if levels > 1 and not hierarchy:
     raise IicatsError(f"levels={levels} needs hierarchy (--hierarchy N): the parts of each "
                       "level are N×N×N parts of the level below")
-  threshold, quantile, constraints, min_segment_voxels, organelle_cuts = (
+  threshold, quantile, constraints, min_segment_voxels, organelle_cuts, scorer = (
     resolve_operating_point(checkpoint, threshold, quantile, constraints, augment,
-                            min_segment_voxels))
+                            min_segment_voxels, hierarchy=bool(hierarchy)))
   if nucleus_fraction is None:
     nucleus_fraction = AgglomerationParams.nucleus_fraction
   layers = {"image": image, **{name: join(out, name) for name in LAYERS[1:]},
@@ -142,6 +143,7 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
   put_json(run.state, "run.json", {"image": image, "task_shape": task_shape,
                                    "checkpoint": checkpoint or "default", "threshold": threshold,
                                    "quantile": quantile, "constraints": list(constraints),
+                                   "edge_scorer": scorer is not None,
                                    "organelle_thresholds": organelle_cuts,
                                    "nucleus_fraction": nucleus_fraction,
                                    "min_segment_voxels": min_segment_voxels,
@@ -157,11 +159,15 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
     layers["affinities"], layers["supervoxels"], task_shape, state_prefix=state))
   run.stage("rag", lambda: create_rag_tasks(
     layers["supervoxels"], layers["affinities"], layers["organelles"], join(out, "rag"),
-    task_shape, state_prefix=state, histogram=quantile is not None,
-    organelle_thresholds=organelle_cuts))
+    task_shape, state_prefix=state, histogram=quantile is not None or scorer is not None,
+    organelle_thresholds=organelle_cuts, image_path=image if scorer is not None else ""))
   params = {"threshold": threshold, "constraints": list(constraints), "quantile": quantile,
             "track_threshold": threshold if track_threshold is None else track_threshold,
             "nucleus_fraction": nucleus_fraction, "min_segment_voxels": min_segment_voxels}
+  if scorer is not None:
+    # in the bucket beside the RAG: task messages stay small (SQS takes at most 256 KiB)
+    put_json(out, EDGE_SCORER_OBJECT, scorer)
+    params["edge_scorer"] = EDGE_SCORER_OBJECT
   hierarchy_prefix = join(out, f"hierarchy/{hierarchy}") if hierarchy else ""
   if hierarchy:
     # the first level merges down to the threshold, so the sweep can only go lower
@@ -217,27 +223,52 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
 
 
 def resolve_operating_point(checkpoint, threshold, quantile, constraints, augment=False,
-                            min_segment_voxels=None):
+                            min_segment_voxels=None, hierarchy=False):
   """The run's (threshold, quantile or None for the mean, constraints, min_segment_voxels,
-  organelle cuts): what the caller gave, the rest from the checkpoint's calibrated operating
-  point (with a note when that was calibrated with test-time augmentation on and the run has
-  it off, or the other way round)."""
+  organelle cuts, edge scorer or None): what the caller gave, the rest from the checkpoint's
+  calibrated operating point (with a note when that was calibrated with test-time
+  augmentation on and the run has it off, or the other way round).
+
+  quantile "learned" (or None where the checkpoint's operating point is its learned edge
+  scorer) uses that scorer, with the scorer's calibrated setting; any other statistic takes
+  the unset options from the best affinity statistic's calibrated setting. The hierarchical
+  path merges part interiors on raw affinities, so with `hierarchy` the default falls back to
+  that statistic (a note says so) and an explicit "learned" is an error."""
   from iicats_cv.calibrate import agglomeration_settings, organelle_thresholds
   from iicats_cv.model import checkpoint_metadata
   metadata = checkpoint_metadata(checkpoint)
-  calibration = (metadata.get("operating_point") or {}).get("calibration")
+  point = metadata.get("operating_point") or {}
+  calibration = point.get("calibration")
   if calibration and bool(calibration.get("test_time_augmentation")) != augment:
     print(f"note: checkpoint {checkpoint or 'default'} was calibrated with test-time "
           f"augmentation {'on' if not augment else 'off'}; this run has it "
           f"{'on' if augment else 'off'} (--tta)", flush=True)
   chosen = agglomeration_settings(metadata)
+  scorer = point.get("edge_scorer")
+  learned = quantile == "learned" or (quantile is None and chosen["learned"])
+  if learned and not scorer:
+    raise IicatsError(f"checkpoint {checkpoint or 'default'}: has no learned edge scorer "
+                      "(`iicats calibrate --labels ...` trains one); use --quantile mean or a "
+                      "quantile")
+  if learned and hierarchy:
+    if quantile == "learned":
+      raise IicatsError("--quantile learned: the learned edge scorer does not work with "
+                        "--hierarchy yet (part interiors merge on raw affinities); give "
+                        "--quantile mean or a quantile")
+    print(f"note: checkpoint {checkpoint or 'default'}'s learned edge scorer does not work with "
+          "--hierarchy yet: this run uses its best affinity statistic", flush=True)
+    learned = False
+  if learned != chosen["learned"]:
+    source = scorer["setting"] if learned else point.get("classic_agglomeration", {})
+    chosen = agglomeration_settings({"operating_point": {"agglomeration": source}})
   threshold = chosen["threshold"] if threshold is None else threshold
-  quantile = chosen["quantile"] if quantile is None else quantile
+  quantile = chosen["quantile"] if quantile in (None, "learned") else quantile
   constraints = tuple(chosen["constraints"] if constraints is None else constraints)
   if min_segment_voxels is None:
     min_segment_voxels = chosen["min_segment_voxels"]
   return (float(threshold), None if quantile in (None, "mean") else float(quantile),
-          constraints, int(min_segment_voxels), organelle_thresholds(metadata))
+          constraints, int(min_segment_voxels), organelle_thresholds(metadata),
+          scorer if learned else None)
 
 
 def out_owns(out: str, path: str) -> bool:

@@ -11,6 +11,7 @@ Data in the bucket, next to the layers (`OUT` is the run's prefix):
 """
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 
@@ -26,8 +27,24 @@ from iicats_cv.layers import open_layer, create_layer, join, resolve_cloudpath
 from iicats_cv.rag import EDGE_FIELDS, block_rag, contract_stitched, merge_rags, relabel
 from iicats_cv.watershed import AXES, face_agreement, fragments
 from .common import (block_grid, check_task_shape, mark_done, block_name, done_names, put_npz,
-                     get_npz, put_json)
+                     get_npz, put_json, get_json)
 from cloudfiles import CloudFiles
+
+
+EDGE_SCORER_OBJECT = "agglomeration/edge_scorer.json"
+
+
+def agglomeration_params(params: dict, out_prefix: str) -> AgglomerationParams:
+  """AgglomerationParams from a task's JSON params, whose "edge_scorer" (when set) names the
+  learned edge scorer's object under out_prefix."""
+  params = dict(params)
+  if params.get("edge_scorer"):
+    scorer = get_json(out_prefix, params["edge_scorer"])
+    if scorer is None:
+      raise IicatsError(f"{join(out_prefix, params['edge_scorer'])}: the run's edge scorer is "
+                        "missing; run the pipeline again")
+    params["edge_scorer"] = scorer
+  return AgglomerationParams(**params)
 
 
 def _float_channels(cv, bbox, channels: int | None = None) -> np.ndarray:
@@ -131,10 +148,11 @@ def create_watershed_tasks(affinities_path: str, supervoxels_path: str, task_sha
 def rag_task(supervoxels_path: str, affinities_path: str, organelles_path: str,
              rag_prefix: str, start: list, stop: list, task_shape: list,
              state_prefix: str = "", histogram: bool = False,
-             organelle_thresholds: list = (0.5, 0.5, 0.5)):
+             organelle_thresholds: list = (0.5, 0.5, 0.5), image_path: str = ""):
   """RAG of one block: voxel pairs whose upper voxel lies in the block (reads one voxel of
   context below each face that has a neighbour), with the stitching of its low faces.
-  organelle_thresholds: nucleus, mitochondria, synapse probability cuts."""
+  organelle_thresholds: nucleus, mitochondria, synapse probability cuts. image_path: the EM
+  image layer, read for the fragments' appearance (a learned edge scorer needs it)."""
   sv_cv = open_layer(supervoxels_path, layer_type="segmentation", what="supervoxels layer")
   bounds = sv_cv.bounds
   context = [1 if s > b else 0 for s, b in zip(start, bounds.minpt)]
@@ -146,10 +164,15 @@ def rag_task(supervoxels_path: str, affinities_path: str, organelles_path: str,
   if organelles_path:
     org_cv = open_layer(organelles_path, num_channels=3, what="organelles layer")
     organelles = _float_channels(org_cv, Bbox(lo, stop))
+  image = None
+  if image_path:
+    image_cv = open_layer(image_path, layer_type="image", dtypes=("uint8",), num_channels=1,
+                          what="image layer")
+    image = np.asarray(image_cv[block])[..., 0]
   agreement = _low_face_agreement(supervoxels_path, start, task_shape, context)
   rag = block_rag(supervoxels, affs, organelles, context, block_origin=start,
                   face_agreement=agreement, histogram=histogram,
-                  organelle_threshold=list(organelle_thresholds))
+                  organelle_threshold=list(organelle_thresholds), image=image)
   put_npz(rag_prefix, f"{block_name(start)}.npz", rag)
   if state_prefix:
     mark_done(state_prefix, "rag", block_name(start))
@@ -172,7 +195,7 @@ def _low_face_agreement(supervoxels_path, start, task_shape, context) -> dict:
 
 def create_rag_tasks(supervoxels_path, affinities_path, organelles_path, rag_prefix,
                      task_shape, state_prefix="", histogram=False,
-                     organelle_thresholds=(0.5, 0.5, 0.5)):
+                     organelle_thresholds=(0.5, 0.5, 0.5), image_path=""):
   sv_cv = open_layer(supervoxels_path, layer_type="segmentation", what="supervoxels layer")
   bounds = sv_cv.bounds
   done = done_names(state_prefix, "rag") if state_prefix else set()
@@ -180,7 +203,8 @@ def create_rag_tasks(supervoxels_path, affinities_path, organelles_path, rag_pre
     partial(rag_task, supervoxels_path=supervoxels_path, affinities_path=affinities_path,
              organelles_path=organelles_path or "", rag_prefix=rag_prefix, start=lo, stop=hi,
              task_shape=list(task_shape), state_prefix=state_prefix, histogram=histogram,
-             organelle_thresholds=[float(t) for t in organelle_thresholds])
+             organelle_thresholds=[float(t) for t in organelle_thresholds],
+             image_path=image_path)
     for lo, hi, _ in block_grid(bounds.minpt, bounds.maxpt, task_shape)
     if block_name(lo) not in done
   ]
@@ -365,14 +389,13 @@ def agglomerate_task(rag_prefix: str, supervoxels_path: str, out_prefix: str, pa
   sweep_<t>), OUT/agglomeration/summary.json and OUT/tracked.json.
   """
   fragment_ids, node_of_fragment, rag = _stitched_rag(rag_prefix, hierarchy_prefix)
-  p = AgglomerationParams(**params)
+  p = agglomeration_params(params, out_prefix)
   seeds, positions = (None, {})
   if track:
     seeds, positions = _seed_fragments(rag, p, seeds_nm, supervoxels_path,
                                        (fragment_ids, node_of_fragment))
   result = agglomerate(rag, p, sweep_thresholds=sweep, seeds=seeds)
-  baseline_params = AgglomerationParams(**{**params, "use_constraints": False})
-  baseline = agglomerate(rag, baseline_params)
+  baseline = agglomerate(rag, dataclasses.replace(p, use_constraints=False))
   # tables per fragment (what remap reads), from the tables per stitched node
   node_index = np.searchsorted(result.fragment_ids, node_of_fragment)
   arrays = {"fragment_ids": fragment_ids, "segment_ids": result.segment_ids[node_index],
@@ -409,7 +432,7 @@ def track_task(rag_prefix: str, supervoxels_path: str, out_prefix: str, params: 
   OUT/NAME.json ([{"id", "seed", "seed_nm", "fragments", "voxels"}]).
   """
   fragment_ids, node_of_fragment, rag = _stitched_rag(rag_prefix, hierarchy_prefix)
-  p = AgglomerationParams(**params)
+  p = agglomeration_params(params, out_prefix)
   seeds, positions = _seed_fragments(rag, p, seeds_nm, supervoxels_path,
                                      (fragment_ids, node_of_fragment))
   if not seeds:

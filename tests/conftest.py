@@ -51,6 +51,20 @@ def blobs(shape=(48, 48, 32), n=6, seed=0):
   return labels, np.clip(image, 0, 255).astype(np.uint8)
 
 
+def noisy_affinities(labels, seed=0, noise=0.1, smooth=0.0):
+  """GT affinities scaled to [0.1, 0.9] plus Gaussian noise of std `noise`, spatially
+  correlated over `smooth` voxels (sigma) as a network's errors are."""
+  from scipy import ndimage
+  from iicats_cv.train import affinities_from_labels
+  affs, _ = affinities_from_labels(labels)
+  rng = np.random.default_rng(seed)
+  error = rng.normal(0, 1, affs.shape)
+  if smooth:
+    error = ndimage.gaussian_filter(error, (0, smooth, smooth, smooth))
+  error *= noise / error.std()
+  return np.clip(affs * 0.8 + 0.1 + error, 0, 1).astype(np.float32)
+
+
 @pytest.fixture(scope="session")
 def synthetic_demo(tmp_path_factory):
   """`iicats demo --dataset synthetic` through an fq:// queue with 64³ tasks, run once per

@@ -6,8 +6,9 @@ import torch
 from click.testing import CliRunner
 
 from iicats_cv.calibrate import (AGGLOMERATION_THRESHOLDS, CLEANUP_ARAND_TOLERANCE, EVIDENCE,
-                                 MIN_SEGMENT_VOXELS, STATISTICS, choose_organelle_thresholds,
-                                 score_agglomeration)
+                                 MIN_SEGMENT_VOXELS, SCORER_THRESHOLDS, STATISTICS,
+                                 choose_organelle_thresholds, score_agglomeration)
+from iicats_cv.edge_scorer import FEATURES
 from iicats_cv.cli import cli
 from iicats_cv.errors import IicatsError
 from iicats_cv.model import checkpoint_metadata, load_checkpoint, update_checkpoint_metadata
@@ -70,10 +71,23 @@ def test_calibrate_command_records_the_operating_point(tmp_path, tiny_checkpoint
   assert result.exit_code == 0, result.output
   assert "calibrated in" in result.output
   point = checkpoint_metadata(out)["operating_point"]
+  classic = point["classic_agglomeration"]
+  assert classic["threshold"] in AGGLOMERATION_THRESHOLDS
+  assert classic["quantile"] in STATISTICS.values()
+  assert tuple(classic["constraints"]) in EVIDENCE
+  # the learned edge scorer, its setting chosen on the halves, is the operating point only
+  # where it beat the best statistic there
+  scorer = point["edge_scorer"]
+  assert scorer["features"] == list(FEATURES) and len(scorer["members"]) == 5
+  assert scorer["setting"]["threshold"] in SCORER_THRESHOLDS
+  assert scorer["setting"]["constraints"] == classic["constraints"]
+  better = ((scorer["setting"]["arand"], scorer["setting"]["voi_split"]
+             + scorer["setting"]["voi_merge"])
+            < (scorer["classic_on_halves"]["arand"], scorer["classic_on_halves"]["voi_split"]
+               + scorer["classic_on_halves"]["voi_merge"]))
+  assert scorer["used"] == better
   chosen = point["agglomeration"]
-  assert chosen["threshold"] in AGGLOMERATION_THRESHOLDS
-  assert chosen["quantile"] in STATISTICS.values()
-  assert tuple(chosen["constraints"]) in EVIDENCE
+  assert chosen == (scorer["setting"] if better else classic)
   assert set(point["organelle_thresholds"]) == {"mitochondria"}
   assert "iicats calibrate" in point["calibration"]["command"]
   # the source's metadata is kept and its weights are copied unchanged
@@ -82,11 +96,12 @@ def test_calibrate_command_records_the_operating_point(tmp_path, tiny_checkpoint
   for name, weights in before.state_dict().items():
     torch.testing.assert_close(after.state_dict()[name], weights, rtol=0, atol=0)
   # the pipeline takes what the caller leaves out from the checkpoint
-  threshold, quantile, constraints, min_voxels, cuts = resolve_operating_point(
+  threshold, quantile, constraints, min_voxels, cuts, used = resolve_operating_point(
     out, None, None, None)
   assert (threshold, quantile, list(constraints), min_voxels) == (
     chosen["threshold"], chosen["quantile"], chosen["constraints"],
     chosen["min_segment_voxels"])
+  assert (used is not None) == better
   assert cuts == [0.5, point["organelle_thresholds"]["mitochondria"], 0.5]
   assert resolve_operating_point(out, 0.3, "mean", ("nucleus",), min_segment_voxels=7
                                  )[:4] == (0.3, None, ("nucleus",), 7)
@@ -96,9 +111,50 @@ def test_calibrate_command_records_the_operating_point(tmp_path, tiny_checkpoint
     capsys.readouterr().out
 
 
+def _with_operating_point(tmp_path, source, learned: bool):
+  """A checkpoint whose operating point holds a (made-up) learned scorer setting at t=0.65
+  and a classic one (0.75-quantile at t=0.45, 250-voxel cleanup); `learned` picks which."""
+  classic = {"threshold": 0.45, "quantile": 0.75, "constraints": ["nucleus"],
+             "min_segment_voxels": 250}
+  setting = {"threshold": 0.65, "quantile": None, "constraints": ["nucleus", "mitochondria"],
+             "min_segment_voxels": 1000, "learned": True}
+  scorer = {"features": list(FEATURES), "mean": [0.0] * len(FEATURES),
+            "scale": [1.0] * len(FEATURES), "members": [], "setting": setting}
+  out = str(tmp_path / f"point-{learned}.safetensors")
+  update_checkpoint_metadata(source, out, {"operating_point": {
+    "agglomeration": setting if learned else classic, "classic_agglomeration": classic,
+    "edge_scorer": scorer}})
+  return out
+
+
+def test_operating_point_picks_the_scorer_or_the_statistic(tmp_path, tiny_checkpoint, capsys):
+  learned = _with_operating_point(tmp_path, tiny_checkpoint, True)
+  threshold, quantile, constraints, cleanup, _, scorer = resolve_operating_point(
+    learned, None, None, None)
+  assert (threshold, quantile, constraints, cleanup) == (
+    0.65, None, ("nucleus", "mitochondria"), 1000)
+  assert scorer["features"] == list(FEATURES)
+  # another statistic takes the classic setting's threshold and cleanup, not the scorer's
+  assert resolve_operating_point(learned, None, "mean", None) == (
+    0.45, None, ("nucleus",), 250, [0.5, 0.5, 0.5], None)
+  # the hierarchy falls back to the statistic, with a note; asked for, the scorer is an error
+  assert resolve_operating_point(learned, None, None, None, hierarchy=True)[-1] is None
+  assert "does not work with --hierarchy yet" in capsys.readouterr().out
+  with pytest.raises(IicatsError, match="does not work with --hierarchy"):
+    resolve_operating_point(learned, None, "learned", None, hierarchy=True)
+  # where the statistic won, the scorer is still there when asked for
+  classic = _with_operating_point(tmp_path, tiny_checkpoint, False)
+  assert resolve_operating_point(classic, None, None, None)[:4] == (
+    0.45, 0.75, ("nucleus",), 250)
+  assert resolve_operating_point(classic, None, "learned", None)[:4] == (
+    0.65, None, ("nucleus", "mitochondria"), 1000)
+  with pytest.raises(IicatsError, match="has no learned edge scorer"):
+    resolve_operating_point(tiny_checkpoint, None, "learned", None)
+
+
 def test_uncalibrated_checkpoint_keeps_the_defaults(tiny_checkpoint):
   assert resolve_operating_point(tiny_checkpoint, None, None, None) == (
-    0.5, None, ("nucleus", "synapse", "mitochondria"), 0, [0.5, 0.5, 0.5])
+    0.5, None, ("nucleus", "synapse", "mitochondria"), 0, [0.5, 0.5, 0.5], None)
 
 
 def test_calibrate_needs_labels_and_a_readable_checkpoint(tmp_path, tiny_checkpoint):
@@ -122,10 +178,12 @@ def test_calibrate_needs_labels_and_a_readable_checkpoint(tmp_path, tiny_checkpo
 
 
 def test_shipped_models_carry_their_operating_points():
-  """The default model's agglomeration was calibrated on the FIB training half, the vnc
-  model's organelle cuts on VNC sections 0-11 (scripts/train_*_model.sh)."""
+  """The default model's agglomeration was calibrated on the FIB training half (its learned
+  edge scorer beat the best affinity statistic there), the vnc model's organelle cuts on VNC
+  sections 0-11 (scripts/train_*_model.sh)."""
   default = checkpoint_metadata("default")["operating_point"]
-  assert default["agglomeration"]["quantile"] == 0.75
+  assert default["agglomeration"]["learned"] and default["edge_scorer"]["used"]
+  assert default["classic_agglomeration"]["quantile"] == 0.75
   assert "fib" in default["calibration"]["image"]
   vnc = checkpoint_metadata("vnc")["operating_point"]
   assert set(vnc["organelle_thresholds"]) == {"mitochondria", "synapse"}

@@ -182,3 +182,46 @@ def test_pipeline_hierarchical_quantile_run(tmp_path, tiny_checkpoint, capsys):
   names = [layer.name for layer in neuroglancer.parse_url(summary["neuroglancer_url"]).layers]
   assert "segmentation" in names and "image" not in names
   assert "image " + image_path + " is a local layer outside" in capsys.readouterr().out
+
+
+def test_pipeline_agglomerates_with_the_checkpoints_learned_edge_scorer(tmp_path,
+                                                                         tiny_checkpoint):
+  """A checkpoint whose operating point is a learned edge scorer: the rag stage reads the
+  image for the fragments' appearance, the scorer goes to the bucket beside the tables (the
+  task message names it), and the global step's tables are those of agglomerate() with it."""
+  from conftest import blobs
+  from test_edge_scorer import _scene
+  from iicats_cv.agglomerate import AgglomerationParams, agglomerate
+  from iicats_cv.edge_scorer import edge_features, same_neuron_edges, train_edge_scorer
+  from iicats_cv.model import update_checkpoint_metadata
+  from iicats_cv.tasks.common import get_json, get_npz
+  from iicats_cv.tasks.pipeline import run_pipeline
+  from iicats_cv.tasks.segmentation import EDGE_SCORER_OBJECT, _stitched_rag
+  from iicats_cv.volume_io import import_volume
+  frags, rag, labels = _scene()
+  scorer = train_edge_scorer(edge_features(rag), same_neuron_edges(frags, labels, rag),
+                             rag["count"], members=2)
+  setting = {"threshold": 0.6, "quantile": None, "constraints": ["nucleus"],
+             "min_segment_voxels": 0, "learned": True}
+  calibrated = str(tmp_path / "learned.safetensors")
+  update_checkpoint_metadata(tiny_checkpoint, calibrated, {"operating_point": {
+    "agglomeration": setting, "edge_scorer": {**scorer, "setting": setting, "used": True}}})
+  _, image = blobs(shape=(128, 64, 64), n=8, seed=2)
+  image_path = import_volume(image, "file://" + str(tmp_path / "em"), "image", (10, 10, 10))
+  out = "file://" + str(tmp_path / "run")
+  summary = run_pipeline(image_path, out, task_shape=(64, 64, 64), checkpoint=calibrated,
+                         meshes=False, report=False)
+  assert get_json(out + "/pipeline", "run.json")["edge_scorer"] is True
+  params = summary["agglomeration"]["params"]
+  assert params["edge_scorer"] == EDGE_SCORER_OBJECT and params["threshold"] == 0.6
+  stored = get_json(out, EDGE_SCORER_OBJECT)
+  assert stored["members"] == json.loads(json.dumps(scorer))["members"]
+  block = get_npz(out + "/rag", "64_0_0.npz")
+  assert "aff_hist" in block and "frag_intensity_sum" in block
+  fragment_ids, node_of, node_rag = _stitched_rag(out + "/rag")
+  expected = agglomerate(node_rag, AgglomerationParams(
+    threshold=0.6, constraints=("nucleus",), edge_scorer=stored))
+  table = get_npz(out, "agglomeration/table.npz")
+  np.testing.assert_array_equal(
+    table["segment_ids"],
+    expected.segment_ids[np.searchsorted(expected.fragment_ids, node_of)])

@@ -11,20 +11,7 @@ from iicats_cv.layers import create_layer
 from iicats_cv.rag import block_rag, merge_rags
 from iicats_cv.train import affinities_from_labels
 from iicats_cv.watershed import fragments
-from conftest import blobs
-
-
-def noisy_affinities(labels, seed=0, noise=0.1, smooth=0.0):
-  """GT affinities scaled to [0.1, 0.9] plus Gaussian noise of std `noise`, spatially
-  correlated over `smooth` voxels (sigma) as a network's errors are."""
-  from scipy import ndimage
-  affs, _ = affinities_from_labels(labels)
-  rng = np.random.default_rng(seed)
-  error = rng.normal(0, 1, affs.shape)
-  if smooth:
-    error = ndimage.gaussian_filter(error, (0, smooth, smooth, smooth))
-  error *= noise / error.std()
-  return np.clip(affs * 0.8 + 0.1 + error, 0, 1).astype(np.float32)
+from conftest import blobs, noisy_affinities
 
 
 def test_fragments_cover_volume_and_respect_boundaries():

@@ -1,0 +1,122 @@
+"""The learned edge scorer: features from the RAG, labels from ground truth, training, and
+agglomeration on its probabilities with the constraints still in force."""
+import json
+
+import numpy as np
+import pytest
+
+from iicats_cv.agglomerate import AgglomerationParams, agglomerate
+from iicats_cv.edge_scorer import (FEATURES, apply_edge_scorer, edge_features,
+                                   same_neuron_edges, score_edges, train_edge_scorer)
+from iicats_cv.errors import IicatsError
+from iicats_cv.metrics import adapted_rand_error
+from iicats_cv.rag import APPEARANCE_FIELDS, block_rag, merge_rags
+from iicats_cv.watershed import fragments
+from conftest import blobs, noisy_affinities
+
+
+def _scene(seed=0, shape=(48, 48, 32)):
+  """Blobs whose affinities are so noisy (std 0.35, correlated over 1.5 voxels) that no
+  threshold of the mean affinity separates the cells; each cell's image has its own grey
+  level, which tells the scorer what the affinities do not. -> (fragments, RAG, labels)."""
+  labels, image = blobs(shape, n=10, seed=seed)
+  grey = np.random.default_rng(seed).uniform(60, 200, labels.max() + 1)
+  image = np.clip(grey[labels] + np.random.default_rng(seed + 1).normal(0, 5, shape), 0, 255
+                  ).astype(np.uint8)
+  affinities = noisy_affinities(labels, seed=seed, noise=0.35, smooth=1.5)
+  organelles = np.zeros((3,) + shape, np.float32)
+  frags = fragments(affinities, (10, 10, 10), min_size=10)
+  rag = merge_rags([block_rag(frags, affinities, organelles, (0, 0, 0), histogram=True,
+                              image=image)])
+  return frags, rag, labels
+
+
+def test_features_are_finite_per_edge_and_need_the_appearance():
+  _, rag, _ = _scene()
+  x = edge_features(rag)
+  assert x.shape == (len(rag["u"]), len(FEATURES)) and x.dtype == np.float32
+  assert np.isfinite(x).all()
+  assert (x[:, FEATURES.index("q10")] <= x[:, FEATURES.index("q90")]).all()
+  without = {k: v for k, v in rag.items() if k != "frag_intensity_sum"}
+  with pytest.raises(IicatsError, match="missing: frag_intensity_sum"):
+    edge_features(without)
+
+
+def test_appearance_of_block_rags_adds_up_to_the_whole():
+  labels, image = blobs((32, 32, 32), n=6)
+  affs = noisy_affinities(labels, seed=1)
+  organelles = np.random.default_rng(0).uniform(0, 1, (3,) + labels.shape).astype(np.float32)
+  frags = fragments(affs, (10, 10, 10), min_size=10)
+  whole = merge_rags([block_rag(frags, affs, organelles, (0, 0, 0), image=image)])
+  parts = []
+  for x0 in (0, 16):
+    ctx = (1 if x0 else 0, 0, 0)
+    lo = max(x0 - 1, 0)
+    parts.append(block_rag(frags[lo:x0 + 16], affs[:, x0:x0 + 16], organelles[:, lo:x0 + 16],
+                           ctx, block_origin=(x0, 0, 0), image=image[x0:x0 + 16]))
+  merged = merge_rags(parts)
+  for field in APPEARANCE_FIELDS:
+    np.testing.assert_allclose(merged[f"frag_{field}"], whole[f"frag_{field}"], rtol=1e-6)
+  first = frags == whole["frag_id"][0]
+  assert whole["frag_intensity_sum"][0] == pytest.approx(image[first].sum())
+
+
+def test_same_neuron_edges_follow_the_majority_label():
+  frags = np.array([1, 1, 2, 2, 3, 3, 4, 4], np.uint64).reshape(8, 1, 1)
+  labels = np.array([7, 7, 7, 9, 9, 9, 0, 0], np.uint32).reshape(8, 1, 1)
+  rag = {"frag_id": np.array([1, 2, 3, 4], np.uint64),
+         "u": np.array([1, 2, 3], np.uint64), "v": np.array([2, 3, 4], np.uint64)}
+  # fragment 2 is half 7, half 9: the first (lowest) label wins the tie
+  np.testing.assert_array_equal(same_neuron_edges(frags, labels, rag), [True, False, False])
+
+
+def test_trained_scorer_agglomerates_unseen_data_better_than_the_mean():
+  frags, rag, labels = _scene(seed=0)
+  scorer = train_edge_scorer(edge_features(rag), same_neuron_edges(frags, labels, rag),
+                             rag["count"], members=3)
+  scorer = json.loads(json.dumps(scorer))  # as stored in a checkpoint
+  frags, rag, labels = _scene(seed=4)
+  probability = score_edges(scorer, edge_features(rag))
+  assert ((probability >= 0) & (probability <= 1)).all()
+  same = same_neuron_edges(frags, labels, rag)
+  assert probability[same].mean() > probability[~same].mean() + 0.3
+
+  def arand(params):
+    result = agglomerate(rag, params)
+    table = dict(zip(result.fragment_ids.tolist(), result.segment_ids.tolist()))
+    segmentation = np.vectorize(table.get)(frags)
+    return adapted_rand_error(segmentation, labels)
+
+  plain = min(arand(AgglomerationParams(threshold=t, use_constraints=False))
+              for t in (0.3, 0.4, 0.5, 0.6, 0.7))
+  learned = arand(AgglomerationParams(threshold=0.5, use_constraints=False, edge_scorer=scorer))
+  assert learned < plain / 2  # 0.05 against the mean's best 0.28 when written
+
+
+def test_scored_agglomeration_keeps_the_constraints_and_refuses_a_quantile():
+  frags, rag, labels = _scene(seed=0)
+  scorer = train_edge_scorer(edge_features(rag), same_neuron_edges(frags, labels, rag),
+                             rag["count"], members=1)
+  # a sure merge (probability 1 everywhere) between two nuclear fragments stays blocked
+  sure = dict(scorer, members=[[[np.zeros((len(FEATURES), 1)).tolist(), [50.0]]]])
+  nuclear = rag["frag_id"][:2]
+  rag = dict(rag, frag_nucleus_voxels=np.where(np.isin(rag["frag_id"], nuclear),
+                                                rag["frag_size"], 0).astype(float))
+  result = agglomerate(rag, AgglomerationParams(threshold=0.5, edge_scorer=sure))
+  assert result.segment_ids[0] != result.segment_ids[1]
+  baseline = agglomerate(rag, AgglomerationParams(threshold=0.5, edge_scorer=sure,
+                                                  use_constraints=False))
+  assert len(np.unique(baseline.segment_ids)) < len(np.unique(result.segment_ids))
+  scored = apply_edge_scorer(rag, sure)
+  np.testing.assert_allclose(scored["aff_sum"], rag["count"])
+  assert "aff_hist" not in scored
+  with pytest.raises(IicatsError, match="not both"):
+    agglomerate(rag, AgglomerationParams(quantile=0.75, edge_scorer=sure))
+
+
+def test_scorer_of_other_features_or_unlabelled_data_is_refused():
+  _, rag, _ = _scene()
+  with pytest.raises(IicatsError, match="trained on other features"):
+    score_edges({"features": ["mean_affinity"], "members": []}, edge_features(rag))
+  with pytest.raises(IicatsError, match="no boundary between two neurons"):
+    train_edge_scorer(edge_features(rag), np.ones(len(rag["u"]), bool), rag["count"])
