@@ -10,7 +10,10 @@ the ratio is this project's voxels/s over waterz's at each method's best thresho
 The affinities themselves are scored too: average precision against the affinities derived
 from the ground-truth neurons (affinity_ap; boundary_ap ranks the rare boundaries).
 The fragment oracle gives each of this project's fragments its majority ground-truth neuron:
-the best any agglomeration of these fragments can score (oracle_*).
+the best any agglomeration of these fragments can score (oracle_*). Where the checkpoint has
+a learned edge scorer (`iicats calibrate`), its agglomeration is scored too (learned_*): at
+the best threshold on the crop, as the others, and at its calibrated one (chosen on the
+training half, without the dust cleanup).
 
   python benchmarks/segmentation.py [--checkpoint CKPT] [--json OUT]
 """
@@ -25,7 +28,7 @@ from iicats_cv.agglomerate import AgglomerationParams, agglomerate
 from iicats_cv.datasets import load_fib_crop
 from iicats_cv.inference import predict_volume
 from iicats_cv.metrics import adapted_rand_error, affinity_average_precision, voi
-from iicats_cv.model import load_checkpoint
+from iicats_cv.model import checkpoint_metadata, load_checkpoint
 from iicats_cv.rag import block_rag, merge_rags
 from iicats_cv.train import affinities_from_labels
 from iicats_cv.watershed import fragments
@@ -37,7 +40,22 @@ THRESHOLDS = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
 def predict(checkpoint):
   image, labels, resolution = load_fib_crop()
   probs = predict_volume(load_checkpoint(checkpoint)[0], image)
-  return probs[:3], probs[3:], labels, resolution
+  return image, probs[:3], probs[3:], labels, resolution
+
+
+def learned(image, affs, organelles, resolution, scorer):
+  """{threshold: segmentation} of the scorer's agglomeration with its calibrated evidence,
+  over THRESHOLDS and its calibrated threshold."""
+  setting = scorer["setting"]
+  frags = fragments(affs, resolution)
+  rag = merge_rags([block_rag(frags, affs, organelles, (0, 0, 0), histogram=True, image=image)])
+  thresholds = sorted(set(THRESHOLDS) | {setting["threshold"]})
+  result = agglomerate(rag, AgglomerationParams(
+    threshold=min(thresholds), use_constraints=bool(setting["constraints"]),
+    constraints=tuple(setting["constraints"]) or AgglomerationParams.constraints,
+    edge_scorer=scorer), sweep_thresholds=thresholds)
+  return {t: fastremap.remap(frags, dict(zip(result.fragment_ids.tolist(), table.tolist())))
+          for t, table in result.sweep.items()}
 
 
 def ours(affs, organelles, resolution, params):
@@ -91,7 +109,7 @@ def main():
   parser.add_argument("--json", default=None)
   args = parser.parse_args()
   torch.set_num_threads(2)
-  affs, organelles, labels, resolution = predict(args.checkpoint)
+  image, affs, organelles, labels, resolution = predict(args.checkpoint)
   voxels = labels.size
   precision = affinity_average_precision(affs, *affinities_from_labels(labels))
   ours_s, ours_segs = ours(affs, None, resolution,
@@ -123,11 +141,27 @@ def main():
     "oracle_arand": adapted_rand_error(oracle, labels), "oracle_voi_split": split_o,
     "oracle_voi_merge": merge_o,
   }
+  scorer = (checkpoint_metadata(args.checkpoint).get("operating_point") or {}).get("edge_scorer")
+  learned_text = ""
+  if scorer:
+    learned_segs = learned(image, affs, organelles, resolution, scorer)
+    t_l, arand_l, split_l, merge_l = best(learned_segs, labels)
+    calibrated = scorer["setting"]["threshold"]
+    split_cal, merge_cal = voi(learned_segs[calibrated], labels)
+    out.update({"arand_learned": arand_l, "voi_split_learned": split_l,
+                "voi_merge_learned": merge_l, "threshold_learned": t_l,
+                "threshold_learned_calibrated": calibrated,
+                "arand_learned_calibrated": adapted_rand_error(learned_segs[calibrated], labels),
+                "voi_split_learned_calibrated": split_cal,
+                "voi_merge_learned_calibrated": merge_cal})
+    learned_text = (f"; learned edge scorer best ARAND {arand_l:.4f}, at its calibrated "
+                    f"t={calibrated} {out['arand_learned_calibrated']:.4f} (VOI "
+                    f"{split_cal:.3f} / {merge_cal:.3f})")
   report(out, f"ours {voxels / ours_s / 1e6:.2f} Mvx/s vs waterz {voxels / waterz_s / 1e6:.2f} Mvx/s: "
               f"ratio {out['ratio_vs_waterz']:.2f}; best ARAND {arand:.4f} (with nucleus+mito evidence "
               f"{arand_c:.4f}) vs waterz {arand_w:.4f}; affinity AP {precision['affinity_ap']:.4f}, "
               f"boundary AP {precision['boundary_ap']:.4f}; fragment oracle ARAND "
-              f"{out['oracle_arand']:.4f}, VOI {split_o:.3f} / {merge_o:.3f}",
+              f"{out['oracle_arand']:.4f}, VOI {split_o:.3f} / {merge_o:.3f}" + learned_text,
               args.json)
 
 
