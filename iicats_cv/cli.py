@@ -653,8 +653,8 @@ def mesh_command(cloudpath, queue, parallel, task_shape, sharded, dust):
   from .layers import normalize_cloudpath
   path = normalize_cloudpath(cloudpath)
   started = time.time()
-  queue = run_tasks(ig.mesh_tasks(path, task_shape, dust, sharded=sharded), queue, parallel,
-                    desc="mesh")
+  run_tasks(ig.mesh_tasks(path, task_shape, dust, sharded=sharded), queue, parallel,
+            desc="mesh")
   run_tasks(ig.mesh_merge_tasks(path, sharded=sharded), queue, parallel, desc="mesh-merge")
   ig.record(path, "mesh", {"sharded": sharded, "dust": dust, "task_shape": list(task_shape)})
   _report_validation(path, skeletons=False)
@@ -680,8 +680,8 @@ def skeleton_command(cloudpath, queue, parallel, task_shape, sharded, dust):
   from .layers import normalize_cloudpath
   path = normalize_cloudpath(cloudpath)
   started = time.time()
-  queue = run_tasks(ig.skeleton_tasks(path, task_shape, dust, sharded=sharded), queue, parallel,
-                    desc="skeleton")
+  run_tasks(ig.skeleton_tasks(path, task_shape, dust, sharded=sharded), queue, parallel,
+            desc="skeleton")
   run_tasks(ig.skeleton_merge_tasks(path, sharded=sharded), queue, parallel,
             desc="skeleton-merge")
   ig.record(path, "skeleton", {"sharded": sharded, "dust": dust,
@@ -710,7 +710,7 @@ def downsample_command(cloudpath, queue, parallel, num_mips):
   started = time.time()
   depth = ig.pyramid_depth(cv.bounds.size3(), cv.resolution, num_mips)
   for mip in range(depth):
-    queue = run_tasks(ig.downsample_tasks(path, mip), queue, parallel, desc=f"mip {mip + 1}")
+    run_tasks(ig.downsample_tasks(path, mip), queue, parallel, desc=f"mip {mip + 1}")
   click.echo(f"done: {depth} mip(s) added to {path} in {time.time() - started:.1f} s")
 
 
@@ -764,11 +764,11 @@ def track_command(out_prefix, seeds, name, threshold, track_threshold, constrain
     if same in ran:
       params[same] = ran[same]
   started = time.time()
-  queue = run_tasks([partial(track_task, rag_prefix=join(out, "rag"),
-                             supervoxels_path=supervoxels, out_prefix=out, params=params,
-                             name=name, seeds_nm=seeds_nm,
-                             hierarchy_prefix=summary.get("hierarchy_prefix", ""))],
-                    queue, parallel, desc="track")
+  run_tasks([partial(track_task, rag_prefix=join(out, "rag"),
+                     supervoxels_path=supervoxels, out_prefix=out, params=params,
+                     name=name, seeds_nm=seeds_nm,
+                     hierarchy_prefix=summary.get("hierarchy_prefix", ""))],
+            queue, parallel, desc="track")
   run_tasks(create_remap_tasks(supervoxels, join(out, name), out, task_shape,
                                column="tracked_ids", table_key=f"{name}/table.npz"),
             queue, parallel, desc="remap")

@@ -119,3 +119,20 @@ def test_pipeline_rejects_bad_ground_truth_files_before_running(tmp_path, volume
   result = invoke("pipeline", "--image", img, "--out", out, "--nuclei", bad)
   assert result.exit_code != 0 and "nuclei.csv" in result.output
   assert not out.exists()
+
+
+def test_two_stage_commands_without_a_queue_run_every_stage_locally(tmp_path):
+  """With neither --queue nor -p each stage gets a private queue and a local worker: the
+  second stage (here mip 2) must not wait for external workers on the first stage's queue,
+  which is gone. A subprocess, so that a regression fails on the timeout instead of hanging."""
+  import subprocess
+  import sys
+  from iicats_cv.volume_io import import_volume
+  image = np.random.default_rng(0).integers(0, 255, (128, 128, 128), dtype=np.uint8)
+  path = import_volume(image, "file://" + str(tmp_path / "em"), "image", (10, 10, 10))
+  done = subprocess.run([sys.executable, "-c", "from iicats_cv.cli import cli; cli()",
+                         "downsample", path, "--num-mips", "2"],
+                        capture_output=True, text=True, timeout=120)
+  assert done.returncode == 0, done.stdout + done.stderr
+  assert "2 mip(s) added" in done.stdout
+  assert len(CloudVolume(path).available_mips) == 3
