@@ -22,6 +22,8 @@ import numpy as np
 from tqdm import tqdm
 
 from .agglomerate import AgglomerationParams, agglomerate
+from .edge_scorer import edge_features, same_neuron_edges, train_edge_scorer
+from .errors import IicatsError
 from .metrics import adapted_rand_error, dice, voi
 from .model import ORGANELLE_CHANNELS
 from .rag import block_rag, merge_rags
@@ -141,7 +143,9 @@ def calibrate_edge_scorer(image: np.ndarray, affinities: np.ndarray, organelles:
   "constraints", "min_segment_voxels", "arand", "voi_split", "voi_merge"} (means over the
   halves), "classic_on_halves": {...}}.
   """
-  from .edge_scorer import edge_features, same_neuron_edges, train_edge_scorer
+  if image.shape[-1] < 2:
+    raise IicatsError(f"calibration region {image.shape}: the learned edge scorer needs at "
+                      "least 2 sections to cut it in two along z (--no-edge-scorer skips it)")
   constraints = tuple(classic["constraints"])
   halves = []
   for part in tqdm(_halves(image, affinities, organelles, labels), desc="edge scorer halves",

@@ -16,6 +16,7 @@ constraints apply unchanged.
 """
 from __future__ import annotations
 
+import fastremap
 import numpy as np
 
 from .errors import IicatsError
@@ -72,10 +73,8 @@ def same_neuron_edges(fragments: np.ndarray, labels: np.ndarray, rag: dict) -> n
   """bool (E,): whether an edge's two fragments have the same majority ground-truth neuron
   (a fragment whose majority is background 0 never does).
   fragments: uint64 (X, Y, Z) the RAG's fragments; labels: integer (X, Y, Z) ground truth."""
-  import fastremap
-  pairs = fastremap.unique(fragments.astype(np.uint64) * np.uint64(2 ** 32)
-                           + labels.astype(np.uint64), return_counts=True)
-  keys, counts = pairs
+  keys, counts = fastremap.unique(fragments.astype(np.uint64) * np.uint64(2 ** 32)
+                                  + labels.astype(np.uint64), return_counts=True)
   frag_of, label_of = keys // np.uint64(2 ** 32), keys % np.uint64(2 ** 32)
   order = np.lexsort((-counts, frag_of))
   frag_of, label_of = frag_of[order], label_of[order]
