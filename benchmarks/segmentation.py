@@ -26,6 +26,7 @@ import torch
 
 from iicats_cv.agglomerate import AgglomerationParams, agglomerate
 from iicats_cv.datasets import load_fib_crop
+from iicats_cv.edge_scorer import majority_labels
 from iicats_cv.inference import predict_volume
 from iicats_cv.metrics import adapted_rand_error, affinity_average_precision, voi
 from iicats_cv.model import checkpoint_metadata, load_checkpoint
@@ -83,17 +84,8 @@ def waterz_run(affs):
 def fragment_oracle(frags: np.ndarray, labels: np.ndarray) -> np.ndarray:
   """uint64 (X, Y, Z): each fragment relabelled with the ground-truth neuron holding most of
   its voxels (ties: the lowest id)."""
-  frag = fastremap.renumber(frags.astype(np.uint64))[0]
-  truth = labels.astype(np.uint64)
-  width = np.uint64(int(truth.max()) + 1)
-  pairs, counts = np.unique(frag.ravel() * width + truth.ravel(), return_counts=True)
-  owner, neuron = pairs // width, pairs % width
-  order = np.lexsort((neuron, -counts, owner))
-  first = np.ones(len(order), bool)
-  first[1:] = owner[order[1:]] != owner[order[:-1]]
-  majority = np.zeros(int(frag.max()) + 1, np.uint64)
-  majority[owner[order[first]]] = neuron[order[first]]
-  return majority[frag]
+  ids, majority = majority_labels(frags, labels)
+  return fastremap.remap(frags.astype(np.uint64), dict(zip(ids.tolist(), majority.tolist())))
 
 
 def best(segs, labels):

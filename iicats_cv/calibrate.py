@@ -65,41 +65,49 @@ def score_agglomeration(affinities: np.ndarray, organelles: np.ndarray, labels: 
   # one RAG for every setting: mean agglomeration ignores the histograms quantiles need
   rag = merge_rags([block_rag(frags, affinities, organelles, (0, 0, 0), histogram=True,
                               organelle_threshold=list(organelle_cuts))])
-
-  def setting(quantile, evidence, threshold, min_segment_voxels=0):
-    return AgglomerationParams(threshold=threshold, quantile=quantile,
-                               use_constraints=bool(evidence),
-                               constraints=evidence or DEFAULT_AGGLOMERATION["constraints"],
-                               min_segment_voxels=min_segment_voxels)
-
-  def scores(fragment_ids, table):
-    seg = fastremap.remap(frags, dict(zip(fragment_ids.tolist(), table.tolist())))
-    split, merge = voi(seg, labels)
-    return {"arand": adapted_rand_error(seg, labels), "voi_split": split, "voi_merge": merge}
-
   rows = []
   settings = [(q, e) for q in STATISTICS.values() for e in EVIDENCE]
   for quantile, evidence in tqdm(settings, desc="agglomeration settings", disable=not progress):
-    result = agglomerate(rag, setting(quantile, evidence, min(thresholds)),
+    result = agglomerate(rag, _setting(evidence, min(thresholds), quantile=quantile),
                          sweep_thresholds=thresholds)
     for threshold, table in result.sweep.items():
       rows.append({"quantile": quantile, "constraints": list(evidence),
-                   "threshold": threshold, **scores(result.fragment_ids, table)})
+                   "threshold": threshold,
+                   **_table_scores(frags, labels, result.fragment_ids, table)})
   # on a tie, more evidence: a constraint that costs nothing on the labelled data still
   # guards against the merges it exists for (two nuclei, two synapse partners)
   rows.sort(key=lambda r: (r["arand"], r["voi_split"] + r["voi_merge"], -len(r["constraints"])))
   best = rows[0]
   cleanups = []
   for size in MIN_SEGMENT_VOXELS:
-    result = agglomerate(rag, setting(best["quantile"], tuple(best["constraints"]),
-                                      best["threshold"], size))
+    result = agglomerate(rag, _setting(best["constraints"], best["threshold"],
+                                       quantile=best["quantile"], min_segment_voxels=size))
     cleanups.append({"min_segment_voxels": size,
-                     **scores(result.fragment_ids, result.segment_ids)})
-  allowed = [c for c in cleanups if c["arand"] <= best["arand"] + CLEANUP_ARAND_TOLERANCE]
-  best["min_segment_voxels"] = min(allowed, key=lambda c: c["voi_split"] + c["voi_merge"]
-                                   )["min_segment_voxels"]
+                     **_table_scores(frags, labels, result.fragment_ids, result.segment_ids)})
+  best["min_segment_voxels"] = _choose_cleanup(best["arand"], cleanups)
   best["cleanup"] = cleanups
   return rows
+
+
+def _setting(evidence, threshold, quantile=None, min_segment_voxels=0, edge_scorer=None):
+  """AgglomerationParams of a calibration candidate: no evidence means no constraints."""
+  return AgglomerationParams(threshold=threshold, quantile=quantile,
+                             use_constraints=bool(evidence),
+                             constraints=tuple(evidence) or DEFAULT_AGGLOMERATION["constraints"],
+                             min_segment_voxels=min_segment_voxels, edge_scorer=edge_scorer)
+
+
+def _table_scores(frags, labels, fragment_ids, table) -> dict:
+  seg = fastremap.remap(frags, dict(zip(fragment_ids.tolist(), table.tolist())))
+  split, merge = voi(seg, labels)
+  return {"arand": adapted_rand_error(seg, labels), "voi_split": split, "voi_merge": merge}
+
+
+def _choose_cleanup(arand: float, cleanups: list) -> int:
+  """Of the scored dust cleanups ({"min_segment_voxels", "arand", "voi_split", "voi_merge"}),
+  the size with the lowest VOI among those within CLEANUP_ARAND_TOLERANCE of `arand`."""
+  allowed = [c for c in cleanups if c["arand"] <= arand + CLEANUP_ARAND_TOLERANCE]
+  return min(allowed, key=lambda c: c["voi_split"] + c["voi_merge"])["min_segment_voxels"]
 
 
 def _halves(*arrays):
@@ -113,12 +121,6 @@ def _scorer_rag(image, affinities, organelles, resolution, organelle_cuts):
   rag = merge_rags([block_rag(frags, affinities, organelles, (0, 0, 0), histogram=True,
                               organelle_threshold=list(organelle_cuts), image=image)])
   return frags, rag
-
-
-def _table_scores(frags, labels, fragment_ids, table) -> dict:
-  seg = fastremap.remap(frags, dict(zip(fragment_ids.tolist(), table.tolist())))
-  split, merge = voi(seg, labels)
-  return {"arand": adapted_rand_error(seg, labels), "voi_split": split, "voi_merge": merge}
 
 
 def _mean_scores(rows: list) -> dict:
@@ -146,52 +148,44 @@ def calibrate_edge_scorer(image: np.ndarray, affinities: np.ndarray, organelles:
   if image.shape[-1] < 2:
     raise IicatsError(f"calibration region {image.shape}: the learned edge scorer needs at "
                       "least 2 sections to cut it in two along z (--no-edge-scorer skips it)")
-  constraints = tuple(classic["constraints"])
+  constraints = classic["constraints"]
   halves = []
   for part in tqdm(_halves(image, affinities, organelles, labels), desc="edge scorer halves",
                    disable=not progress):
     frags, rag = _scorer_rag(*part[:3], resolution, organelle_cuts)
-    halves.append((frags, rag, part[3], edge_features(rag),
-                   same_neuron_edges(frags, part[3], rag)))
-
-  def setting(threshold, scorer=None, min_segment_voxels=0, quantile=None):
-    return AgglomerationParams(threshold=threshold, quantile=quantile,
-                               use_constraints=bool(constraints),
-                               constraints=constraints or DEFAULT_AGGLOMERATION["constraints"],
-                               min_segment_voxels=min_segment_voxels, edge_scorer=scorer)
-
+    halves.append((frags, rag, part[3]))
   per_threshold = {t: [] for t in thresholds}
-  cleanups = {size: [] for size in MIN_SEGMENT_VOXELS}
   scorers, classic_rows = [], []
-  for k, (frags, rag, truth, _, _) in enumerate(halves):
-    other = halves[1 - k]
-    scorer = train_edge_scorer(other[3], other[4], other[1]["count"])
-    scorers.append(scorer)
-    result = agglomerate(rag, setting(min(thresholds), scorer), sweep_thresholds=thresholds)
+  for k, (frags, rag, truth) in enumerate(halves):
+    other_frags, other_rag, other_truth = halves[1 - k]
+    scorers.append(train_edge_scorer(edge_features(other_rag),
+                                     same_neuron_edges(other_frags, other_truth, other_rag),
+                                     other_rag["count"]))
+    result = agglomerate(rag, _setting(constraints, min(thresholds), edge_scorer=scorers[k]),
+                         sweep_thresholds=thresholds)
     for t, table in result.sweep.items():
       per_threshold[t].append(_table_scores(frags, truth, result.fragment_ids, table))
-    result = agglomerate(rag, setting(classic["threshold"], None,
-                                      classic.get("min_segment_voxels", 0),
-                                      classic.get("quantile")))
+    result = agglomerate(rag, _setting(constraints, classic["threshold"],
+                                       quantile=classic.get("quantile"),
+                                       min_segment_voxels=classic.get("min_segment_voxels", 0)))
     classic_rows.append(_table_scores(frags, truth, result.fragment_ids, result.segment_ids))
-  ranked = sorted(((_mean_scores(rows), t) for t, rows in per_threshold.items()),
-                  key=lambda r: (r[0]["arand"], r[0]["voi_split"] + r[0]["voi_merge"]))
-  best, threshold = ranked[0]
-  for k, (frags, rag, truth, _, _) in enumerate(halves):
-    for size in MIN_SEGMENT_VOXELS:
-      result = agglomerate(rag, setting(threshold, scorers[k], size))
-      cleanups[size].append(_table_scores(frags, truth, result.fragment_ids,
-                                          result.segment_ids))
-  cleanup = {size: _mean_scores(rows) for size, rows in cleanups.items()}
-  allowed = [size for size, c in cleanup.items()
-             if c["arand"] <= best["arand"] + CLEANUP_ARAND_TOLERANCE]
-  size = min(allowed, key=lambda s: cleanup[s]["voi_split"] + cleanup[s]["voi_merge"])
+  best, threshold = min(((_mean_scores(rows), t) for t, rows in per_threshold.items()),
+                        key=lambda r: (r[0]["arand"], r[0]["voi_split"] + r[0]["voi_merge"]))
+  cleanups = []
+  for size in MIN_SEGMENT_VOXELS:
+    rows = []
+    for (frags, rag, truth), scorer in zip(halves, scorers):
+      result = agglomerate(rag, _setting(constraints, threshold, min_segment_voxels=size,
+                                         edge_scorer=scorer))
+      rows.append(_table_scores(frags, truth, result.fragment_ids, result.segment_ids))
+    cleanups.append({"min_segment_voxels": size, **_mean_scores(rows)})
+  size = _choose_cleanup(best["arand"], cleanups)
+  chosen = {"threshold": threshold, "quantile": None, "constraints": list(constraints),
+            "learned": True, **next(c for c in cleanups if c["min_segment_voxels"] == size)}
   classic_mean = _mean_scores(classic_rows)
   frags, rag = _scorer_rag(image, affinities, organelles, resolution, organelle_cuts)
   final = train_edge_scorer(edge_features(rag), same_neuron_edges(frags, labels, rag),
                             rag["count"])
-  chosen = {"threshold": threshold, "quantile": None, "constraints": list(constraints),
-            "min_segment_voxels": size, "learned": True, **cleanup[size]}
   return {"scorer": final, "setting": chosen, "classic_on_halves": classic_mean,
           "used": (chosen["arand"], chosen["voi_split"] + chosen["voi_merge"])
           < (classic_mean["arand"], classic_mean["voi_split"] + classic_mean["voi_merge"])}

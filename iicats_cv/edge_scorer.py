@@ -29,12 +29,14 @@ FEATURES = ("mean_affinity", "q10", "q25", "q50", "q75", "q90", "min_affinity", 
             "nucleus_min", "nucleus_max", "mito_min", "mito_max", "synapse_min",
             "synapse_max", "boundary_min", "boundary_max")
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+SCORING_CHUNK = 1 << 18  # edges scored at once
 
 
-def edge_features(rag: dict) -> np.ndarray:
-  """float32 (E, len(FEATURES)) per edge of a merged RAG (rag.merge_rags) built with
-  histograms and appearance statistics (block_rag(..., histogram=True, image=...)).
-  Intensities are scaled to [0, 1] (uint8 / 255); sizes and counts are in voxels, logged."""
+def edge_features(rag: dict, edges: slice = slice(None)) -> np.ndarray:
+  """float32 (E, len(FEATURES)) for the `edges` (default: all) of a merged RAG
+  (rag.merge_rags) built with histograms and appearance statistics (block_rag(...,
+  histogram=True, image=...)). Intensities are scaled to [0, 1] (uint8 / 255); sizes and
+  counts are in voxels, logged."""
   missing = [f for f in ("aff_hist",) + tuple(f"frag_{a}" for a in APPEARANCE_FIELDS)
              if f not in rag]
   if missing:
@@ -42,11 +44,11 @@ def edge_features(rag: dict) -> np.ndarray:
                       f"fragment appearance (missing: {', '.join(missing)}): build it with "
                       "the image (the pipeline's rag stage does when the scorer is used)")
   frag = rag["frag_id"]
-  u = np.searchsorted(frag, rag["u"])
-  v = np.searchsorted(frag, rag["v"])
-  count = np.maximum(rag["count"].astype(np.float64), 1)
+  u = np.searchsorted(frag, rag["u"][edges])
+  v = np.searchsorted(frag, rag["v"][edges])
+  count = np.maximum(rag["count"][edges].astype(np.float64), 1)
   size = np.maximum(rag["frag_size"].astype(np.float64), 1)
-  hist = rag["aff_hist"].astype(np.float64)
+  hist = rag["aff_hist"][edges].astype(np.float64)
   cdf = np.cumsum(hist, axis=1) / np.maximum(hist.sum(axis=1, keepdims=True), 1)
   quantiles = [(np.argmax(cdf >= q, axis=1) + 0.5) / HIST_BINS for q in QUANTILES]
   mean = {name: rag[f"frag_{name}_sum"] / size
@@ -58,10 +60,10 @@ def edge_features(rag: dict) -> np.ndarray:
   def low_high(x):
     return [np.minimum(x[u], x[v]), np.maximum(x[u], x[v])]
 
-  columns = [rag["aff_sum"] / count, *quantiles, np.minimum(rag["aff_min"], 1.0),
-             np.log(count), *np.log(low_high(size)),
-             rag["nucleus_pairs"] / count, rag["mito_pairs"] / count,
-             rag["synapse_pairs"] / count,
+  columns = [rag["aff_sum"][edges] / count, *quantiles,
+             np.minimum(rag["aff_min"][edges], 1.0), np.log(count), *np.log(low_high(size)),
+             rag["nucleus_pairs"][edges] / count, rag["mito_pairs"][edges] / count,
+             rag["synapse_pairs"][edges] / count,
              *low_high(mean["intensity"]), np.abs(mean["intensity"][u] - mean["intensity"][v]),
              *low_high(std), np.abs(std[u] - std[v]),
              *low_high(mean["nucleus_prob"]), *low_high(mean["mito_prob"]),
@@ -69,10 +71,10 @@ def edge_features(rag: dict) -> np.ndarray:
   return np.stack(columns, axis=1).astype(np.float32)
 
 
-def same_neuron_edges(fragments: np.ndarray, labels: np.ndarray, rag: dict) -> np.ndarray:
-  """bool (E,): whether an edge's two fragments have the same majority ground-truth neuron
-  (a fragment whose majority is background 0 never does).
-  fragments: uint64 (X, Y, Z) the RAG's fragments; labels: integer (X, Y, Z) ground truth."""
+def majority_labels(fragments: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Each fragment's majority ground-truth label (ties: the lowest label).
+  fragments, labels: integer (X, Y, Z). Returns (fragment ids uint64 (F,) sorted, their
+  majority label uint64 (F,))."""
   keys, counts = fastremap.unique(fragments.astype(np.uint64) * np.uint64(2 ** 32)
                                   + labels.astype(np.uint64), return_counts=True)
   frag_of, label_of = keys // np.uint64(2 ** 32), keys % np.uint64(2 ** 32)
@@ -80,10 +82,15 @@ def same_neuron_edges(fragments: np.ndarray, labels: np.ndarray, rag: dict) -> n
   frag_of, label_of = frag_of[order], label_of[order]
   first = np.ones(len(order), dtype=bool)
   first[1:] = frag_of[1:] != frag_of[:-1]
-  majority = dict(zip(frag_of[first].tolist(), label_of[first].tolist()))
-  neuron = np.array([majority.get(int(f), 0) for f in rag["frag_id"]], dtype=np.uint64)
-  frag = rag["frag_id"]
-  a, b = neuron[np.searchsorted(frag, rag["u"])], neuron[np.searchsorted(frag, rag["v"])]
+  return frag_of[first], label_of[first]
+
+
+def same_neuron_edges(fragments: np.ndarray, labels: np.ndarray, rag: dict) -> np.ndarray:
+  """bool (E,): whether an edge's two fragments have the same majority ground-truth neuron
+  (a fragment whose majority is background 0 never does).
+  fragments: uint64 (X, Y, Z) the RAG's fragments; labels: integer (X, Y, Z) ground truth."""
+  ids, majority = majority_labels(fragments, labels)
+  a, b = (majority[np.searchsorted(ids, rag[end])] for end in ("u", "v"))
   return (a == b) & (a > 0)
 
 
@@ -150,6 +157,12 @@ def apply_edge_scorer(rag: dict, scorer: dict) -> dict:
   agglomeration's mean over a boundary becomes its count-weighted mean probability (and the
   sums of merged boundaries stay meaningful). The histograms go: quantiles of raw
   affinities no longer describe the score."""
+  probability = np.empty(len(rag["u"]))
+  # a chunk of edges at a time: the features of every edge at once would take ~10x the
+  # memory of the RAG itself
+  for start in range(0, len(probability), SCORING_CHUNK):
+    chunk = slice(start, start + SCORING_CHUNK)
+    probability[chunk] = score_edges(scorer, edge_features(rag, chunk))
   scored = {key: value for key, value in rag.items() if key != "aff_hist"}
-  scored["aff_sum"] = score_edges(scorer, edge_features(rag)) * rag["count"]
+  scored["aff_sum"] = probability * rag["count"]
   return scored

@@ -120,3 +120,12 @@ def test_scorer_of_other_features_or_unlabelled_data_is_refused():
     score_edges({"features": ["mean_affinity"], "members": []}, edge_features(rag))
   with pytest.raises(IicatsError, match="no boundary between two neurons"):
     train_edge_scorer(edge_features(rag), np.ones(len(rag["u"]), bool), rag["count"])
+
+
+def test_scoring_a_chunk_of_edges_at_a_time_changes_nothing(monkeypatch):
+  frags, rag, labels = _scene()
+  scorer = train_edge_scorer(edge_features(rag), same_neuron_edges(frags, labels, rag),
+                             rag["count"], members=1)
+  whole = score_edges(scorer, edge_features(rag)) * rag["count"]
+  monkeypatch.setattr("iicats_cv.edge_scorer.SCORING_CHUNK", 7)
+  np.testing.assert_allclose(apply_edge_scorer(rag, scorer)["aff_sum"], whole)
