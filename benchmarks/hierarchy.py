@@ -107,7 +107,7 @@ def global_step(rag_prefix: str, hierarchy_prefix: str, threshold: float):
   """What agglomerate_task holds in memory: the stitched RAG and one agglomeration."""
   from iicats_cv.agglomerate import AgglomerationParams, agglomerate
   from iicats_cv.tasks.segmentation import _stitched_rag
-  fragment_ids, node_of, rag = _stitched_rag(rag_prefix, hierarchy_prefix)
+  fragment_ids, node_of, rag, _ = _stitched_rag(rag_prefix, hierarchy_prefix)
   result = agglomerate(rag, AgglomerationParams(threshold=threshold))
   segment = result.segment_ids[np.searchsorted(result.fragment_ids, node_of)]
   return len(rag["u"]), fragment_ids, segment

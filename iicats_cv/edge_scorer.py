@@ -20,7 +20,7 @@ import fastremap
 import numpy as np
 
 from .errors import IicatsError
-from .rag import APPEARANCE_FIELDS, HIST_BINS
+from .rag import APPEARANCE_FIELDS, EDGE_FIELDS, HIST_BINS, merge_rags, unique_pairs
 
 FEATURES = ("mean_affinity", "q10", "q25", "q50", "q75", "q90", "min_affinity", "log_count",
             "log_size_min", "log_size_max", "nucleus_pair_fraction", "mito_pair_fraction",
@@ -165,4 +165,45 @@ def apply_edge_scorer(rag: dict, scorer: dict) -> dict:
     probability[chunk] = score_edges(scorer, edge_features(rag, chunk))
   scored = {key: value for key, value in rag.items() if key != "aff_hist"}
   scored["aff_sum"] = probability * rag["count"]
+  return scored
+
+
+def score_edge_pieces(rag: dict, node_table: dict, scorer: dict) -> dict:
+  """apply_edge_scorer for one part of the volume whose stitched fragments (nodes, see
+  rag.contract_stitched) may reach beyond it, as in hierarchical agglomeration: each edge is
+  scored as the part's share of the boundary between the two nodes, with the nodes' totals
+  over the whole volume as their size and appearance, so a node pair whose boundary lies
+  inside the part gets the score the flat path gives it.
+
+  rag: the part's merged RAG (rag.merge_rags) over fragment ids, with histograms.
+  node_table: {"fragments": uint64 (K,) sorted, "nodes": uint64 (K,) each one's node id, and
+    "frag_size", "frag_<FRAGMENT_FIELDS / APPEARANCE_FIELDS>": float64 (K,) its node's
+    totals}; it must hold every fragment id of rag, edge ends included.
+  Returns the RAG with aff_sum = probability × count on edges between two nodes (edges
+  inside one node keep theirs: contraction drops them) and without aff_hist.
+  """
+  known = node_table["fragments"]
+
+  def node_of(ids):
+    at = np.minimum(np.searchsorted(known, ids), max(len(known) - 1, 0))
+    if len(ids) and (not len(known) or np.any(known[at] != ids)):
+      raise IicatsError("edge scoring: the node table lacks fragments of this part (was it "
+                        "written for another RAG?); run the nodes stage again")
+    return node_table["nodes"][at]
+
+  nu, nv = node_of(rag["u"]), node_of(rag["v"])
+  between = nu != nv
+  lo, hi = np.minimum(nu, nv)[between], np.maximum(nu, nv)[between]
+  _, _, pair = unique_pairs(lo, hi)
+  node_ids, rows = np.unique(node_table["nodes"], return_index=True)
+  pieces = {"u": lo, "v": hi, "frag_id": node_ids,
+            **{field: rag[field][between] for field in EDGE_FIELDS[2:]
+               if field in rag and field != "stitch"},
+            **{field: node_table[field][rows] for field in node_table
+               if field.startswith("frag_")}}
+  nodes = apply_edge_scorer(merge_rags([pieces]), scorer)  # edges in unique_pairs' order
+  probability = nodes["aff_sum"] / np.maximum(nodes["count"], 1)
+  scored = {key: value for key, value in rag.items() if key != "aff_hist"}
+  scored["aff_sum"] = np.asarray(rag["aff_sum"], np.float64).copy()
+  scored["aff_sum"][between] = probability[pair] * rag["count"][between]
   return scored

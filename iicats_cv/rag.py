@@ -199,6 +199,21 @@ def contract_stitched(rag: dict) -> tuple[dict, np.ndarray]:
   return relabel(rag, frag, node), node
 
 
+def stitched_node_table(rag: dict) -> dict:
+  """Each fragment's stitched node (contract_stitched) and that node's totals: what
+  edge_scorer.score_edge_pieces needs to score a part of the volume on its own.
+
+  rag: a merged RAG holding every fragment and at least every stitch edge.
+  Returns {"fragments": rag["frag_id"], "nodes": uint64 (F,), "frag_<field>": float64 (F,)
+  the node's total of each fragment statistic}.
+  """
+  nodes, node_of = contract_stitched(rag)
+  row = np.searchsorted(nodes["frag_id"], node_of)
+  return {"fragments": rag["frag_id"], "nodes": node_of,
+          **{key: value[row] for key, value in nodes.items()
+             if key.startswith("frag_") and key != "frag_id"}}
+
+
 def relabel(rag: dict, old_ids: np.ndarray, new_ids: np.ndarray) -> dict:
   """The RAG with fragments old_ids (sorted uint64) renamed new_ids (uint64, same length):
   statistics of fragments and of edges that come to share ids add up, edges inside one id

@@ -23,8 +23,8 @@ from . import igneous_stages as ig
 from .inference import clear_patch_cache, create_inference_tasks
 from .runner import open_queue, run_tasks
 from .segmentation import (EDGE_SCORER_OBJECT, create_watershed_tasks, create_rag_tasks,
-                           create_reduce_tasks, level_prefix, agglomerate_task,
-                           create_remap_tasks)
+                           create_node_table_tasks, create_reduce_tasks, level_prefix,
+                           agglomerate_task, create_remap_tasks)
 from .common import get_json, put_json
 
 LAYERS = ("image", "affinities", "organelles", "supervoxels", "segmentation")
@@ -134,7 +134,7 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
                       "level are N×N×N parts of the level below")
   threshold, quantile, constraints, min_segment_voxels, organelle_cuts, scorer = (
     resolve_operating_point(checkpoint, threshold, quantile, constraints, augment,
-                            min_segment_voxels, hierarchy=bool(hierarchy)))
+                            min_segment_voxels))
   if nucleus_fraction is None:
     nucleus_fraction = AgglomerationParams.nucleus_fraction
   layers = {"image": image, **{name: join(out, name) for name in LAYERS[1:]},
@@ -172,12 +172,16 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
   if hierarchy:
     # the first level merges down to the threshold, so the sweep can only go lower
     sweep = [t for t in sweep if t <= threshold]
+    if scorer is not None:
+      run.stage("nodes", lambda: create_node_table_tasks(
+        join(out, "rag"), hierarchy_prefix, state_prefix=state))
     for level in range(1, levels + 1):
       run.stage("reduce" if level == 1 else f"reduce-{level}",
                 lambda level=level: create_reduce_tasks(
                   layers["supervoxels"], join(out, "rag"), hierarchy_prefix, task_shape,
                   hierarchy, threshold, quantile, state_prefix=state, level=level,
-                  constraints=constraints, nucleus_fraction=nucleus_fraction))
+                  constraints=constraints, nucleus_fraction=nucleus_fraction,
+                  out_prefix=out, edge_scorer=params.get("edge_scorer", "")))
     hierarchy_prefix = level_prefix(hierarchy_prefix, levels)
   run.stage("agglomerate", lambda: [partial(agglomerate_task,
     rag_prefix=join(out, "rag"), supervoxels_path=layers["supervoxels"], out_prefix=out,
@@ -223,7 +227,7 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
 
 
 def resolve_operating_point(checkpoint, threshold, quantile, constraints, augment=False,
-                            min_segment_voxels=None, hierarchy=False):
+                            min_segment_voxels=None):
   """The run's (threshold, quantile or None for the mean, constraints, min_segment_voxels,
   organelle cuts, edge scorer or None): what the caller gave, the rest from the checkpoint's
   calibrated operating point (with a note when that was calibrated with test-time
@@ -231,9 +235,7 @@ def resolve_operating_point(checkpoint, threshold, quantile, constraints, augmen
 
   quantile "learned" (or None where the checkpoint's operating point is its learned edge
   scorer) uses that scorer, with the scorer's calibrated setting; any other statistic takes
-  the unset options from the best affinity statistic's calibrated setting. The hierarchical
-  path merges part interiors on raw affinities, so with `hierarchy` the default falls back to
-  that statistic (a note says so) and an explicit "learned" is an error."""
+  the unset options from the best affinity statistic's calibrated setting."""
   from iicats_cv.calibrate import agglomeration_settings, organelle_thresholds
   from iicats_cv.model import checkpoint_metadata
   metadata = checkpoint_metadata(checkpoint)
@@ -250,14 +252,6 @@ def resolve_operating_point(checkpoint, threshold, quantile, constraints, augmen
     raise IicatsError(f"checkpoint {checkpoint or 'default'}: has no learned edge scorer "
                       "(`iicats calibrate --labels ...` trains one); use --quantile mean or a "
                       "quantile")
-  if learned and hierarchy:
-    if quantile == "learned":
-      raise IicatsError("--quantile learned: the learned edge scorer does not work with "
-                        "--hierarchy yet (part interiors merge on raw affinities); give "
-                        "--quantile mean or a quantile")
-    print(f"note: checkpoint {checkpoint or 'default'}'s learned edge scorer does not work with "
-          "--hierarchy yet: this run uses its best affinity statistic", flush=True)
-    learned = False
   if learned != chosen["learned"]:
     source = scorer["setting"] if learned else point.get("classic_agglomeration", {})
     chosen = agglomeration_settings({"operating_point": {"agglomeration": source}})

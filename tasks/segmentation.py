@@ -5,6 +5,8 @@ Data in the bucket, next to the layers (`OUT` is the run's prefix):
   OUT/rag/<block>.npz        one RAG object per block (edges across its low faces included)
   OUT/hierarchy/<N>/level<L>/<part>.npz  with --hierarchy N: one part's region RAG and its
                              fragment -> region table, per level L of the hierarchy
+  OUT/hierarchy/<N>/nodes/<block>.npz  with --hierarchy N and a learned edge scorer: the
+                             stitched node of each fragment of a block RAG, with its totals
   OUT/agglomeration/table.npz  fragment -> segment tables (constrained, baseline, sweep)
   OUT/tracked.json           tracked neurons (id, seed, size)
   OUT/segmentation           uint64 agglomerated (and tracked) neurons
@@ -22,9 +24,11 @@ from taskqueue import queueable
 
 from iicats_cv.agglomerate import (AgglomerationParams, agglomerate, agglomerate_interior,
                                    derive_constraints)
+from iicats_cv.edge_scorer import score_edge_pieces
 from iicats_cv.errors import IicatsError
 from iicats_cv.layers import open_layer, create_layer, join, resolve_cloudpath
-from iicats_cv.rag import EDGE_FIELDS, block_rag, contract_stitched, merge_rags, relabel
+from iicats_cv.rag import (EDGE_FIELDS, block_rag, contract_stitched, merge_rags, relabel,
+                          stitched_node_table)
 from iicats_cv.watershed import AXES, face_agreement, fragments
 from .common import (block_grid, check_task_shape, mark_done, block_name, done_names, put_npz,
                      get_npz, put_json, get_json)
@@ -39,12 +43,16 @@ def agglomeration_params(params: dict, out_prefix: str) -> AgglomerationParams:
   learned edge scorer's object under out_prefix."""
   params = dict(params)
   if params.get("edge_scorer"):
-    scorer = get_json(out_prefix, params["edge_scorer"])
-    if scorer is None:
-      raise IicatsError(f"{join(out_prefix, params['edge_scorer'])}: the run's edge scorer is "
-                        "missing; run the pipeline again")
-    params["edge_scorer"] = scorer
+    params["edge_scorer"] = _edge_scorer(out_prefix, params["edge_scorer"])
   return AgglomerationParams(**params)
+
+
+def _edge_scorer(out_prefix: str, key: str) -> dict:
+  scorer = get_json(out_prefix, key)
+  if scorer is None:
+    raise IicatsError(f"{join(out_prefix, key)}: the run's edge scorer is missing; run the "
+                      "pipeline again")
+  return scorer
 
 
 def _float_channels(cv, bbox, channels: int | None = None) -> np.ndarray:
@@ -257,10 +265,16 @@ def _npz_keys(prefix: str, what: str) -> list:
 
 def _stitched_rag(rag_prefix: str, hierarchy_prefix: str = ""):
   """The graph the global step agglomerates, stitched fragments contracted: (fragment ids
-  (F,), node id of each (F,), node RAG). Built from every block RAG, or from the regions of
-  the last level of the hierarchy when hierarchy_prefix (that level's prefix) is given."""
+  (F,), node id of each (F,), node RAG, whether its edges already carry a learned edge
+  scorer's probabilities). Built from every block RAG, or from the regions of the last level
+  of the hierarchy when hierarchy_prefix (that level's prefix) is given."""
   if hierarchy_prefix:
     parts = [get_npz(hierarchy_prefix, k) for k in _npz_keys(hierarchy_prefix, "region RAG")]
+    scored = [bool(p.pop("edge_scored", False)) for p in parts]
+    if len(set(scored)) > 1:
+      raise IicatsError(f"{hierarchy_prefix}: some parts were agglomerated with a learned "
+                        "edge scorer and some without; remove the folder and run the reduce "
+                        "stages again")
     fragments = np.concatenate([p.pop("fragments") for p in parts])
     regions = np.concatenate([p.pop("regions") for p in parts])
     order = np.argsort(fragments)
@@ -271,10 +285,64 @@ def _stitched_rag(rag_prefix: str, hierarchy_prefix: str = ""):
     # edge ends in other parts are fragment ids: rename them to their regions
     region_rag = merge_rags(relabel(p, fragments, regions) for p in parts)
     rag, node_of_region = contract_stitched(region_rag)
-    return fragments, node_of_region[np.searchsorted(region_rag["frag_id"], regions)], rag
+    return (fragments, node_of_region[np.searchsorted(region_rag["frag_id"], regions)], rag,
+            scored[0])
   fragment_rag = merge_rags(get_npz(rag_prefix, k) for k in _npz_keys(rag_prefix, "RAG"))
   rag, node_of_fragment = contract_stitched(fragment_rag)
-  return fragment_rag["frag_id"], node_of_fragment, rag
+  return fragment_rag["frag_id"], node_of_fragment, rag, False
+
+
+def _global_params(params: dict, out_prefix: str, hierarchy_prefix: str,
+                   prescored: bool) -> AgglomerationParams:
+  """The global step's AgglomerationParams. After hierarchical reduction the learned scorer
+  has already scored the edges (reduce_task), so it is not applied to the regions again."""
+  p = agglomeration_params(params, out_prefix)
+  if hierarchy_prefix and prescored != (p.edge_scorer is not None):
+    raise IicatsError(f"{hierarchy_prefix}: the parts were reduced "
+                      f"{'with' if prescored else 'without'} a learned edge scorer and this "
+                      f"run's parameters name {'none' if prescored else 'one'}; remove the "
+                      "folder and run the reduce stages again")
+  return dataclasses.replace(p, edge_scorer=None) if prescored else p
+
+
+NODES_FOLDER = "nodes"
+
+
+@queueable
+def node_table_task(rag_prefix: str, hierarchy_prefix: str, state_prefix: str = ""):
+  """Hierarchical agglomeration with a learned edge scorer, before the reduce stage: the
+  stitched node of every fragment and the node's totals (size, appearance) over the whole
+  volume, which one part alone cannot know for nodes that cross its faces. One global task,
+  holding every fragment's statistics and the stitch edges, not the RAG's other edges.
+  Writes HIERARCHY/nodes/<block>.npz: the rows (rag.stitched_node_table) of every fragment
+  id in that block's RAG, edge ends included.
+  """
+  keys = _npz_keys(rag_prefix, "RAG")
+  stitches, ids = [], {}
+  for key in keys:
+    block = get_npz(rag_prefix, key)
+    stitch = block.get("stitch", np.zeros(len(block["u"]))) > 0
+    stitches.append({k: (v[stitch] if k in EDGE_FIELDS else v) for k, v in block.items()
+                     if k != "aff_hist"})
+    ids[key] = np.unique(np.concatenate([block["frag_id"], block["u"], block["v"]]))
+  table = stitched_node_table(merge_rags(stitches))
+  for key, wanted in ids.items():
+    at = np.minimum(np.searchsorted(table["fragments"], wanted), len(table["fragments"]) - 1)
+    if np.any(table["fragments"][at] != wanted):
+      raise IicatsError(f"{join(rag_prefix, key)}: its edges name fragments that no block RAG "
+                        "holds; run the rag stage again")
+    put_npz(join(hierarchy_prefix, NODES_FOLDER), key,
+            {field: values[at] for field, values in table.items()})
+  if state_prefix:
+    mark_done(state_prefix, "nodes", "global", {"fragments": int(len(table["fragments"]))})
+
+
+def _node_table(shards: list) -> dict:
+  """One node table from the (overlapping) shards of node_table_task."""
+  fragments = np.concatenate([shard["fragments"] for shard in shards])
+  _, first = np.unique(fragments, return_index=True)
+  return {field: np.concatenate([shard[field] for shard in shards])[first]
+          for field in shards[0]}
 
 
 def level_prefix(hierarchy_prefix: str, level: int) -> str:
@@ -295,7 +363,8 @@ def _region_table(children: list) -> tuple[np.ndarray, np.ndarray]:
 def reduce_task(source_prefix: str, hierarchy_prefix: str, name: str, children: list,
                 neighbours: list, threshold: float, quantile: float = None,
                 state_prefix: str = "", level: int = 1, constraints: list = None,
-                nucleus_fraction: float | None = None):
+                nucleus_fraction: float | None = None, out_prefix: str = "",
+                edge_scorer: str = ""):
   """One part of one level of hierarchical agglomeration (abiss-style): the part's interior
   regions merge down to `threshold` (see agglomerate_interior), and its RAG, contracted to
   the new regions, goes to HIERARCHY/level<L>/NAME.npz with the fragment -> region table. The
@@ -309,12 +378,28 @@ def reduce_task(source_prefix: str, hierarchy_prefix: str, name: str, children: 
     nuclear fragments always do (tracking seeds come from them).
   nucleus_fraction: as the global step's AgglomerationParams.nucleus_fraction (default: its
     default), so that both see the same nuclear fragments.
+  edge_scorer: the learned edge scorer's object under out_prefix (the run's params'
+    "edge_scorer"): level 1 then scores every block edge with it (score_edge_pieces, the
+    nodes' totals from the nodes stage), and the levels above and the global step merge on
+    the mean of those probabilities (quantile must be None).
   Edge ends outside a part keep their fragment ids at every level, so a part recognises the
   ends of its neighbours' edges that lie inside it by its own fragment table.
   """
+  if edge_scorer and quantile is not None:
+    raise IicatsError("reduce: a learned edge scorer replaces the affinity statistic; give it "
+                      "or a quantile, not both")
   loaded = [get_npz(source_prefix, f"{c}.npz") for c in children]
+  scored = bool(edge_scorer)
+  if scored and level > 1 and not all(c.pop("edge_scored", False) for c in loaded):
+    raise IicatsError(f"{source_prefix}: the parts below were reduced without the learned "
+                      "edge scorer; remove the hierarchy folder and run the reduce stages "
+                      "again")
   fragments, regions = _region_table(loaded)
   own = relabel(merge_rags(loaded), fragments, regions)
+  if scored and level == 1:
+    nodes_prefix = join(hierarchy_prefix, NODES_FOLDER)
+    table = _node_table([get_npz(nodes_prefix, f"{c}.npz") for c in children])
+    own = score_edge_pieces(own, table, _edge_scorer(out_prefix, edge_scorer))
   ids = own["frag_id"]
   inside_u, inside_v = np.isin(own["u"], ids), np.isin(own["v"], ids)
   border = [own["u"][inside_u & ~inside_v], own["v"][inside_v & ~inside_u]]
@@ -337,16 +422,19 @@ def reduce_task(source_prefix: str, hierarchy_prefix: str, name: str, children: 
   new_region = region_of_node[np.searchsorted(nodes["frag_id"], node_of)]  # per ids
   put_npz(level_prefix(hierarchy_prefix, level), f"{name}.npz",
           {**relabel(own, ids, new_region), "fragments": fragments,
-           "regions": new_region[np.searchsorted(ids, regions)]})
+           "regions": new_region[np.searchsorted(ids, regions)],
+           "edge_scored": np.array(scored)})
   if state_prefix:
     mark_done(state_prefix, f"reduce{level}", name)
 
 
 def create_reduce_tasks(supervoxels_path, rag_prefix, hierarchy_prefix, task_shape,
                         part_blocks: int, threshold: float, quantile=None, state_prefix="",
-                        level: int = 1, constraints=None, nucleus_fraction=None):
+                        level: int = 1, constraints=None, nucleus_fraction=None,
+                        out_prefix: str = "", edge_scorer: str = ""):
   """One reduce task per part of level `level`: part_blocks**level blocks along each axis,
-  made of part_blocks³ parts of the level below (of blocks at level 1)."""
+  made of part_blocks³ parts of the level below (of blocks at level 1). With edge_scorer
+  (see reduce_task) the nodes stage (create_node_table_tasks) must have run."""
   bounds = open_layer(supervoxels_path, layer_type="segmentation").bounds
   shape = np.asarray(task_shape)
   index = {tuple(lo): (np.asarray(lo) - bounds.minpt) // shape
@@ -374,9 +462,17 @@ def create_reduce_tasks(supervoxels_path, rag_prefix, hierarchy_prefix, task_sha
             children=sorted(children), neighbours=sorted(neighbours), threshold=threshold,
             quantile=quantile, state_prefix=state_prefix, level=level,
             constraints=None if constraints is None else list(constraints),
-            nucleus_fraction=nucleus_fraction)
+            nucleus_fraction=nucleus_fraction, out_prefix=out_prefix, edge_scorer=edge_scorer)
     for name, (children, neighbours) in sorted(parts.items()) if name not in done
   ]
+
+
+def create_node_table_tasks(rag_prefix: str, hierarchy_prefix: str, state_prefix: str = ""):
+  """The one node_table_task (none when a resumed run has done it)."""
+  if state_prefix and done_names(state_prefix, "nodes"):
+    return []
+  return [partial(node_table_task, rag_prefix=rag_prefix, hierarchy_prefix=hierarchy_prefix,
+                  state_prefix=state_prefix)]
 
 
 _TABLES = {}  # remap tables cached per worker process: one download per run, not per block
@@ -391,8 +487,8 @@ def agglomerate_task(rag_prefix: str, supervoxels_path: str, out_prefix: str, pa
   Writes OUT/agglomeration/table.npz (fragment_ids, segment_ids, baseline_ids,
   sweep_<t>), OUT/agglomeration/summary.json and OUT/tracked.json.
   """
-  fragment_ids, node_of_fragment, rag = _stitched_rag(rag_prefix, hierarchy_prefix)
-  p = agglomeration_params(params, out_prefix)
+  fragment_ids, node_of_fragment, rag, prescored = _stitched_rag(rag_prefix, hierarchy_prefix)
+  p = _global_params(params, out_prefix, hierarchy_prefix, prescored)
   seeds, positions = (None, {})
   if track:
     seeds, positions = _seed_fragments(rag, p, seeds_nm, supervoxels_path,
@@ -434,8 +530,8 @@ def track_task(rag_prefix: str, supervoxels_path: str, out_prefix: str, params: 
   Writes OUT/NAME/table.npz (fragment_ids, tracked_ids: the neuron's id or 0) and
   OUT/NAME.json ([{"id", "seed", "seed_nm", "fragments", "voxels"}]).
   """
-  fragment_ids, node_of_fragment, rag = _stitched_rag(rag_prefix, hierarchy_prefix)
-  p = agglomeration_params(params, out_prefix)
+  fragment_ids, node_of_fragment, rag, prescored = _stitched_rag(rag_prefix, hierarchy_prefix)
+  p = _global_params(params, out_prefix, hierarchy_prefix, prescored)
   seeds, positions = _seed_fragments(rag, p, seeds_nm, supervoxels_path,
                                      (fragment_ids, node_of_fragment))
   if not seeds:

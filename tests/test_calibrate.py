@@ -127,7 +127,7 @@ def _with_operating_point(tmp_path, source, learned: bool):
   return out
 
 
-def test_operating_point_picks_the_scorer_or_the_statistic(tmp_path, tiny_checkpoint, capsys):
+def test_operating_point_picks_the_scorer_or_the_statistic(tmp_path, tiny_checkpoint):
   learned = _with_operating_point(tmp_path, tiny_checkpoint, True)
   threshold, quantile, constraints, cleanup, _, scorer = resolve_operating_point(
     learned, None, None, None)
@@ -137,11 +137,6 @@ def test_operating_point_picks_the_scorer_or_the_statistic(tmp_path, tiny_checkp
   # another statistic takes the classic setting's threshold and cleanup, not the scorer's
   assert resolve_operating_point(learned, None, "mean", None) == (
     0.45, None, ("nucleus",), 250, [0.5, 0.5, 0.5], None)
-  # the hierarchy falls back to the statistic, with a note; asked for, the scorer is an error
-  assert resolve_operating_point(learned, None, None, None, hierarchy=True)[-1] is None
-  assert "does not work with --hierarchy yet" in capsys.readouterr().out
-  with pytest.raises(IicatsError, match="does not work with --hierarchy"):
-    resolve_operating_point(learned, None, "learned", None, hierarchy=True)
   # where the statistic won, the scorer is still there when asked for
   classic = _with_operating_point(tmp_path, tiny_checkpoint, False)
   assert resolve_operating_point(classic, None, None, None)[:4] == (

@@ -7,10 +7,12 @@ import pytest
 
 from iicats_cv.agglomerate import AgglomerationParams, agglomerate
 from iicats_cv.edge_scorer import (FEATURES, apply_edge_scorer, edge_features,
-                                   same_neuron_edges, score_edges, train_edge_scorer)
+                                   same_neuron_edges, score_edge_pieces, score_edges,
+                                   train_edge_scorer)
 from iicats_cv.errors import IicatsError
 from iicats_cv.metrics import adapted_rand_error
-from iicats_cv.rag import APPEARANCE_FIELDS, block_rag, merge_rags
+from iicats_cv.rag import (APPEARANCE_FIELDS, block_rag, contract_stitched, merge_rags,
+                          stitched_node_table)
 from iicats_cv.watershed import fragments
 from conftest import blobs, noisy_affinities
 
@@ -129,3 +131,67 @@ def test_scoring_a_chunk_of_edges_at_a_time_changes_nothing(monkeypatch):
   whole = score_edges(scorer, edge_features(rag)) * rag["count"]
   monkeypatch.setattr("iicats_cv.edge_scorer.SCORING_CHUNK", 7)
   np.testing.assert_allclose(apply_edge_scorer(rag, scorer)["aff_sum"], whole)
+
+
+def _split_fragment(rag: dict, fragment: int, piece: int) -> dict:
+  """The RAG as two blocks would see it when `fragment` crosses their face: its voxels and
+  each of its boundaries shared between it and a new id `piece`, with a stitch edge between
+  the two (what the rag stage writes)."""
+  rag = {"stitch": np.zeros(len(rag["u"])), **rag}
+  touching = (rag["u"] == fragment) | (rag["v"] == fragment)
+  hist = rag["aff_hist"][touching]
+  halves = [hist // 2, hist - hist // 2]
+  rows = {key: [rag[key][~touching]] for key in rag if not key.startswith("frag_")}
+  for half, name in zip(halves, (fragment, piece)):
+    share = half.sum(axis=1) / np.maximum(hist.sum(axis=1), 1)
+    u = np.where(rag["u"][touching] == fragment, name, rag["u"][touching])
+    v = np.where(rag["v"][touching] == fragment, name, rag["v"][touching])
+    rows["u"].append(np.minimum(u, v))
+    rows["v"].append(np.maximum(u, v))
+    rows["aff_hist"].append(half)
+    rows["count"].append(half.sum(axis=1))
+    rows["aff_min"].append(rag["aff_min"][touching])
+    for key in set(rows) - {"u", "v", "aff_hist", "count", "aff_min"}:
+      rows[key].append(rag[key][touching] * share)
+  stitch = {"u": fragment, "v": piece, "count": 1, "stitch": 1, "aff_min": 1.0,
+            "aff_hist": np.zeros((1, hist.shape[1]), hist.dtype)}
+  for key in rows:
+    rows[key].append(np.atleast_1d(stitch.get(key, 0.0)))
+  out = {key: np.concatenate(value) for key, value in rows.items()}
+  out["u"], out["v"] = out["u"].astype(np.uint64), out["v"].astype(np.uint64)
+  at = int(np.searchsorted(rag["frag_id"], fragment))
+  out["frag_id"] = np.append(rag["frag_id"], np.uint64(piece))
+  for key in rag:
+    if key.startswith("frag_") and key != "frag_id":
+      values = rag[key].astype(np.float64)
+      out[key] = np.append(values, values[at] / 2)
+      out[key][at] /= 2
+  return merge_rags([out])
+
+
+def test_scoring_the_pieces_of_stitched_fragments_gives_the_whole_scores():
+  """Hierarchical agglomeration scores each part's edges on its own: with the stitched
+  nodes' totals from the node table, a fragment cut by a task face and its boundaries shared
+  between two pieces score as the whole fragment does."""
+  frags, rag, labels = _scene()
+  scorer = json.loads(json.dumps(train_edge_scorer(
+    edge_features(rag), same_neuron_edges(frags, labels, rag), rag["count"], members=2)))
+  assert "stitch" not in rag or not rag["stitch"].any()
+  busiest = int(np.argmax(np.bincount(np.searchsorted(rag["frag_id"], rag["u"]),
+                                      minlength=len(rag["frag_id"]))))
+  fragment = int(rag["frag_id"][busiest])
+  pieces = _split_fragment(rag, fragment, int(rag["frag_id"].max()) + 1)
+  table = stitched_node_table(pieces)
+  assert (table["nodes"] == fragment).sum() == 2
+  scored = score_edge_pieces(pieces, table, scorer)
+  assert "aff_hist" not in scored
+  whole, _ = contract_stitched(scored)
+  expected = apply_edge_scorer(rag, scorer)
+  np.testing.assert_array_equal(whole["u"], expected["u"])
+  np.testing.assert_allclose(whole["aff_sum"], expected["aff_sum"], rtol=1e-9)
+  # scored piece by piece without the node table, the cut fragment would look half its size
+  own = {**table, "frag_size": pieces["frag_size"]}
+  naive, _ = contract_stitched(score_edge_pieces(pieces, own, scorer))
+  assert not np.allclose(naive["aff_sum"], expected["aff_sum"])
+  with pytest.raises(IicatsError, match="node table lacks fragments"):
+    score_edge_pieces(pieces, {key: value[1:] for key, value in table.items()}, scorer)

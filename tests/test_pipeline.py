@@ -4,6 +4,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 import tensorstore as ts
 from click.testing import CliRunner
 from cloudvolume import CloudVolume
@@ -196,7 +197,9 @@ def test_pipeline_agglomerates_with_the_checkpoints_learned_edge_scorer(tmp_path
   from iicats_cv.model import update_checkpoint_metadata
   from iicats_cv.tasks.common import get_json, get_npz
   from iicats_cv.tasks.pipeline import run_pipeline
-  from iicats_cv.tasks.segmentation import EDGE_SCORER_OBJECT, _stitched_rag
+  from iicats_cv.errors import IicatsError
+  from iicats_cv.metrics import adapted_rand_error
+  from iicats_cv.tasks.segmentation import EDGE_SCORER_OBJECT, _stitched_rag, agglomerate_task
   from iicats_cv.volume_io import import_volume
   frags, rag, labels = _scene()
   scorer = train_edge_scorer(edge_features(rag), same_neuron_edges(frags, labels, rag),
@@ -218,10 +221,31 @@ def test_pipeline_agglomerates_with_the_checkpoints_learned_edge_scorer(tmp_path
   assert stored["members"] == json.loads(json.dumps(scorer))["members"]
   block = get_npz(out + "/rag", "64_0_0.npz")
   assert "aff_hist" in block and "frag_intensity_sum" in block
-  fragment_ids, node_of, node_rag = _stitched_rag(out + "/rag")
+  fragment_ids, node_of, node_rag, _ = _stitched_rag(out + "/rag")
   expected = agglomerate(node_rag, AgglomerationParams(
     threshold=0.6, constraints=("nucleus",), edge_scorer=stored))
   table = get_npz(out, "agglomeration/table.npz")
   np.testing.assert_array_equal(
     table["segment_ids"],
     expected.segment_ids[np.searchsorted(expected.fragment_ids, node_of)])
+  # hierarchically (parts of one block, two levels): a nodes stage gives each part its
+  # fragments' whole-volume totals, level 1 scores every edge, and the global step merges
+  # those probabilities as they are
+  hierarchical = "file://" + str(tmp_path / "hierarchical")
+  summary = run_pipeline(image_path, hierarchical, task_shape=(64, 64, 64),
+                         checkpoint=calibrated, meshes=False, report=False, hierarchy=1,
+                         levels=2)
+  assert "nodes" in summary["timings"]
+  shard = get_npz(hierarchical + "/hierarchy/1/nodes", "64_0_0.npz")
+  assert set(block["frag_id"]) <= set(shard["fragments"])
+  for level in ("level1", "level2"):
+    part = get_npz(hierarchical + f"/hierarchy/1/{level}", "0_0_0.npz")
+    assert part["edge_scored"] and "aff_hist" not in part
+  flat = np.asarray(CloudVolume(out + "/segmentation")[:, :, :])[..., 0]
+  by_parts = np.asarray(CloudVolume(hierarchical + "/segmentation")[:, :, :])[..., 0]
+  assert adapted_rand_error(by_parts, flat) < 0.01
+  with pytest.raises(IicatsError, match="reduced with a learned edge scorer and this run's "
+                                        "parameters name none"):
+    agglomerate_task(hierarchical + "/rag", hierarchical + "/supervoxels", hierarchical,
+                     {**params, "edge_scorer": None}, [],
+                     hierarchy_prefix=summary["agglomeration"]["hierarchy_prefix"])
