@@ -4,15 +4,16 @@
 # generator. ITERATIONS from random weights (validating on the top 20% of each volume's z
 # range: FIB z 101-149), then one fine-tuning round per comma-separated entry of FINETUNE,
 # each from the previous checkpoint (--init: a fresh one-cycle schedule at half the peak
-# learning rate; round k uses seed k); an entry ITERATIONS:V sets --val-fraction V (0: train
-# on all of z < 150 as well). Last, `iicats calibrate` chooses the model's agglomeration
-# setting on the training half and records it in the shipped checkpoint.
+# learning rate; round k uses seed k unless its entry gives one); an entry ITERATIONS:V sets
+# --val-fraction V (0: train on all of z < 150 as well), ITERATIONS:V:SEED the seed too.
+# Last, `iicats calibrate` chooses the model's agglomeration setting on the training half and
+# records it in the shipped checkpoint.
 # Usage: bash scripts/train_default_model.sh [WORKDIR] [ITERATIONS] [FINETUNE]
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 work=${1:-/tmp/iicats-train}
 iterations=${2:-1600}
-finetune=${3:-1200:0}
+finetune=${3:-1200:0,6000:0:11,6000:0:12}
 data="$here/../shared/data"
 mkdir -p "$work"
 python - "$data/flyem_medulla_fib_250.npz" "$work/fib_train.npz" <<'PY'
@@ -36,9 +37,9 @@ iicats train "${layers[@]}" --iterations "$iterations" --out "$work/default_base
 previous="$work/default_base.safetensors"
 IFS=, read -ra rounds <<< "$finetune"
 for k in "${!rounds[@]}"; do
-  seed=$((k + 1))
-  target="$work/default_finetune$seed.safetensors"
-  IFS=: read -r round_iterations val_fraction <<< "${rounds[$k]}"
+  IFS=: read -r round_iterations val_fraction seed <<< "${rounds[$k]}"
+  seed=${seed:-$((k + 1))}
+  target="$work/default_finetune$((k + 1)).safetensors"
   iicats train --init "$previous" "${layers[@]}" --iterations "$round_iterations" --lr 1e-3 \
     --seed "$seed" --val-fraction "${val_fraction:-0.2}" --out "$target"
   previous=$target
