@@ -21,9 +21,16 @@ ground truth, where skeletons trace a subset of the cells while nuclei and synap
 annotated for all: merges with unskeletonised cells are then invisible to ERL, and only bERL's
 nucleus and synapse rules see them.
 
+With --bounds the same fragments are also agglomerated with ground-truth evidence, each at its
+best threshold, as ratios to the same baseline: cannot-links from the ground-truth nuclei and
+synapse partners only (the one-nucleus and partner rules with perfect detection; the
+derived evidence also keeps a bouton apart from its other neighbours), cannot-links between
+every two cells, and a perfect agglomeration (each fragment given its majority ground-truth
+neuron, scored as it is).
+
   python benchmarks/constraints.py [--seed 0] [--noise 0.2] [--cells 40]
                                    [--oracle-fragments {all,synapse}]
-                                   [--skeleton-fraction 1.0] [--json OUT]
+                                   [--skeleton-fraction 1.0] [--bounds] [--json OUT]
 """
 import argparse
 import os
@@ -34,9 +41,10 @@ import fastremap
 import numpy as np
 from scipy import ndimage
 
-from iicats_cv.agglomerate import (AgglomerationParams, agglomerate, count_violations,
-                                   derive_constraints)
+from iicats_cv.agglomerate import (AgglomerationParams, Constraints, agglomerate,
+                                   count_violations, derive_constraints)
 from iicats_cv.datasets import write_ground_truth_files
+from iicats_cv.edge_scorer import majority_labels
 from iicats_cv.evaluate import evaluate_tables, lookup_segments
 from iicats_cv.metrics import concatenate_skeletons, merging_segments, synapse_violations
 from iicats_cv.rag import block_rag, merge_rags
@@ -71,15 +79,57 @@ def degraded_affinities(vol, noise, seed, gap_radius=3, gap_affinity=0.8) -> np.
   return np.clip(affs + error * noise / error.std(), 0, 1).astype(np.float32)
 
 
-def score(rag, frag_ids, supervoxels, gt, params, evidence):
-  """{threshold: {erl, berl, nerl, violations}} over THRESHOLDS for one parameter set; the
-  violations are judged with `evidence` (parameters using every kind of evidence)."""
-  result = agglomerate(rag, params, sweep_thresholds=THRESHOLDS)
+def score(rag, frag_ids, supervoxels, gt, params, evidence, constraints=None):
+  """{threshold: {erl, berl, nerl, violations}} over THRESHOLDS for one parameter set (and
+  `constraints` instead of the RAG's, when given); the violations are judged with `evidence`
+  (parameters using every kind of evidence)."""
+  result = agglomerate(rag, params, sweep_thresholds=THRESHOLDS, constraints=constraints)
   rows = evaluate_tables(supervoxels, {t: (frag_ids, table) for t, table in result.sweep.items()},
                          gt["gt_skeletons"], gt["nuclei"], gt["synapses"])
   for row in rows:
     row["violations"] = count_violations(rag, result.sweep[row["threshold"]], evidence)
   return {row["threshold"]: row for row in rows}
+
+
+def best_row(rows: dict) -> dict:
+  return max(rows.values(), key=lambda r: r["berl"])
+
+
+def ground_truth_constraints(frags: np.ndarray, rag: dict, vol) -> dict:
+  """Constraints from the ground truth, over the RAG's fragments (uint64 (X, Y, Z) `frags`):
+  'organelles': each fragment holding nucleus voxels gets the nucleus with most of them, and
+  the fragments holding the pre- and post-synaptic point of a synapse cannot link; 'cells':
+  every fragment gets its majority neuron, so no two cells can merge."""
+  frag_ids = rag["frag_id"]
+  no_mito = np.zeros(len(rag["u"]), bool)
+  nuclear_ids, nucleus = majority_labels(frags[vol.nuclei > 0], vol.nuclei[vol.nuclei > 0])
+  nuclei = np.zeros(len(frag_ids), np.int64)
+  nuclei[np.searchsorted(frag_ids, nuclear_ids)] = nucleus.astype(np.int64)
+  partners = np.searchsorted(frag_ids, synapse_partner_fragments(frags, vol)).astype(np.int64)
+  cannot = partners[partners[:, 0] != partners[:, 1]]
+  ids, neuron = majority_labels(frags, vol.neurons)
+  cells = np.zeros(len(frag_ids), np.int64)
+  cells[np.searchsorted(frag_ids, ids)] = neuron.astype(np.int64)
+  return {"organelles": Constraints(nuclei, cannot, no_mito),
+          "cells": Constraints(cells, np.zeros((0, 2), np.int64), no_mito)}
+
+
+def bounds(frags, rag, supervoxels, gt, vol, evidence, baseline_berl) -> dict:
+  """{name: {berl, threshold, ratio}}: the ground-truth constraints' agglomerations at their
+  best threshold, and the perfect agglomeration ('oracle'), against `baseline_berl`."""
+  out = {}
+  for name, constraints in ground_truth_constraints(frags, rag, vol).items():
+    row = best_row(score(rag, rag["frag_id"], supervoxels, gt, evidence, evidence, constraints))
+    out[name] = {"berl": row["berl"], "threshold": row["threshold"]}
+  ids, neuron = majority_labels(frags, vol.neurons)
+  # fragments outside every neuron keep their own id
+  table = np.where(neuron > 0, neuron, ids + np.uint64(neuron.max()) + np.uint64(1))
+  row = evaluate_tables(supervoxels, {0: (ids, table)}, gt["gt_skeletons"], gt["nuclei"],
+                        gt["synapses"])[0]
+  out["oracle"] = {"berl": row["berl"], "threshold": None}
+  for row in out.values():
+    row["ratio"] = row["berl"] / baseline_berl
+  return out
 
 
 def fragment_errors(supervoxels, vol) -> dict:
@@ -106,10 +156,15 @@ def split_by_ground_truth(frags: np.ndarray, neurons: np.ndarray,
   return fastremap.renumber(pieces, preserve_zero=True)[0].astype(np.uint64)
 
 
+def synapse_partner_fragments(frags: np.ndarray, vol) -> np.ndarray:
+  """uint64 (S, 2): the fragments holding each synapse's pre- and post-synaptic site."""
+  voxels = np.floor(vol.synapses_nm.reshape(-1, 3) / np.asarray(vol.resolution)).astype(int)
+  return frags[tuple(voxels.T)].reshape(-1, 2)
+
+
 def fragments_holding_synapses(frags: np.ndarray, vol) -> np.ndarray:
   """Ids of the fragments that hold both the pre- and the post-synaptic site of a synapse."""
-  voxels = np.floor(vol.synapses_nm.reshape(-1, 3) / np.asarray(vol.resolution)).astype(int)
-  partners = frags[tuple(voxels.T)].reshape(-1, 2)
+  partners = synapse_partner_fragments(frags, vol)
   return np.unique(partners[(partners[:, 0] == partners[:, 1]) & (partners[:, 0] > 0), 0])
 
 
@@ -142,6 +197,9 @@ def main():
   parser.add_argument("--skeleton-fraction", type=float, default=1.0,
                       help="share of the cells whose skeleton is scored (nuclei and synapses "
                            "stay annotated for all cells)")
+  parser.add_argument("--bounds", action="store_true",
+                      help="also agglomerate with ground-truth constraints, and score a "
+                           "perfect agglomeration of the fragments")
   parser.add_argument("--json", default=None)
   args = parser.parse_args()
   if not 0 < args.skeleton_fraction <= 1:
@@ -167,8 +225,7 @@ def main():
   constrained = score(rag, rag["frag_id"], supervoxels, gt, evidence, evidence)
   baseline = score(rag, rag["frag_id"], supervoxels, gt,
                    AgglomerationParams(use_constraints=False), evidence)
-  best_c = max(constrained.values(), key=lambda r: r["berl"])
-  best_b = max(baseline.values(), key=lambda r: r["berl"])
+  best_c, best_b = best_row(constrained), best_row(baseline)
   out = {
     "volume": vol.summary(), "noise": args.noise, "oracle_fragments": args.oracle_fragments,
     "skeleton_fraction": args.skeleton_fraction,
@@ -180,6 +237,13 @@ def main():
     "ratio": best_c["berl"] / best_b["berl"],
     "nerl_ratio": best_c["nerl"] / max(best_b["nerl"], 1e-9),
   }
+  bounded = ""
+  if args.bounds:
+    out["bounds"] = bounds(frags, rag, supervoxels, gt, vol, evidence, best_b["berl"])
+    bounded = ("; bounds (bERL ratio): ground-truth nuclei and synapse partners "
+               f"{out['bounds']['organelles']['ratio']:.2f}, every two cells apart "
+               f"{out['bounds']['cells']['ratio']:.2f}, perfect agglomeration "
+               f"{out['bounds']['oracle']['ratio']:.2f}")
   left = best_c["violations"]
   report(out, f"bERL constrained {best_c['berl']:.0f} nm (t={best_c['threshold']}) vs "
               f"unconstrained {best_b['berl']:.0f} nm (t={best_b['threshold']}): ratio "
@@ -196,7 +260,7 @@ def main():
               f"in the fragments already: "
               f"{out['fragment_errors']['merging_fragments']} of {out['fragments']} hold two "
               f"skeletons, {out['fragment_errors']['synapses_within_one_fragment']} of "
-              f"{out['fragment_errors']['synapses']} synapses lie within one", args.json)
+              f"{out['fragment_errors']['synapses']} synapses lie within one{bounded}", args.json)
 
 
 if __name__ == "__main__":

@@ -308,7 +308,8 @@ class AgglomerationResult:
 
 
 def agglomerate(rag: dict, params: AgglomerationParams, sweep_thresholds=(),
-                seeds: dict | None = None) -> AgglomerationResult:
+                seeds: dict | None = None,
+                constraints: Constraints | None = None) -> AgglomerationResult:
   """Agglomerate a merged RAG (see rag.merge_rags) into segments.
 
   seeds: optional {seed number (1..K): fragment index}; when given, tracking runs after the
@@ -317,7 +318,13 @@ def agglomerate(rag: dict, params: AgglomerationParams, sweep_thresholds=(),
   sweep_thresholds: extra thresholds ≥ the lowest one run; tables come from the same merge
     history (the greedy merge order is the same for every threshold, so each table equals a
     separate run at that threshold).
+  constraints: evidence to use instead of what derive_constraints finds in the RAG (indexed
+    like rag["frag_id"] and the RAG's edges), e.g. proofread cannot-links, or the ground
+    truth's for a bound; needs params.use_constraints. The violations are counted against it.
   """
+  given = constraints
+  if given is not None and not params.use_constraints:
+    raise IicatsError("agglomeration: constraints were given with use_constraints=False")
   if params.edge_scorer is not None:
     if params.quantile is not None:
       raise IicatsError("agglomeration: a learned edge scorer replaces the affinity statistic; "
@@ -327,9 +334,10 @@ def agglomerate(rag: dict, params: AgglomerationParams, sweep_thresholds=(),
   n = len(frag)
   u = np.searchsorted(frag, rag["u"])
   v = np.searchsorted(frag, rag["v"])
-  constraints = derive_constraints(rag, params)[0] if params.use_constraints else None
-  if constraints is not None and "nucleus" not in params.constraints:
-    constraints.nucleus = np.zeros_like(constraints.nucleus)  # seeds still come from nuclei
+  if constraints is None and params.use_constraints:
+    constraints = derive_constraints(rag, params)[0]
+    if "nucleus" not in params.constraints:
+      constraints.nucleus = np.zeros_like(constraints.nucleus)  # seeds still come from nuclei
   mito = constraints.mito_edge if constraints is not None else np.zeros(len(u), bool)
   if params.quantile is not None and "aff_hist" not in rag:
     raise IicatsError("quantile agglomeration needs affinity histograms in the RAG: run the "
@@ -364,7 +372,7 @@ def agglomerate(rag: dict, params: AgglomerationParams, sweep_thresholds=(),
     tracked.append({"seed": int(number), "id": int(segment[index]),
                     "fragments": int(members.sum()),
                     "voxels": int(rag["frag_size"][members].sum())})
-  violations = count_violations(rag, segment, params)
+  violations = count_violations(rag, segment, params, given)
   return AgglomerationResult(frag, segment, history, sweep, tracked, violations)
 
 
@@ -421,9 +429,12 @@ def _replay(frag, history, threshold, n):
   return _segment_table(frag, comp)
 
 
-def count_violations(rag: dict, segment: np.ndarray, params: AgglomerationParams) -> dict:
-  """Constraint violations left in a segmentation table (evidence derived from the RAG)."""
-  constraints, _ = derive_constraints(rag, params)
+def count_violations(rag: dict, segment: np.ndarray, params: AgglomerationParams,
+                     constraints: Constraints | None = None) -> dict:
+  """Constraint violations left in a segmentation table: of `constraints`, or when it is None,
+  of all the evidence derive_constraints finds in the RAG (also what a run left unused)."""
+  if constraints is None:
+    constraints, _ = derive_constraints(rag, params)
   nuc = constraints.nucleus
   has = nuc > 0
   pairs = np.unique(np.stack([segment[has], nuc[has]], axis=1), axis=0)

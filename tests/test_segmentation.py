@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from cloudvolume import CloudVolume
 
-from iicats_cv.agglomerate import AgglomerationParams, agglomerate, derive_constraints
+from iicats_cv.agglomerate import (AgglomerationParams, Constraints, agglomerate,
+                                   derive_constraints)
 from iicats_cv.errors import IicatsError
 from iicats_cv.layers import create_layer
 from iicats_cv.rag import block_rag, merge_rags
@@ -99,6 +100,22 @@ def test_mitochondria_hint_raises_score_but_not_over_cannot_link():
   assert result.segment_ids[2] == result.segment_ids[3]
   no_hint = agglomerate(rag, AgglomerationParams(threshold=0.5, mito_bonus=0.0, **TOY))
   assert no_hint.segment_ids[2] != no_hint.segment_ids[3]
+
+
+def test_given_constraints_replace_the_rags_evidence():
+  """Proofread evidence instead of the organelle channels': one cannot-link 1-2 and no
+  nuclei; the violations are counted against it."""
+  rag = _toy_rag()
+  given = Constraints(nucleus=np.zeros(4, np.int64), cannot_link=np.array([[0, 1]]),
+                      mito_edge=np.zeros(3, bool))
+  result = agglomerate(rag, AgglomerationParams(threshold=0.5, **TOY), constraints=given)
+  seg = result.segment_ids
+  assert seg[0] != seg[1] and seg[1] == seg[2] == seg[3]
+  assert result.violations["synapse_cannot_links"] == 1
+  assert result.violations["synapse_partners_merged"] == 0
+  assert result.violations["nucleus_instances"] == 0
+  with pytest.raises(IicatsError, match="use_constraints=False"):
+    agglomerate(rag, AgglomerationParams(use_constraints=False), constraints=given)
 
 
 def test_synapse_cannot_link_needs_the_signal_on_a_membrane():
