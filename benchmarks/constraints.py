@@ -95,11 +95,12 @@ def best_row(rows: dict) -> dict:
   return max(rows.values(), key=lambda r: r["berl"])
 
 
-def ground_truth_constraints(frags: np.ndarray, rag: dict, vol) -> dict:
+def ground_truth_constraints(frags: np.ndarray, rag: dict, vol, majority: tuple) -> dict:
   """Constraints from the ground truth, over the RAG's fragments (uint64 (X, Y, Z) `frags`):
   'organelles': each fragment holding nucleus voxels gets the nucleus with most of them, and
   the fragments holding the pre- and post-synaptic point of a synapse cannot link; 'cells':
-  every fragment gets its majority neuron, so no two cells can merge."""
+  every fragment gets its majority neuron (`majority`: majority_labels(frags, vol.neurons)),
+  so no two cells can merge."""
   frag_ids = rag["frag_id"]
   no_mito = np.zeros(len(rag["u"]), bool)
   nuclear_ids, nucleus = majority_labels(frags[vol.nuclei > 0], vol.nuclei[vol.nuclei > 0])
@@ -107,7 +108,7 @@ def ground_truth_constraints(frags: np.ndarray, rag: dict, vol) -> dict:
   nuclei[np.searchsorted(frag_ids, nuclear_ids)] = nucleus.astype(np.int64)
   partners = np.searchsorted(frag_ids, synapse_partner_fragments(frags, vol)).astype(np.int64)
   cannot = partners[partners[:, 0] != partners[:, 1]]
-  ids, neuron = majority_labels(frags, vol.neurons)
+  ids, neuron = majority
   cells = np.zeros(len(frag_ids), np.int64)
   cells[np.searchsorted(frag_ids, ids)] = neuron.astype(np.int64)
   return {"organelles": Constraints(nuclei, cannot, no_mito),
@@ -118,10 +119,10 @@ def bounds(frags, rag, supervoxels, gt, vol, evidence, baseline_berl) -> dict:
   """{name: {berl, threshold, ratio}}: the ground-truth constraints' agglomerations at their
   best threshold, and the perfect agglomeration ('oracle'), against `baseline_berl`."""
   out = {}
-  for name, constraints in ground_truth_constraints(frags, rag, vol).items():
+  ids, neuron = majority_labels(frags, vol.neurons)
+  for name, constraints in ground_truth_constraints(frags, rag, vol, (ids, neuron)).items():
     row = best_row(score(rag, rag["frag_id"], supervoxels, gt, evidence, evidence, constraints))
     out[name] = {"berl": row["berl"], "threshold": row["threshold"]}
-  ids, neuron = majority_labels(frags, vol.neurons)
   # fragments outside every neuron keep their own id
   table = np.where(neuron > 0, neuron, ids + np.uint64(neuron.max()) + np.uint64(1))
   row = evaluate_tables(supervoxels, {0: (ids, table)}, gt["gt_skeletons"], gt["nuclei"],
