@@ -21,7 +21,9 @@ FIB_CROP = os.path.join(DATA_DIR, "fib_heldout_crop.npz")
 
 
 def load_fib_crop():
-  """-> (image uint8 (x,y,z), neurons uint32 (x,y,z), resolution nm (x,y,z))."""
+  """The held-out FIB crop the `fib` demo runs on (200×200×100 voxels of the cube's z ≥ 150
+  half, which no shipped model trained or was calibrated on: do not train on it either).
+  -> (image uint8 (x,y,z), neurons uint32 (x,y,z), resolution nm (x,y,z))."""
   with np.load(FIB_CROP) as npz:
     image = npz["image"].transpose(2, 1, 0).copy()
     neurons = npz["neurons"].transpose(2, 1, 0).copy()
