@@ -11,6 +11,13 @@ over the same thresholds and are scored against the generator's skeletons, nucle
 The reference is the unconstrained baseline of the same run: ratio = constrained bERL /
 baseline bERL, each at its best threshold.
 
+The watershed uses the synapse channel as the pipeline does when synapse evidence is on:
+--synapse-boundary (default watershed.SYNAPSE_BOUNDARY) is added to the boundary map on the
+synapse voxels, so that faded clefts still part the fragments. Both agglomerations run on
+those fragments; the unconstrained agglomeration is also run on the fragments of the plain
+watershed (no organelle evidence anywhere), reported as baseline_plain_watershed and
+ratio_vs_plain_watershed.
+
 With --oracle-fragments all the watershed fragments are cut along the ground-truth neurons, so
 no fragment holds two cells: what is left is the agglomeration's own effect. With
 --oracle-fragments synapse only the fragments that hold both partners of a ground-truth synapse
@@ -30,16 +37,21 @@ neuron, scored as it is).
 
   python benchmarks/constraints.py [--seed 0] [--noise 0.2] [--cells 40]
                                    [--oracle-fragments {all,synapse}]
-                                   [--skeleton-fraction 1.0] [--bounds] [--json OUT]
+                                   [--skeleton-fraction 1.0] [--synapse-boundary 0.2]
+                                   [--bounds] [--json OUT]
+  python benchmarks/constraints.py --seeds 0-11 [-p 2] [...]   (per seed, then the means)
 """
 import argparse
+import multiprocessing
 import os
 import tempfile
+from functools import partial
 
 import cc3d
 import fastremap
 import numpy as np
 from scipy import ndimage
+from tqdm import tqdm
 
 from iicats_cv.agglomerate import (AgglomerationParams, Constraints, agglomerate,
                                    count_violations, derive_constraints)
@@ -51,7 +63,7 @@ from iicats_cv.rag import block_rag, merge_rags
 from iicats_cv.synthetic import make_synthetic_volume
 from iicats_cv.train import affinities_from_labels
 from iicats_cv.volume_io import import_volume
-from iicats_cv.watershed import fragments
+from iicats_cv.watershed import SYNAPSE_BOUNDARY, fragments
 from bench_report import report
 
 # bERL moves by up to 25% between neighbouring thresholds here, so a coarser grid lets the
@@ -179,6 +191,10 @@ def scored_skeletons(skeletons: list, fraction: float, seed: int) -> list:
 def main():
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--seeds", default=None,
+                      help="FIRST-LAST: one run per seed, then the means (replaces --seed)")
+  parser.add_argument("-p", "--processes", type=int, default=2,
+                      help="seeds run at once with --seeds")
   parser.add_argument("--noise", type=float, default=0.2)
   parser.add_argument("--gap-affinity", type=float, default=0.55,
                       help="affinity across the membrane at synapses")
@@ -198,6 +214,8 @@ def main():
   parser.add_argument("--skeleton-fraction", type=float, default=1.0,
                       help="share of the cells whose skeleton is scored (nuclei and synapses "
                            "stay annotated for all cells)")
+  parser.add_argument("--synapse-boundary", type=float, default=SYNAPSE_BOUNDARY,
+                      help="added to the watershed's boundary map on synapse voxels (0: off)")
   parser.add_argument("--bounds", action="store_true",
                       help="also agglomerate with ground-truth constraints, and score a "
                            "perfect agglomeration of the fragments")
@@ -205,13 +223,59 @@ def main():
   args = parser.parse_args()
   if not 0 < args.skeleton_fraction <= 1:
     parser.error(f"--skeleton-fraction must be in (0, 1], got {args.skeleton_fraction}")
+  if args.seeds is None:
+    out, summary = run_seed(args, args.seed)
+    report(out, summary, args.json)
+    return
+  try:
+    first, _, last = args.seeds.partition("-")
+    seeds = list(range(int(first), int(last or first) + 1))
+  except ValueError:
+    parser.error(f"--seeds must be FIRST-LAST, got {args.seeds!r}")
+  runs = {}
+  with multiprocessing.Pool(args.processes) as pool:
+    for seed, (out, summary) in tqdm(zip(seeds, pool.imap(partial(run_seed, args), seeds)),
+                                     total=len(seeds), desc="seeds"):
+      runs[seed] = out
+      tqdm.write(f"seed {seed}: {summary}")
+  report(*summarise_seeds(runs), args.json)
+
+
+def summarise_seeds(runs: dict) -> tuple[dict, str]:
+  """({"seeds": runs, "mean": {...}}, one line) over the runs of several seeds."""
+  def mean(key, row=None):
+    return float(np.mean([out[row][key] if row else out[key] for out in runs.values()]))
+  means = {"ratio": mean("ratio"), "nerl_ratio": mean("nerl_ratio"),
+           "berl_constrained": mean("berl", "best_constrained"),
+           "berl_baseline": mean("berl", "best_baseline"),
+           "merged_synapses": mean("n_merged_synapses", "best_constrained"),
+           "merged_synapses_baseline": mean("n_merged_synapses", "best_baseline")}
+  ratios = " ".join(f"{out['ratio']:.2f}" for out in runs.values())
+  line = (f"{len(runs)} seeds: bERL ratio mean {means['ratio']:.2f} ({ratios}; "
+          f"{sum(out['ratio'] >= 1.2 for out in runs.values())} at >= 1.20), nERL ratio mean "
+          f"{means['nerl_ratio']:.2f}; merged GT synapses mean {means['merged_synapses']:.1f} "
+          f"(baseline {means['merged_synapses_baseline']:.1f})")
+  if all("ratio_vs_plain_watershed" in out for out in runs.values()):
+    means["ratio_vs_plain_watershed"] = mean("ratio_vs_plain_watershed")
+    means["merged_synapses_plain_watershed"] = float(np.mean(
+      [out["baseline_plain_watershed"]["n_merged_synapses"] for out in runs.values()]))
+    ratios = " ".join(f"{out['ratio_vs_plain_watershed']:.2f}" for out in runs.values())
+    line += (f"; against the plain watershed's unconstrained baseline: ratio mean "
+             f"{means['ratio_vs_plain_watershed']:.2f} ({ratios}), merged GT synapses mean "
+             f"{means['merged_synapses_plain_watershed']:.1f}")
+  return {"seeds": runs, "mean": means}, line
+
+
+def run_seed(args, seed: int) -> tuple[dict, str]:
+  """The benchmark on the volume of one seed: (result, one-line summary)."""
   shape = tuple(int(v) for v in args.shape.split(","))
-  vol = make_synthetic_volume(shape=shape, seed=args.seed, n_cells=args.cells,
+  vol = make_synthetic_volume(shape=shape, seed=seed, n_cells=args.cells,
                               n_synapses=args.synapses)
-  affs = degraded_affinities(vol, args.noise, args.seed, gap_affinity=args.gap_affinity)
+  affs = degraded_affinities(vol, args.noise, seed, gap_affinity=args.gap_affinity)
   organelles = np.stack([vol.nuclei > 0, vol.mitochondria > 0, vol.synapse_mask > 0]
                         ).astype(np.float32)
-  frags = fragments(affs, vol.resolution)
+  frags = fragments(affs, vol.resolution, synapse=organelles[2] > 0,
+                    synapse_boundary=args.synapse_boundary)
   if args.oracle_fragments:
     only = fragments_holding_synapses(frags, vol) if args.oracle_fragments == "synapse" else None
     frags = split_by_ground_truth(frags, vol.neurons, only)
@@ -220,13 +284,24 @@ def main():
   supervoxels = import_volume(frags, f"file://{root}/supervoxels", "segmentation",
                               vol.resolution, source="benchmarks/constraints.py")
   gt = write_ground_truth_files(os.path.join(root, "gt"),
-                                scored_skeletons(vol.skeletons, args.skeleton_fraction, args.seed),
+                                scored_skeletons(vol.skeletons, args.skeleton_fraction, seed),
                                 vol.nucleus_points_nm, vol.synapses_nm)
   evidence = AgglomerationParams(nucleus_fraction=args.nucleus_fraction)
   constrained = score(rag, rag["frag_id"], supervoxels, gt, evidence, evidence)
   baseline = score(rag, rag["frag_id"], supervoxels, gt,
                    AgglomerationParams(use_constraints=False), evidence)
   best_c, best_b = best_row(constrained), best_row(baseline)
+  plain = {}
+  if args.synapse_boundary > 0 and not args.oracle_fragments:
+    plain_frags = fragments(affs, vol.resolution)
+    plain_rag = merge_rags([block_rag(plain_frags, affs, organelles, (0, 0, 0))])
+    plain_sv = import_volume(plain_frags, f"file://{root}/supervoxels_plain", "segmentation",
+                             vol.resolution, source="benchmarks/constraints.py")
+    row = best_row(score(plain_rag, plain_rag["frag_id"], plain_sv, gt,
+                         AgglomerationParams(use_constraints=False), evidence))
+    plain = {"baseline_plain_watershed": row,
+             "plain_fragment_errors": fragment_errors(plain_sv, vol),
+             "ratio_vs_plain_watershed": best_c["berl"] / row["berl"]}
   out = {
     "volume": vol.summary(), "noise": args.noise, "oracle_fragments": args.oracle_fragments,
     "skeleton_fraction": args.skeleton_fraction,
@@ -237,6 +312,7 @@ def main():
     "best_constrained": best_c, "best_baseline": best_b,
     "ratio": best_c["berl"] / best_b["berl"],
     "nerl_ratio": best_c["nerl"] / max(best_b["nerl"], 1e-9),
+    "synapse_boundary": args.synapse_boundary, **plain,
   }
   bounded = ""
   if args.bounds:
@@ -245,8 +321,15 @@ def main():
                f"{out['bounds']['organelles']['ratio']:.2f}, every two cells apart "
                f"{out['bounds']['cells']['ratio']:.2f}, perfect agglomeration "
                f"{out['bounds']['oracle']['ratio']:.2f}")
+  if plain:
+    row, errors = plain["baseline_plain_watershed"], plain["plain_fragment_errors"]
+    bounded = (f"; against the plain watershed's unconstrained {row['berl']:.0f} nm "
+               f"(t={row['threshold']}): ratio {plain['ratio_vs_plain_watershed']:.2f}, "
+               f"{row['n_merged_synapses']} merged synapses, "
+               f"{errors['synapses_within_one_fragment']} within one fragment, "
+               f"{errors['merging_fragments']} fragments hold two skeletons" + bounded)
   left = best_c["violations"]
-  report(out, f"bERL constrained {best_c['berl']:.0f} nm (t={best_c['threshold']}) vs "
+  return out, (f"bERL constrained {best_c['berl']:.0f} nm (t={best_c['threshold']}) vs "
               f"unconstrained {best_b['berl']:.0f} nm (t={best_b['threshold']}): ratio "
               f"{out['ratio']:.2f} ({out['nucleus_instances']} nucleus instances); "
               f"nERL {best_c['nerl']:.0f} vs {best_b['nerl']:.0f} nm; "
@@ -261,7 +344,7 @@ def main():
               f"in the fragments already: "
               f"{out['fragment_errors']['merging_fragments']} of {out['fragments']} hold two "
               f"skeletons, {out['fragment_errors']['synapses_within_one_fragment']} of "
-              f"{out['fragment_errors']['synapses']} synapses lie within one{bounded}", args.json)
+              f"{out['fragment_errors']['synapses']} synapses lie within one{bounded}")
 
 
 if __name__ == "__main__":

@@ -146,6 +146,11 @@ def _pipeline_options(func):
                  help="After agglomeration, join every segment smaller than this many voxels "
                       "to its best-scoring neighbour, constraints honoured (0: off; default: "
                       "the checkpoint's calibrated choice, else 0)."),
+    click.option("--synapse-boundary", type=click.FloatRange(min=0), default=None,
+                 help="Added to the watershed's boundary map on predicted synapse voxels, so "
+                      "that a cleft the network fades still parts the two partners' "
+                      "fragments (0: off; default: 0.2 when the constraints use synapse "
+                      "evidence, else 0)."),
     click.option("--hierarchy", type=click.IntRange(min=1), default=None,
                  help="Agglomerate hierarchically: first inside parts of N×N×N tasks (in "
                       "parallel), then globally over their regions; for RAGs too big for one "
@@ -177,7 +182,7 @@ def _pipeline_options(func):
 @click.option("--synapses", default=None, help="GT synapses CSV pre_x..post_z nm (bERL).")
 def pipeline_command(image, out, queue, parallel, task_shape, checkpoint, json_path, threshold,
                      link_prefix, constraints, quantile, nucleus_fraction, min_segment_voxels,
-                     hierarchy, levels, tta, unsharded, seeds, gt_labels, gt_skeletons, nuclei,
+                     synapse_boundary, hierarchy, levels, tta, unsharded, seeds, gt_labels, gt_skeletons, nuclei,
                      synapses):
   """Run every stage: inference, watershed, RAG, agglomeration + tracking, remap, meshes,
   skeletons, mips, Neuroglancer link and metrics.
@@ -195,7 +200,7 @@ def pipeline_command(image, out, queue, parallel, task_shape, checkpoint, json_p
                          constraints=constraints, sharded=not unsharded,
                          quantile=quantile, nucleus_fraction=nucleus_fraction,
                          min_segment_voxels=min_segment_voxels, hierarchy=hierarchy,
-                         levels=levels, augment=tta)
+                         levels=levels, augment=tta, synapse_boundary=synapse_boundary)
   _print_summary(summary, out)
 
 
@@ -251,7 +256,7 @@ DEMO_AGGLOMERATION = {"fib": {},
 @_pipeline_options
 def demo_command(dataset, out, queue, parallel, task_shape, checkpoint, json_path, threshold,
                  link_prefix, constraints, quantile, nucleus_fraction, min_segment_voxels,
-                 hierarchy, levels, tta, unsharded):
+                 synapse_boundary, hierarchy, levels, tta, unsharded):
   """Import an embedded dataset with its ground truth and run the pipeline on it.
 
   \b
@@ -265,7 +270,8 @@ def demo_command(dataset, out, queue, parallel, task_shape, checkpoint, json_pat
   out = normalize_cloudpath(out)
   inputs = prepare_demo(dataset, out)
   given = {"threshold": threshold, "quantile": quantile, "constraints": constraints,
-           "min_segment_voxels": min_segment_voxels, "nucleus_fraction": nucleus_fraction}
+           "min_segment_voxels": min_segment_voxels, "nucleus_fraction": nucleus_fraction,
+           "synapse_boundary": synapse_boundary}
   setting = {**DEMO_AGGLOMERATION[dataset],
              **{key: value for key, value in given.items() if value is not None}}
   summary = run_pipeline(inputs["image"], out, queue=queue, parallel=parallel,

@@ -18,6 +18,7 @@ import numpy as np
 
 from iicats_cv.agglomerate import AgglomerationParams
 from iicats_cv.errors import IicatsError
+from iicats_cv.watershed import SYNAPSE_BOUNDARY
 from iicats_cv.layers import normalize_cloudpath, open_layer, join, local_path
 from . import igneous_stages as ig
 from .inference import clear_patch_cache, create_inference_tasks
@@ -111,7 +112,8 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
                  sharded: bool = True, quantile: float | str | None = None,
                  nucleus_fraction: float | None = None, hierarchy: int | None = None,
                  levels: int = 1, augment: bool = False,
-                 min_segment_voxels: int | None = None):
+                 min_segment_voxels: int | None = None,
+                 synapse_boundary: float | None = None):
   """Run every stage from an EM image layer to segmentation, meshes, link and metrics.
 
   augment: test-time augmentation in the inference stage (create_inference_tasks).
@@ -121,6 +123,9 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
   probability cuts of the RAG's evidence.
   nucleus_fraction: the share of a fragment that must be nucleus for it to count as nuclear
   (AgglomerationParams.nucleus_fraction when None).
+  synapse_boundary: added to the watershed's boundary map where the synapse channel exceeds
+  its cut (watershed.fragments); None: watershed.SYNAPSE_BOUNDARY when the constraints use
+  synapse evidence, else 0.
 
   Returns the summary dict ({"layers", "neuroglancer_url", "metrics", "timings", ...}).
   """
@@ -137,6 +142,8 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
                             min_segment_voxels))
   if nucleus_fraction is None:
     nucleus_fraction = AgglomerationParams.nucleus_fraction
+  if synapse_boundary is None:
+    synapse_boundary = SYNAPSE_BOUNDARY if "synapse" in constraints else 0.0
   layers = {"image": image, **{name: join(out, name) for name in LAYERS[1:]},
             "segmentation_baseline": join(out, "segmentation_baseline")}
   run = Pipeline(out, queue, parallel, lease_sec=lease_sec)
@@ -147,6 +154,7 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
                                    "organelle_thresholds": organelle_cuts,
                                    "nucleus_fraction": nucleus_fraction,
                                    "min_segment_voxels": min_segment_voxels,
+                                   "synapse_boundary": synapse_boundary,
                                    "test_time_augmentation": augment})
   started = time.time()
   state = run.state
@@ -156,7 +164,9 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
     state_prefix=state, augment=augment))
   clear_patch_cache(layers["affinities"])
   run.stage("watershed", lambda: create_watershed_tasks(
-    layers["affinities"], layers["supervoxels"], task_shape, state_prefix=state))
+    layers["affinities"], layers["supervoxels"], task_shape, state_prefix=state,
+    organelles_path=layers["organelles"], synapse_boundary=synapse_boundary,
+    synapse_cut=organelle_cuts[2]))
   run.stage("rag", lambda: create_rag_tasks(
     layers["supervoxels"], layers["affinities"], layers["organelles"], join(out, "rag"),
     task_shape, state_prefix=state, histogram=quantile is not None or scorer is not None,

@@ -79,6 +79,20 @@ def check_affinities(path: str):
   return cv
 
 
+SYNAPSE_CHANNEL = 2  # organelles layer: nucleus, mitochondria, synapse
+
+
+def check_organelles(path: str, aff_cv):
+  """The organelles layer (nucleus, mitochondria, synapse), on the affinities' voxel grid."""
+  org_cv = open_layer(path, num_channels=3, what="organelles layer")
+  if (list(org_cv.resolution) != list(aff_cv.resolution)
+      or org_cv.bounds != aff_cv.bounds):
+    raise IicatsError(f"organelles layer {path}: bounds {org_cv.bounds} at resolution "
+                      f"{list(org_cv.resolution)} differ from the affinities' {aff_cv.bounds} "
+                      f"at {list(aff_cv.resolution)}")
+  return org_cv
+
+
 def context_voxels(context_nm: float | None, resolution) -> np.ndarray:
   """Context per axis (voxels) for a physical margin: fewer voxels along a coarse z. The
   default is 48 voxels of the finest axis. With 24, 64³ tasks and one task over the FIB crop
@@ -96,19 +110,27 @@ def context_voxels(context_nm: float | None, resolution) -> np.ndarray:
 def watershed_task(affinities_path: str, supervoxels_path: str, start: list, stop: list,
                    block_index: int, id_stride: int, context_nm: float | None = None,
                    threshold: float = 0.5, min_size: int = 50, per_section: bool = False,
-                   state_prefix: str = ""):
+                   state_prefix: str = "", organelles_path: str = "",
+                   synapse_boundary: float = 0.0, synapse_cut: float = 0.5):
   """Fragments of one block, computed with `context_nm` of margin around it, ids offset by
   block_index * id_stride so they are unique across all blocks. Also stores, per face, where
   this watershed joins the voxels straddling the face (SUPERVOXELS/faces/BLOCK.npz): the rag
-  stage stitches fragments that both blocks beside a face see as one."""
+  stage stitches fragments that both blocks beside a face see as one.
+  organelles_path, synapse_boundary, synapse_cut: where the organelles layer's synapse channel
+  exceeds synapse_cut, synapse_boundary is added to the boundary map (watershed.fragments)."""
   aff_cv = check_affinities(affinities_path)
   bounds = aff_cv.bounds
   context = context_voxels(context_nm, aff_cv.resolution)
   lo = np.maximum(np.asarray(start) - context, bounds.minpt)
   hi = np.minimum(np.asarray(stop) + context, bounds.maxpt)
   affs = _float_channels(aff_cv, Bbox(lo, hi), channels=3)
+  synapse = None
+  if organelles_path and synapse_boundary > 0:
+    org_cv = check_organelles(organelles_path, aff_cv)
+    synapse = _float_channels(org_cv, Bbox(lo, hi))[SYNAPSE_CHANNEL] > synapse_cut
   labels = fragments(affs, aff_cv.resolution, threshold=threshold, min_size=min_size,
-                     per_section=per_section)
+                     per_section=per_section, synapse=synapse,
+                     synapse_boundary=synapse_boundary)
   core_lo, core_hi = np.asarray(start) - lo, np.asarray(stop) - lo
   put_npz(join(supervoxels_path, "faces"), f"{block_name(start)}.npz",
           face_agreement(labels, core_lo, core_hi))
@@ -126,9 +148,20 @@ def create_watershed_tasks(affinities_path: str, supervoxels_path: str, task_sha
                            threshold: float = 0.5, min_size: int = 50,
                            context_nm: float | None = None,
                            per_section: bool | None = None, state_prefix: str = "",
-                           chunk_size=(64, 64, 64)):
+                           chunk_size=(64, 64, 64), organelles_path: str = "",
+                           synapse_boundary: float = 0.0, synapse_cut: float = 0.5):
+  """Watershed tasks over the affinities' bounds (watershed_task). With organelles_path and
+  synapse_boundary > 0 the predicted synapses raise the boundary map (see fragments)."""
   aff_cv = check_affinities(affinities_path)
   check_task_shape(task_shape, chunk_size, supervoxels_path)
+  if synapse_boundary < 0:
+    raise IicatsError(f"synapse_boundary must be >= 0, got {synapse_boundary}")
+  if synapse_boundary > 0:
+    if not organelles_path:
+      raise IicatsError("synapse_boundary > 0 needs the organelles layer (its synapse channel)")
+    check_organelles(organelles_path, aff_cv)
+  else:
+    organelles_path = ""
   bounds = aff_cv.bounds
   res = aff_cv.resolution
   if per_section is None:
@@ -140,6 +173,8 @@ def create_watershed_tasks(affinities_path: str, supervoxels_path: str, task_sha
                        "min_size": min_size,
                        "context_voxels": context_voxels(context_nm, res).tolist(),
                        "per_section": per_section,
+                       "synapse_boundary": synapse_boundary,
+                       "synapse_cut": synapse_cut, "organelles": organelles_path,
                        "task_shape": list(task_shape),
                        "ids": "local id + block index * voxels per block"})
   id_stride = int(np.prod(task_shape))
@@ -149,7 +184,8 @@ def create_watershed_tasks(affinities_path: str, supervoxels_path: str, task_sha
                    start=lo, stop=hi, block_index=index, id_stride=id_stride,
                    context_nm=context_nm,
                    threshold=threshold, min_size=min_size, per_section=per_section,
-                   state_prefix=state_prefix)
+                   state_prefix=state_prefix, organelles_path=organelles_path,
+                   synapse_boundary=float(synapse_boundary), synapse_cut=float(synapse_cut))
     for lo, hi, index in block_grid(bounds.minpt, bounds.maxpt, task_shape)
     if block_name(lo) not in done
   ]
@@ -170,10 +206,11 @@ def rag_task(supervoxels_path: str, affinities_path: str, organelles_path: str,
   lo = np.asarray(start) - np.asarray(context)
   block = Bbox(start, stop)
   supervoxels = np.asarray(sv_cv[Bbox(lo, stop)])[..., 0]
-  affs = _float_channels(check_affinities(affinities_path), block, channels=3)
+  aff_cv = check_affinities(affinities_path)
+  affs = _float_channels(aff_cv, block, channels=3)
   organelles = None
   if organelles_path:
-    org_cv = open_layer(organelles_path, num_channels=3, what="organelles layer")
+    org_cv = check_organelles(organelles_path, aff_cv)
     organelles = _float_channels(org_cv, Bbox(lo, stop))
   image = None
   if image_path:

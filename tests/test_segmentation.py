@@ -44,6 +44,64 @@ def test_thin_neurite_beside_a_thick_cell_keeps_its_own_fragment():
     assert not np.isin(sections[32:34, 12:28, z], sections[:30, :, z]).any()
 
 
+def _neurite_behind_a_faded_cleft():
+  """A 4-voxel-wide neurite against a thick cell, the membrane between them faded to 0.55
+  over a patch (a dense cleft), and the synapse mask on both sides of that patch.
+  -> labels uint64 (40, 40, 20), affinities float32 (3, 40, 40, 20), synapse bool."""
+  labels = np.zeros((40, 40, 20), np.uint64)
+  labels[:30] = 1
+  labels[30:34, 10:30, 5:15] = 2
+  affs, _ = affinities_from_labels(labels)
+  affs = affs * 0.8 + 0.1
+  affs[0, 30, 15:25, 7:13] = 0.55
+  synapse = np.zeros(labels.shape, bool)
+  synapse[27:33, 13:27, 6:14] = True
+  return labels, affs, synapse
+
+
+def test_synapse_boundary_parts_a_faded_cleft():
+  labels, affs, synapse = _neurite_behind_a_faded_cleft()
+  plain = fragments(affs, (10, 10, 10), seed_distance_nm=80, min_size=1)
+  # without the synapse the cell floods the seedless neurite through the faded patch
+  assert np.isin(plain[31:33, 12:28, 7:13], plain[:30]).any()
+  parted = fragments(affs, (10, 10, 10), seed_distance_nm=80, min_size=1, synapse=synapse,
+                     synapse_boundary=0.2)
+  neurite = np.unique(parted[31:33, 12:28, 7:13])
+  assert len(neurite) == 1 and not np.isin(neurite, parted[:30]).any()
+  # the cytoplasm under the synapse mask (affinity 0.9) stays with its cell
+  assert len(np.unique(parted[:30])) == len(np.unique(plain[:30]))
+
+
+def test_watershed_tasks_read_the_synapse_channel(tmp_path):
+  from iicats_cv.tasks.runner import run_tasks
+  from iicats_cv.tasks.segmentation import create_watershed_tasks
+  labels, affs, synapse = _neurite_behind_a_faded_cleft()
+  aff_path, org_path = (f"file://{tmp_path}/{name}" for name in ("aff", "org"))
+  layer = dict(layer_type="image", dtype="float32", resolution=(10, 10, 10),
+               voxel_offset=(0, 0, 0), volume_size=labels.shape, chunk_size=(40, 40, 20),
+               num_channels=3, step="test")
+  create_layer(aff_path, **layer)[:, :, :] = np.moveaxis(affs, 0, -1)
+  organelles = np.zeros(labels.shape + (3,), np.float32)
+  organelles[..., 2] = np.where(synapse, 0.8, 0.3)  # the synapse channel, cut at 0.5
+  organelles[..., 0] = 0.9                          # a nucleus channel never read here
+  create_layer(org_path, **layer)[:, :, :] = organelles
+  kwargs = dict(task_shape=(40, 40, 20), chunk_size=(40, 40, 20), min_size=1)
+  with pytest.raises(IicatsError, match="needs the organelles layer"):
+    create_watershed_tasks(aff_path, aff_path + "_sv", synapse_boundary=0.2, **kwargs)
+  short = f"file://{tmp_path}/short"
+  create_layer(short, **{**layer, "volume_size": (40, 40, 10)})
+  with pytest.raises(IicatsError, match="differ from the affinities"):
+    create_watershed_tasks(aff_path, aff_path + "_sv", organelles_path=short,
+                           synapse_boundary=0.2, **kwargs)
+  assert not (tmp_path / "aff_sv").exists()
+  run_tasks(create_watershed_tasks(aff_path, aff_path + "_sv", organelles_path=org_path,
+                                   synapse_boundary=0.2, **kwargs), None, 1)
+  written = CloudVolume(aff_path + "_sv")[:, :, :][..., 0]
+  expected = fragments(affs, (10, 10, 10), min_size=1, synapse=synapse, synapse_boundary=0.2)
+  assert len(np.unique(written)) == len(np.unique(expected))
+  assert not np.isin(np.unique(written[31:33, 12:28, 7:13]), written[:30]).any()
+
+
 def test_block_rags_add_up_to_the_whole():
   labels, _ = blobs((32, 32, 32), n=6)
   frags = fragments(noisy_affinities(labels), (10, 10, 10), min_size=10)
