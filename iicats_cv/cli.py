@@ -182,8 +182,8 @@ def _pipeline_options(func):
 @click.option("--synapses", default=None, help="GT synapses CSV pre_x..post_z nm (bERL).")
 def pipeline_command(image, out, queue, parallel, task_shape, checkpoint, json_path, threshold,
                      link_prefix, constraints, quantile, nucleus_fraction, min_segment_voxels,
-                     synapse_boundary, hierarchy, levels, tta, unsharded, seeds, gt_labels, gt_skeletons, nuclei,
-                     synapses):
+                     synapse_boundary, hierarchy, levels, tta, unsharded, seeds, gt_labels,
+                     gt_skeletons, nuclei, synapses):
   """Run every stage: inference, watershed, RAG, agglomeration + tracking, remap, meshes,
   skeletons, mips, Neuroglancer link and metrics.
 

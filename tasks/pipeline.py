@@ -18,8 +18,8 @@ import numpy as np
 
 from iicats_cv.agglomerate import AgglomerationParams
 from iicats_cv.errors import IicatsError
-from iicats_cv.watershed import SYNAPSE_BOUNDARY
 from iicats_cv.layers import normalize_cloudpath, open_layer, join, local_path
+from iicats_cv.watershed import SYNAPSE_BOUNDARY
 from . import igneous_stages as ig
 from .inference import clear_patch_cache, create_inference_tasks
 from .runner import open_queue, run_tasks

@@ -32,6 +32,17 @@ def test_summary_contract(synthetic_demo):
   assert "Neuroglancer:" in output and "done:" in output
 
 
+def test_synapse_evidence_raises_the_watersheds_boundary_on_synapses(synthetic_demo):
+  """The synthetic demo uses synapse evidence, so its watershed read the organelles layer's
+  synapse channel (at the run's synapse cut) and says so in the supervoxels' provenance."""
+  from iicats_cv.tasks.common import get_json
+  out, summary, _, _ = synthetic_demo
+  assert get_json(f"file://{out}/pipeline", "run.json")["synapse_boundary"] == 0.2
+  params = CloudVolume(summary["layers"]["supervoxels"]).provenance.processing[-1]["method"]
+  assert params["task"] == "watershed" and params["synapse_boundary"] == 0.2
+  assert params["organelles"] == summary["layers"]["organelles"]
+
+
 def test_link_state_has_every_layer_and_tracked_neurons(synthetic_demo):
   _, summary, _, _ = synthetic_demo
   import neuroglancer
@@ -168,6 +179,7 @@ def test_pipeline_hierarchical_quantile_run(tmp_path, tiny_checkpoint, capsys):
   assert get_json(out + "/pipeline", "run.json")["nucleus_fraction"] == 0.2
   assert summary["agglomeration"]["params"]["min_segment_voxels"] == 300
   assert get_json(out + "/pipeline", "run.json")["organelle_thresholds"] == [0.5, 0.7, 0.5]
+  assert get_json(out + "/pipeline", "run.json")["synapse_boundary"] == 0.0  # nucleus only
   assert "reduce" in summary["timings"] and "reduce-2" in summary["timings"]
   for level in ("level1", "level2"):  # parts of 1 block, then of 1 part
     parts = sorted(os.listdir(tmp_path / "run" / "hierarchy" / "1" / level))
