@@ -55,11 +55,11 @@ def _edge_scorer(out_prefix: str, key: str) -> dict:
   return scorer
 
 
-def _float_channels(cv, bbox, channels: int | None = None) -> np.ndarray:
-  """Read a multi-channel probability layer (its first `channels`, or all) as float32
-  (c, x, y, z) in [0, 1]."""
+def _float_channels(cv, bbox, channels: int | None = None, first: int = 0) -> np.ndarray:
+  """Read a multi-channel probability layer (`channels` of it from channel `first`, or all)
+  as float32 (c, x, y, z) in [0, 1]."""
   data = np.asarray(cv[bbox] if channels is None else
-                    cv[tuple(bbox.to_slices()) + (slice(0, channels),)])
+                    cv[tuple(bbox.to_slices()) + (slice(first, first + channels),)])
   data = np.moveaxis(data, -1, 0)
   if data.dtype == np.uint8:
     return data.astype(np.float32) / 255.0
@@ -127,7 +127,8 @@ def watershed_task(affinities_path: str, supervoxels_path: str, start: list, sto
   synapse = None
   if organelles_path and synapse_boundary > 0:
     org_cv = check_organelles(organelles_path, aff_cv)
-    synapse = _float_channels(org_cv, Bbox(lo, hi))[SYNAPSE_CHANNEL] > synapse_cut
+    synapse = _float_channels(org_cv, Bbox(lo, hi), channels=1,
+                              first=SYNAPSE_CHANNEL)[0] > synapse_cut
   labels = fragments(affs, aff_cv.resolution, threshold=threshold, min_size=min_size,
                      per_section=per_section, synapse=synapse,
                      synapse_boundary=synapse_boundary)
