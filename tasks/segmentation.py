@@ -29,7 +29,8 @@ from iicats_cv.errors import IicatsError
 from iicats_cv.layers import open_layer, create_layer, join, resolve_cloudpath
 from iicats_cv.rag import (EDGE_FIELDS, block_rag, contract_stitched, merge_rags, relabel,
                           stitched_node_table)
-from iicats_cv.watershed import AXES, face_agreement, fragments
+from iicats_cv.watershed import (AXES, FLOOD_SEED_REACH, LATTICE_SPACING, face_agreement,
+                                 fragments)
 from .common import (block_grid, check_task_shape, mark_done, block_name, done_names, put_npz,
                      get_npz, put_json, get_json)
 from cloudfiles import CloudFiles
@@ -131,7 +132,7 @@ def watershed_task(affinities_path: str, supervoxels_path: str, start: list, sto
                               first=SYNAPSE_CHANNEL)[0] > synapse_cut
   labels = fragments(affs, aff_cv.resolution, threshold=threshold, min_size=min_size,
                      per_section=per_section, synapse=synapse,
-                     synapse_boundary=synapse_boundary)
+                     synapse_boundary=synapse_boundary, origin=lo)
   core_lo, core_hi = np.asarray(start) - lo, np.asarray(stop) - lo
   put_npz(join(supervoxels_path, "faces"), f"{block_name(start)}.npz",
           face_agreement(labels, core_lo, core_hi))
@@ -177,6 +178,9 @@ def create_watershed_tasks(affinities_path: str, supervoxels_path: str, task_sha
                        "synapse_boundary": synapse_boundary,
                        "synapse_cut": synapse_cut, "organelles": organelles_path,
                        "task_shape": list(task_shape),
+                       "flood": "local order: boundary level, seed distance (up to "
+                                f"{FLOOD_SEED_REACH} voxels), global position hash",
+                       "seed_lattice_voxels": LATTICE_SPACING,
                        "ids": "local id + block index * voxels per block"})
   id_stride = int(np.prod(task_shape))
   done = done_names(state_prefix, "watershed") if state_prefix else set()
