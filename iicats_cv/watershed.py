@@ -61,8 +61,9 @@ def fragments(affinities: np.ndarray, resolution=(1.0, 1.0, 1.0), threshold: flo
     at a dense cleft, where the watershed then floods both partners into one fragment that
     no cannot-link can split; a faded membrane (affinity ~0.55) inside a synapse comes back
     above the threshold, the cytoplasm of a bouton (~0.9) stays below it.
-  origin: global voxel coordinate (x, y, z) of the array's first voxel; it breaks ties in the
-    flooding order (flood_order), so a block's fragments do not depend on its read window.
+  origin: global voxel coordinate (x, y, z) of the array's first voxel; it places the seed
+    lattice (_seed_lattice) and breaks ties in the flooding order (flood_order), so a block's
+    fragments do not depend on its read window.
   Returns uint64 (X, Y, Z) labels 1..N, no zeros (every voxel belongs to a fragment).
   """
   if affinities.dtype == np.uint8:
