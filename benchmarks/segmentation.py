@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from iicats_cv.agglomerate import AgglomerationParams, agglomerate
+from iicats_cv.calibrate import organelle_thresholds
 from iicats_cv.datasets import load_fib_crop
 from iicats_cv.edge_scorer import majority_labels
 from iicats_cv.inference import predict_volume
@@ -44,12 +45,13 @@ def predict(checkpoint):
   return image, probs[:3], probs[3:], labels, resolution
 
 
-def learned(image, affs, organelles, resolution, scorer):
+def learned(image, affs, organelles, resolution, scorer, cuts):
   """{threshold: segmentation} of the scorer's agglomeration with its calibrated evidence,
   over THRESHOLDS and its calibrated threshold."""
   setting = scorer["setting"]
   frags = fragments(affs, resolution)
-  rag = merge_rags([block_rag(frags, affs, organelles, (0, 0, 0), histogram=True, image=image)])
+  rag = merge_rags([block_rag(frags, affs, organelles, (0, 0, 0), histogram=True, image=image,
+                              organelle_threshold=cuts)])
   thresholds = sorted(set(THRESHOLDS) | {setting["threshold"]})
   result = agglomerate(rag, AgglomerationParams(
     threshold=min(thresholds), use_constraints=bool(setting["constraints"]),
@@ -59,11 +61,12 @@ def learned(image, affs, organelles, resolution, scorer):
           for t, table in result.sweep.items()}
 
 
-def ours(affs, organelles, resolution, params):
+def ours(affs, organelles, resolution, params, cuts=(0.5, 0.5, 0.5)):
   started = time.perf_counter()
   frags = fragments(affs, resolution)
   rag = merge_rags([block_rag(frags, affs, organelles, (0, 0, 0),
-                              histogram=params.quantile is not None)])
+                              histogram=params.quantile is not None,
+                              organelle_threshold=list(cuts))])
   result = agglomerate(rag, params, sweep_thresholds=THRESHOLDS)
   seconds = time.perf_counter() - started
   segs = {t: fastremap.remap(frags, dict(zip(result.fragment_ids.tolist(), table.tolist())))
@@ -106,9 +109,12 @@ def main():
   precision = affinity_average_precision(affs, *affinities_from_labels(labels))
   ours_s, ours_segs = ours(affs, None, resolution,
                            AgglomerationParams(threshold=0.5, use_constraints=False))
-  # II-CATS evidence as the fib demo uses it (the model's synapses are synthetic-only)
+  # II-CATS evidence as the fib demo uses it (the model's synapses are synthetic-only), at
+  # the checkpoint's calibrated organelle cuts as the pipeline takes them
+  metadata = checkpoint_metadata(args.checkpoint)
+  cuts = organelle_thresholds(metadata)
   _, constrained_segs = ours(affs, organelles, resolution, AgglomerationParams(
-    threshold=0.5, constraints=("nucleus", "mitochondria")))
+    threshold=0.5, constraints=("nucleus", "mitochondria")), cuts)
   t_c, arand_c, split_c, merge_c = best(constrained_segs, labels)
   _, quantile_segs = ours(affs, None, resolution, AgglomerationParams(
     threshold=0.5, use_constraints=False, quantile=0.75))
@@ -133,10 +139,10 @@ def main():
     "oracle_arand": adapted_rand_error(oracle, labels), "oracle_voi_split": split_o,
     "oracle_voi_merge": merge_o,
   }
-  scorer = (checkpoint_metadata(args.checkpoint).get("operating_point") or {}).get("edge_scorer")
+  scorer = (metadata.get("operating_point") or {}).get("edge_scorer")
   learned_text = ""
   if scorer:
-    learned_segs = learned(image, affs, organelles, resolution, scorer)
+    learned_segs = learned(image, affs, organelles, resolution, scorer, cuts)
     t_l, arand_l, split_l, merge_l = best(learned_segs, labels)
     calibrated = scorer["setting"]["threshold"]
     split_cal, merge_cal = voi(learned_segs[calibrated], labels)

@@ -11,9 +11,12 @@ volume and records the best in the checkpoint's metadata as
                                          "voi_split", "voi_merge"},
                       "organelle_thresholds": {"nucleus", "mitochondria", "synapse"},
                       "organelle_dice": {...}, "calibration": {"command", "image",
-                                                               "voxels", ...}}
+                                                               "voxels", ...},
+                      "organelle_calibration": {...}, "agglomeration_calibration": {...}}
 
-which `iicats pipeline` then uses wherever its own options leave a setting out.
+("calibration" is the latest run; each part keeps the run that chose it, since a later run
+that calibrates only one part leaves the other as it was) which `iicats pipeline` then uses
+wherever its own options leave a setting out.
 """
 from __future__ import annotations
 

@@ -512,6 +512,9 @@ def calibrate_command(checkpoint, image, labels, nuclei, mitochondria, synapses,
   the region (cut along z) agglomerated by a scorer trained on the other, and it becomes the
   operating point where it scores better there than the best statistic does on the same
   halves. With organelle layers: each organelle's probability cut with the best voxel Dice.
+  What a run does not choose stays as the checkpoint's earlier calibration chose it, so the
+  organelle cuts can come from one labelled volume and the agglomeration from another; the
+  agglomeration's organelle evidence uses the cuts recorded by then.
   `iicats pipeline` uses these wherever its options are not given.
   Reads the whole region into memory: give a cutout of a few hundred voxels a side.
 
@@ -544,7 +547,7 @@ def calibrate_command(checkpoint, image, labels, nuclei, mitochondria, synapses,
     (image,), one(labels), one(nuclei), one(mitochondria), one(synapses),
     (bounds,) if bounds else ())
   volume = volumes[0]
-  model, _ = load_checkpoint(checkpoint)
+  model, metadata = load_checkpoint(checkpoint)
   device = "cuda" if torch.cuda.is_available() else "cpu"
   click.echo(f"predicting {volume.image.shape} voxels of {image} on {device}")
   probabilities = predict_volume(model, volume.image, device=device, augment=tta,
@@ -552,18 +555,26 @@ def calibrate_command(checkpoint, image, labels, nuclei, mitochondria, synapses,
   affinities, organelles = probabilities[:3], probabilities[3:6]
   masks = {name: getattr(volume, name) > 0 for name in ORGANELLE_CHANNELS
            if getattr(volume, name) is not None}
-  point, lines = {}, []
+  # what this run does not choose stays as an earlier calibration chose it: the default
+  # model's organelle cuts come from synthetic masks, its agglomeration from FIB neurons
+  point, lines = dict(metadata.get("operating_point") or {}), []
+  record = {"command": _command_line(click.get_current_context()), "image": image,
+            "voxels": voxels, "test_time_augmentation": tta}
   if masks:
     cuts = choose_organelle_thresholds(organelles, masks)
-    point["organelle_thresholds"] = {name: c["threshold"] for name, c in cuts.items()}
-    point["organelle_dice"] = {name: {"at_threshold": c["dice"], "at_0.5": c["dice_at_0.5"]}
-                               for name, c in cuts.items()}
+    point["organelle_thresholds"] = {**point.get("organelle_thresholds", {}),
+                                     **{name: c["threshold"] for name, c in cuts.items()}}
+    point["organelle_dice"] = {
+      **point.get("organelle_dice", {}),
+      **{name: {"at_threshold": c["dice"], "at_0.5": c["dice_at_0.5"]}
+         for name, c in cuts.items()}}
     lines += [f"{name} p > {c['threshold']:.2f} (Dice {c['dice']:.3f}; "
               f"{c['dice_at_0.5']:.3f} at p > 0.5)" for name, c in cuts.items()]
   rows = []
   if labels:
     organelle_cuts = [point.get("organelle_thresholds", {}).get(name, 0.5)
                       for name in ORGANELLE_CHANNELS]
+    record["organelle_cuts"] = dict(zip(ORGANELLE_CHANNELS, organelle_cuts))
     rows = score_agglomeration(affinities, organelles, volume.labels, resolution,
                                organelle_cuts=organelle_cuts, progress=True)
     for row in rows[:8]:
@@ -584,14 +595,17 @@ def calibrate_command(checkpoint, image, labels, nuclei, mitochondria, synapses,
                               "classic_on_halves": on_halves, "used": learned["used"]}
       if learned["used"]:
         point["agglomeration"] = learned["setting"]
+    else:
+      point.pop("edge_scorer", None)  # it belonged to the agglomeration replaced here
     chosen = point["agglomeration"]
     lines.append(f"agglomeration {setting_text(chosen)} (ARAND {chosen['arand']:.4f}"
                  + (" on held-out halves)" if chosen.get("learned") else ")"))
-  ctx = click.get_current_context()
-  point["calibration"] = {"command": _command_line(ctx), "image": image,
-                          "voxels": voxels,
-                          "test_time_augmentation": tta,
-                          "wall_time_s": round(time.time() - started, 1)}
+  record["wall_time_s"] = round(time.time() - started, 1)
+  point["calibration"] = record  # the latest run; each part also keeps the run that chose it
+  if masks:
+    point["organelle_calibration"] = record
+  if labels:
+    point["agglomeration_calibration"] = record
   update_checkpoint_metadata(checkpoint, out, {"operating_point": point})
   if json_path:
     with open(json_path, "w") as fh:

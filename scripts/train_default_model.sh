@@ -6,8 +6,8 @@
 # each from the previous checkpoint (--init: a fresh one-cycle schedule at half the peak
 # learning rate; round k uses seed k unless its entry gives one); an entry ITERATIONS:V sets
 # --val-fraction V (0: train on all of z < 150 as well), ITERATIONS:V:SEED the seed too.
-# Last, `iicats calibrate` chooses the model's agglomeration setting on the training half and
-# records it in the shipped checkpoint.
+# Last, `iicats calibrate` chooses the organelle cuts on the synthetic volume and the
+# agglomeration setting on the FIB training half, and records them in the shipped checkpoint.
 # Usage: bash scripts/train_default_model.sh [WORKDIR] [ITERATIONS] [FINETUNE]
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -44,6 +44,12 @@ for k in "${!rounds[@]}"; do
     --seed "$seed" --val-fraction "${val_fraction:-0.2}" --out "$target"
   previous=$target
 done
-# the operating point (agglomeration statistic, evidence, threshold) on the training half
-iicats calibrate --checkpoint "$previous" --image "file://$work/fib/image" \
-  --labels "file://$work/fib/neurons" --out "$here/iicats_cv/data/default_model.safetensors"
+# the operating point: organelle probability cuts on the synthetic training volume (the only
+# one with organelle masks), then the agglomeration (statistic, evidence at those cuts,
+# threshold) on the FIB training half
+shipped="$here/iicats_cv/data/default_model.safetensors"
+iicats calibrate --checkpoint "$previous" --image "file://$work/synthetic/image" \
+  --nuclei "file://$work/synthetic/nuclei" --mitochondria "file://$work/synthetic/mitochondria" \
+  --synapses "file://$work/synthetic/synapses" --out "$shipped"
+iicats calibrate --checkpoint "$shipped" --image "file://$work/fib/image" \
+  --labels "file://$work/fib/neurons" --out "$shipped"

@@ -111,6 +111,35 @@ def test_calibrate_command_records_the_operating_point(tmp_path, tiny_checkpoint
     capsys.readouterr().out
 
 
+def test_calibrating_one_part_keeps_the_other(tmp_path, tiny_checkpoint):
+  """The default model's organelle cuts come from synthetic masks and its agglomeration from
+  FIB neurons (scripts/train_default_model.sh): a run that chooses one part keeps what an
+  earlier run chose for the other, and the agglomeration's evidence uses the recorded cuts."""
+  paths = _labelled_layers(tmp_path)
+  organelles, both = (str(tmp_path / f"{name}.safetensors") for name in ("organelles", "both"))
+
+  def calibrate(source, out, *layers):
+    result = CliRunner().invoke(cli, ["calibrate", "--checkpoint", source, "--image",
+                                      paths["img"], *layers, "--no-edge-scorer", "--out", out])
+    assert result.exit_code == 0, result.output
+    return checkpoint_metadata(out)["operating_point"]
+
+  first = calibrate(tiny_checkpoint, organelles, "--mitochondria", paths["mito"])
+  assert "agglomeration" not in first
+  assert first["organelle_calibration"] == first["calibration"]
+  second = calibrate(organelles, both, "--labels", paths["lab"])
+  assert second["organelle_thresholds"] == first["organelle_thresholds"]
+  assert second["organelle_calibration"] == first["organelle_calibration"]
+  assert second["agglomeration_calibration"] == second["calibration"]
+  assert second["agglomeration_calibration"]["organelle_cuts"] == {
+    "nucleus": 0.5, "mitochondria": first["organelle_thresholds"]["mitochondria"],
+    "synapse": 0.5}
+  third = calibrate(both, both, "--mitochondria", paths["mito"])
+  assert third["agglomeration"] == second["agglomeration"]
+  assert third["agglomeration_calibration"] == second["agglomeration_calibration"]
+  assert "--mitochondria" in third["calibration"]["command"]
+
+
 def _with_operating_point(tmp_path, source, learned: bool):
   """A checkpoint whose operating point holds a (made-up) learned scorer setting at t=0.65
   and a classic one (0.75-quantile at t=0.45, 250-voxel cleanup); `learned` picks which."""
@@ -173,14 +202,20 @@ def test_calibrate_needs_labels_and_a_readable_checkpoint(tmp_path, tiny_checkpo
 
 
 def test_shipped_models_carry_their_operating_points():
-  """The default model's agglomeration was calibrated on the FIB training half (the mean
-  affinity beat its learned edge scorer there, which stays available), the vnc model's
-  organelle cuts on VNC sections 0-11 (scripts/train_*_model.sh)."""
+  """The default model's organelle cuts were calibrated on the synthetic training volume and
+  its agglomeration, with those cuts, on the FIB training half (the mean affinity beat its
+  learned edge scorer there, which stays available); the vnc model's organelle cuts on VNC
+  sections 0-11 (scripts/train_*_model.sh)."""
   default = checkpoint_metadata("default")["operating_point"]
   assert default["agglomeration"]["quantile"] is None
   assert not default["agglomeration"].get("learned") and not default["edge_scorer"]["used"]
   assert default["edge_scorer"]["setting"]["learned"]
   assert default["classic_agglomeration"] == default["agglomeration"]
   assert "fib" in default["calibration"]["image"]
+  assert default["agglomeration_calibration"] == default["calibration"]
+  assert set(default["organelle_thresholds"]) == {"nucleus", "mitochondria", "synapse"}
+  assert "synthetic" in default["organelle_calibration"]["image"]
+  assert default["agglomeration_calibration"]["organelle_cuts"] == \
+    default["organelle_thresholds"]
   vnc = checkpoint_metadata("vnc")["operating_point"]
   assert set(vnc["organelle_thresholds"]) == {"mitochondria", "synapse"}
