@@ -18,6 +18,7 @@ import tempfile
 import numpy as np
 from cloudvolume import CloudVolume
 
+from iicats_cv.datasets import FIB_CROP
 from iicats_cv.metrics import adapted_rand_error, voi
 from iicats_cv.tasks.pipeline import run_pipeline
 from iicats_cv.volume_io import import_volume
@@ -25,8 +26,15 @@ from bench_report import report
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
                     "flyem_medulla_fib_250.npz")
-HELD_OUT_Z = 150
-CROP_XY = slice(25, 225)  # the fib demo's crop (iicats_cv/data/README.md)
+
+
+def demo_crop_region():
+  """(first held-out z, (x, y, z) slices of the held-out half) of the fib demo's crop, from the
+  offset and shape it was cut with (iicats_cv/data/README.md)."""
+  with np.load(FIB_CROP) as crop:
+    z0, y0, x0 = (int(v) for v in crop["source_zyx_offset"])
+    _, height, width = crop["image"].shape
+  return z0, (slice(x0, x0 + width), slice(y0, y0 + height), slice(None))
 
 
 def main():
@@ -37,24 +45,26 @@ def main():
   args = parser.parse_args()
   if not os.path.exists(DATA):
     raise SystemExit(f"{DATA}: not found (the benchmark needs ../shared/data beside the repo)")
-  source = np.load(DATA)
-  image = np.ascontiguousarray(source["image"][HELD_OUT_Z:].transpose(2, 1, 0))
-  labels = np.ascontiguousarray(source["neurons"][HELD_OUT_Z:].transpose(2, 1, 0))
+  held_out_z, crop_xy = demo_crop_region()
+  with np.load(DATA) as source:
+    image = np.ascontiguousarray(source["image"][held_out_z:].transpose(2, 1, 0))
+    labels = np.ascontiguousarray(source["neurons"][held_out_z:].transpose(2, 1, 0))
+    resolution = tuple(float(r) for r in source["resolution_nm_xyz"])
   with tempfile.TemporaryDirectory() as work:
-    image_path = import_volume(image, f"file://{work}/image", "image", (10, 10, 10))
-    labels_path = import_volume(labels, f"file://{work}/neurons", "segmentation",
-                                (10, 10, 10))
+    image_path = import_volume(image, f"file://{work}/image", "image", resolution)
+    labels_path = import_volume(labels, f"file://{work}/neurons", "segmentation", resolution)
     summary = run_pipeline(image_path, f"file://{work}/run", parallel=args.parallel,
                            checkpoint=args.checkpoint, gt_labels=labels_path, meshes=False,
                            report=False)
     metrics = summary["metrics"]
     crop = {}
     for key in ("segmentation", "segmentation_baseline"):
-      seg = np.asarray(CloudVolume(summary["layers"][key])[:, :, :])[..., 0]
-      truth = labels[CROP_XY, CROP_XY]
-      split, merge = voi(seg[CROP_XY, CROP_XY], truth)
+      # only the crop's region of the segmentation: the whole half is scored by the pipeline
+      seg = np.asarray(CloudVolume(summary["layers"][key])[crop_xy])[..., 0]
+      truth = labels[crop_xy]
+      split, merge = voi(seg, truth)
       prefix = "crop_" + ("baseline_" if key.endswith("baseline") else "")
-      crop.update({prefix + "arand": adapted_rand_error(seg[CROP_XY, CROP_XY], truth),
+      crop.update({prefix + "arand": adapted_rand_error(seg, truth),
                    prefix + "voi_split": split, prefix + "voi_merge": merge})
   ours = metrics["voi_split"] + metrics["voi_merge"]
   baseline = metrics["baseline_voi_split"] + metrics["baseline_voi_merge"]
