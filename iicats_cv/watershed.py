@@ -95,8 +95,8 @@ def flood_order(boundary: np.ndarray, to_seed_nm: np.ndarray, resolution,
                 origin=(0, 0, 0)) -> np.ndarray:
   """float64 (X, Y, Z) flooding keys, all distinct in practice: the boundary quantised to 255
   levels, then, on a plateau of one level, the voxels nearest a seed first (to_seed_nm: float
-  (X, Y, Z) distance to the nearest marker voxel, in quarter-voxel steps), then a hash of the global
-  voxel coordinate (origin + index).
+  (X, Y, Z) distance to the nearest marker voxel, in quarter-voxel steps), then a hash of the
+  global voxel coordinate (origin + index).
 
   skimage floods a plateau in the order its voxels entered the queue, which depends on the
   whole array: the same block read with another margin got other fragments 40 voxels inside
