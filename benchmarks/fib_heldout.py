@@ -6,6 +6,9 @@ Data: ../shared/data/flyem_medulla_fib_250.npz (stored z, y, x), imported as pre
 layers into a temporary directory; then `iicats pipeline` (run_pipeline, the checkpoint's
 operating point, no meshes) with the ground-truth neurons. The demo crop's region is also
 cut from the same segmentation and scored, so the two regions' figures come from one run.
+The fragment oracle (each fragment given its majority ground-truth neuron) bounds what any
+agglomeration of the run's fragments can score; the same bound for the oversegmentation that
+ships with the cube (`fragments`, made by NeuroProof's pipeline) puts it in context.
 Reference, in the same run: the unconstrained baseline segmentation; ratio = baseline VOI
 (split + merge) / II-CATS VOI.
 
@@ -23,6 +26,7 @@ from iicats_cv.metrics import adapted_rand_error, voi
 from iicats_cv.tasks.pipeline import run_pipeline
 from iicats_cv.volume_io import import_volume
 from bench_report import report
+from segmentation import fragment_oracle
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
                     "flyem_medulla_fib_250.npz")
@@ -49,6 +53,7 @@ def main():
   with np.load(DATA) as source:
     image = np.ascontiguousarray(source["image"][held_out_z:].transpose(2, 1, 0))
     labels = np.ascontiguousarray(source["neurons"][held_out_z:].transpose(2, 1, 0))
+    neuroproof = np.ascontiguousarray(source["fragments"][held_out_z:].transpose(2, 1, 0))
     resolution = tuple(float(r) for r in source["resolution_nm_xyz"])
   with tempfile.TemporaryDirectory() as work:
     image_path = import_volume(image, f"file://{work}/image", "image", resolution)
@@ -57,6 +62,13 @@ def main():
                            checkpoint=args.checkpoint, gt_labels=labels_path, meshes=False,
                            report=False)
     metrics = summary["metrics"]
+    oracles = {}
+    supervoxels = np.asarray(CloudVolume(summary["layers"]["supervoxels"])[:, :, :])[..., 0]
+    for prefix, frags in (("oracle_", supervoxels), ("neuroproof_oracle_", neuroproof)):
+      oracle = fragment_oracle(frags, labels)
+      split, merge = voi(oracle, labels)
+      oracles.update({prefix + "arand": adapted_rand_error(oracle, labels),
+                      prefix + "voi_split": split, prefix + "voi_merge": merge})
     crop = {}
     for key in ("segmentation", "segmentation_baseline"):
       # only the crop's region of the segmentation: the whole half is scored by the pipeline
@@ -72,11 +84,15 @@ def main():
             **{key: metrics[key] for key in ("arand", "voi_split", "voi_merge",
                                              "baseline_arand", "baseline_voi_split",
                                              "baseline_voi_merge")},
-            **crop, "ratio_voi_vs_baseline": baseline / ours,
+            **oracles, **crop, "ratio_voi_vs_baseline": baseline / ours,
             "seconds": summary["timings"].get("total")}
   report(result, f"whole held-out half: ARAND {metrics['arand']:.4f}, VOI "
                  f"{metrics['voi_split']:.3f} / {metrics['voi_merge']:.3f} (baseline ARAND "
-                 f"{metrics['baseline_arand']:.4f}, VOI ratio {baseline / ours:.3f}); its "
+                 f"{metrics['baseline_arand']:.4f}, VOI ratio {baseline / ours:.3f}); fragment "
+                 f"oracle VOI {oracles['oracle_voi_split']:.3f} / "
+                 f"{oracles['oracle_voi_merge']:.3f} (NeuroProof's fragments "
+                 f"{oracles['neuroproof_oracle_voi_split']:.3f} / "
+                 f"{oracles['neuroproof_oracle_voi_merge']:.3f}); its "
                  f"demo-crop region ARAND {crop['crop_arand']:.4f}, VOI "
                  f"{crop['crop_voi_split']:.3f} / {crop['crop_voi_merge']:.3f}", args.json)
 
