@@ -6,6 +6,8 @@ Data: ../shared/data/flyem_medulla_fib_250.npz (stored z, y, x), imported as pre
 layers into a temporary directory; then `iicats pipeline` (run_pipeline, the checkpoint's
 operating point, no meshes) with the ground-truth neurons. The demo crop's region is also
 cut from the same segmentation and scored, so the two regions' figures come from one run.
+The affinity layer the run wrote (uint8) is scored against the ground truth's affinities
+(affinity_ap, and boundary_ap for the rare boundaries).
 The fragment oracle (each fragment given its majority ground-truth neuron) bounds what any
 agglomeration of the run's fragments can score; the same bound for the oversegmentation that
 ships with the cube (`fragments`, made by NeuroProof's pipeline) puts it in context.
@@ -22,8 +24,9 @@ import numpy as np
 from cloudvolume import CloudVolume
 
 from iicats_cv.datasets import FIB_CROP
-from iicats_cv.metrics import adapted_rand_error, voi
+from iicats_cv.metrics import adapted_rand_error, affinity_average_precision, voi
 from iicats_cv.tasks.pipeline import run_pipeline
+from iicats_cv.train import affinities_from_labels
 from iicats_cv.volume_io import import_volume
 from bench_report import report
 from segmentation import fragment_oracle
@@ -62,6 +65,11 @@ def main():
                            checkpoint=args.checkpoint, gt_labels=labels_path, meshes=False,
                            report=False)
     metrics = summary["metrics"]
+    affinities = np.moveaxis(np.asarray(
+      CloudVolume(summary["layers"]["affinities"])[:, :, :])[..., :3], -1, 0)
+    if affinities.dtype == np.uint8:
+      affinities = affinities.astype(np.float32) / 255
+    precision = affinity_average_precision(affinities, *affinities_from_labels(labels))
     oracles = {}
     supervoxels = np.asarray(CloudVolume(summary["layers"]["supervoxels"])[:, :, :])[..., 0]
     for prefix, frags in (("oracle_", supervoxels), ("neuroproof_oracle_", neuroproof)):
@@ -84,11 +92,12 @@ def main():
             **{key: metrics[key] for key in ("arand", "voi_split", "voi_merge",
                                              "baseline_arand", "baseline_voi_split",
                                              "baseline_voi_merge")},
-            **oracles, **crop, "ratio_voi_vs_baseline": baseline / ours,
+            **precision, **oracles, **crop, "ratio_voi_vs_baseline": baseline / ours,
             "seconds": summary["timings"].get("total")}
   report(result, f"whole held-out half: ARAND {metrics['arand']:.4f}, VOI "
                  f"{metrics['voi_split']:.3f} / {metrics['voi_merge']:.3f} (baseline ARAND "
-                 f"{metrics['baseline_arand']:.4f}, VOI ratio {baseline / ours:.3f}); fragment "
+                 f"{metrics['baseline_arand']:.4f}, VOI ratio {baseline / ours:.3f}); boundary AP "
+                 f"{precision['boundary_ap']:.4f}; fragment "
                  f"oracle VOI {oracles['oracle_voi_split']:.3f} / "
                  f"{oracles['oracle_voi_merge']:.3f} (NeuroProof's fragments "
                  f"{oracles['neuroproof_oracle_voi_split']:.3f} / "
