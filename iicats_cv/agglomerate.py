@@ -65,7 +65,7 @@ class AgglomerationParams:
   # cleft), not inside one cell (a vesicle cloud split by the watershed). On the constraints
   # benchmark such boundaries inside one neuron had 0.58-0.70 at their 5th percentile, those
   # between two neurons 0.44-0.61 at their 95th; 0.75 let through cannot-links that split
-  # neurons (README, benchmarks/constraints.py)
+  # neurons (docs/MEASUREMENTS.md, benchmarks/constraints.py)
   synapse_max_affinity: float = 0.6
   mito_min_pairs: int = 40        # boundary voxel pairs inside a mitochondrion for the hint
   track_threshold: float = 0.5
