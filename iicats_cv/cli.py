@@ -414,6 +414,11 @@ def synthetic_command(out, shape, resolution, seed):
               show_default=True,
               help="Hard-example mining (for fine-tuning with --init): draw this fraction of "
                    "the patches where the starting model's affinities are most wrong.")
+@click.option("--focus-labels", default=None,
+              help="Comma-separated ground-truth neuron ids of a rare cell type the model gets "
+                   "wrong (e.g. glia): --focus-fraction of the patches are drawn where they lie.")
+@click.option("--focus-fraction", type=click.FloatRange(0, 1), default=0.4, show_default=True,
+              help="Fraction of the patches drawn where --focus-labels lie.")
 @click.option("--lsd-sigma", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Also learn the neurons' local shape descriptors at this Gaussian scale "
                    "in nm (e.g. 80): an auxiliary target that shapes the features the "
@@ -427,8 +432,8 @@ def synthetic_command(out, shape, resolution, seed):
                    "--anisotropic, --widths and --long-range then come from it).")
 def train_command(image, labels, nuclei, mitochondria, synapses, bounds, out, iterations,
                   batch_size, lr, patch_size, anisotropic, widths, long_range, seed,
-                  dice_weight, val_fraction, hard_fraction, lsd_sigma, lsd_weight, resume,
-                  init):
+                  dice_weight, val_fraction, hard_fraction, focus_labels, focus_fraction,
+                  lsd_sigma, lsd_weight, resume, init):
   """Train the affinity + organelle network on precomputed layers.
 
   Options repeat per dataset: the i-th --labels/--nuclei/... belong to the i-th --image.
@@ -449,6 +454,12 @@ def train_command(image, labels, nuclei, mitochondria, synapses, bounds, out, it
   except (ValueError, AssertionError):
     raise click.BadParameter(f"{widths}: expected two or more positive integers",
                              param_hint="--widths")
+  try:
+    focus = tuple(int(x) for x in (focus_labels or "").split(",") if x.strip())
+    assert min(focus, default=1) > 0
+  except (ValueError, AssertionError):
+    raise click.BadParameter(f"{focus_labels}: expected positive integer neuron ids",
+                             param_hint="--focus-labels")
   if any(d < 2 or d >= min(patch_size) for d in long_range):
     raise click.BadParameter(f"distances {long_range}: each must be 2 or more and below the "
                              f"patch size {patch_size}", param_hint="--long-range")
@@ -472,6 +483,7 @@ def train_command(image, labels, nuclei, mitochondria, synapses, bounds, out, it
   meta = train(volumes, out, config=config, iterations=iterations, batch_size=batch_size,
                lr=lr, seed=seed, resume=resume, init=init, dice_weight=dice_weight,
                val_fraction=val_fraction, hard_fraction=hard_fraction,
+               focus_labels=focus, focus_fraction=focus_fraction if focus else 0.0,
                lsd_sigma_nm=lsd_sigma, lsd_weight=lsd_weight,
                # with --init the architecture options are refused, so the record leaves them out
                command=_command_line(ctx, omit=ARCHITECTURE_OPTIONS if init else ()))

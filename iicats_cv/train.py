@@ -149,11 +149,13 @@ class PatchSampler:
 
   hard: optional per-volume error maps (X, Y, Z over the volume's z range, or None): a
   `hard_fraction` of the patches then start with probability proportional to the error they
-  hold (hard-example mining), the rest uniformly."""
+  hold (hard-example mining). focus: optional per-volume maps of the same kind (e.g. where
+  chosen ground-truth labels lie): a further `focus_fraction` of the patches start in
+  proportion to them. The rest start uniformly."""
 
   def __init__(self, volumes, config: ModelConfig, isotropic: bool, seed: int = 0,
                z_range=None, augment: bool = True, hard=None, hard_fraction: float = 0.0,
-               shape_descriptors=None):
+               shape_descriptors=None, focus=None, focus_fraction: float = 0.0):
     self.volumes = volumes
     self.config = config
     self.augment = augment
@@ -166,21 +168,25 @@ class PatchSampler:
     self.z_range = z_range  # per volume (z0, z1) or None for all
     weights = np.array([v.weight for v in volumes], dtype=float)
     self.p = weights / weights.sum()
-    self.hard_fraction = hard_fraction
+    self.fractions = (hard_fraction, focus_fraction)
     # float16 (10, X, Y, Z) local_shape_descriptors per volume, None where it has no labels
     self.shape_descriptors = shape_descriptors or [None] * len(volumes)
     first = (config.out_channels.index(LSD_CHANNELS[0])
              if LSD_CHANNELS[0] in config.out_channels else None)
     self.lsd = None if first is None else slice(first, first + len(LSD_CHANNELS))
-    self.hard_starts = [None] * len(volumes)
-    for index, error in enumerate(hard or []):
-      if error is not None:
-        # a patch start's window is what the loss sees: the patch after its context voxel
-        size = np.minimum(self.patch + 1, error.shape)
-        context = (size > self.patch).astype(int)
-        sums = window_sums(error[context[0]:, context[1]:, context[2]:], size - context)
-        if sums.sum() > 0:  # a volume the model gets right is sampled uniformly
-          self.hard_starts[index] = (sums.shape, np.cumsum(sums.ravel()))
+    self.hard_starts = [self._start_distribution(m) for m in hard or [None] * len(volumes)]
+    self.focus_starts = [self._start_distribution(m) for m in focus or [None] * len(volumes)]
+
+  def _start_distribution(self, weights):
+    """(shape of the patch starts, cumulative weight over them) for a weight map (X, Y, Z) of
+    a volume's z range; None (uniform starts) for no map or an all-zero one."""
+    if weights is None:
+      return None
+    # a patch start's window is what the loss sees: the patch after its context voxel
+    size = np.minimum(self.patch + 1, weights.shape)
+    context = (size > self.patch).astype(int)
+    sums = window_sums(weights[context[0]:, context[1]:, context[2]:], size - context)
+    return (sums.shape, np.cumsum(sums.ravel())) if sums.sum() > 0 else None
 
   def _z_bounds(self, index, vol):
     if self.z_range is None:
@@ -197,12 +203,14 @@ class PatchSampler:
     z0, z1 = self._z_bounds(index, vol)
     shape = np.array(vol.image.shape[:2] + (z1 - z0,))
     size = np.minimum(self.patch + 1, shape)
-    hard = self.hard_starts[index]
-    if hard is not None and rng.random() < self.hard_fraction:
-      starts_shape, cumulative = hard
-      flat = min(int(np.searchsorted(cumulative, rng.random() * cumulative[-1])),
-                 len(cumulative) - 1)
-      start = np.array(np.unravel_index(flat, starts_shape))
+    for starts, fraction in zip((self.hard_starts[index], self.focus_starts[index]),
+                                self.fractions):
+      if starts is not None and rng.random() < fraction:
+        starts_shape, cumulative = starts
+        flat = min(int(np.searchsorted(cumulative, rng.random() * cumulative[-1])),
+                   len(cumulative) - 1)
+        start = np.array(np.unravel_index(flat, starts_shape))
+        break
     else:
       start = np.array([rng.integers(0, s - p + 1) for s, p in zip(shape, size)])
     start[2] += z0
@@ -312,7 +320,7 @@ def train(volumes, out_path: str, config: ModelConfig | None = None, iterations:
           resume: bool = False, device: str | None = None, command: str = "",
           checkpoint_every: int = 250, progress: bool = True, init: str | None = None,
           dice_weight: float = 0.0, hard_fraction: float = 0.0, lsd_sigma_nm: float = 0.0,
-          lsd_weight: float = 1.0) -> dict:
+          lsd_weight: float = 1.0, focus_labels=(), focus_fraction: float = 0.0) -> dict:
   """Train a UNet3D on `volumes` (list[TrainingVolume]) and write a checkpoint to out_path.
 
   The top `val_fraction` of each volume's z range (at least one patch deep) is held out for
@@ -328,6 +336,9 @@ def train(volumes, out_path: str, config: ModelConfig | None = None, iterations:
   hard_fraction: hard-example mining for fine-tuning: before training, the starting model
     predicts every labelled training region, and this fraction of the patches is drawn where
     its affinities are most wrong (affinity_error_map; PatchSampler).
+  focus_labels, focus_fraction: this fraction of the patches is drawn where these ground-truth
+    neuron labels lie (in proportion to their voxels in the patch): a rare cell type the
+    model gets wrong, such as the dark glia of the FIB medulla cube (docs/MEASUREMENTS.md).
   lsd_sigma_nm: > 0 adds local shape descriptors of the neuron labels at this Gaussian scale
     as an auxiliary target (MSE, times lsd_weight), the multi-task LSD setup of Sheridan et
     al. 2022; the saved checkpoint keeps only `config`'s channels.
@@ -387,6 +398,14 @@ def train(volumes, out_path: str, config: ModelConfig | None = None, iterations:
               predict_volume(model, np.ascontiguousarray(vol.image[..., z0:z1]),
                              device=device, progress=progress)[:3], vol.labels[..., z0:z1])
             for vol, (z0, z1) in zip(volumes, train_range)]
+  focus = None
+  if focus_fraction > 0 and len(focus_labels):
+    focus = [None if vol.labels is None else
+             np.isin(vol.labels[..., z0:z1], focus_labels).astype(np.float32)
+             for vol, (z0, z1) in zip(volumes, train_range)]
+    if not any(m is not None and m.any() for m in focus):
+      raise IicatsError(f"--focus-labels {','.join(map(str, focus_labels))}: none of these "
+                        "labels lies in the training region of any --labels layer")
   descriptors = None
   if lsd_sigma_nm > 0:
     sigma = lsd_sigma_nm / np.asarray(config.resolution, dtype=float)
@@ -395,7 +414,8 @@ def train(volumes, out_path: str, config: ModelConfig | None = None, iterations:
                    for vol in tqdm(volumes, desc="shape descriptors", disable=not progress)]
   sampler = PatchSampler(volumes, training_config, isotropic, seed=seed + start_iter,
                          z_range=train_range, hard=hard, hard_fraction=hard_fraction,
-                         shape_descriptors=descriptors)
+                         shape_descriptors=descriptors, focus=focus,
+                         focus_fraction=focus_fraction)
   started = time.time()
   model.train()
   bar = tqdm(range(start_iter, iterations), desc="train", disable=not progress,
@@ -428,6 +448,8 @@ def train(volumes, out_path: str, config: ModelConfig | None = None, iterations:
     "training_command": command, "iterations": iterations, "batch_size": batch_size,
     "learning_rate": lr, "seed": seed, "device": device, "dice_weight": dice_weight,
     "hard_example_fraction": hard_fraction,
+    "focus": ({"labels": [int(x) for x in focus_labels], "fraction": focus_fraction}
+              if focus is not None else None),
     "shape_descriptors": ({"sigma_nm": lsd_sigma_nm, "weight": lsd_weight}
                           if lsd_sigma_nm > 0 else None),
     "validation_fraction": val_fraction,

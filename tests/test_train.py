@@ -292,3 +292,38 @@ def test_fine_tuning_with_hard_examples_records_it(tmp_path, tiny_checkpoint):
                config=load_checkpoint(tiny_checkpoint)[0].config, iterations=2,
                progress=False, init=tiny_checkpoint, val_fraction=0, hard_fraction=0.5)
   assert meta["hard_example_fraction"] == 0.5
+
+
+def test_focus_labels_draw_patches_where_they_lie(tmp_path):
+  """--focus-labels: with fraction 1 every patch holds voxels of the chosen label (here one
+  small blob, marked in the image); the checkpoint records the labels and the fraction; ids
+  that no training label layer holds, or that are not ids, are refused before training."""
+  labels, image = blobs((40, 40, 40), n=5)
+  labels[:] = np.where(labels == 3, 0, labels)
+  labels[30:33, 30:33, 30:33] = 99
+  marker = image.copy()
+  marker[labels == 99] = 255
+  vol = TrainingVolume("marked", image=marker, labels=labels)
+  sampler = PatchSampler([vol], ModelConfig(**TINY), True, augment=False,
+                         focus=[(labels == 99).astype(np.float32)], focus_fraction=1.0)
+  for _ in range(5):
+    img, _, _ = sampler.sample()
+    assert img.max() == pytest.approx((1.0 - 0.5) / 0.25)
+  img_path = "file://" + str(tmp_path / "img")
+  lab_path = "file://" + str(tmp_path / "lab")
+  import_volume(marker, img_path, "image", (10, 10, 10))
+  import_volume(labels, lab_path, "segmentation", (10, 10, 10))
+  out = str(tmp_path / "focus.safetensors")
+  base = ["train", "--image", img_path, "--labels", lab_path, "--out", out, "--iterations",
+          "1", "--patch-size", "16,16,16", "--val-fraction", "0"]
+  result = CliRunner().invoke(cli, base + ["--focus-labels", "99", "--focus-fraction", "0.5"])
+  assert result.exit_code == 0, result.output
+  meta = load_checkpoint(out)[1]
+  assert meta["focus"] == {"labels": [99], "fraction": 0.5}
+  assert "--focus-labels 99" in meta["training_command"]
+  missing = CliRunner().invoke(cli, base + ["--focus-labels", "12345"])
+  assert missing.exit_code != 0 and "none of these labels" in missing.output
+  garbled = CliRunner().invoke(cli, base + ["--focus-labels", "glia"])
+  assert garbled.exit_code != 0 and "--focus-labels" in garbled.output
+  plain = CliRunner().invoke(cli, base)
+  assert plain.exit_code == 0 and load_checkpoint(out)[1]["focus"] is None
