@@ -46,6 +46,11 @@ SCORER_THRESHOLDS = tuple(round(0.3 + 0.05 * k, 2) for k in range(11))  # 0.3 ..
 # a dust cleanup may cost at most this much ARAND: it is there for the split VOI of many tiny
 # segments, not to trade merges for splits
 CLEANUP_ARAND_TOLERANCE = 0.005
+# the mitochondria hint raises merge scores: unlike a cannot-link it adds merges, so a setting
+# that uses it must beat the best without it by this much ARAND on the labelled volume. On the
+# FIB training half the hint won by 0.0007 (within the noise of one volume) and, on the
+# held-out half, joined two neurons through glia (docs/MEASUREMENTS.md)
+MUST_LINK_ARAND_MARGIN = 0.005
 
 
 def score_agglomeration(affinities: np.ndarray, organelles: np.ndarray, labels: np.ndarray,
@@ -59,7 +64,8 @@ def score_agglomeration(affinities: np.ndarray, organelles: np.ndarray, labels: 
   synapse probability cuts the RAG's evidence uses; progress: a tqdm bar. Fragments, RAG and
   agglomeration are the pipeline's own functions on the whole volume (one block). Each row:
   {"quantile" (None = mean), "constraints" (list), "threshold", "arand", "voi_split",
-  "voi_merge"}; sorted by ARAND, then VOI split + merge, then the most evidence. The best
+  "voi_merge"}; sorted by ARAND (plus MUST_LINK_ARAND_MARGIN for settings with the
+  mitochondria hint), then VOI split + merge, then the most evidence. The best
   row then also gets "min_segment_voxels": of MIN_SEGMENT_VOXELS, the dust cleanup with the
   lowest VOI among those within CLEANUP_ARAND_TOLERANCE of its ARAND, and "cleanup": the
   scores of each ({"min_segment_voxels", "arand", "voi_split", "voi_merge"}).
@@ -79,7 +85,7 @@ def score_agglomeration(affinities: np.ndarray, organelles: np.ndarray, labels: 
                    **_table_scores(frags, labels, result.fragment_ids, table)})
   # on a tie, more evidence: a constraint that costs nothing on the labelled data still
   # guards against the merges it exists for (two nuclei, two synapse partners)
-  rows.sort(key=lambda r: (r["arand"], r["voi_split"] + r["voi_merge"], -len(r["constraints"])))
+  rows.sort(key=setting_rank)
   best = rows[0]
   cleanups = []
   for size in MIN_SEGMENT_VOXELS:
@@ -90,6 +96,13 @@ def score_agglomeration(affinities: np.ndarray, organelles: np.ndarray, labels: 
   best["min_segment_voxels"] = _choose_cleanup(best["arand"], cleanups)
   best["cleanup"] = cleanups
   return rows
+
+
+def setting_rank(row: dict) -> tuple:
+  """Sort key of a scored setting, best first: ARAND (plus MUST_LINK_ARAND_MARGIN where it uses
+  the mitochondria hint), then VOI split + merge, then the most evidence."""
+  return (row["arand"] + MUST_LINK_ARAND_MARGIN * ("mitochondria" in row["constraints"]),
+          row["voi_split"] + row["voi_merge"], -len(row["constraints"]))
 
 
 def _setting(evidence, threshold, quantile=None, min_segment_voxels=0, edge_scorer=None):

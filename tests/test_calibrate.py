@@ -6,8 +6,9 @@ import torch
 from click.testing import CliRunner
 
 from iicats_cv.calibrate import (AGGLOMERATION_THRESHOLDS, CLEANUP_ARAND_TOLERANCE, EVIDENCE,
-                                 MIN_SEGMENT_VOXELS, SCORER_THRESHOLDS, STATISTICS,
-                                 choose_organelle_thresholds, score_agglomeration)
+                                 MIN_SEGMENT_VOXELS, MUST_LINK_ARAND_MARGIN, SCORER_THRESHOLDS,
+                                 STATISTICS, choose_organelle_thresholds, score_agglomeration,
+                                 setting_rank)
 from iicats_cv.edge_scorer import FEATURES
 from iicats_cv.cli import cli
 from iicats_cv.errors import IicatsError
@@ -39,7 +40,7 @@ def test_agglomeration_scores_every_setting_best_first():
   organelles = np.zeros((3,) + labels.shape, np.float32)
   rows = score_agglomeration(affinities, organelles, labels, (10, 10, 10))
   assert len(rows) == len(STATISTICS) * len(EVIDENCE) * len(AGGLOMERATION_THRESHOLDS)
-  keys = [(r["arand"], r["voi_split"] + r["voi_merge"], -len(r["constraints"])) for r in rows]
+  keys = [setting_rank(r) for r in rows]
   assert keys == sorted(keys)
   assert rows[0]["arand"] < 0.05  # the labels' own affinities separate the cells
   # the dust cleanup of the best setting: every size scored, the choice within the ARAND
@@ -51,6 +52,18 @@ def test_agglomeration_scores_every_setting_best_first():
   assert chosen["arand"] <= rows[0]["arand"] + CLEANUP_ARAND_TOLERANCE
   assert all(chosen["voi_split"] + chosen["voi_merge"] <= c["voi_split"] + c["voi_merge"]
              for c in cleanup if c["arand"] <= rows[0]["arand"] + CLEANUP_ARAND_TOLERANCE)
+
+
+def test_the_mitochondria_hint_must_win_by_a_margin():
+  """A cannot-link wins ties (it only guards against merges); the mitochondria hint adds
+  merges, so it is chosen only when it beats the best setting without it by the margin."""
+  plain = {"arand": 0.081, "voi_split": 0.7, "voi_merge": 0.4, "constraints": ["nucleus"]}
+  hint = {**plain, "constraints": ["nucleus", "mitochondria"]}
+  assert sorted([dict(hint, arand=0.0803), plain], key=setting_rank)[0] is plain
+  better = dict(hint, arand=0.081 - 2 * MUST_LINK_ARAND_MARGIN)
+  assert sorted([plain, better], key=setting_rank)[0] is better
+  bare = dict(plain, constraints=[])
+  assert sorted([bare, plain], key=setting_rank)[0] is plain
 
 
 def _labelled_layers(tmp_path):
