@@ -483,7 +483,7 @@ def train_command(image, labels, nuclei, mitochondria, synapses, bounds, out, it
   meta = train(volumes, out, config=config, iterations=iterations, batch_size=batch_size,
                lr=lr, seed=seed, resume=resume, init=init, dice_weight=dice_weight,
                val_fraction=val_fraction, hard_fraction=hard_fraction,
-               focus_labels=focus, focus_fraction=focus_fraction if focus else 0.0,
+               focus_labels=focus, focus_fraction=focus_fraction,
                lsd_sigma_nm=lsd_sigma, lsd_weight=lsd_weight,
                # with --init the architecture options are refused, so the record leaves them out
                command=_command_line(ctx, omit=ARCHITECTURE_OPTIONS if init else ()))
