@@ -20,7 +20,8 @@ import click
 import numpy as np
 
 from .errors import IicatsError
-from .metrics import adapted_rand_error, concatenate_skeletons, run_length_metrics, voi
+from .metrics import (adapted_rand_error, boundary_tolerance_mask, concatenate_skeletons,
+                      run_length_metrics, voi)
 
 # floor(p / r + FLOOR_EPS): positions computed as voxel * resolution in floating point (e.g.
 # 3 * 4.6 nm) land a hair below the voxel corner; 1e-6 voxel is far below any real precision.
@@ -141,9 +142,11 @@ def _points(value, reader, shape_tail, what) -> np.ndarray:
   return array
 
 
-def _dense_scores(seg_cv, seg_path, gt_labels, mip) -> dict:
+def _dense_scores(seg_cv, seg_path, gt_labels, mip, boundary_tolerance_nm=0.0) -> dict:
   """VOI and adapted Rand error over the overlap of the segmentation and ground-truth layers
-  (same resolution at mip required); both are downloaded whole over that box."""
+  (same resolution at mip required); both are downloaded whole over that box. With a
+  boundary tolerance also voi_split_tolerant, voi_merge_tolerant and arand_tolerant over the
+  voxels metrics.boundary_tolerance_mask keeps."""
   from cloudvolume import Bbox
   gt_path, gt_cv = _open_segmentation(gt_labels, mip, what="ground-truth labels")
   seg_geo, gt_geo = layer_geometry(seg_cv, mip), layer_geometry(gt_cv, mip)
@@ -165,10 +168,18 @@ def _dense_scores(seg_cv, seg_path, gt_labels, mip) -> dict:
                       f"{stop.tolist()} ({type(err).__name__}: {err})")
   split, merge = voi(seg, gt)
   arand, precision, recall = adapted_rand_error(seg, gt, all_stats=True)
-  return {"voi_split": split, "voi_merge": merge, "arand": arand,
-          "rand_precision": precision, "rand_recall": recall,
-          "dense_bbox_vx": [start.tolist(), stop.tolist()], "dense_voxels": int(seg.size),
-          "gt_labels": gt_path}
+  scores = {"voi_split": split, "voi_merge": merge, "arand": arand,
+            "rand_precision": precision, "rand_recall": recall,
+            "dense_bbox_vx": [start.tolist(), stop.tolist()], "dense_voxels": int(seg.size),
+            "gt_labels": gt_path}
+  if boundary_tolerance_nm:
+    keep = boundary_tolerance_mask(gt, seg_geo["resolution"], boundary_tolerance_nm)
+    split, merge = voi(seg[keep], gt[keep])
+    scores.update({"boundary_tolerance_nm": float(boundary_tolerance_nm),
+                   "tolerant_voxel_fraction": float(keep.mean()),
+                   "voi_split_tolerant": split, "voi_merge_tolerant": merge,
+                   "arand_tolerant": adapted_rand_error(seg[keep], gt[keep])})
+  return scores
 
 
 def _locate_violations(records, vertices_nm, nuclei_nm, synapses_nm) -> list[dict]:
@@ -222,14 +233,16 @@ def ground_truth_violations(metrics: dict, n_nuclei: int, n_synapses: int) -> di
 
 
 def evaluate(segmentation, skeletons=None, nuclei=None, synapses=None, gt_labels=None,
-             mip: int = 0, pooled: bool = False, max_locations: int = MAX_LOCATIONS) -> dict:
+             mip: int = 0, pooled: bool = False, max_locations: int = MAX_LOCATIONS,
+             boundary_tolerance_nm: float = 0.0) -> dict:
   """Evaluate a segmentation layer against ground truth.
 
   segmentation: cloudpath (or CloudVolume) of a segmentation layer; skeletons: list of
   Skeleton, an SWC directory or a precomputed layer cloudpath with skeletons; nuclei: float
   (M, 3) nm or a CSV path (x,y,z); synapses: float (P, 2, 3) / (P, 6) nm or a CSV path
   (pre_x,...,post_z); gt_labels: cloudpath of dense ground-truth labels (VOI, ARAND);
-  mip: the segmentation's mip; pooled: funlib-style pooled runs.
+  mip: the segmentation's mip; pooled: funlib-style pooled runs; boundary_tolerance_nm: also
+  score VOI and ARAND without the voxels that close to a ground-truth interface (*_tolerant).
 
   Returns a JSON-able dict: erl, berl, nerl, total_length (nm; None without skeletons),
   voi_split, voi_merge, arand (only with gt_labels), counts, the ground_truth_violations
@@ -246,6 +259,11 @@ def evaluate(segmentation, skeletons=None, nuclei=None, synapses=None, gt_labels
     raise IicatsError("nothing to evaluate: give skeletons and/or ground-truth labels")
   flat = concatenate_skeletons(skeleton_list)
   geo = layer_geometry(cv, mip)
+  if boundary_tolerance_nm:
+    if gt_labels is None:
+      raise IicatsError("a boundary tolerance needs ground-truth labels (--gt-labels)")
+    boundary_tolerance_mask(np.zeros((1, 1, 1), np.uint8), geo["resolution"],
+                            boundary_tolerance_nm)  # refuses a tolerance below one voxel
 
   points = np.concatenate([flat.vertices_nm, nuclei_nm, synapses_nm.reshape(-1, 3)])
   segments, inside = lookup_segments(cv, points, mip=mip, return_inside=True)
@@ -281,7 +299,7 @@ def evaluate(segmentation, skeletons=None, nuclei=None, synapses=None, gt_labels
     "n_violations": len(violations),
   })
   if gt_labels is not None:
-    result.update(_dense_scores(cv, seg_path, gt_labels, mip))
+    result.update(_dense_scores(cv, seg_path, gt_labels, mip, boundary_tolerance_nm))
   return result
 
 
@@ -430,6 +448,8 @@ def _fmt(value, unit=""):
     return "–"
   if unit == "µm":
     return f"{value / 1000:.3f} µm"
+  if unit == "nm":
+    return f"{value:g} nm"
   if isinstance(value, float):
     return f"{value:.4f}"
   return str(value)
@@ -457,6 +477,10 @@ def _table(header, rows) -> str:
 METRIC_ROWS = (("ERL", "erl", "µm"), ("bERL", "berl", "µm"), ("nERL", "nerl", "µm"),
                ("total GT cable", "total_length", "µm"), ("VOI split", "voi_split", ""),
                ("VOI merge", "voi_merge", ""), ("adapted Rand error", "arand", ""),
+               ("boundary tolerance", "boundary_tolerance_nm", "nm"),
+               ("VOI split, tolerant", "voi_split_tolerant", ""),
+               ("VOI merge, tolerant", "voi_merge_tolerant", ""),
+               ("adapted Rand error, tolerant", "arand_tolerant", ""),
                ("skeletons", "n_skeletons", ""), ("with a nucleus", "n_nucleus_skeletons", ""),
                ("nodes", "n_nodes", ""), ("nodes outside the layer", "n_nodes_outside", ""),
                ("nodes in segment 0", "n_background_nodes", ""),
@@ -563,6 +587,10 @@ def summary_line(result: dict) -> str:
                     ("ARAND", "arand")):
     if result.get(key) is not None:
       parts.append(f"{name} {result[key]:.4f}")
+  if result.get("boundary_tolerance_nm"):
+    parts.append(f"within {result['boundary_tolerance_nm']:g} nm of GT boundaries left out: "
+                 f"VOI {result['voi_split_tolerant']:.4f} / {result['voi_merge_tolerant']:.4f},"
+                 f" ARAND {result['arand_tolerant']:.4f}")
   parts.append(f"{len(result.get('merging_segments', []))} merging segment(s), "
                f"{len(result.get('violating_segments', []))} violating"
                + (f" ({result['n_merged_synapses']} merged synapse(s))"
@@ -583,6 +611,9 @@ def summary_line(result: dict) -> str:
                    "(nm).")
 @click.option("--gt-labels", default=None, metavar="CLOUDPATH",
               help="Dense ground-truth labels layer (VOI, adapted Rand error).")
+@click.option("--boundary-tolerance-nm", type=float, default=0.0, show_default=True,
+              help="Also score VOI and ARAND without the voxels this close to a ground-truth "
+                   "interface (CREMI's border mask), for ground truth drawn up to the membrane.")
 @click.option("--mip", type=int, default=0, show_default=True, help="Segmentation mip level.")
 @click.option("--pooled", is_flag=True,
               help="Pool all correct edges of a segment within a skeleton (funlib.evaluate) "
@@ -591,8 +622,8 @@ def summary_line(result: dict) -> str:
               help="Write the full results (JSON) here.")
 @click.option("--report", "report_dir", default=None, metavar="DIR",
               help="Write an HTML report (with PNG figures) into DIR.")
-def evaluate_command(segmentation, skeletons, nuclei, synapses, gt_labels, mip, pooled,
-                     json_path, report_dir):
+def evaluate_command(segmentation, skeletons, nuclei, synapses, gt_labels,
+                     boundary_tolerance_nm, mip, pooled, json_path, report_dir):
   """Score SEGMENTATION_CLOUDPATH: ERL, bERL, nERL on GT skeletons; VOI, ARAND on GT labels.
 
   \b
@@ -610,7 +641,8 @@ def evaluate_command(segmentation, skeletons, nuclei, synapses, gt_labels, mip, 
   if (nuclei or synapses) and skeletons is None:
     click.echo("note: --nuclei/--synapses only report violations without --skeletons")
   result = evaluate(segmentation, skeletons=skeletons, nuclei=nuclei, synapses=synapses,
-                    gt_labels=gt_labels, mip=mip, pooled=pooled)
+                    gt_labels=gt_labels, mip=mip, pooled=pooled,
+                    boundary_tolerance_nm=boundary_tolerance_nm)
   write_json(result, json_path)
   click.echo(f"{'metric':<28}value")
   for name, value in metric_rows(result):

@@ -571,6 +571,32 @@ def voi(seg: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
   return max(0.0, split), max(0.0, merge)  # never -0.0 or a rounding -1e-17
 
 
+def boundary_tolerance_mask(gt: np.ndarray, resolution_nm, tolerance_nm: float) -> np.ndarray:
+  """bool (X, Y, Z): the voxels that a boundary tolerance keeps in the dense scores.
+
+  A voxel is left out when a voxel of another ground-truth label lies within tolerance_nm of
+  it along x, y or z (floor(tolerance_nm / resolution) voxels per axis, so 10 nm leaves out
+  one voxel on each side of every interface at 10 nm and none across 40 nm sections). CREMI
+  scores the same way (cremi_python's border mask): ground truth drawn up to the membrane,
+  as FlyEM's is, puts each membrane voxel on one side or the other, and which side is not
+  what a segmentation is judged on. gt: integer (X, Y, Z); resolution_nm: (x, y, z)."""
+  steps = [int(np.floor(tolerance_nm / float(r) + 1e-9)) for r in resolution_nm]
+  if tolerance_nm < 0 or not any(steps):
+    raise IicatsError(f"boundary tolerance {tolerance_nm} nm: must reach at least one voxel "
+                      f"(voxel size {list(resolution_nm)} nm)")
+  keep = np.ones(gt.shape, dtype=bool)
+  for axis, n in enumerate(steps):
+    for step in range(1, min(n, gt.shape[axis] - 1) + 1):
+      high = [slice(None)] * 3
+      low = [slice(None)] * 3
+      high[axis] = slice(step, None)
+      low[axis] = slice(None, -step)
+      differs = gt[tuple(high)] != gt[tuple(low)]
+      keep[tuple(high)] &= ~differs
+      keep[tuple(low)] &= ~differs
+  return keep
+
+
 def adapted_rand_error(seg: np.ndarray, gt: np.ndarray, all_stats: bool = False):
   """Adapted Rand error as in CREMI / SNEMI3D: 1 - F-score of Rand precision and recall.
 

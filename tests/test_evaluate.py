@@ -226,6 +226,29 @@ def test_evaluate_dense_labels(tmp_path, seg_layer):
   assert r["erl"] is None and r["total_length"] is None
 
 
+def test_evaluate_boundary_tolerance(tmp_path, seg_layer):
+  gt = labels()
+  gt[32] = gt[31]                # GT draws the x interface one voxel (4 nm) further
+  gt_path = write_layer("file://" + str(tmp_path / "gt"), gt)
+  r = evaluate(seg_layer, gt_labels=gt_path, boundary_tolerance_nm=4)
+  assert r["voi_split"] > 0 and r["voi_merge"] > 0 and r["arand"] > 0
+  assert r["voi_split_tolerant"] == r["voi_merge_tolerant"] == r["arand_tolerant"] == 0.0
+  assert r["boundary_tolerance_nm"] == 4.0 and 0.8 < r["tolerant_voxel_fraction"] < 1
+  assert "left out: VOI 0.0000 / 0.0000" in summary_line(r)
+  assert ("VOI split, tolerant", "0.0000") in metric_rows(r)
+  assert "voi_split_tolerant" not in evaluate(seg_layer, gt_labels=gt_path)
+  with pytest.raises(IicatsError, match="needs ground-truth labels"):
+    evaluate(seg_layer, skeletons=[], boundary_tolerance_nm=4)
+  with pytest.raises(IicatsError, match="at least one voxel"):
+    evaluate(seg_layer, gt_labels=gt_path, boundary_tolerance_nm=3)
+  out = tmp_path / "m.json"
+  result = CliRunner().invoke(evaluate_command, [seg_layer, "--gt-labels", gt_path,
+                                                 "--boundary-tolerance-nm", "8",
+                                                 "--json", str(out)])
+  assert result.exit_code == 0, result.output
+  assert json.loads(out.read_text())["arand_tolerant"] == 0.0
+
+
 def test_evaluate_input_errors(tmp_path, seg_layer):
   with pytest.raises(IicatsError, match="nothing to evaluate"):
     evaluate(seg_layer)

@@ -6,6 +6,7 @@ import pytest
 
 from iicats_cv.errors import IicatsError
 from iicats_cv.metrics import (Skeleton, adapted_rand_error, affinity_average_precision,
+                               boundary_tolerance_mask,
                                average_precision, berl, concatenate_skeletons,
                                contingency, erl, merging_segments, nerl, organelle_instance_scores,
                                run_length_metrics, voi, voxel_scores)
@@ -357,6 +358,32 @@ def slow_scores(seg, gt):
   sum_ab = sum(c * c for (s, g), c in pairs.items() if s != 0) + singles
   p, r = sum_ab / sum_b, sum_ab / sum_a
   return split, merge, 1 - 2 * p * r / (p + r)
+
+
+def test_boundary_tolerance_leaves_out_voxels_next_to_gt_interfaces():
+  gt = np.ones((8, 3, 8), np.uint32)
+  gt[4:] = 2                                   # an interface between x = 3 and x = 4
+  gt[:, :, 4:] += 10                           # and one between z = 3 and z = 4
+  keep = boundary_tolerance_mask(gt, (10, 10, 10), 10)
+  assert np.array_equal(np.flatnonzero(keep[:, 0, 0]), [0, 1, 2, 5, 6, 7])
+  assert np.array_equal(np.flatnonzero(keep[0, 0]), [0, 1, 2, 5, 6, 7])
+  keep = boundary_tolerance_mask(gt, (10, 10, 10), 25)   # two voxels per side
+  assert np.array_equal(np.flatnonzero(keep[:, 0, 0]), [0, 1, 6, 7])
+  # 10 nm reaches two 4-nm voxels along x and no 40-nm section along z
+  keep = boundary_tolerance_mask(gt, (4, 4, 40), 10)
+  assert np.array_equal(np.flatnonzero(keep[:, 0, 3]), [0, 1, 6, 7])
+  assert keep[0, 0].all()
+  with pytest.raises(IicatsError, match="at least one voxel"):
+    boundary_tolerance_mask(gt, (10, 10, 10), 5)
+  # a segmentation whose interface sits one voxel off the ground truth's: strict VOI sees it,
+  # the tolerant one does not
+  seg = gt.copy()
+  seg[4] = seg[3]
+  split, merge = voi(seg, gt)
+  assert split > 0 and merge > 0
+  keep = boundary_tolerance_mask(gt, (10, 10, 10), 10)
+  assert voi(seg[keep], gt[keep]) == (0.0, 0.0)
+  assert adapted_rand_error(seg[keep], gt[keep]) == 0.0
 
 
 @pytest.mark.parametrize("seed", range(6))
