@@ -268,6 +268,12 @@ def summarise_seeds(runs: dict) -> tuple[dict, str]:
 
 def run_seed(args, seed: int) -> tuple[dict, str]:
   """The benchmark on the volume of one seed: (result, one-line summary)."""
+  with tempfile.TemporaryDirectory(prefix="iicats-constraints-bench-") as root:
+    return _run_seed_in(args, seed, root)
+
+
+def _run_seed_in(args, seed: int, root: str) -> tuple[dict, str]:
+  """run_seed with its layers and ground-truth files under root."""
   shape = tuple(int(v) for v in args.shape.split(","))
   vol = make_synthetic_volume(shape=shape, seed=seed, n_cells=args.cells,
                               n_synapses=args.synapses)
@@ -280,7 +286,6 @@ def run_seed(args, seed: int) -> tuple[dict, str]:
     only = fragments_holding_synapses(frags, vol) if args.oracle_fragments == "synapse" else None
     frags = split_by_ground_truth(frags, vol.neurons, only)
   rag = merge_rags([block_rag(frags, affs, organelles, (0, 0, 0))])
-  root = tempfile.mkdtemp(prefix="iicats-constraints-bench-")
   supervoxels = import_volume(frags, f"file://{root}/supervoxels", "segmentation",
                               vol.resolution, source="benchmarks/constraints.py")
   gt = write_ground_truth_files(os.path.join(root, "gt"),
