@@ -18,6 +18,7 @@ import numpy as np
 
 from iicats_cv.agglomerate import AgglomerationParams
 from iicats_cv.errors import IicatsError
+from iicats_cv.metrics import boundary_tolerance_mask
 from iicats_cv.layers import normalize_cloudpath, open_layer, join, local_path
 from iicats_cv.watershed import SYNAPSE_BOUNDARY
 from . import igneous_stages as ig
@@ -113,7 +114,7 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
                  nucleus_fraction: float | None = None, hierarchy: int | None = None,
                  levels: int = 1, augment: bool = False,
                  min_segment_voxels: int | None = None,
-                 synapse_boundary: float | None = None):
+                 synapse_boundary: float | None = None, boundary_tolerance_nm: float = 0.0):
   """Run every stage from an EM image layer to segmentation, meshes, link and metrics.
 
   augment: test-time augmentation in the inference stage (create_inference_tasks).
@@ -126,6 +127,8 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
   synapse_boundary: added to the watershed's boundary map where the synapse channel exceeds
   its cut (watershed.fragments); None: watershed.SYNAPSE_BOUNDARY when the constraints use
   synapse evidence, else 0.
+  boundary_tolerance_nm: with gt_labels, also score VOI and ARAND without the voxels this
+  close to a ground-truth interface (evaluate's *_tolerant metrics; 0: not).
 
   Returns the summary dict ({"layers", "neuroglancer_url", "metrics", "timings", ...}).
   """
@@ -134,6 +137,12 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
   gt_labels = normalize_cloudpath(gt_labels) if gt_labels else None
   task_shape = tuple(int(t) for t in task_shape)
   image_cv, seeds_nm = validate_inputs(image, gt_labels, gt_skeletons, seeds, nuclei, synapses)
+  if boundary_tolerance_nm:
+    if not gt_labels:
+      raise IicatsError("a boundary tolerance scores dense ground truth: give gt_labels "
+                        "(--gt-labels)")
+    boundary_tolerance_mask(np.zeros((1, 1, 1), np.uint8), image_cv.resolution,
+                            boundary_tolerance_nm)  # refuses a tolerance below one voxel
   if levels > 1 and not hierarchy:
     raise IicatsError(f"levels={levels} needs hierarchy (--hierarchy N): the parts of each "
                       "level are N×N×N parts of the level below")
@@ -222,7 +231,8 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
   summary = {"layers": layers, "tracked": tracked, "queue": run.queue,
              "agglomeration": get_json(out, "agglomeration/summary.json")}
   t0 = time.time()
-  summary["metrics"] = evaluate_run(out, layers, gt_labels, gt_skeletons, nuclei, synapses)
+  summary["metrics"] = evaluate_run(out, layers, gt_labels, gt_skeletons, nuclei, synapses,
+                                    boundary_tolerance_nm)
   run.timings["evaluate"] = round(time.time() - t0, 2)
   summary["neuroglancer_url"], summary["neuroglancer_state"] = make_link(
     out, layers, tracked, link_prefix)
@@ -279,18 +289,20 @@ def out_owns(out: str, path: str) -> bool:
   return path.startswith(out.rstrip("/") + "/")
 
 
-def evaluate_run(out, layers, gt_labels, gt_skeletons, nuclei, synapses) -> dict:
+def evaluate_run(out, layers, gt_labels, gt_skeletons, nuclei, synapses,
+                 boundary_tolerance_nm=0.0) -> dict:
   """Metrics of the constrained segmentation and of the unconstrained baseline, plus
   ERL/bERL/nERL along the agglomeration threshold sweep."""
   from iicats_cv.evaluate import evaluate, evaluate_tables
   from .common import get_npz
   if not (gt_labels or gt_skeletons):
     return {}
-  metrics = {}
+  metrics = {"boundary_tolerance_nm": boundary_tolerance_nm} if boundary_tolerance_nm else {}
   for key, layer in (("", layers["segmentation"]), ("baseline_", layers["segmentation_baseline"])):
     result = evaluate(layer, skeletons=gt_skeletons, nuclei=nuclei, synapses=synapses,
-                      gt_labels=gt_labels)
+                      gt_labels=gt_labels, boundary_tolerance_nm=boundary_tolerance_nm)
     for name in ("erl", "berl", "nerl", "total_length", "voi_split", "voi_merge", "arand",
+                 "voi_split_tolerant", "voi_merge_tolerant", "arand_tolerant",
                  "n_nucleus_violating_segments", "n_merged_synapses"):
       if result.get(name) is not None:
         metrics[key + name] = result[name]

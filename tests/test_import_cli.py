@@ -119,6 +119,16 @@ def test_pipeline_rejects_bad_ground_truth_files_before_running(tmp_path, volume
   result = invoke("pipeline", "--image", img, "--out", out, "--nuclei", bad)
   assert result.exit_code != 0 and "nuclei.csv" in result.output
   assert not out.exists()
+  # a boundary tolerance without dense ground truth, and one below a 4 nm voxel
+  result = invoke("pipeline", "--image", img, "--out", out, "--boundary-tolerance-nm", "10")
+  assert result.exit_code != 0 and "give gt_labels (--gt-labels)" in result.output
+  gt = "file://" + str(tmp_path / "gt")
+  assert invoke("import", tmp_path / "em.npy", gt, "--type", "segmentation",
+                "--resolution", "4,4,40").exit_code == 0
+  result = invoke("pipeline", "--image", img, "--out", out, "--gt-labels", gt,
+                  "--boundary-tolerance-nm", "3")
+  assert result.exit_code != 0 and "must reach at least one voxel" in result.output
+  assert not out.exists()
 
 
 def test_two_stage_commands_without_a_queue_run_every_stage_locally(tmp_path):

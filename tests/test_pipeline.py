@@ -21,6 +21,12 @@ def test_summary_contract(synthetic_demo):
   for name in ("erl", "berl", "nerl", "arand", "voi_split", "voi_merge"):
     assert isinstance(summary["metrics"][name], float), name
   assert summary["metrics"]["berl"] <= summary["metrics"]["erl"] + 1e-9
+  # the demo also scores without the voxels next to the ground truth's interfaces
+  assert summary["metrics"]["boundary_tolerance_nm"] == 10.0
+  for name in ("voi_split_tolerant", "voi_merge_tolerant", "arand_tolerant"):
+    assert isinstance(summary["metrics"][name], float), name
+    assert isinstance(summary["metrics"]["baseline_" + name], float), name
+  assert "voi_split ±10nm" in output
   # ground-truth violations, for the result, the baseline and each threshold of the sweep
   for name in ("n_nucleus_violating_segments", "n_merged_synapses"):
     for value in [summary["metrics"][name], summary["metrics"]["baseline_" + name]] + [
