@@ -20,8 +20,8 @@ import click
 import numpy as np
 
 from .errors import IicatsError
-from .metrics import (adapted_rand_error, boundary_tolerance_mask, concatenate_skeletons,
-                      run_length_metrics, voi)
+from .metrics import (adapted_rand_error, boundary_tolerance_mask, boundary_tolerance_steps,
+                      concatenate_skeletons, run_length_metrics, voi)
 
 # floor(p / r + FLOOR_EPS): positions computed as voxel * resolution in floating point (e.g.
 # 3 * 4.6 nm) land a hair below the voxel corner; 1e-6 voxel is far below any real precision.
@@ -262,8 +262,7 @@ def evaluate(segmentation, skeletons=None, nuclei=None, synapses=None, gt_labels
   if boundary_tolerance_nm:
     if gt_labels is None:
       raise IicatsError("a boundary tolerance needs ground-truth labels (--gt-labels)")
-    boundary_tolerance_mask(np.zeros((1, 1, 1), np.uint8), geo["resolution"],
-                            boundary_tolerance_nm)  # refuses a tolerance below one voxel
+    boundary_tolerance_steps(geo["resolution"], boundary_tolerance_nm)
 
   points = np.concatenate([flat.vertices_nm, nuclei_nm, synapses_nm.reshape(-1, 3)])
   segments, inside = lookup_segments(cv, points, mip=mip, return_inside=True)

@@ -571,6 +571,16 @@ def voi(seg: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
   return max(0.0, split), max(0.0, merge)  # never -0.0 or a rounding -1e-17
 
 
+def boundary_tolerance_steps(resolution_nm, tolerance_nm: float) -> list[int]:
+  """Voxels per axis (x, y, z) that a boundary tolerance of tolerance_nm reaches:
+  floor(tolerance_nm / resolution). IicatsError where it reaches no voxel on any axis."""
+  steps = [int(np.floor(tolerance_nm / float(r) + 1e-9)) for r in resolution_nm]
+  if tolerance_nm < 0 or not any(steps):
+    raise IicatsError(f"boundary tolerance {tolerance_nm} nm: must reach at least one voxel "
+                      f"(voxel size {list(resolution_nm)} nm)")
+  return steps
+
+
 def boundary_tolerance_mask(gt: np.ndarray, resolution_nm, tolerance_nm: float) -> np.ndarray:
   """bool (X, Y, Z): the voxels that a boundary tolerance keeps in the dense scores.
 
@@ -580,12 +590,8 @@ def boundary_tolerance_mask(gt: np.ndarray, resolution_nm, tolerance_nm: float) 
   scores the same way (cremi_python's border mask): ground truth drawn up to the membrane,
   as FlyEM's is, puts each membrane voxel on one side or the other, and which side is not
   what a segmentation is judged on. gt: integer (X, Y, Z); resolution_nm: (x, y, z)."""
-  steps = [int(np.floor(tolerance_nm / float(r) + 1e-9)) for r in resolution_nm]
-  if tolerance_nm < 0 or not any(steps):
-    raise IicatsError(f"boundary tolerance {tolerance_nm} nm: must reach at least one voxel "
-                      f"(voxel size {list(resolution_nm)} nm)")
   keep = np.ones(gt.shape, dtype=bool)
-  for axis, n in enumerate(steps):
+  for axis, n in enumerate(boundary_tolerance_steps(resolution_nm, tolerance_nm)):
     for step in range(1, min(n, gt.shape[axis] - 1) + 1):
       high = [slice(None)] * 3
       low = [slice(None)] * 3

@@ -18,7 +18,7 @@ import numpy as np
 
 from iicats_cv.agglomerate import AgglomerationParams
 from iicats_cv.errors import IicatsError
-from iicats_cv.metrics import boundary_tolerance_mask
+from iicats_cv.metrics import boundary_tolerance_steps
 from iicats_cv.layers import normalize_cloudpath, open_layer, join, local_path
 from iicats_cv.watershed import SYNAPSE_BOUNDARY
 from . import igneous_stages as ig
@@ -141,8 +141,7 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
     if not gt_labels:
       raise IicatsError("a boundary tolerance scores dense ground truth: give gt_labels "
                         "(--gt-labels)")
-    boundary_tolerance_mask(np.zeros((1, 1, 1), np.uint8), image_cv.resolution,
-                            boundary_tolerance_nm)  # refuses a tolerance below one voxel
+    boundary_tolerance_steps(image_cv.resolution, boundary_tolerance_nm)
   if levels > 1 and not hierarchy:
     raise IicatsError(f"levels={levels} needs hierarchy (--hierarchy N): the parts of each "
                       "level are N×N×N parts of the level below")

@@ -6,10 +6,9 @@ import pytest
 
 from iicats_cv.errors import IicatsError
 from iicats_cv.metrics import (Skeleton, adapted_rand_error, affinity_average_precision,
-                               boundary_tolerance_mask,
-                               average_precision, berl, concatenate_skeletons,
-                               contingency, erl, merging_segments, nerl, organelle_instance_scores,
-                               run_length_metrics, voi, voxel_scores)
+                               average_precision, berl, boundary_tolerance_mask,
+                               concatenate_skeletons, contingency, erl, merging_segments, nerl,
+                               organelle_instance_scores, run_length_metrics, voi, voxel_scores)
 
 
 def chain(skeleton_id, n, step=10.0, soma=()):
