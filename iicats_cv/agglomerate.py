@@ -25,6 +25,11 @@ from .errors import IicatsError
 from .edge_scorer import apply_edge_scorer
 
 
+# the interior mean affinity the bonus uses, in steps of 1/64: a giant region's level seldom
+# moves when it takes one more fragment, so its thousands of boundaries are seldom re-scored
+INTERIOR_LEVELS = 64
+
+
 @dataclass
 class Constraints:
   """Organelle evidence, per fragment index (0..F-1) and per edge index.
@@ -79,6 +84,12 @@ class AgglomerationParams:
   # a learned edge scorer (edge_scorer.train_edge_scorer): when given, a boundary's score is
   # its mean same-neuron probability instead of its affinity (quantile must be None)
   edge_scorer: dict | None = None
+  # a boundary's score gets interior_bonus × (1 − the higher of its two regions' interior
+  # mean affinity), so two regions the network is unsure about inside (glia, dark cytoplasm)
+  # merge at a weaker boundary, while one beside a clean region hardly gains: a threshold
+  # relative to the regions' own noise, as in Felzenszwalb and Huttenlocher's segmentation.
+  # Needs a RAG with rag.INTERIOR_FIELDS (0 = off)
+  interior_bonus: float = 0.0
 
 
 def derive_constraints(rag: dict, params: AgglomerationParams) -> tuple[Constraints, np.ndarray]:
@@ -132,8 +143,16 @@ class _Agglomerator:
   """
 
   def __init__(self, n, u, v, aff_sum, count, mito, constraints: Constraints | None,
-               mito_bonus, hist=None, quantile=None, sizes=None):
+               mito_bonus, hist=None, quantile=None, sizes=None, interior=None,
+               interior_bonus=0.0):
     self.parent = np.arange(n)
+    self.interior_bonus = float(interior_bonus)
+    if self.interior_bonus:
+      # (sum, count) of the affinities inside each region, and its mean on a coarse grid: a
+      # region's boundaries are scored again only when the level moves, not at every merge
+      self.interior_sum = np.asarray(interior[0], np.float64).copy()
+      self.interior_count = np.asarray(interior[1], np.float64).copy()
+      self.level = [self._interior_level(a) for a in range(n)]
     self.size = (np.zeros(n, np.int64) if sizes is None
                  else np.asarray(sizes, np.int64).copy())  # voxels per region (at its root)
     self.adj = [dict() for _ in range(n)]
@@ -179,12 +198,20 @@ class _Agglomerator:
     if self.hist is not None:
       self.hist[into] += self.hist[other]
 
+  def _interior_level(self, a) -> float:
+    """Region a's interior mean affinity in steps of 1/INTERIOR_LEVELS (1 with no pairs)."""
+    if self.interior_count[a] <= 0:
+      return 1.0
+    return round(self.interior_sum[a] / self.interior_count[a] * INTERIOR_LEVELS) / INTERIOR_LEVELS
+
   def score(self, a, b):
     e = self.adj[a][b]
     if self.quantile is None:
       value = self.sum[e] / self.count[e]
     else:
       value = _histogram_quantile(self.hist[e], self.quantile)
+    if self.interior_bonus:
+      value += self.interior_bonus * (1.0 - max(self.level[a], self.level[b]))
     return value + (self.mito_bonus if self.mito[e] else 0.0)
 
   def _push(self, a, b):
@@ -255,6 +282,7 @@ class _Agglomerator:
     if apart:
       self.cannot.setdefault(a, set()).update(apart)
       self.cannot[a].discard(a)
+    rescore = self._merge_interiors(a, b) if self.interior_bonus else ()
     del self.adj[a][b]
     self.live -= 1
     for x, moved in self.adj[b].items():
@@ -269,6 +297,22 @@ class _Agglomerator:
         self.live -= 1
       self._push(min(a, x), max(a, x))
     self.adj[b] = {}
+    for x in rescore:
+      self._push(min(a, x), max(a, x))
+
+  def _merge_interiors(self, a, b) -> list:
+    """Region a takes b and the boundary between them into its interior. Returns a's own
+    neighbours (not b's, whose boundaries with a are scored again anyway) whose score the
+    new interior level changes."""
+    e = self.adj[a][b]
+    old = self.level[a]
+    self.interior_sum[a] += self.interior_sum[b] + self.sum[e]
+    self.interior_count[a] += self.interior_count[b] + self.count[e]
+    new = self.level[a] = self._interior_level(a)
+    if new == old:
+      return []
+    return [x for x in self.adj[a] if x != b and x not in self.adj[b]
+            and max(old, self.level[x]) != max(new, self.level[x])]
 
   def absorb_small(self, min_voxels):
     """Merge each region smaller than min_voxels into its best-scoring neighbour, best
@@ -350,7 +394,8 @@ def agglomerate(rag: dict, params: AgglomerationParams, sweep_thresholds=(),
   agg = _Agglomerator(n, u, v, rag["aff_sum"], rag["count"].astype(np.float64), mito,
                       constraints, params.mito_bonus if constraints is not None else 0.0,
                       hist=rag.get("aff_hist"), quantile=params.quantile,
-                      sizes=rag["frag_size"])
+                      sizes=rag["frag_size"], interior=_interiors(rag, params.interior_bonus),
+                      interior_bonus=params.interior_bonus)
   history = agg.run(params.threshold)
   sweep = {}
   if len(sweep_thresholds):
@@ -383,7 +428,7 @@ def agglomerate(rag: dict, params: AgglomerationParams, sweep_thresholds=(),
 
 def agglomerate_interior(rag: dict, frozen: np.ndarray, threshold: float,
                          quantile: float | None = None, mito_edge: np.ndarray | None = None,
-                         mito_bonus: float = 0.0) -> np.ndarray:
+                         mito_bonus: float = 0.0, interior_bonus: float = 0.0) -> np.ndarray:
   """One level of hierarchical agglomeration, over the fragments (or the regions of the level
   below) of one part of the volume.
 
@@ -391,7 +436,8 @@ def agglomerate_interior(rag: dict, frozen: np.ndarray, threshold: float,
   frozen: bool (F,) fragments the global step must see as they are: those with edges leaving
     the part, those holding nucleus evidence and those beside a synapse cannot-link.
   mito_edge: bool (E,) edges crossed by a mitochondrion, which get `mito_bonus` as in the
-    global step (without it the two would merge in another order).
+    global step (without it the two would merge in another order); interior_bonus: as
+    AgglomerationParams.interior_bonus, for the same reason.
   The others merge best-first while their boundary's mean (or `quantile`) affinity (plus the
   bonus) is ≥ threshold, and only while neither side's best boundary leads to a frozen
   region (that blocks them in turn, as abiss does): such merges are the ones the global step
@@ -403,7 +449,8 @@ def agglomerate_interior(rag: dict, frozen: np.ndarray, threshold: float,
   v = np.searchsorted(frag, rag["v"])
   agg = _Agglomerator(len(frag), u, v, rag["aff_sum"], rag["count"].astype(np.float64),
                       np.zeros(len(u), bool) if mito_edge is None else mito_edge, None,
-                      mito_bonus, hist=rag.get("aff_hist"), quantile=quantile)
+                      mito_bonus, hist=rag.get("aff_hist"), quantile=quantile,
+                      interior=_interiors(rag, interior_bonus), interior_bonus=interior_bonus)
   blocked = np.array(frozen, bool)
 
   def unblocked(a, b):
@@ -416,6 +463,18 @@ def agglomerate_interior(rag: dict, frozen: np.ndarray, threshold: float,
 
   agg.run(threshold, merge_filter=unblocked)
   return _segment_table(frag, agg.labels())
+
+
+def _interiors(rag: dict, interior_bonus: float):
+  """(sum, count) of each fragment's interior affinities for the interior bonus; None when
+  it is off."""
+  if not interior_bonus:
+    return None
+  if "frag_interior_pairs" not in rag:
+    raise IicatsError("the interior bonus needs each fragment's interior affinities in the "
+                      "RAG (rag.INTERIOR_FIELDS), which RAGs written before them lack: run the "
+                      "rag stage again")
+  return rag["frag_interior_aff_sum"], rag["frag_interior_pairs"]
 
 
 def _replay(frag, history, threshold, n):

@@ -39,8 +39,11 @@ EVIDENCE = ((), ("nucleus",), ("nucleus", "mitochondria"),
 ORGANELLE_CUTS = tuple(round(0.3 + 0.05 * k, 2) for k in range(14))  # 0.3 ... 0.95
 DEFAULT_AGGLOMERATION = {"threshold": 0.5, "quantile": None,
                          "constraints": ["nucleus", "synapse", "mitochondria"],
-                         "min_segment_voxels": 0, "learned": False}
+                         "min_segment_voxels": 0, "learned": False, "interior_bonus": 0.0}
 MIN_SEGMENT_VOXELS = (0, 250, 500, 1000, 2000, 4000)
+# AgglomerationParams.interior_bonus candidates. On the FIB training half 0.25 beat the best
+# setting without it by 0.004 ARAND, under the margin below (docs/MEASUREMENTS.md)
+INTERIOR_BONUSES = (0.0, 0.25, 0.5)
 # a learned edge probability: 0.5 is its natural cut, and merges above 0.8 are near certain
 SCORER_THRESHOLDS = tuple(round(0.3 + 0.05 * k, 2) for k in range(11))  # 0.3 ... 0.8
 # a dust cleanup may cost at most this much ARAND: it is there for the split VOI of many tiny
@@ -49,7 +52,8 @@ CLEANUP_ARAND_TOLERANCE = 0.005
 # the mitochondria hint raises merge scores: unlike a cannot-link it adds merges, so a setting
 # that uses it must beat the best without it by this much ARAND on the labelled volume. On the
 # FIB training half the hint won by 0.0007 (within the noise of one volume) and, on the
-# held-out half, joined two neurons through glia (docs/MEASUREMENTS.md)
+# held-out half, joined two neurons through glia (docs/MEASUREMENTS.md). The interior bonus
+# raises merge scores too, and must clear the same margin (each counts once)
 MUST_LINK_ARAND_MARGIN = 0.005
 
 
@@ -63,9 +67,8 @@ def score_agglomeration(affinities: np.ndarray, organelles: np.ndarray, labels: 
   truth (0 ignored); resolution: nm (x, y, z); organelle_cuts: the nucleus, mitochondria,
   synapse probability cuts the RAG's evidence uses; progress: a tqdm bar. Fragments, RAG and
   agglomeration are the pipeline's own functions on the whole volume (one block). Each row:
-  {"quantile" (None = mean), "constraints" (list), "threshold", "arand", "voi_split",
-  "voi_merge"}; sorted by ARAND (plus MUST_LINK_ARAND_MARGIN for settings with the
-  mitochondria hint), then VOI split + merge, then the most evidence. The best
+  {"quantile" (None = mean), "constraints" (list), "interior_bonus", "threshold", "arand",
+  "voi_split", "voi_merge"}; sorted by setting_rank. The best
   row then also gets "min_segment_voxels": of MIN_SEGMENT_VOXELS, the dust cleanup with the
   lowest VOI among those within CLEANUP_ARAND_TOLERANCE of its ARAND, and "cleanup": the
   scores of each ({"min_segment_voxels", "arand", "voi_split", "voi_merge"}).
@@ -75,13 +78,15 @@ def score_agglomeration(affinities: np.ndarray, organelles: np.ndarray, labels: 
   rag = merge_rags([block_rag(frags, affinities, organelles, (0, 0, 0), histogram=True,
                               organelle_threshold=list(organelle_cuts))])
   rows = []
-  settings = [(q, e) for q in STATISTICS.values() for e in EVIDENCE]
-  for quantile, evidence in tqdm(settings, desc="agglomeration settings", disable=not progress):
-    result = agglomerate(rag, _setting(evidence, min(thresholds), quantile=quantile),
+  settings = [(q, e, b) for q in STATISTICS.values() for e in EVIDENCE for b in INTERIOR_BONUSES]
+  for quantile, evidence, bonus in tqdm(settings, desc="agglomeration settings",
+                                        disable=not progress):
+    result = agglomerate(rag, _setting(evidence, min(thresholds), quantile=quantile,
+                                       interior_bonus=bonus),
                          sweep_thresholds=thresholds)
     for threshold, table in result.sweep.items():
       rows.append({"quantile": quantile, "constraints": list(evidence),
-                   "threshold": threshold,
+                   "interior_bonus": bonus, "threshold": threshold,
                    **_table_scores(frags, labels, result.fragment_ids, table)})
   # on a tie, more evidence: a constraint that costs nothing on the labelled data still
   # guards against the merges it exists for (two nuclei, two synapse partners)
@@ -90,7 +95,8 @@ def score_agglomeration(affinities: np.ndarray, organelles: np.ndarray, labels: 
   cleanups = []
   for size in MIN_SEGMENT_VOXELS:
     result = agglomerate(rag, _setting(best["constraints"], best["threshold"],
-                                       quantile=best["quantile"], min_segment_voxels=size))
+                                       quantile=best["quantile"], min_segment_voxels=size,
+                                       interior_bonus=best["interior_bonus"]))
     cleanups.append({"min_segment_voxels": size,
                      **_table_scores(frags, labels, result.fragment_ids, result.segment_ids)})
   best["min_segment_voxels"] = _choose_cleanup(best["arand"], cleanups)
@@ -99,18 +105,22 @@ def score_agglomeration(affinities: np.ndarray, organelles: np.ndarray, labels: 
 
 
 def setting_rank(row: dict) -> tuple:
-  """Sort key of a scored setting, best first: ARAND (plus MUST_LINK_ARAND_MARGIN where it uses
-  the mitochondria hint), then VOI split + merge, then the most evidence."""
-  return (row["arand"] + MUST_LINK_ARAND_MARGIN * ("mitochondria" in row["constraints"]),
+  """Sort key of a scored setting, best first: ARAND (plus MUST_LINK_ARAND_MARGIN for each of
+  the mitochondria hint and an interior bonus it uses), then VOI split + merge, then the most
+  evidence."""
+  raises = ("mitochondria" in row["constraints"]) + bool(row.get("interior_bonus"))
+  return (row["arand"] + MUST_LINK_ARAND_MARGIN * raises,
           row["voi_split"] + row["voi_merge"], -len(row["constraints"]))
 
 
-def _setting(evidence, threshold, quantile=None, min_segment_voxels=0, edge_scorer=None):
+def _setting(evidence, threshold, quantile=None, min_segment_voxels=0, edge_scorer=None,
+             interior_bonus=0.0):
   """AgglomerationParams of a calibration candidate: no evidence means no constraints."""
   return AgglomerationParams(threshold=threshold, quantile=quantile,
                              use_constraints=bool(evidence),
                              constraints=tuple(evidence) or DEFAULT_AGGLOMERATION["constraints"],
-                             min_segment_voxels=min_segment_voxels, edge_scorer=edge_scorer)
+                             min_segment_voxels=min_segment_voxels, edge_scorer=edge_scorer,
+                             interior_bonus=interior_bonus)
 
 
 def _table_scores(frags, labels, fragment_ids, table) -> dict:
@@ -183,7 +193,8 @@ def calibrate_edge_scorer(image: np.ndarray, affinities: np.ndarray, organelles:
       per_threshold[t].append(_table_scores(frags, truth, result.fragment_ids, table))
     result = agglomerate(rag, _setting(constraints, classic["threshold"],
                                        quantile=classic.get("quantile"),
-                                       min_segment_voxels=classic.get("min_segment_voxels", 0)))
+                                       min_segment_voxels=classic.get("min_segment_voxels", 0),
+                                       interior_bonus=classic.get("interior_bonus", 0.0)))
     classic_rows.append(_table_scores(frags, truth, result.fragment_ids, result.segment_ids))
   best, threshold = min(((_mean_scores(rows), t) for t, rows in per_threshold.items()),
                         key=lambda r: (r[0]["arand"], r[0]["voi_split"] + r[0]["voi_merge"]))
@@ -240,13 +251,16 @@ def setting_text(setting: dict) -> str:
     evidence += f" (nuclear fragments ≥ {fraction:.0%} nucleus)"
   cleanup = setting.get("min_segment_voxels") or 0
   dust = f", segments < {cleanup} voxels joined to a neighbour" if cleanup else ""
-  return f"{statistic} + {evidence} at t={setting['threshold']:.2f}{dust}"
+  bonus = setting.get("interior_bonus") or 0
+  relative = f", interior bonus {bonus:g}" if bonus else ""
+  return f"{statistic} + {evidence} at t={setting['threshold']:.2f}{relative}{dust}"
 
 
 def agglomeration_settings(metadata: dict) -> dict:
-  """{"threshold", "quantile", "constraints", "min_segment_voxels", "learned"} of a
-  checkpoint's operating point, or the uncalibrated defaults (mean affinity at 0.5, every kind
-  of evidence, no dust cleanup, no learned edge scorer)."""
+  """{"threshold", "quantile", "constraints", "min_segment_voxels", "learned",
+  "interior_bonus"} of a checkpoint's operating point, or the uncalibrated defaults (mean
+  affinity at 0.5, every kind of evidence, no dust cleanup, no learned edge scorer, no
+  interior bonus)."""
   chosen = (metadata.get("operating_point") or {}).get("agglomeration") or {}
   return {key: chosen.get(key, default) for key, default in DEFAULT_AGGLOMERATION.items()}
 

@@ -146,6 +146,11 @@ def _pipeline_options(func):
                  help="After agglomeration, join every segment smaller than this many voxels "
                       "to its best-scoring neighbour, constraints honoured (0: off; default: "
                       "the checkpoint's calibrated choice, else 0)."),
+    click.option("--interior-bonus", type=click.FloatRange(min=0), default=None,
+                 help="Add this × (1 - the higher of the two regions' interior mean affinity) "
+                      "to a boundary's merge score, so regions the network is unsure about "
+                      "inside (glia) merge at weaker boundaries (0: off; default: the "
+                      "checkpoint's calibrated choice, else 0)."),
     click.option("--synapse-boundary", type=click.FloatRange(min=0), default=None,
                  help="Added to the watershed's boundary map on predicted synapse voxels, so "
                       "that a cleft the network fades still parts the two partners' "
@@ -186,8 +191,9 @@ def _pipeline_options(func):
 @click.option("--synapses", default=None, help="GT synapses CSV pre_x..post_z nm (bERL).")
 def pipeline_command(image, out, queue, parallel, task_shape, checkpoint, json_path, threshold,
                      link_prefix, constraints, quantile, nucleus_fraction, min_segment_voxels,
-                     synapse_boundary, hierarchy, levels, tta, boundary_tolerance_nm, unsharded,
-                     seeds, gt_labels, gt_skeletons, nuclei, synapses):
+                     interior_bonus, synapse_boundary, hierarchy, levels, tta,
+                     boundary_tolerance_nm, unsharded, seeds, gt_labels, gt_skeletons, nuclei,
+                     synapses):
   """Run every stage: inference, watershed, RAG, agglomeration + tracking, remap, meshes,
   skeletons, mips, Neuroglancer link and metrics.
 
@@ -205,7 +211,8 @@ def pipeline_command(image, out, queue, parallel, task_shape, checkpoint, json_p
                          quantile=quantile, nucleus_fraction=nucleus_fraction,
                          min_segment_voxels=min_segment_voxels, hierarchy=hierarchy,
                          levels=levels, augment=tta, synapse_boundary=synapse_boundary,
-                         boundary_tolerance_nm=boundary_tolerance_nm or 0.0)
+                         boundary_tolerance_nm=boundary_tolerance_nm or 0.0,
+                         interior_bonus=interior_bonus)
   _print_summary(summary, out)
 
 
@@ -268,7 +275,8 @@ DEMO_BOUNDARY_TOLERANCE_NM = 10.0
 @_pipeline_options
 def demo_command(dataset, out, queue, parallel, task_shape, checkpoint, json_path, threshold,
                  link_prefix, constraints, quantile, nucleus_fraction, min_segment_voxels,
-                 synapse_boundary, hierarchy, levels, tta, boundary_tolerance_nm, unsharded):
+                 interior_bonus, synapse_boundary, hierarchy, levels, tta, boundary_tolerance_nm,
+                 unsharded):
   """Import an embedded dataset with its ground truth and run the pipeline on it.
 
   \b
@@ -283,7 +291,7 @@ def demo_command(dataset, out, queue, parallel, task_shape, checkpoint, json_pat
   inputs = prepare_demo(dataset, out)
   given = {"threshold": threshold, "quantile": quantile, "constraints": constraints,
            "min_segment_voxels": min_segment_voxels, "nucleus_fraction": nucleus_fraction,
-           "synapse_boundary": synapse_boundary}
+           "synapse_boundary": synapse_boundary, "interior_bonus": interior_bonus}
   setting = {**DEMO_AGGLOMERATION[dataset],
              **{key: value for key, value in given.items() if value is not None}}
   summary = run_pipeline(inputs["image"], out, queue=queue, parallel=parallel,
@@ -810,7 +818,7 @@ def track_command(out_prefix, seeds, name, threshold, track_threshold, constrain
             "track_threshold": threshold if track_threshold is None else track_threshold,
             "quantile": ran.get("quantile")}
   # the run's nuclei and segments, so that its seeds and constraints hold
-  for same in ("nucleus_fraction", "min_segment_voxels", "edge_scorer"):
+  for same in ("nucleus_fraction", "min_segment_voxels", "edge_scorer", "interior_bonus"):
     if same in ran:
       params[same] = ran[same]
   started = time.time()

@@ -28,6 +28,10 @@ FRAGMENT_FIELDS = ("id", "size", "nucleus_voxels", "nucleus_sum_x", "nucleus_sum
 # block_rag was given the image
 APPEARANCE_FIELDS = ("intensity_sum", "intensity_sq_sum", "nucleus_prob_sum", "mito_prob_sum",
                      "synapse_prob_sum", "boundary_sum")
+# how sure the network is inside each fragment: the sum and count of the affinities between
+# its own voxels (agglomerate.AgglomerationParams.interior_bonus); when fragments join (stitch,
+# relabel), the boundary between them adds to the interior. Absent in RAGs written before them
+INTERIOR_FIELDS = ("interior_aff_sum", "interior_pairs")
 
 
 def block_rag(supervoxels: np.ndarray, affinities: np.ndarray, organelles: np.ndarray | None,
@@ -52,7 +56,8 @@ def block_rag(supervoxels: np.ndarray, affinities: np.ndarray, organelles: np.nd
   image: uint8 (X, Y, Z) EM of the block only, or None; given (with organelles), each
     fragment also gets APPEARANCE_FIELDS (48 bytes more per fragment).
   Returns a dict of flat arrays: edge fields EDGE_FIELDS (u < v) and fragment fields
-  prefixed 'frag_' (see FRAGMENT_FIELDS); fragment stats cover the block's own voxels only.
+  prefixed 'frag_' (FRAGMENT_FIELDS, INTERIOR_FIELDS); fragment stats cover the block's own
+  voxels only.
   """
   context = tuple(int(c) for c in context)
   cuts = np.broadcast_to(np.asarray(organelle_threshold, np.float32), (3,))
@@ -64,6 +69,8 @@ def block_rag(supervoxels: np.ndarray, affinities: np.ndarray, organelles: np.nd
     ids[new] = orig
   n = len(ids)
   us, vs, affs, mitos, nucs, syns = [], [], [], [], [], []
+  interior_sum = np.zeros(n)
+  interior_pairs = np.zeros(n)
   for axis in range(3):
     here = list(inner)
     there = list(inner)
@@ -79,7 +86,11 @@ def block_rag(supervoxels: np.ndarray, affinities: np.ndarray, organelles: np.nd
     sel = (a != b) & (a != 0) & (b != 0)
     us.append(a[sel])
     vs.append(b[sel])
-    affs.append(affinities[axis][tuple(aff_sl)][sel])
+    axis_affs = affinities[axis][tuple(aff_sl)]
+    affs.append(axis_affs[sel])
+    same = (a == b) & (a != 0)
+    interior_sum += np.bincount(a[same], weights=axis_affs[same], minlength=n)
+    interior_pairs += np.bincount(a[same], minlength=n)
     if organelles is not None:
       inside = [organelles[c][tuple(here)][sel] > cuts[c] for c in range(3)]
       beside = [organelles[c][tuple(there)][sel] > cuts[c] for c in range(3)]
@@ -144,8 +155,11 @@ def block_rag(supervoxels: np.ndarray, affinities: np.ndarray, organelles: np.nd
       per_voxel[f"{name}_prob_sum"] = organelles[channel][inner].ravel()
     for field in APPEARANCE_FIELDS:
       out[f"frag_{field}"] = np.bincount(own, weights=per_voxel[field], minlength=n)[size > 0]
+  out["frag_interior_aff_sum"] = interior_sum[size > 0]
+  out["frag_interior_pairs"] = interior_pairs[size > 0]
   keep = out["frag_id"] != 0
-  for field in FRAGMENT_FIELDS + (APPEARANCE_FIELDS if image is not None else ()):
+  for field in (FRAGMENT_FIELDS + INTERIOR_FIELDS
+                + (APPEARANCE_FIELDS if image is not None else ())):
     out[f"frag_{field}"] = out[f"frag_{field}"][keep]
   return out
 
@@ -231,9 +245,18 @@ def relabel(rag: dict, old_ids: np.ndarray, new_ids: np.ndarray) -> dict:
   for field in EDGE_FIELDS[2:]:
     if field in rag:
       part[field] = rag[field][keep]
-  for field in FRAGMENT_FIELDS[1:] + APPEARANCE_FIELDS:
+  for field in FRAGMENT_FIELDS[1:] + APPEARANCE_FIELDS + INTERIOR_FIELDS:
     if f"frag_{field}" in rag:
       part[f"frag_{field}"] = rag[f"frag_{field}"]
+  if "frag_interior_pairs" in rag and not keep.all():
+    # the boundaries that vanish lie inside the joined fragments now: rows of those ids that
+    # add only to their interior
+    inside = ~keep
+    extra = {"frag_id": nu[inside], "frag_interior_aff_sum": rag["aff_sum"][inside],
+             "frag_interior_pairs": rag["count"][inside].astype(np.float64)}
+    for key in part:
+      if key.startswith("frag_"):
+        part[key] = np.concatenate([part[key], extra.get(key, np.zeros(inside.sum()))])
   return merge_rags([part])
 
 
@@ -275,7 +298,8 @@ def merge_rags(parts) -> dict:
   frag = np.concatenate([p["frag_id"] for p in parts]).astype(np.uint64)
   frag_ids, finv = np.unique(frag, return_inverse=True)
   out["frag_id"] = frag_ids
-  optional = [f for f in APPEARANCE_FIELDS if all(f"frag_{f}" in p for p in parts)]
+  optional = [f for f in APPEARANCE_FIELDS + INTERIOR_FIELDS
+              if all(f"frag_{f}" in p for p in parts)]
   for field in FRAGMENT_FIELDS[1:] + tuple(optional):
     values = np.concatenate([p[f"frag_{field}"] for p in parts]).astype(np.float64)
     out[f"frag_{field}"] = np.bincount(finv.ravel(), weights=values, minlength=len(frag_ids))

@@ -114,12 +114,14 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
                  nucleus_fraction: float | None = None, hierarchy: int | None = None,
                  levels: int = 1, augment: bool = False,
                  min_segment_voxels: int | None = None,
-                 synapse_boundary: float | None = None, boundary_tolerance_nm: float = 0.0):
+                 synapse_boundary: float | None = None, boundary_tolerance_nm: float = 0.0,
+                 interior_bonus: float | None = None):
   """Run every stage from an EM image layer to segmentation, meshes, link and metrics.
 
   augment: test-time augmentation in the inference stage (create_inference_tasks).
   threshold, quantile ("mean" or q in (0, 1)), constraints, min_segment_voxels (the dust
-  cleanup, AgglomerationParams): the agglomeration setting; None takes the checkpoint's
+  cleanup), interior_bonus (AgglomerationParams): the agglomeration setting; None takes the
+  checkpoint's
   calibrated operating point (calibrate.agglomeration_settings), as do the organelle
   probability cuts of the RAG's evidence.
   nucleus_fraction: the share of a fragment that must be nucleus for it to count as nuclear
@@ -145,9 +147,9 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
   if levels > 1 and not hierarchy:
     raise IicatsError(f"levels={levels} needs hierarchy (--hierarchy N): the parts of each "
                       "level are N×N×N parts of the level below")
-  threshold, quantile, constraints, min_segment_voxels, organelle_cuts, scorer = (
+  threshold, quantile, constraints, min_segment_voxels, organelle_cuts, scorer, interior_bonus = (
     resolve_operating_point(checkpoint, threshold, quantile, constraints, augment,
-                            min_segment_voxels))
+                            min_segment_voxels, interior_bonus))
   if nucleus_fraction is None:
     nucleus_fraction = AgglomerationParams.nucleus_fraction
   if synapse_boundary is None:
@@ -162,6 +164,7 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
                                    "organelle_thresholds": organelle_cuts,
                                    "nucleus_fraction": nucleus_fraction,
                                    "min_segment_voxels": min_segment_voxels,
+                                   "interior_bonus": interior_bonus,
                                    "synapse_boundary": synapse_boundary,
                                    "test_time_augmentation": augment})
   started = time.time()
@@ -181,7 +184,8 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
     organelle_thresholds=organelle_cuts, image_path=image if scorer is not None else ""))
   params = {"threshold": threshold, "constraints": list(constraints), "quantile": quantile,
             "track_threshold": threshold if track_threshold is None else track_threshold,
-            "nucleus_fraction": nucleus_fraction, "min_segment_voxels": min_segment_voxels}
+            "nucleus_fraction": nucleus_fraction, "min_segment_voxels": min_segment_voxels,
+            "interior_bonus": interior_bonus}
   if scorer is not None:
     # in the bucket beside the RAG: task messages stay small (SQS takes at most 256 KiB)
     put_json(out, EDGE_SCORER_OBJECT, scorer)
@@ -199,7 +203,8 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
                   layers["supervoxels"], join(out, "rag"), hierarchy_prefix, task_shape,
                   hierarchy, threshold, quantile, state_prefix=state, level=level,
                   constraints=constraints, nucleus_fraction=nucleus_fraction,
-                  out_prefix=out, edge_scorer=params.get("edge_scorer", "")))
+                  out_prefix=out, edge_scorer=params.get("edge_scorer", ""),
+                  interior_bonus=interior_bonus))
     hierarchy_prefix = level_prefix(hierarchy_prefix, levels)
   run.stage("agglomerate", lambda: [partial(agglomerate_task,
     rag_prefix=join(out, "rag"), supervoxels_path=layers["supervoxels"], out_prefix=out,
@@ -246,9 +251,10 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
 
 
 def resolve_operating_point(checkpoint, threshold, quantile, constraints, augment=False,
-                            min_segment_voxels=None):
+                            min_segment_voxels=None, interior_bonus=None):
   """The run's (threshold, quantile or None for the mean, constraints, min_segment_voxels,
-  organelle cuts, edge scorer or None): what the caller gave, the rest from the checkpoint's
+  organelle cuts, edge scorer or None, interior_bonus): what the caller gave, the rest from
+  the checkpoint's
   calibrated operating point (with a note when that was calibrated with test-time
   augmentation on and the run has it off, or the other way round).
 
@@ -279,9 +285,11 @@ def resolve_operating_point(checkpoint, threshold, quantile, constraints, augmen
   constraints = tuple(chosen["constraints"] if constraints is None else constraints)
   if min_segment_voxels is None:
     min_segment_voxels = chosen["min_segment_voxels"]
+  if interior_bonus is None:
+    interior_bonus = chosen["interior_bonus"]
   return (float(threshold), None if quantile in (None, "mean") else float(quantile),
           constraints, int(min_segment_voxels), organelle_thresholds(metadata),
-          scorer if learned else None)
+          scorer if learned else None, float(interior_bonus))
 
 
 def out_owns(out: str, path: str) -> bool:

@@ -406,7 +406,7 @@ def reduce_task(source_prefix: str, hierarchy_prefix: str, name: str, children: 
                 neighbours: list, threshold: float, quantile: float = None,
                 state_prefix: str = "", level: int = 1, constraints: list = None,
                 nucleus_fraction: float | None = None, out_prefix: str = "",
-                edge_scorer: str = ""):
+                edge_scorer: str = "", interior_bonus: float = 0.0):
   """One part of one level of hierarchical agglomeration (abiss-style): the part's interior
   regions merge down to `threshold` (see agglomerate_interior), and its RAG, contracted to
   the new regions, goes to HIERARCHY/level<L>/NAME.npz with the fragment -> region table. The
@@ -424,6 +424,7 @@ def reduce_task(source_prefix: str, hierarchy_prefix: str, name: str, children: 
     "edge_scorer"): level 1 then scores every block edge with it (score_edge_pieces, the
     nodes' totals from the nodes stage), and the levels above and the global step merge on
     the mean of those probabilities (quantile must be None).
+  interior_bonus: as the global step's AgglomerationParams.interior_bonus.
   Edge ends outside a part keep their fragment ids at every level, so a part recognises the
   ends of its neighbours' edges that lie inside it by its own fragment table.
   """
@@ -460,7 +461,7 @@ def reduce_task(source_prefix: str, hierarchy_prefix: str, name: str, children: 
   frozen |= evidence.nucleus > 0  # always: tracking seeds come from nuclei
   frozen[evidence.cannot_link.ravel()] = True
   region_of_node = agglomerate_interior(nodes, frozen, threshold, quantile,
-                                        evidence.mito_edge, used.mito_bonus)
+                                        evidence.mito_edge, used.mito_bonus, interior_bonus)
   new_region = region_of_node[np.searchsorted(nodes["frag_id"], node_of)]  # per ids
   put_npz(level_prefix(hierarchy_prefix, level), f"{name}.npz",
           {**relabel(own, ids, new_region), "fragments": fragments,
@@ -473,7 +474,8 @@ def reduce_task(source_prefix: str, hierarchy_prefix: str, name: str, children: 
 def create_reduce_tasks(supervoxels_path, rag_prefix, hierarchy_prefix, task_shape,
                         part_blocks: int, threshold: float, quantile=None, state_prefix="",
                         level: int = 1, constraints=None, nucleus_fraction=None,
-                        out_prefix: str = "", edge_scorer: str = ""):
+                        out_prefix: str = "", edge_scorer: str = "",
+                        interior_bonus: float = 0.0):
   """One reduce task per part of level `level`: part_blocks**level blocks along each axis,
   made of part_blocks³ parts of the level below (of blocks at level 1). With edge_scorer
   (see reduce_task) the nodes stage (create_node_table_tasks) must have run."""
@@ -504,7 +506,8 @@ def create_reduce_tasks(supervoxels_path, rag_prefix, hierarchy_prefix, task_sha
             children=sorted(children), neighbours=sorted(neighbours), threshold=threshold,
             quantile=quantile, state_prefix=state_prefix, level=level,
             constraints=None if constraints is None else list(constraints),
-            nucleus_fraction=nucleus_fraction, out_prefix=out_prefix, edge_scorer=edge_scorer)
+            nucleus_fraction=nucleus_fraction, out_prefix=out_prefix, edge_scorer=edge_scorer,
+            interior_bonus=interior_bonus)
     for name, (children, neighbours) in sorted(parts.items()) if name not in done
   ]
 

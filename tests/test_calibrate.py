@@ -6,7 +6,8 @@ import torch
 from click.testing import CliRunner
 
 from iicats_cv.calibrate import (AGGLOMERATION_THRESHOLDS, CLEANUP_ARAND_TOLERANCE, EVIDENCE,
-                                 MIN_SEGMENT_VOXELS, MUST_LINK_ARAND_MARGIN, SCORER_THRESHOLDS,
+                                 INTERIOR_BONUSES, MIN_SEGMENT_VOXELS, MUST_LINK_ARAND_MARGIN,
+                                 SCORER_THRESHOLDS,
                                  STATISTICS, choose_organelle_thresholds, score_agglomeration,
                                  setting_rank)
 from iicats_cv.edge_scorer import FEATURES
@@ -39,7 +40,9 @@ def test_agglomeration_scores_every_setting_best_first():
   affinities = affinities_from_labels(labels)[0] * 0.8 + 0.1
   organelles = np.zeros((3,) + labels.shape, np.float32)
   rows = score_agglomeration(affinities, organelles, labels, (10, 10, 10))
-  assert len(rows) == len(STATISTICS) * len(EVIDENCE) * len(AGGLOMERATION_THRESHOLDS)
+  assert len(rows) == (len(STATISTICS) * len(EVIDENCE) * len(INTERIOR_BONUSES)
+                       * len(AGGLOMERATION_THRESHOLDS))
+  assert {r["interior_bonus"] for r in rows} == set(INTERIOR_BONUSES)
   keys = [setting_rank(r) for r in rows]
   assert keys == sorted(keys)
   assert rows[0]["arand"] < 0.05  # the labels' own affinities separate the cells
@@ -64,6 +67,12 @@ def test_the_mitochondria_hint_must_win_by_a_margin():
   assert sorted([plain, better], key=setting_rank)[0] is better
   bare = dict(plain, constraints=[])
   assert sorted([bare, plain], key=setting_rank)[0] is plain
+  # the interior bonus adds merges as well: the same margin, once more with the hint
+  bonus = dict(plain, interior_bonus=0.25)
+  assert sorted([dict(bonus, arand=0.0771), plain], key=setting_rank)[0] is plain
+  assert sorted([dict(bonus, arand=0.0759), plain], key=setting_rank)[0]["interior_bonus"]
+  both = dict(hint, interior_bonus=0.25, arand=0.081 - 1.5 * MUST_LINK_ARAND_MARGIN)
+  assert sorted([both, plain], key=setting_rank)[0] is plain
 
 
 def _labelled_layers(tmp_path):
@@ -109,11 +118,11 @@ def test_calibrate_command_records_the_operating_point(tmp_path, tiny_checkpoint
   for name, weights in before.state_dict().items():
     torch.testing.assert_close(after.state_dict()[name], weights, rtol=0, atol=0)
   # the pipeline takes what the caller leaves out from the checkpoint
-  threshold, quantile, constraints, min_voxels, cuts, used = resolve_operating_point(
+  threshold, quantile, constraints, min_voxels, cuts, used, bonus = resolve_operating_point(
     out, None, None, None)
-  assert (threshold, quantile, list(constraints), min_voxels) == (
+  assert (threshold, quantile, list(constraints), min_voxels, bonus) == (
     chosen["threshold"], chosen["quantile"], chosen["constraints"],
-    chosen["min_segment_voxels"])
+    chosen["min_segment_voxels"], chosen.get("interior_bonus", 0.0))
   assert (used is not None) == better
   assert cuts == [0.5, point["organelle_thresholds"]["mitochondria"], 0.5]
   assert resolve_operating_point(out, 0.3, "mean", ("nucleus",), min_segment_voxels=7
@@ -171,14 +180,14 @@ def _with_operating_point(tmp_path, source, learned: bool):
 
 def test_operating_point_picks_the_scorer_or_the_statistic(tmp_path, tiny_checkpoint):
   learned = _with_operating_point(tmp_path, tiny_checkpoint, True)
-  threshold, quantile, constraints, cleanup, _, scorer = resolve_operating_point(
+  threshold, quantile, constraints, cleanup, _, scorer, _ = resolve_operating_point(
     learned, None, None, None)
   assert (threshold, quantile, constraints, cleanup) == (
     0.65, None, ("nucleus", "mitochondria"), 1000)
   assert scorer["features"] == list(FEATURES)
   # another statistic takes the classic setting's threshold and cleanup, not the scorer's
   assert resolve_operating_point(learned, None, "mean", None) == (
-    0.45, None, ("nucleus",), 250, [0.5, 0.5, 0.5], None)
+    0.45, None, ("nucleus",), 250, [0.5, 0.5, 0.5], None, 0.0)
   # where the statistic won, the scorer is still there when asked for
   classic = _with_operating_point(tmp_path, tiny_checkpoint, False)
   assert resolve_operating_point(classic, None, None, None)[:4] == (
@@ -191,7 +200,9 @@ def test_operating_point_picks_the_scorer_or_the_statistic(tmp_path, tiny_checkp
 
 def test_uncalibrated_checkpoint_keeps_the_defaults(tiny_checkpoint):
   assert resolve_operating_point(tiny_checkpoint, None, None, None) == (
-    0.5, None, ("nucleus", "synapse", "mitochondria"), 0, [0.5, 0.5, 0.5], None)
+    0.5, None, ("nucleus", "synapse", "mitochondria"), 0, [0.5, 0.5, 0.5], None, 0.0)
+  assert resolve_operating_point(tiny_checkpoint, None, None, None, interior_bonus=0.25)[-1] \
+    == 0.25
 
 
 def test_calibrate_needs_labels_and_a_readable_checkpoint(tmp_path, tiny_checkpoint):

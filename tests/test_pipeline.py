@@ -27,6 +27,8 @@ def test_summary_contract(synthetic_demo):
     assert isinstance(summary["metrics"][name], float), name
     assert isinstance(summary["metrics"]["baseline_" + name], float), name
   assert "voi_split ±10nm" in output
+  # the checkpoint's operating point has no interior bonus, and the run records that
+  assert summary["agglomeration"]["params"]["interior_bonus"] == 0.0
   # ground-truth violations, for the result, the baseline and each threshold of the sweep
   for name in ("n_nucleus_violating_segments", "n_merged_synapses"):
     for value in [summary["metrics"][name], summary["metrics"]["baseline_" + name]] + [

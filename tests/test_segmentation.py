@@ -1,4 +1,5 @@
 """Watershed ids, RAG bookkeeping, constraint-aware agglomeration, tracking, idempotency."""
+import dataclasses
 import os
 
 import numpy as np
@@ -9,7 +10,7 @@ from iicats_cv.agglomerate import (AgglomerationParams, Constraints, agglomerate
                                    derive_constraints)
 from iicats_cv.errors import IicatsError
 from iicats_cv.layers import create_layer
-from iicats_cv.rag import block_rag, merge_rags
+from iicats_cv.rag import block_rag, merge_rags, relabel
 from iicats_cv.train import affinities_from_labels
 from iicats_cv.watershed import fragments
 from conftest import blobs, noisy_affinities
@@ -394,6 +395,33 @@ def test_hierarchical_agglomeration_keeps_regions_and_holds_fewer_edges(fib_runs
   assert edges[2] < edges[1] < 0.8 * edges[0], edges
 
 
+def test_hierarchical_agglomeration_with_the_interior_bonus_matches_the_flat_one(fib_runs):
+  """The reduce stage scores boundaries with the same interior bonus as the global step, so
+  the hierarchical segmentation stays the flat one's (within the seamlessness tolerance)."""
+  from functools import partial
+  from iicats_cv.metrics import adapted_rand_error
+  from iicats_cv.tasks.runner import run_tasks
+  from iicats_cv.tasks.segmentation import (agglomerate_task, create_reduce_tasks,
+                                            create_remap_tasks, level_prefix)
+  tiled = fib_runs["tiled"]
+  params = {"threshold": 0.5, "interior_bonus": 0.5}
+  outs = {}
+  for name, prefix in (("flat", ""), ("parts", tiled + "/bonus/parts")):
+    if prefix:
+      run_tasks(create_reduce_tasks(tiled + "/supervoxels", tiled + "/rag", prefix, (64, 64, 64),
+                                    2, threshold=0.5, interior_bonus=0.5), None, 1)
+    out = outs[name] = tiled + f"/bonus/{name}"
+    run_tasks([partial(agglomerate_task, rag_prefix=tiled + "/rag",
+                       supervoxels_path=tiled + "/supervoxels", out_prefix=out, params=params,
+                       sweep=[], track=False,
+                       hierarchy_prefix=level_prefix(prefix, 1) if prefix else "")], None, 1)
+    run_tasks(create_remap_tasks(tiled + "/supervoxels", out + "/segmentation", out,
+                                 (64, 64, 64), chunk_size=(16, 16, 16)), None, 1)
+  assert adapted_rand_error(_segmentation(outs["parts"]), _segmentation(outs["flat"])) <= 0.005
+  # the bonus merged more than the plain run did
+  assert len(np.unique(_segmentation(outs["flat"]))) < len(np.unique(_segmentation(tiled)))
+
+
 def test_contract_stitched_joins_fragments_and_adds_their_statistics():
   from iicats_cv.rag import contract_stitched
   rag = _toy_rag()                          # fragments 1 and 2 are one watershed region
@@ -542,3 +570,66 @@ def test_interior_agglomeration_gives_the_mitochondria_bonus_and_respects_frozen
   frozen = agglomerate_interior(rag, np.array([False, True, False, False]), 0.5,
                                 mito_edge=np.array([False, False, True]), mito_bonus=0.05)
   assert frozen.tolist() == [1, 2, 3, 4]
+
+
+def test_block_rag_and_relabel_keep_each_fragments_interior_affinities():
+  """frag_interior_aff_sum / frag_interior_pairs: the affinities between a fragment's own
+  voxels (every axis), summing over blocks; when fragments join, their boundary adds in."""
+  rng = np.random.default_rng(0)
+  frags = np.ones((6, 4, 4), np.uint64)
+  frags[3:] = 2
+  affs = rng.uniform(0, 1, (3, 6, 4, 4)).astype(np.float32)
+  rag = block_rag(frags, affs, None, (0, 0, 0))
+  for i, fid in enumerate((1, 2)):
+    pairs, total = 0, 0.0
+    for axis in range(3):
+      hi = [slice(None)] * 3
+      lo = [slice(None)] * 3
+      hi[axis], lo[axis] = slice(1, None), slice(None, -1)
+      same = (frags[tuple(hi)] == fid) & (frags[tuple(lo)] == fid)
+      pairs += same.sum()
+      total += affs[axis][tuple(hi)][same].sum()
+    assert rag["frag_interior_pairs"][i] == pairs
+    assert rag["frag_interior_aff_sum"][i] == pytest.approx(total, rel=1e-6)
+  # two blocks along z (the second with its one-voxel context) add up to the whole
+  low = block_rag(frags[:, :, :2], affs[:, :, :, :2], None, (0, 0, 0))
+  high = block_rag(frags[:, :, 1:], affs[:, :, :, 2:], None, (0, 0, 1), (0, 0, 2))
+  merged = merge_rags([low, high])
+  np.testing.assert_allclose(merged["frag_interior_aff_sum"], rag["frag_interior_aff_sum"],
+                             rtol=1e-6)
+  np.testing.assert_array_equal(merged["frag_interior_pairs"], rag["frag_interior_pairs"])
+  joined = relabel(rag, rag["frag_id"], np.array([1, 1], np.uint64))
+  assert len(joined["u"]) == 0
+  assert joined["frag_interior_pairs"][0] == rag["frag_interior_pairs"].sum() + rag["count"][0]
+  assert joined["frag_interior_aff_sum"][0] == pytest.approx(
+    rag["frag_interior_aff_sum"].sum() + rag["aff_sum"][0])
+
+
+def test_interior_bonus_lowers_the_bar_only_between_two_noisy_regions():
+  """A chain 1-2-3 whose boundaries both score 0.35, below the threshold of 0.4: fragments 1
+  and 2 are noisy inside (interior mean affinity 0.5), 3 is clean (1.0). With the bonus 1 and
+  2 merge (0.35 + 0.25 × 0.5), 3 stays apart (its clean interior gives the boundary nothing),
+  and the bonus never overrides a cannot-link."""
+  rag = {"u": np.array([1, 2], np.uint64), "v": np.array([2, 3], np.uint64),
+         "count": np.array([100, 100]), "aff_sum": np.array([35.0, 35.0]),
+         "aff_min": np.zeros(2), "mito_pairs": np.zeros(2), "synapse_pairs": np.zeros(2),
+         "frag_id": np.array([1, 2, 3], np.uint64), "frag_size": np.array([1000] * 3),
+         "frag_interior_aff_sum": np.array([500.0, 500.0, 1000.0]),
+         "frag_interior_pairs": np.array([1000.0, 1000.0, 1000.0])}
+  for field in ("nucleus_voxels", "nucleus_sum_x", "nucleus_sum_y", "nucleus_sum_z"):
+    rag[f"frag_{field}"] = np.zeros(3)
+  plain = agglomerate(rag, AgglomerationParams(threshold=0.4, use_constraints=False))
+  assert len(np.unique(plain.segment_ids)) == 3
+  bonus = AgglomerationParams(threshold=0.4, use_constraints=False, interior_bonus=0.25)
+  seg = agglomerate(rag, bonus).segment_ids
+  assert seg[0] == seg[1] and seg[2] != seg[1]
+  # the joined region's interior now holds the weak boundary too: its level is about 0.48,
+  # so the bar to fragment 3 stays where 3's clean interior puts it
+  apart = Constraints(nucleus=np.zeros(3, np.int64), cannot_link=np.array([[0, 1]]),
+                      mito_edge=np.zeros(2, bool))
+  seg = agglomerate(rag, dataclasses.replace(bonus, use_constraints=True),
+                    constraints=apart).segment_ids
+  assert seg[0] != seg[1]
+  old = {k: v for k, v in rag.items() if not k.startswith("frag_interior")}
+  with pytest.raises(IicatsError, match="run the rag stage again"):
+    agglomerate(old, bonus)
