@@ -42,7 +42,7 @@ DEFAULT_AGGLOMERATION = {"threshold": 0.5, "quantile": None,
                          "min_segment_voxels": 0, "learned": False, "interior_bonus": 0.0}
 MIN_SEGMENT_VOXELS = (0, 250, 500, 1000, 2000, 4000)
 # AgglomerationParams.interior_bonus candidates. On the FIB training half 0.25 beat the best
-# setting without it by 0.004 ARAND, under the margin below (docs/MEASUREMENTS.md)
+# setting without it by 0.0027 ARAND, under the margin below (docs/MEASUREMENTS.md)
 INTERIOR_BONUSES = (0.0, 0.25, 0.5)
 # a learned edge probability: 0.5 is its natural cut, and merges above 0.8 are near certain
 SCORER_THRESHOLDS = tuple(round(0.3 + 0.05 * k, 2) for k in range(11))  # 0.3 ... 0.8
