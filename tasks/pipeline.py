@@ -18,8 +18,8 @@ import numpy as np
 
 from iicats_cv.agglomerate import AgglomerationParams
 from iicats_cv.errors import IicatsError
-from iicats_cv.metrics import boundary_tolerance_steps
 from iicats_cv.layers import normalize_cloudpath, open_layer, join, local_path
+from iicats_cv.metrics import boundary_tolerance_steps
 from iicats_cv.watershed import SYNAPSE_BOUNDARY
 from . import igneous_stages as ig
 from .inference import clear_patch_cache, create_inference_tasks
@@ -121,9 +121,8 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
   augment: test-time augmentation in the inference stage (create_inference_tasks).
   threshold, quantile ("mean" or q in (0, 1)), constraints, min_segment_voxels (the dust
   cleanup), interior_bonus (AgglomerationParams): the agglomeration setting; None takes the
-  checkpoint's
-  calibrated operating point (calibrate.agglomeration_settings), as do the organelle
-  probability cuts of the RAG's evidence.
+  checkpoint's calibrated operating point (calibrate.agglomeration_settings), as do the
+  organelle probability cuts of the RAG's evidence.
   nucleus_fraction: the share of a fragment that must be nucleus for it to count as nuclear
   (AgglomerationParams.nucleus_fraction when None).
   synapse_boundary: added to the watershed's boundary map where the synapse channel exceeds
@@ -254,9 +253,8 @@ def resolve_operating_point(checkpoint, threshold, quantile, constraints, augmen
                             min_segment_voxels=None, interior_bonus=None):
   """The run's (threshold, quantile or None for the mean, constraints, min_segment_voxels,
   organelle cuts, edge scorer or None, interior_bonus): what the caller gave, the rest from
-  the checkpoint's
-  calibrated operating point (with a note when that was calibrated with test-time
-  augmentation on and the run has it off, or the other way round).
+  the checkpoint's calibrated operating point (with a note when that was calibrated with
+  test-time augmentation on and the run has it off, or the other way round).
 
   quantile "learned" (or None where the checkpoint's operating point is its learned edge
   scorer) uses that scorer, with the scorer's calibrated setting; any other statistic takes
