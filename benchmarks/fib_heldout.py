@@ -19,7 +19,7 @@ Reference, in the same run: the unconstrained baseline segmentation; ratio = bas
 (split + merge) / II-CATS VOI.
 
   python benchmarks/fib_heldout.py [--checkpoint default] [-p 2] [--boundary-tolerance-nm 10]
-                                   [--json OUT]
+                                   [--tta] [--interior-bonus B] [--json OUT]
 """
 import argparse
 import os
@@ -55,6 +55,10 @@ def main():
   parser.add_argument("--checkpoint", default=None)
   parser.add_argument("-p", "--parallel", type=int, default=2)
   parser.add_argument("--boundary-tolerance-nm", type=float, default=10.0)
+  parser.add_argument("--tta", action="store_true",
+                      help="test-time augmentation in the inference stage (iicats --tta)")
+  parser.add_argument("--interior-bonus", type=float, default=None,
+                      help="the agglomeration's interior bonus (default: the checkpoint's)")
   parser.add_argument("--json", default=None)
   args = parser.parse_args()
   if not os.path.exists(DATA):
@@ -70,7 +74,8 @@ def main():
     labels_path = import_volume(labels, f"file://{work}/neurons", "segmentation", resolution)
     summary = run_pipeline(image_path, f"file://{work}/run", parallel=args.parallel,
                            checkpoint=args.checkpoint, gt_labels=labels_path, meshes=False,
-                           report=False)
+                           report=False, augment=args.tta,
+                           interior_bonus=args.interior_bonus)
     metrics = summary["metrics"]
     affinities = np.moveaxis(np.asarray(
       CloudVolume(summary["layers"]["affinities"])[:, :, :])[..., :3], -1, 0)
