@@ -35,7 +35,12 @@ derived evidence also keeps a bouton apart from its other neighbours), cannot-li
 every two cells, and a perfect agglomeration (each fragment given its majority ground-truth
 neuron, scored as it is).
 
+With --evidence KIND,... the constrained agglomeration uses only those kinds of evidence
+(nucleus, synapse, mitochondria): what each contributes. Violations are still judged with
+every kind.
+
   python benchmarks/constraints.py [--seed 0] [--noise 0.2] [--cells 40]
+                                   [--evidence nucleus,synapse,mitochondria]
                                    [--oracle-fragments {all,synapse}]
                                    [--skeleton-fraction 1.0] [--synapse-boundary 0.2]
                                    [--bounds] [--json OUT]
@@ -211,6 +216,8 @@ def main():
                       help="nucleus share that makes a fragment nuclear; the default, set to "
                            "ignore the FIB model's false nuclei, finds few of the 40 here, "
                            "where nuclei span several fragments (0.1 finds them all)")
+  parser.add_argument("--evidence", default=",".join(AgglomerationParams.constraints),
+                      help="kinds of evidence the constrained agglomeration uses")
   parser.add_argument("--skeleton-fraction", type=float, default=1.0,
                       help="share of the cells whose skeleton is scored (nuclei and synapses "
                            "stay annotated for all cells)")
@@ -221,6 +228,9 @@ def main():
                            "perfect agglomeration of the fragments")
   parser.add_argument("--json", default=None)
   args = parser.parse_args()
+  if set(args.evidence.split(",")) - set(AgglomerationParams.constraints):
+    parser.error(f"--evidence must name some of {','.join(AgglomerationParams.constraints)}, "
+                 f"got {args.evidence!r}")
   if not 0 < args.skeleton_fraction <= 1:
     parser.error(f"--skeleton-fraction must be in (0, 1], got {args.skeleton_fraction}")
   if args.seeds is None:
@@ -292,7 +302,9 @@ def _run_seed_in(args, seed: int, root: str) -> tuple[dict, str]:
                                 scored_skeletons(vol.skeletons, args.skeleton_fraction, seed),
                                 vol.nucleus_points_nm, vol.synapses_nm)
   evidence = AgglomerationParams(nucleus_fraction=args.nucleus_fraction)
-  constrained = score(rag, rag["frag_id"], supervoxels, gt, evidence, evidence)
+  used = AgglomerationParams(nucleus_fraction=args.nucleus_fraction,
+                             constraints=tuple(args.evidence.split(",")))
+  constrained = score(rag, rag["frag_id"], supervoxels, gt, used, evidence)
   baseline = score(rag, rag["frag_id"], supervoxels, gt,
                    AgglomerationParams(use_constraints=False), evidence)
   best_c, best_b = best_row(constrained), best_row(baseline)
@@ -309,7 +321,7 @@ def _run_seed_in(args, seed: int, root: str) -> tuple[dict, str]:
              "ratio_vs_plain_watershed": best_c["berl"] / row["berl"]}
   out = {
     "volume": vol.summary(), "noise": args.noise, "oracle_fragments": args.oracle_fragments,
-    "skeleton_fraction": args.skeleton_fraction,
+    "skeleton_fraction": args.skeleton_fraction, "evidence": args.evidence,
     "fragments": int(len(rag["frag_id"])),
     "nucleus_instances": int(derive_constraints(rag, evidence)[0].nucleus.max()),
     "fragment_errors": fragment_errors(supervoxels, vol),
