@@ -47,6 +47,7 @@ every kind.
   python benchmarks/constraints.py --seeds 0-11 [-p 2] [...]   (per seed, then the means)
 """
 import argparse
+import dataclasses
 import multiprocessing
 import os
 import tempfile
@@ -302,8 +303,7 @@ def _run_seed_in(args, seed: int, root: str) -> tuple[dict, str]:
                                 scored_skeletons(vol.skeletons, args.skeleton_fraction, seed),
                                 vol.nucleus_points_nm, vol.synapses_nm)
   evidence = AgglomerationParams(nucleus_fraction=args.nucleus_fraction)
-  used = AgglomerationParams(nucleus_fraction=args.nucleus_fraction,
-                             constraints=tuple(args.evidence.split(",")))
+  used = dataclasses.replace(evidence, constraints=tuple(args.evidence.split(",")))
   constrained = score(rag, rag["frag_id"], supervoxels, gt, used, evidence)
   baseline = score(rag, rag["frag_id"], supervoxels, gt,
                    AgglomerationParams(use_constraints=False), evidence)
