@@ -115,29 +115,52 @@ class SyntheticVolume:
 # geometry helpers
 
 
+# The generator avoids BLAS and LAPACK (matrix products, np.linalg.norm of a vector, qr, inv):
+# OpenBLAS picks its kernels by CPU, and their rounding differed between an AVX-512 Intel
+# and an AMD machine, enough to change the volumes and every figure measured on them. These
+# helpers use elementwise arithmetic in a fixed order, which rounds the same everywhere.
+
+
+def _dot3(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  """Dot products of 3-vectors along the last axis of a and b (broadcast)."""
+  return a[..., 0] * b[..., 0] + a[..., 1] * b[..., 1] + a[..., 2] * b[..., 2]
+
+
+def _norm(v: np.ndarray) -> np.ndarray:
+  """Lengths of 3-vectors along the last axis of v."""
+  return np.sqrt(_dot3(v, v))
+
+
+def _inverse3(m: np.ndarray) -> np.ndarray:
+  """Inverse of a non-singular float64 (3, 3) matrix, from the cross products of its rows."""
+  a, b, c = m
+  columns = np.stack([np.cross(b, c), np.cross(c, a), np.cross(a, b)], axis=1)
+  return columns / _dot3(a, np.cross(b, c))
+
+
 def _unit(v: np.ndarray) -> np.ndarray:
   """Rows of v (..., 3) scaled to unit length."""
-  n = np.linalg.norm(v, axis=-1, keepdims=True)
-  return v / np.maximum(n, 1e-12)
+  return v / np.maximum(_norm(v)[..., None], 1e-12)
 
 
 def _perpendicular(rng, d: np.ndarray) -> np.ndarray:
   """A random unit vector perpendicular to the unit vector d (3,)."""
   while True:
     v = rng.normal(size=3)
-    v -= v.dot(d) * d
-    n = np.linalg.norm(v)
+    v -= _dot3(v, d) * d
+    n = _norm(v)
     if n > 1e-6:
       return v / n
 
 
 def _random_rotation(rng) -> np.ndarray:
-  """A random rotation matrix float64 (3, 3)."""
-  q, r = np.linalg.qr(rng.normal(size=(3, 3)))
-  q *= np.sign(np.diag(r))
-  if np.linalg.det(q) < 0:
-    q[:, 0] *= -1
-  return q
+  """A random rotation matrix float64 (3, 3), uniform over rotations: the Gram-Schmidt
+  orthonormalisation of a Gaussian matrix's columns (what QR with a positive diagonal gives),
+  with the third column made right-handed."""
+  g = rng.normal(size=(3, 3))
+  first = _unit(g[:, 0])
+  second = _unit(g[:, 1] - _dot3(g[:, 1], first) * first)
+  return np.stack([first, second, np.cross(first, second)], axis=1)
 
 
 def _sphere_directions() -> np.ndarray:
@@ -193,7 +216,7 @@ def _polyline_distance(px, py, pz, pts: np.ndarray, radii: np.ndarray):
     radii = np.concatenate([radii, radii])
   for a, b, ra, rb in zip(pts[:-1], pts[1:], radii[:-1], radii[1:]):
     ab = b - a
-    L2 = max(float(ab.dot(ab)), 1e-9)
+    L2 = max(float(_dot3(ab, ab)), 1e-9)
     t = ((px - a[0]) * ab[0] + (py - a[1]) * ab[1] + (pz - a[2]) * ab[2]) / L2
     t = np.clip(t, 0.0, 1.0)
     d = np.sqrt((px - a[0] - t * ab[0]) ** 2 + (py - a[1] - t * ab[1]) ** 2
@@ -310,14 +333,14 @@ class _Grower:
 
   def stamp_soma(self, cell_id, centre, axes):
     """Marks the ellipsoid (centre (3,) nm, semi-axes rows (3, 3) nm) as cell_id."""
-    reach = np.linalg.norm(axes, axis=1).max()
+    reach = _norm(axes).max()
     lo = np.maximum(np.floor((centre - reach) / self.g).astype(np.int64), 0)
     hi = np.minimum(np.ceil((centre + reach) / self.g).astype(np.int64) + 1, self.gshape)
     if np.any(hi <= lo):
       return
     gx, gy, gz = [((np.arange(a, b) + 0.5) * self.g - c).reshape(s)
                   for a, b, c, s in zip(lo, hi, centre, [(-1, 1, 1), (1, -1, 1), (1, 1, -1)])]
-    inv = np.linalg.inv(axes.T)
+    inv = _inverse3(axes.T)
     u = [inv[i, 0] * gx + inv[i, 1] * gy + inv[i, 2] * gz for i in range(3)]
     inside = (u[0] ** 2 + u[1] ** 2 + u[2] ** 2) <= 1.0
     sub = self.grid[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
@@ -347,11 +370,11 @@ class _Grower:
         noise = rng.normal(size=(6, 3))
         cands = d + sigma * noise[0]
         cands = cands + np.concatenate([np.zeros((1, 3)), 0.7 * noise[1:]])
-        cands /= np.sqrt(np.einsum("ij,ij->i", cands, cands))[:, None]
+        cands /= _norm(cands)[:, None]
         ends = p + self.step * cands
         occ = self.blocked(ends, r, cell.id)
         # angle to the persistent direction, ~ sqrt(2 (1 - cos))
-        turn = np.sqrt(np.maximum(2.0 - 2.0 * (cands @ cands[0]), 0.0))
+        turn = np.sqrt(np.maximum(2.0 - 2.0 * _dot3(cands, cands[0]), 0.0))
         k = int(np.argmin(occ + 0.12 * turn))
         if occ[k] > 0.12:
           if r > 1.15 * self.r_min and shrinks < 3:
@@ -405,7 +428,7 @@ def _sample_edges(pos: np.ndarray, rad: np.ndarray, edges: np.ndarray, spacing):
     return np.zeros((0, 3)), np.zeros(0)
   a = pos[edges[:, 0]]
   b = pos[edges[:, 1]]
-  n = np.maximum(np.ceil(np.linalg.norm(b - a, axis=1) / spacing).astype(np.int64), 1)
+  n = np.maximum(np.ceil(_norm(b - a) / spacing).astype(np.int64), 1)
   e = np.repeat(np.arange(len(edges)), n)
   start = np.repeat(np.cumsum(n) - n, n)
   t = (np.arange(n.sum()) - start) / n[e]
@@ -468,14 +491,14 @@ def _rasterise(cells, shape, res, unit, bin_edges):
     if cell.soma_centre is None:
       continue
     axes = cell.soma_axes
-    r_mean = float(np.mean(np.linalg.norm(axes, axis=1)))
-    reach = np.linalg.norm(axes, axis=1).max() + 3 * unit
+    r_mean = float(np.mean(_norm(axes)))
+    reach = _norm(axes).max() + 3 * unit
     box, lo = _box(cell.soma_centre / res, reach / res, shape)
     if box is None:
       continue
     gx, gy, gz = _centres_nm(box, lo, res)
     gx, gy, gz = gx - cell.soma_centre[0], gy - cell.soma_centre[1], gz - cell.soma_centre[2]
-    inv = np.linalg.inv(axes.T)
+    inv = _inverse3(axes.T)
     u2 = sum((inv[i, 0] * gx + inv[i, 1] * gy + inv[i, 2] * gz) ** 2 for i in range(3))
     d = ((np.sqrt(u2) - 1.0) * r_mean).astype(np.float32)
     sub_d = depth[box]
@@ -578,7 +601,7 @@ def make_synthetic_volume(shape=(128, 128, 64), resolution=(10, 10, 10), seed: i
     if np.any(extent - 2 * lo <= 0):
       continue
     c = lo + rng.uniform(0, 1, 3) * (extent - 2 * lo)
-    if any(np.linalg.norm(c - o.soma_centre) < R + np.linalg.norm(o.soma_axes, axis=1).max()
+    if any(_norm(c - o.soma_centre) < R + _norm(o.soma_axes).max()
            + 3 * u for o in cells):
       continue
     rot = _random_rotation(rng)
@@ -592,14 +615,14 @@ def make_synthetic_volume(shape=(128, 128, 64), resolution=(10, 10, 10), seed: i
   # 2. neurites of the somata, then neurite-only cells from the faces
   max_nodes = int(4 * np.max(extent) / step * 6)
   for cell in cells:
-    R = float(np.mean(np.linalg.norm(cell.soma_axes, axis=1)))
+    R = float(np.mean(_norm(cell.soma_axes)))
     n_primary = int(rng.integers(3, 7))
     dirs = []
     for _ in range(60):
       if len(dirs) >= n_primary:
         break
       v = _unit(rng.normal(size=3))
-      if all(v.dot(w) < np.cos(np.radians(45)) for w in dirs):
+      if all(_dot3(v, w) < np.cos(np.radians(45)) for w in dirs):
         dirs.append(v)
     queue = []
     for v in dirs:
@@ -770,17 +793,17 @@ def _cut_nucleus(nuclei, neurons, cell_id, nucleus_id, cell, res, u, rng):
   """Writes the nucleus of a soma into nuclei (ellipsoid ~0.55 of the soma, inside the cell,
   >= 1 voxel from its boundary). -> its centroid (3,) nm, or None."""
   axes = cell.soma_axes
-  R = float(np.mean(np.linalg.norm(axes, axis=1)))
+  R = float(np.mean(_norm(axes)))
   centre = cell.soma_centre + rng.normal(0, 0.05 * R, 3)
   scale = rng.uniform(0.5, 0.6) * rng.uniform(0.93, 1.07, 3)
   n_axes = axes * scale[:, None]
-  reach = np.linalg.norm(n_axes, axis=1).max() + 2 * res.max()
+  reach = _norm(n_axes).max() + 2 * res.max()
   box, lo = _box(centre / res, reach / res, neurons.shape)
   if box is None:
     return None
   gx, gy, gz = _centres_nm(box, lo, res)
   gx, gy, gz = gx - centre[0], gy - centre[1], gz - centre[2]
-  inv = np.linalg.inv(n_axes.T)
+  inv = _inverse3(n_axes.T)
   u2 = sum((inv[i, 0] * gx + inv[i, 1] * gy + inv[i, 2] * gz) ** 2 for i in range(3))
   cell_mask = neurons[box] == cell_id
   interior = edt.edt(cell_mask, anisotropy=tuple(res), black_border=False) > 1.01 * res.min()
@@ -883,14 +906,13 @@ def _mitochondria(neurons, nuclei, skeletons, cell_nodes, cells, res, u, rng):
       here = pos[k]
       toward = pos[path[-1]] - pos[path[0]]
       proj = ((px - here[0]) * toward[0] + (py - here[1]) * toward[1]
-              + (pz - here[2]) * toward[2]) / max(np.linalg.norm(toward), 1e-9)
+              + (pz - here[2]) * toward[2]) / max(_norm(toward), 1e-9)
       sides = np.broadcast_to(proj, mask.shape)[mask]
       if sides.min() < -1.5 * u and sides.max() > 1.5 * u:
         straddling.append(mid)
     # tubes along the neurites
     usable = np.flatnonzero((radii >= 2.6 * u) & ~is_soma & (parent >= 0))
-    length = float(np.sum(np.linalg.norm(pos[skel["edges"][:, 0]] - pos[skel["edges"][:, 1]],
-                                         axis=1)))
+    length = float(np.sum(_norm(pos[skel["edges"][:, 0]] - pos[skel["edges"][:, 1]])))
     n_mito = min(rng.poisson(length / (90 * u)), 10, len(usable))
     for k in rng.permutation(usable)[:n_mito]:
       path = [int(k)]
@@ -904,7 +926,7 @@ def _mitochondria(neurons, nuclei, skeletons, cell_nodes, cells, res, u, rng):
       place(cid, pts, mr)
     # ellipsoids in the soma
     if len(skel["soma"]):
-      R = float(np.mean(np.linalg.norm(cell.soma_axes, axis=1)))
+      R = float(np.mean(_norm(cell.soma_axes)))
       centre = cell.soma_centre
       for _ in range(int(rng.integers(2, 5))):
         v = _unit(rng.normal(size=3))
@@ -966,7 +988,7 @@ def _synapses(neurons, nuclei, mito, res, u, n_synapses, rng):
     if np.any(v0 < border) or np.any(v1 >= np.asarray(shape) - border):
       continue
     mid = ((v0 + 0.5) * res + (v1 + 0.5) * res) / 2
-    if chosen_mid and np.min(np.linalg.norm(np.asarray(chosen_mid) - mid, axis=1)) < spacing:
+    if chosen_mid and np.min(_norm(np.asarray(chosen_mid) - mid)) < spacing:
       continue
     a, b = int(neurons[tuple(v0)]), int(neurons[tuple(v1)])
     pre, post = (a, b) if rng.random() < 0.5 else (b, a)
@@ -980,7 +1002,7 @@ def _synapses(neurons, nuclei, mito, res, u, n_synapses, rng):
     cpre = np.array([c[loc == pre].mean() for c in g])
     cpost = np.array([c[loc == post].mean() for c in g])
     n = cpost - cpre
-    if not np.all(np.isfinite(n)) or np.linalg.norm(n) < 1e-6:
+    if not np.all(np.isfinite(n)) or _norm(n) < 1e-6:
       continue
     n = _unit(n)
     ok = None
