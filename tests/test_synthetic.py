@@ -1,5 +1,10 @@
 """The synthetic EM volume generator: determinism, dtypes, and that every piece of ground truth
 lies where it says (nuclei, mitochondria, synapses, skeletons), plus the image contrast."""
+import os
+import platform
+import subprocess
+import sys
+
 import cc3d
 import edt
 import numpy as np
@@ -49,6 +54,30 @@ def test_same_seed_gives_identical_arrays():
     assert s["edges"].tobytes() == t["edges"].tobytes()
   assert a.neurons.tobytes() != c.neurons.tobytes()
 
+
+_VOLUME_DIGEST = """
+import hashlib, sys
+from iicats_cv.synthetic import make_synthetic_volume
+v = make_synthetic_volume((96, 96, 48), (10.0, 10.0, 10.0), seed=0, n_cells=10, n_synapses=100)
+digest = hashlib.sha256()
+for name in ("image", "neurons", "nuclei", "mitochondria", "synapse_mask", "synapses_nm"):
+  digest.update(getattr(v, name).tobytes())
+print(digest.hexdigest())
+"""
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"),
+                    reason="OPENBLAS_CORETYPE names x86 kernels")
+def test_same_volume_whichever_blas_kernels_run():
+  # OpenBLAS picks its kernels by CPU; the generator once used BLAS/LAPACK, and the same seed
+  # gave other volumes (and other benchmark figures) on other machines. Prescott and Nehalem
+  # kernels run on any x86-64 CPU and rounded differently then.
+  digests = set()
+  for kernels in ("Prescott", "Nehalem"):
+    env = dict(os.environ, OPENBLAS_CORETYPE=kernels)
+    digests.add(subprocess.run([sys.executable, "-c", _VOLUME_DIGEST], env=env, check=True,
+                               capture_output=True, text=True).stdout)
+  assert len(digests) == 1
 
 def test_dtypes_and_shapes(vol):
   assert isinstance(vol, SyntheticVolume)
