@@ -116,8 +116,8 @@ class SyntheticVolume:
 
 
 # The generator avoids BLAS and LAPACK (matrix products, np.linalg.norm of a vector, qr, inv):
-# OpenBLAS picks its kernels by CPU, and their rounding differed between an AVX-512 Intel
-# and an AMD machine, enough to change the volumes and every figure measured on them. These
+# OpenBLAS picks its kernels by CPU, and its SkylakeX and Zen kernels rounded differently,
+# enough to change the volumes and every figure measured on them. These
 # helpers use elementwise arithmetic in a fixed order, which rounds the same everywhere.
 
 
@@ -601,8 +601,7 @@ def make_synthetic_volume(shape=(128, 128, 64), resolution=(10, 10, 10), seed: i
     if np.any(extent - 2 * lo <= 0):
       continue
     c = lo + rng.uniform(0, 1, 3) * (extent - 2 * lo)
-    if any(_norm(c - o.soma_centre) < R + _norm(o.soma_axes).max()
-           + 3 * u for o in cells):
+    if any(_norm(c - o.soma_centre) < R + _norm(o.soma_axes).max() + 3 * u for o in cells):
       continue
     rot = _random_rotation(rng)
     axes = (rot * (R * rng.uniform(0.9, 1.1, 3))[:, None])
