@@ -56,7 +56,7 @@ def test_same_seed_gives_identical_arrays():
 
 
 _VOLUME_DIGEST = """
-import hashlib, sys
+import hashlib
 from iicats_cv.synthetic import make_synthetic_volume
 v = make_synthetic_volume((96, 96, 48), (10.0, 10.0, 10.0), seed=0, n_cells=10, n_synapses=100)
 digest = hashlib.sha256()
