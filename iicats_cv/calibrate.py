@@ -239,7 +239,8 @@ def choose_organelle_thresholds(organelles: np.ndarray, masks: dict,
 
 def setting_text(setting: dict) -> str:
   """An agglomeration setting ({"quantile", "constraints", "threshold"}, and optionally
-  "nucleus_fraction", "min_segment_voxels", "learned" or "edge_scorer") in words."""
+  "nucleus_fraction", "min_segment_voxels", "learned", "edge_scorer" or "baseline_threshold")
+  in words."""
   quantile = setting.get("quantile")
   if setting.get("learned") or setting.get("edge_scorer"):
     statistic = "learned edge probability"
@@ -253,7 +254,10 @@ def setting_text(setting: dict) -> str:
   dust = f", segments < {cleanup} voxels joined to a neighbour" if cleanup else ""
   bonus = setting.get("interior_bonus") or 0
   relative = f", interior bonus {bonus:g}" if bonus else ""
-  return f"{statistic} + {evidence} at t={setting['threshold']:.2f}{relative}{dust}"
+  baseline = setting.get("baseline_threshold")
+  own = ("" if baseline is None or baseline == setting["threshold"]
+         else f" (the unconstrained baseline at t={baseline:.2f})")
+  return f"{statistic} + {evidence} at t={setting['threshold']:.2f}{relative}{dust}{own}"
 
 
 def agglomeration_settings(metadata: dict) -> dict:

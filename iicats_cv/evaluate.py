@@ -426,19 +426,21 @@ def _nucleus_figure(result):
   return fig
 
 
-def _sweep_figure(sweep):
-  """ERL, bERL, nERL (µm) against the agglomeration threshold."""
+def _sweep_figure(sweep, baseline_sweep=None):
+  """ERL, bERL, nERL (µm) against the agglomeration threshold; the unconstrained baseline's
+  dashed in the same colours, when given."""
   import matplotlib.pyplot as plt
-  rows = sorted(sweep, key=lambda r: r["threshold"])
   fig, ax = plt.subplots(figsize=(6.4, 3.6))
-  for key, label in (("erl", "ERL"), ("berl", "bERL"), ("nerl", "nERL")):
-    pts = [(r["threshold"], r[key] / 1000) for r in rows if r.get(key) is not None]
-    if pts:
-      ax.plot(*zip(*pts), marker="o", label=label)
+  for rows, style, suffix in ((sweep, "-", ""), (baseline_sweep or [], "--", ", baseline")):
+    rows = sorted(rows, key=lambda r: r["threshold"])
+    for colour, (key, label) in enumerate((("erl", "ERL"), ("berl", "bERL"), ("nerl", "nERL"))):
+      pts = [(r["threshold"], r[key] / 1000) for r in rows if r.get(key) is not None]
+      if pts:
+        ax.plot(*zip(*pts), style, marker="o", color=f"C{colour}", label=label + suffix)
   ax.set_xlabel("agglomeration threshold")
   ax.set_ylabel("µm")
   ax.set_title("Run lengths vs threshold")
-  ax.legend()
+  ax.legend(fontsize="small")
   return fig
 
 
@@ -503,11 +505,12 @@ def metric_rows(result) -> list[tuple[str, str]]:
 
 def write_report(result: dict, report_dir: str, neuroglancer_url: str | None = None,
                  sweep: Sequence[dict] | None = None,
+                 baseline_sweep: Sequence[dict] | None = None,
                  link_for_position: Callable | None = None) -> str:
   """Write report_dir/index.html (self-contained: figures embedded, also saved beside it as
   PNG): metrics table, run-length distribution, per-neuron nucleus-connected completeness,
-  ERL/bERL/nERL vs agglomeration threshold (sweep: list of {threshold, erl, berl, nerl}),
-  constraint violations and split locations with Neuroglancer links
+  ERL/bERL/nERL vs agglomeration threshold (sweep: list of {threshold, erl, berl, nerl};
+  baseline_sweep: the same for the unconstrained agglomeration, beside it), constraint violations and split locations with Neuroglancer links
   (link_for_position(xyz_nm) -> url; by default derived from neuroglancer_url's state, else
   plain coordinates), and per-skeleton details. Returns the HTML path."""
   import matplotlib
@@ -518,7 +521,7 @@ def write_report(result: dict, report_dir: str, neuroglancer_url: str | None = N
   figures = [("run_lengths.png", _run_length_figure(result)),
              ("nucleus_completeness.png", _nucleus_figure(result))]
   if sweep:
-    figures.append(("threshold_sweep.png", _sweep_figure(sweep)))
+    figures.append(("threshold_sweep.png", _sweep_figure(sweep, baseline_sweep)))
   images = []
   for name, fig in figures:
     data = _figure_png(fig)
@@ -533,10 +536,16 @@ def write_report(result: dict, report_dir: str, neuroglancer_url: str | None = N
   parts.append("<h2>Metrics</h2>" + _table(("metric", "value"), [
     (html.escape(n), html.escape(v)) for n, v in metric_rows(result)]))
   if sweep:
-    parts.append("<h2>Threshold sweep</h2>" + images[2] + _table(
-      ("threshold", "ERL", "bERL", "nERL"),
-      [(_fmt(r["threshold"]), _fmt(r.get("erl"), "µm"), _fmt(r.get("berl"), "µm"),
-        _fmt(r.get("nerl"), "µm")) for r in sorted(sweep, key=lambda r: r["threshold"])]))
+    baseline = {r["threshold"]: r for r in baseline_sweep or []}
+    header = ["threshold", "ERL", "bERL", "nERL"]
+    if baseline:
+      header += ["baseline ERL", "baseline bERL", "baseline nERL"]
+    rows = []
+    for r in sorted(sweep, key=lambda r: r["threshold"]):
+      rows.append([_fmt(r["threshold"])] + [_fmt(r.get(k), "µm") for k in ("erl", "berl", "nerl")]
+                  + ([_fmt(baseline.get(r["threshold"], {}).get(k), "µm")
+                      for k in ("erl", "berl", "nerl")] if baseline else []))
+    parts.append("<h2>Threshold sweep</h2>" + images[2] + _table(header, rows))
   parts.append("<h2>Run lengths</h2>" + images[0])
   parts.append("<h2>Nucleus to spines</h2>" + images[1])
   violations = result.get("violations", [])

@@ -106,7 +106,8 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
                  seeds: str | None = None, gt_labels: str | None = None,
                  gt_skeletons: str | None = None, nuclei: str | None = None,
                  synapses: str | None = None, json_path: str | None = None,
-                 threshold: float | None = None, track_threshold: float | None = None,
+                 threshold: float | None = None, baseline_threshold: float | None = None,
+                 track_threshold: float | None = None,
                  sweep=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8), meshes: bool = True,
                  report: bool = True, link_prefix: str | None = None, lease_sec: int = 600,
                  num_mips: int = 2, constraints=None,
@@ -123,6 +124,9 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
   cleanup), interior_bonus (AgglomerationParams): the agglomeration setting; None takes the
   checkpoint's calibrated operating point (calibrate.agglomeration_settings), as do the
   organelle probability cuts of the RAG's evidence.
+  baseline_threshold: the unconstrained baseline's threshold, where it is compared at its
+  own calibrated threshold (None: threshold). With hierarchy it cannot exceed threshold: the
+  parts are merged down to threshold before the global step.
   nucleus_fraction: the share of a fragment that must be nucleus for it to count as nuclear
   (AgglomerationParams.nucleus_fraction when None).
   synapse_boundary: added to the watershed's boundary map where the synapse channel exceeds
@@ -149,6 +153,12 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
   threshold, quantile, constraints, min_segment_voxels, organelle_cuts, scorer, interior_bonus = (
     resolve_operating_point(checkpoint, threshold, quantile, constraints, augment,
                             min_segment_voxels, interior_bonus))
+  if baseline_threshold is None:
+    baseline_threshold = threshold
+  if hierarchy and baseline_threshold > threshold:
+    raise IicatsError(f"baseline threshold {baseline_threshold} > threshold {threshold} with "
+                      "--hierarchy: the parts are merged down to the threshold before the "
+                      "baseline is agglomerated")
   if nucleus_fraction is None:
     nucleus_fraction = AgglomerationParams.nucleus_fraction
   if synapse_boundary is None:
@@ -158,6 +168,7 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
   run = Pipeline(out, queue, parallel, lease_sec=lease_sec)
   put_json(run.state, "run.json", {"image": image, "task_shape": task_shape,
                                    "checkpoint": checkpoint or "default", "threshold": threshold,
+                                   "baseline_threshold": baseline_threshold,
                                    "quantile": quantile, "constraints": list(constraints),
                                    "edge_scorer": scorer is not None,
                                    "organelle_thresholds": organelle_cuts,
@@ -182,6 +193,7 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
     task_shape, state_prefix=state, histogram=quantile is not None or scorer is not None,
     organelle_thresholds=organelle_cuts, image_path=image if scorer is not None else ""))
   params = {"threshold": threshold, "constraints": list(constraints), "quantile": quantile,
+            "baseline_threshold": float(baseline_threshold),
             "track_threshold": threshold if track_threshold is None else track_threshold,
             "nucleus_fraction": nucleus_fraction, "min_segment_voxels": min_segment_voxels,
             "interior_bonus": interior_bonus}
@@ -189,6 +201,8 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
     # in the bucket beside the RAG: task messages stay small (SQS takes at most 256 KiB)
     put_json(out, EDGE_SCORER_OBJECT, scorer)
     params["edge_scorer"] = EDGE_SCORER_OBJECT
+  # the report's curves pass through both operating points
+  sweep = sorted({round(float(t), 3) for t in sweep} | {threshold, baseline_threshold})
   hierarchy_prefix = join(out, f"hierarchy/{hierarchy}") if hierarchy else ""
   if hierarchy:
     # the first level merges down to the threshold, so the sweep can only go lower
@@ -297,7 +311,7 @@ def out_owns(out: str, path: str) -> bool:
 def evaluate_run(out, layers, gt_labels, gt_skeletons, nuclei, synapses,
                  boundary_tolerance_nm=0.0) -> dict:
   """Metrics of the constrained segmentation and of the unconstrained baseline, plus
-  ERL/bERL/nERL along the agglomeration threshold sweep."""
+  ERL/bERL/nERL along the agglomeration threshold sweep of each ("sweep", "baseline_sweep")."""
   from iicats_cv.evaluate import evaluate, evaluate_tables
   from .common import get_npz
   if not (gt_labels or gt_skeletons):
@@ -315,11 +329,12 @@ def evaluate_run(out, layers, gt_labels, gt_skeletons, nuclei, synapses,
       metrics["details"] = result
   if gt_skeletons:
     tables = get_npz(out, "agglomeration/table.npz")
-    sweep = {float(k[len("sweep_"):]): (tables["fragment_ids"], tables[k])
-             for k in tables if k.startswith("sweep_")}
-    if sweep:
-      metrics["sweep"] = evaluate_tables(layers["supervoxels"], sweep, gt_skeletons, nuclei,
-                                         synapses)
+    for prefix in ("sweep_", "baseline_sweep_"):
+      sweep = {float(k[len(prefix):]): (tables["fragment_ids"], tables[k])
+               for k in tables if k.startswith(prefix)}
+      if sweep:
+        metrics[prefix[:-1]] = evaluate_tables(layers["supervoxels"], sweep, gt_skeletons,
+                                               nuclei, synapses)
   return metrics
 
 
@@ -360,5 +375,6 @@ def write_run_report(out, summary) -> str | None:
     return None
   directory = os.path.join(local_path(out), "report")
   write_report(details, directory, neuroglancer_url=summary["neuroglancer_url"],
-               sweep=summary["metrics"].get("sweep"))
+               sweep=summary["metrics"].get("sweep"),
+               baseline_sweep=summary["metrics"].get("baseline_sweep"))
   return os.path.join(directory, "index.html")

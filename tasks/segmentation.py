@@ -527,25 +527,29 @@ _TABLES = {}  # remap tables cached per worker process: one download per run, no
 def agglomerate_task(rag_prefix: str, supervoxels_path: str, out_prefix: str, params: dict,
                      sweep: list, seeds_nm: list = None, track: bool = True,
                      state_prefix: str = "", hierarchy_prefix: str = ""):
-  """Global step: merge all block RAGs, agglomerate with and without constraints, track.
+  """Global step: merge all block RAGs, agglomerate with and without constraints (the
+  baseline at params["baseline_threshold"] when given), track.
 
-  Writes OUT/agglomeration/table.npz (fragment_ids, segment_ids, baseline_ids,
-  sweep_<t>), OUT/agglomeration/summary.json and OUT/tracked.json.
+  Writes OUT/agglomeration/table.npz (fragment_ids, segment_ids, baseline_ids, sweep_<t>,
+  baseline_sweep_<t>), OUT/agglomeration/summary.json and OUT/tracked.json.
   """
   fragment_ids, node_of_fragment, rag, prescored = _stitched_rag(rag_prefix, hierarchy_prefix)
-  p = _global_params(params, out_prefix, hierarchy_prefix, prescored)
+  p = _global_params({k: v for k, v in params.items() if k != "baseline_threshold"}, out_prefix, hierarchy_prefix, prescored)
   seeds, positions = (None, {})
   if track:
     seeds, positions = _seed_fragments(rag, p, seeds_nm, supervoxels_path,
                                        (fragment_ids, node_of_fragment))
   result = agglomerate(rag, p, sweep_thresholds=sweep, seeds=seeds)
-  baseline = agglomerate(rag, dataclasses.replace(p, use_constraints=False))
+  baseline = agglomerate(rag, dataclasses.replace(
+    p, use_constraints=False, threshold=params.get("baseline_threshold", p.threshold)),
+    sweep_thresholds=sweep)
   # tables per fragment (what remap reads), from the tables per stitched node
   node_index = np.searchsorted(result.fragment_ids, node_of_fragment)
   arrays = {"fragment_ids": fragment_ids, "segment_ids": result.segment_ids[node_index],
             "baseline_ids": baseline.segment_ids[node_index]}
-  for t, table in result.sweep.items():
-    arrays[f"sweep_{t:.3f}"] = table[node_index]
+  for prefix, run in (("sweep", result), ("baseline_sweep", baseline)):
+    for t, table in run.sweep.items():
+      arrays[f"{prefix}_{t:.3f}"] = table[node_index]
   put_npz(out_prefix, "agglomeration/table.npz", arrays)
   _TABLES.clear()  # a remap in this process must read the new tables
   for neuron in result.tracked:
@@ -576,7 +580,7 @@ def track_task(rag_prefix: str, supervoxels_path: str, out_prefix: str, params: 
   OUT/NAME.json ([{"id", "seed", "seed_nm", "fragments", "voxels"}]).
   """
   fragment_ids, node_of_fragment, rag, prescored = _stitched_rag(rag_prefix, hierarchy_prefix)
-  p = _global_params(params, out_prefix, hierarchy_prefix, prescored)
+  p = _global_params({k: v for k, v in params.items() if k != "baseline_threshold"}, out_prefix, hierarchy_prefix, prescored)
   seeds, positions = _seed_fragments(rag, p, seeds_nm, supervoxels_path,
                                      (fragment_ids, node_of_fragment))
   if not seeds:

@@ -270,10 +270,14 @@ def test_report(tmp_path, seg_layer):
   r = evaluate(seg_layer, skeletons=swc_dir, nuclei=nuclei, synapses=synapses)
   sweep = [{"threshold": t, "erl": 100 * t, "berl": 90 * t, "nerl": 50 * t}
            for t in (0.3, 0.5, 0.7)]
-  path = write_report(r, str(tmp_path / "report"), sweep=sweep,
+  baseline = [{"threshold": t, "erl": 80 * t, "berl": 70 * t, "nerl": 40 * t}
+              for t in (0.3, 0.5, 0.7)]
+  path = write_report(r, str(tmp_path / "report"), sweep=sweep, baseline_sweep=baseline,
                       link_for_position=lambda p: f"https://ng.example/#pos={p[0]:.0f}")
   page = open(path).read()
   assert page.count("data:image/png;base64,") == 3
+  # the baseline's sweep beside the constrained one: 0.5 × 70 nm = 0.035 µm
+  assert "<th>baseline bERL</th>" in page and "<td>0.035 µm</td>" in page
   for name in ("run_lengths.png", "nucleus_completeness.png", "threshold_sweep.png"):
     assert os.path.getsize(tmp_path / "report" / name) > 1000
   assert "https://ng.example/#pos=" in page

@@ -35,6 +35,18 @@ def test_summary_contract(synthetic_demo):
         row[name] for row in summary["metrics"]["sweep"]]:
       assert isinstance(value, int) and value >= 0, name
   assert "GT syn. merged" in output
+  # the baseline is scored at its own threshold, and both sweeps pass through both thresholds
+  params = summary["agglomeration"]["params"]
+  assert params["baseline_threshold"] != params["threshold"]
+  sweeps = {key: {row["threshold"]: row for row in summary["metrics"][key]}
+            for key in ("sweep", "baseline_sweep")}
+  assert set(sweeps["sweep"]) == set(sweeps["baseline_sweep"]) >= {
+    params["threshold"], params["baseline_threshold"]}
+  for key, prefix, t in (("sweep", "", params["threshold"]),
+                         ("baseline_sweep", "baseline_", params["baseline_threshold"])):
+    for name in ("erl", "berl", "nerl", "n_merged_synapses"):
+      assert sweeps[key][t][name] == pytest.approx(summary["metrics"][prefix + name]), name
+  assert f"(the unconstrained baseline at t={params['baseline_threshold']:.2f})" in output
   for stage in ("inference", "watershed", "rag", "agglomerate", "remap", "mesh", "skeleton"):
     assert summary["timings"][stage] >= 0
   assert "Neuroglancer:" in output and "done:" in output
@@ -127,10 +139,13 @@ def test_validate_names_labels_of_a_missing_skeleton_shard(synthetic_demo):
   moved = path + ".away"
   os.rename(path, moved)
   try:
-    assert neuron in validate_layer(seg)["missing_skeletons"]
+    missing = validate_layer(seg)["missing_skeletons"]
+    assert neuron in missing
     result = CliRunner().invoke(cli, ["validate", seg, "--no-meshes"])
     assert result.exit_code != 0
-    assert "have no skeleton:" in result.output and str(neuron) in result.output
+    # a shard holds many labels: the message counts them and names the first
+    assert f"{len(missing)} of" in result.output and "have no skeleton:" in result.output
+    assert f"skeleton: {missing[0]}" in result.output
   finally:
     os.rename(moved, path)
   assert CliRunner().invoke(cli, ["validate", seg]).exit_code == 0
@@ -175,6 +190,18 @@ def test_track_names_seeds_outside_the_volume(synthetic_demo, tmp_path):
                                     "--task-shape", "64,64,64"])
   assert result.exit_code != 0
   assert "no seed point lies on a fragment" in result.output
+
+
+def test_baseline_threshold_above_a_hierarchys_threshold_is_refused(synthetic_demo, tmp_path):
+  """The hierarchy's parts are merged down to --threshold before the global step, so a
+  baseline that stops above it cannot be had: refused before anything is written."""
+  from iicats_cv.errors import IicatsError
+  from iicats_cv.tasks.pipeline import run_pipeline
+  _, summary, _, _ = synthetic_demo
+  with pytest.raises(IicatsError, match="baseline threshold 0.4 > threshold 0.3 with --hier"):
+    run_pipeline(summary["layers"]["image"], "file://" + str(tmp_path / "run"), hierarchy=1,
+                 threshold=0.3, baseline_threshold=0.4)
+  assert not (tmp_path / "run").exists()
 
 
 def test_pipeline_hierarchical_quantile_run(tmp_path, tiny_checkpoint, capsys):
