@@ -534,7 +534,8 @@ def agglomerate_task(rag_prefix: str, supervoxels_path: str, out_prefix: str, pa
   baseline_sweep_<t>), OUT/agglomeration/summary.json and OUT/tracked.json.
   """
   fragment_ids, node_of_fragment, rag, prescored = _stitched_rag(rag_prefix, hierarchy_prefix)
-  p = _global_params({k: v for k, v in params.items() if k != "baseline_threshold"}, out_prefix, hierarchy_prefix, prescored)
+  p = _global_params({k: v for k, v in params.items() if k != "baseline_threshold"},
+                     out_prefix, hierarchy_prefix, prescored)
   seeds, positions = (None, {})
   if track:
     seeds, positions = _seed_fragments(rag, p, seeds_nm, supervoxels_path,
@@ -580,7 +581,8 @@ def track_task(rag_prefix: str, supervoxels_path: str, out_prefix: str, params: 
   OUT/NAME.json ([{"id", "seed", "seed_nm", "fragments", "voxels"}]).
   """
   fragment_ids, node_of_fragment, rag, prescored = _stitched_rag(rag_prefix, hierarchy_prefix)
-  p = _global_params({k: v for k, v in params.items() if k != "baseline_threshold"}, out_prefix, hierarchy_prefix, prescored)
+  p = _global_params({k: v for k, v in params.items() if k != "baseline_threshold"},
+                     out_prefix, hierarchy_prefix, prescored)
   seeds, positions = _seed_fragments(rag, p, seeds_nm, supervoxels_path,
                                      (fragment_ids, node_of_fragment))
   if not seeds:
