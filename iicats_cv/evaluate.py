@@ -510,9 +510,10 @@ def write_report(result: dict, report_dir: str, neuroglancer_url: str | None = N
   """Write report_dir/index.html (self-contained: figures embedded, also saved beside it as
   PNG): metrics table, run-length distribution, per-neuron nucleus-connected completeness,
   ERL/bERL/nERL vs agglomeration threshold (sweep: list of {threshold, erl, berl, nerl};
-  baseline_sweep: the same for the unconstrained agglomeration, beside it), constraint violations and split locations with Neuroglancer links
-  (link_for_position(xyz_nm) -> url; by default derived from neuroglancer_url's state, else
-  plain coordinates), and per-skeleton details. Returns the HTML path."""
+  baseline_sweep: the same for the unconstrained agglomeration, beside it), constraint
+  violations and split locations with Neuroglancer links (link_for_position(xyz_nm) -> url;
+  by default derived from neuroglancer_url's state, else plain coordinates), and per-skeleton
+  details. Returns the HTML path."""
   import matplotlib
   matplotlib.use("Agg")
   os.makedirs(report_dir, exist_ok=True)

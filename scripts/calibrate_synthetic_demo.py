@@ -12,7 +12,6 @@ iicats_cv/cli.py carries.
 """
 import argparse
 import json
-import os
 import tempfile
 
 import numpy as np
