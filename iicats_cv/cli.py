@@ -109,6 +109,13 @@ def _quantile(ctx, param, value):
   return q
 
 
+def _stage_name(ctx, param, value):
+  from iicats_cv.tasks.pipeline import STEP_NAMES
+  if value is not None and value not in STEP_NAMES:
+    raise click.BadParameter(f"{value}: expected one of {', '.join(STEP_NAMES)}")
+  return value
+
+
 def _pipeline_options(func):
   options = [
     click.option("--queue", default=None,
@@ -173,6 +180,11 @@ def _pipeline_options(func):
                  help="With ground-truth labels, also score VOI and ARAND without the voxels "
                       "this close to a ground-truth interface (CREMI's border mask; default 0, "
                       "the demo 10: its ground truth runs up to the membranes)."),
+    click.option("--rerun-from", default=None, callback=_stage_name,
+                 help="In an --out that holds a previous run, redo this stage (inference, "
+                      "watershed, rag, agglomerate, remap, mesh or downsample) and the ones "
+                      "after it with this call's settings. Without it finished stages are "
+                      "reused, and a call whose settings would change them is refused."),
     click.option("--unsharded", is_flag=True,
                  help="Legacy meshes (per-label manifests) and one skeleton file per label "
                       "instead of multi-resolution Draco shards and sharded skeletons."),
@@ -195,8 +207,8 @@ def _pipeline_options(func):
 def pipeline_command(image, out, queue, parallel, task_shape, checkpoint, json_path, threshold,
                      baseline_threshold, link_prefix, constraints, quantile, nucleus_fraction,
                      min_segment_voxels, interior_bonus, synapse_boundary, hierarchy, levels, tta,
-                     boundary_tolerance_nm, unsharded, seeds, gt_labels, gt_skeletons, nuclei,
-                     synapses):
+                     boundary_tolerance_nm, rerun_from, unsharded, seeds, gt_labels, gt_skeletons,
+                     nuclei, synapses):
   """Run every stage: inference, watershed, RAG, agglomeration + tracking, remap, meshes,
   skeletons, mips, Neuroglancer link and metrics.
 
@@ -216,7 +228,7 @@ def pipeline_command(image, out, queue, parallel, task_shape, checkpoint, json_p
                          min_segment_voxels=min_segment_voxels, hierarchy=hierarchy,
                          levels=levels, augment=tta, synapse_boundary=synapse_boundary,
                          boundary_tolerance_nm=boundary_tolerance_nm or 0.0,
-                         interior_bonus=interior_bonus)
+                         interior_bonus=interior_bonus, rerun_from=rerun_from)
   _print_summary(summary, out)
 
 
@@ -279,12 +291,13 @@ DEMO_BOUNDARY_TOLERANCE_NM = 10.0
 @click.option("--dataset", type=click.Choice(["fib", "synthetic"]), default="fib",
               show_default=True, help="Embedded FIB-SEM crop, or a synthetic volume with nuclei "
                                       "and synapses.")
-@click.option("--out", default="./iicats-demo", show_default=True, help="Output prefix.")
+@click.option("--out", default=None,
+              help="Output prefix (default ./iicats-demo, or ./iicats-demo-synthetic).")
 @_pipeline_options
 def demo_command(dataset, out, queue, parallel, task_shape, checkpoint, json_path, threshold,
                  baseline_threshold, link_prefix, constraints, quantile, nucleus_fraction,
                  min_segment_voxels, interior_bonus, synapse_boundary, hierarchy, levels, tta,
-                 boundary_tolerance_nm, unsharded):
+                 boundary_tolerance_nm, rerun_from, unsharded):
   """Import an embedded dataset with its ground truth and run the pipeline on it.
 
   \b
@@ -295,7 +308,8 @@ def demo_command(dataset, out, queue, parallel, task_shape, checkpoint, json_pat
   from iicats_cv.datasets import prepare_demo
   from iicats_cv.tasks.pipeline import run_pipeline
   from iicats_cv.layers import normalize_cloudpath
-  out = normalize_cloudpath(out)
+  out = normalize_cloudpath(out or ("./iicats-demo" if dataset == "fib"
+                                    else f"./iicats-demo-{dataset}"))
   inputs = prepare_demo(dataset, out)
   if threshold is not None and baseline_threshold is None:
     baseline_threshold = threshold  # a threshold given is the baseline's too, as in `pipeline`
@@ -316,7 +330,7 @@ def demo_command(dataset, out, queue, parallel, task_shape, checkpoint, json_pat
                          sharded=not unsharded, hierarchy=hierarchy, levels=levels,
                          augment=tta, boundary_tolerance_nm=(
                            DEMO_BOUNDARY_TOLERANCE_NM if boundary_tolerance_nm is None
-                           else boundary_tolerance_nm), **setting)
+                           else boundary_tolerance_nm), rerun_from=rerun_from, **setting)
   _print_summary(summary, out)
 
 

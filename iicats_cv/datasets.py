@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 
 import numpy as np
@@ -82,10 +83,27 @@ def write_synthetic(out: str, shape=(160, 160, 96), resolution=(10, 10, 10), see
   return paths
 
 
+DEMO_MARKER = "demo.json"  # in OUT/ground_truth: which dataset (and seed) the folder holds
+
+
+def _demo_text(marker: dict) -> str:
+  seed = marker.get("seed")
+  return f"the {marker['dataset']} dataset" + ("" if seed is None else f" (seed {seed})")
+
+
+def _read_json(path: str):
+  if not os.path.exists(path):
+    return None
+  with open(path) as fh:
+    return json.load(fh)
+
+
 def prepare_demo(dataset: str, out: str, seed: int = 0) -> dict:
   """Write the dataset's image and ground truth under OUT/ and return the pipeline inputs:
   {"image", "gt_labels", "gt_skeletons", "nuclei", "synapses"} (paths/cloudpaths or None).
-  A folder prepared by an earlier, interrupted run is reused as it is."""
+  A folder prepared by an earlier run of the same dataset is reused as it is; one prepared
+  for another dataset or seed is refused (IicatsError), so its results are never reported as
+  this dataset's."""
   out = normalize_cloudpath(out)
   root = local_path(out)
   if root is None:
@@ -97,11 +115,22 @@ def prepare_demo(dataset: str, out: str, seed: int = 0) -> dict:
   inputs = {"image": join(out, "image"), "gt_labels": join(out, "ground_truth", "neurons"),
             "gt_skeletons": os.path.join(gt_dir, "skeletons"), "nuclei": None,
             "synapses": None}
+  wanted = {"dataset": dataset, "seed": seed if dataset == "synthetic" else None}
   if layer_exists(inputs["image"]):
+    # folders of older versions have no marker: only the synthetic dataset writes nuclei
+    legacy = "synthetic" if os.path.exists(os.path.join(gt_dir, "nuclei.csv")) else "fib"
+    found = _read_json(os.path.join(gt_dir, DEMO_MARKER)) or {
+      "dataset": legacy, "seed": wanted["seed"] if legacy == "synthetic" else None}
+    if found != wanted:
+      raise IicatsError(f"--out {out}: holds the demo of {_demo_text(found)}, not of "
+                        f"{_demo_text(wanted)}: give another --out")
     for name in ("nuclei", "synapses"):
       path = os.path.join(gt_dir, f"{name}.csv")
       inputs[name] = path if os.path.exists(path) else None
     return inputs
+  os.makedirs(gt_dir, exist_ok=True)
+  with open(os.path.join(gt_dir, DEMO_MARKER), "w") as fh:
+    json.dump(wanted, fh)
   if dataset == "synthetic":
     paths = write_synthetic(join(out, "ground_truth"), seed=seed, image_path=inputs["image"],
                             gt_dir=gt_dir)

@@ -3,7 +3,9 @@
 Each stage creates its tasks (Igneous style: creation apart from execution), puts them on the
 queue, and either runs local workers (`parallel` ≥ 1) or waits for external ones
 (`iicats execute QUEUE`). A finished stage leaves a record under OUT/pipeline/, so re-running
-after an interruption resumes: finished stages and finished tasks are skipped.
+after an interruption resumes: finished stages and finished tasks are skipped. They are reused
+only under the settings that made them (OUT/pipeline/run.json): a run at the same OUT with
+other settings stops before writing anything, unless `rerun_from` names the stage to redo.
 """
 from __future__ import annotations
 
@@ -15,10 +17,11 @@ import tempfile
 import time
 
 import numpy as np
+from cloudfiles import CloudFiles
 
 from iicats_cv.agglomerate import AgglomerationParams
 from iicats_cv.errors import IicatsError
-from iicats_cv.layers import normalize_cloudpath, open_layer, join, local_path
+from iicats_cv.layers import normalize_cloudpath, open_layer, join, local_path, resolve_cloudpath
 from iicats_cv.metrics import boundary_tolerance_steps
 from iicats_cv.watershed import SYNAPSE_BOUNDARY
 from . import igneous_stages as ig
@@ -32,6 +35,38 @@ from .common import get_json, put_json
 LAYERS = ("image", "affinities", "organelles", "supervoxels", "segmentation")
 # supervoxels stay at full resolution: they are inspected up close, never zoomed out
 PYRAMID_LAYERS = ("image", "affinities", "organelles", "segmentation")
+
+
+# The run settings (OUT/pipeline/run.json) each step's outputs depend on, in the order the
+# steps run; a step's outputs also depend on the settings of every step before it.
+STEPS = (
+  ("inference", ("image", "checkpoint", "test_time_augmentation")),
+  ("watershed", ("task_shape", "synapse_boundary", "organelle_thresholds")),
+  ("rag", ("histograms", "edge_scorer")),
+  ("agglomerate", ("threshold", "baseline_threshold", "quantile", "constraints",
+                   "nucleus_fraction", "min_segment_voxels", "interior_bonus",
+                   "track_threshold", "seeds", "sweep", "hierarchy", "levels")),
+  ("remap", ()),
+  ("mesh", ("sharded",)),
+  ("downsample", ()),
+)
+STEP_NAMES = tuple(name for name, _ in STEPS)
+# stage records and done markers by the step whose outputs they depend on: the pyramids of
+# the image and of the inference layers need no redoing when a later step changes
+_STAGE_STEPS = (("inference", 0), ("watershed", 1), ("rag", 2), ("nodes", 3), ("reduce", 3),
+                ("agglomerate", 3), ("track", 3), ("remap", 4), ("mesh", 5), ("skeleton", 5),
+                ("downsample-segmentation", 4), ("downsample", 0))
+
+
+def _step_of(stage: str) -> int | None:
+  return next((step for prefix, step in _STAGE_STEPS if stage.startswith(prefix)), None)
+
+
+def _redone_from(stage: str, first_step: int) -> bool:
+  """Whether redoing step first_step and the later ones redoes this stage."""
+  step = _step_of(stage)
+  return step is not None and (step >= first_step or (
+    first_step == STEP_NAMES.index("downsample") and stage.startswith("downsample")))
 
 
 class Pipeline:
@@ -51,6 +86,53 @@ class Pipeline:
     self.parallel = parallel
     self.lease_sec = lease_sec
     self.timings = {}
+
+  def reconcile(self, settings: dict, rerun_from: str | None, outputs: dict) -> None:
+    """Record this run's settings in OUT/pipeline/run.json, after checking them against a
+    previous run's there, so that a finished stage is reused only under the settings that made
+    it. rerun_from (a STEP_NAMES entry): clear that step's and the later steps' records and
+    their task objects (outputs: {step index: [cloudpath prefixes]}), so they run again.
+    Raises IicatsError, before anything is written, for another image, or for changed
+    settings of a step that has finished work and is not redone."""
+    settings = json.loads(json.dumps({**settings, "out": self.out}))  # tuples become lists
+    previous = get_json(self.state, "run.json") or {}
+
+    def image_within_run(run):  # an image inside OUT moves with it
+      image, out = run["image"], run.get("out", "")
+      return image.replace(out, "OUT", 1) if out and image.startswith(out + "/") else image
+
+    if previous and image_within_run(previous) != image_within_run(settings):
+      raise IicatsError(f"{self.out}: holds a run of image {previous['image']}, not "
+                        f"{settings['image']}: give another --out")
+    start = STEP_NAMES.index(rerun_from) if rerun_from else len(STEPS)
+    for step, (name, keys) in enumerate(STEPS[:start]):
+      changed = [key for key in keys if key != "image" and key in previous
+                 and previous[key] != settings[key]]
+      if changed and self._state_keys(step):
+        text = ", ".join(f"{key} {json.dumps(previous[key])} (now {json.dumps(settings[key])})"
+                         for key in changed)
+        raise IicatsError(f"{self.out}: its {name} stage ran with {text}; reusing it would "
+                          f"give the old results. Add --rerun-from {name} to redo it and the "
+                          "stages after it (their outputs there are replaced), or give "
+                          "another --out")
+    if rerun_from:
+      stale = self._state_keys(start)
+      CloudFiles(resolve_cloudpath(self.state)).delete(stale)
+      for prefix in (p for step, prefixes in outputs.items() if step >= start
+                     for p in prefixes):
+        objects = CloudFiles(resolve_cloudpath(prefix))
+        objects.delete(list(objects.list()))
+      print(f"[{rerun_from}] re-running it and the stages after it ({len(stale)} records of "
+            "the previous run cleared)", flush=True)
+    put_json(self.state, "run.json", settings)
+
+  def _state_keys(self, first_step: int) -> list:
+    """Stage records and task done-markers of step first_step and later, as state keys."""
+    state = CloudFiles(resolve_cloudpath(self.state))
+    stages = [(key, key.split("/")[-1].removesuffix(".json"))
+              for key in state.list(prefix="stages/")]
+    stages += [(key, key.split("/")[1]) for key in state.list(prefix="done/")]
+    return [key for key, stage in stages if _redone_from(stage, first_step)]
 
   def done(self, stage) -> dict | None:
     return get_json(self.state, f"stages/{stage}.json")
@@ -116,7 +198,7 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
                  levels: int = 1, augment: bool = False,
                  min_segment_voxels: int | None = None,
                  synapse_boundary: float | None = None, boundary_tolerance_nm: float = 0.0,
-                 interior_bonus: float | None = None):
+                 interior_bonus: float | None = None, rerun_from: str | None = None):
   """Run every stage from an EM image layer to segmentation, meshes, link and metrics.
 
   augment: test-time augmentation in the inference stage (create_inference_tasks).
@@ -135,6 +217,10 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
   boundary_tolerance_nm: with gt_labels, also score VOI and ARAND without the voxels this
   close to a ground-truth interface (evaluate's *_tolerant metrics; 0: not).
 
+  rerun_from: redo this step (a STEP_NAMES entry) and the later ones, with these settings, in
+  an OUT that holds a previous run (Pipeline.reconcile); without it a previous run's finished
+  stages are reused, and changed settings for them are refused.
+
   Returns the summary dict ({"layers", "neuroglancer_url", "metrics", "timings", ...}).
   """
   image = normalize_cloudpath(image)
@@ -147,6 +233,8 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
       raise IicatsError("a boundary tolerance scores dense ground truth: give gt_labels "
                         "(--gt-labels)")
     boundary_tolerance_steps(image_cv.resolution, boundary_tolerance_nm)
+  if rerun_from is not None and rerun_from not in STEP_NAMES:
+    raise IicatsError(f"rerun_from {rerun_from!r}: expected one of {', '.join(STEP_NAMES)}")
   if levels > 1 and not hierarchy:
     raise IicatsError(f"levels={levels} needs hierarchy (--hierarchy N): the parts of each "
                       "level are N×N×N parts of the level below")
@@ -165,18 +253,34 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
     synapse_boundary = SYNAPSE_BOUNDARY if "synapse" in constraints else 0.0
   layers = {"image": image, **{name: join(out, name) for name in LAYERS[1:]},
             "segmentation_baseline": join(out, "segmentation_baseline")}
+  if track_threshold is None:
+    track_threshold = threshold
+  # the report's curves pass through both operating points
+  sweep = sorted({round(float(t), 3) for t in sweep} | {threshold, baseline_threshold})
+  if hierarchy:
+    # the first level merges down to the threshold, so the sweep can only go lower
+    sweep = [t for t in sweep if t <= threshold]
+  histograms = quantile is not None or scorer is not None
   run = Pipeline(out, queue, parallel, lease_sec=lease_sec)
-  put_json(run.state, "run.json", {"image": image, "task_shape": task_shape,
-                                   "checkpoint": checkpoint or "default", "threshold": threshold,
-                                   "baseline_threshold": baseline_threshold,
-                                   "quantile": quantile, "constraints": list(constraints),
-                                   "edge_scorer": scorer is not None,
-                                   "organelle_thresholds": organelle_cuts,
-                                   "nucleus_fraction": nucleus_fraction,
-                                   "min_segment_voxels": min_segment_voxels,
-                                   "interior_bonus": interior_bonus,
-                                   "synapse_boundary": synapse_boundary,
-                                   "test_time_augmentation": augment})
+  segmentation_info = get_json(layers["segmentation"], "info") or {}
+  run.reconcile(
+    {"image": image, "checkpoint": checkpoint or "default",
+     "test_time_augmentation": augment, "task_shape": task_shape,
+     "synapse_boundary": synapse_boundary, "organelle_thresholds": organelle_cuts,
+     "histograms": histograms, "edge_scorer": scorer is not None, "threshold": threshold,
+     "baseline_threshold": baseline_threshold, "quantile": quantile,
+     "constraints": list(constraints), "nucleus_fraction": nucleus_fraction,
+     "min_segment_voxels": min_segment_voxels, "interior_bonus": interior_bonus,
+     "track_threshold": track_threshold, "sweep": sweep,
+     "seeds": None if seeds_nm is None else np.round(seeds_nm, 3).tolist(),
+     "hierarchy": hierarchy, "levels": levels, "sharded": sharded},
+    rerun_from,
+    # per-task objects beside the layers, which another task grid would not overwrite
+    {STEP_NAMES.index("watershed"): [join(layers["supervoxels"], "faces")],
+     STEP_NAMES.index("rag"): [join(out, "rag")],
+     STEP_NAMES.index("agglomerate"): [join(out, "hierarchy")],
+     STEP_NAMES.index("mesh"): [join(layers["segmentation"], segmentation_info[key])
+                                for key in ("mesh", "skeletons") if key in segmentation_info]})
   started = time.time()
   state = run.state
 
@@ -190,23 +294,19 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
     synapse_cut=organelle_cuts[2]))
   run.stage("rag", lambda: create_rag_tasks(
     layers["supervoxels"], layers["affinities"], layers["organelles"], join(out, "rag"),
-    task_shape, state_prefix=state, histogram=quantile is not None or scorer is not None,
+    task_shape, state_prefix=state, histogram=histograms,
     organelle_thresholds=organelle_cuts, image_path=image if scorer is not None else ""))
   params = {"threshold": threshold, "constraints": list(constraints), "quantile": quantile,
             "baseline_threshold": float(baseline_threshold),
-            "track_threshold": threshold if track_threshold is None else track_threshold,
+            "track_threshold": track_threshold,
             "nucleus_fraction": nucleus_fraction, "min_segment_voxels": min_segment_voxels,
             "interior_bonus": interior_bonus}
   if scorer is not None:
     # in the bucket beside the RAG: task messages stay small (SQS takes at most 256 KiB)
     put_json(out, EDGE_SCORER_OBJECT, scorer)
     params["edge_scorer"] = EDGE_SCORER_OBJECT
-  # the report's curves pass through both operating points
-  sweep = sorted({round(float(t), 3) for t in sweep} | {threshold, baseline_threshold})
   hierarchy_prefix = join(out, f"hierarchy/{hierarchy}") if hierarchy else ""
   if hierarchy:
-    # the first level merges down to the threshold, so the sweep can only go lower
-    sweep = [t for t in sweep if t <= threshold]
     if scorer is not None:
       run.stage("nodes", lambda: create_node_table_tasks(
         join(out, "rag"), hierarchy_prefix, state_prefix=state))

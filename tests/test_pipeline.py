@@ -128,6 +128,78 @@ def test_rerun_resumes_and_skips_finished_stages(synthetic_demo):
   assert result.output.count("already done in a previous run") >= 7
 
 
+def test_changed_settings_in_a_finished_run_are_refused_before_anything_is_written(
+    synthetic_demo, tmp_path):
+  import shutil
+  out, summary, _, _ = synthetic_demo
+  copy = tmp_path / "moved"  # a run folder moved elsewhere is still the same run
+  shutil.copytree(out, copy)
+  table = (copy / "agglomeration" / "table.npz").read_bytes()
+  run_json = (copy / "pipeline" / "run.json").read_text()
+  result = CliRunner().invoke(cli, ["demo", "--dataset", "synthetic", "--out", str(copy),
+                                    "--task-shape", "64,64,64", "--threshold", "0.5"])
+  assert result.exit_code == 1
+  threshold = summary["agglomeration"]["params"]["threshold"]
+  assert f"its agglomerate stage ran with threshold {threshold} (now 0.5)" in result.output
+  assert "--rerun-from agglomerate" in result.output
+  assert (copy / "agglomeration" / "table.npz").read_bytes() == table
+  assert (copy / "pipeline" / "run.json").read_text() == run_json
+  # another demo dataset in the folder is refused too, not reported as this one
+  result = CliRunner().invoke(cli, ["demo", "--out", str(copy)])
+  assert result.exit_code == 1
+  assert "holds the demo of the synthetic dataset (seed 0), not of the fib dataset" in (
+    result.output)
+
+
+def test_rerun_from_redoes_that_stage_and_the_later_ones(synthetic_demo, tmp_path):
+  import shutil
+  out, summary, _, _ = synthetic_demo
+  copy = tmp_path / "run"
+  shutil.copytree(out, copy)
+  result = CliRunner().invoke(cli, [
+    "demo", "--dataset", "synthetic", "--out", str(copy), "-p", "1", "--threshold", "0.5",
+    "--baseline-threshold", "0.5", "--task-shape", "64,64,64", "--rerun-from", "agglomerate",
+    "--json", str(tmp_path / "summary.json")])
+  assert result.exit_code == 0, result.output
+  for stage in ("inference", "watershed", "rag", "downsample-image-1",
+                "downsample-affinities-1"):
+    assert f"[{stage}] already done in a previous run" in result.output, stage
+  for stage in ("agglomerate", "remap", "mesh", "skeleton", "downsample-segmentation-1"):
+    assert f"[{stage}] done in" in result.output, stage
+  rerun = json.loads((tmp_path / "summary.json").read_text())
+  assert rerun["agglomeration"]["params"]["threshold"] == 0.5
+  assert rerun["metrics"]["berl"] != summary["metrics"]["berl"]
+  assert json.loads((copy / "pipeline" / "run.json").read_text())["threshold"] == 0.5
+
+
+def test_rerun_from_clears_the_task_objects_a_new_task_grid_would_not_overwrite(tmp_path):
+  from iicats_cv.errors import IicatsError
+  from iicats_cv.tasks.pipeline import Pipeline
+  out = "file://" + str(tmp_path / "run")
+  settings = {"image": out + "/image", "task_shape": [64, 64, 64], "threshold": 0.4}
+  run = Pipeline(out, None, None)
+  run.reconcile(settings, None, {})
+  stale = {"pipeline/stages/inference.json", "pipeline/stages/watershed.json",
+           "pipeline/stages/downsample-affinities-1.json",
+           "pipeline/stages/downsample-segmentation-1.json", "pipeline/done/rag/0_0_0",
+           "supervoxels/faces/64_0_0.npz", "rag/64_0_0.npz", "other/keep.npz"}
+  for key in stale:
+    (tmp_path / "run" / key).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "run" / key).write_text("{}")
+  outputs = {1: [out + "/supervoxels/faces"], 2: [out + "/rag"]}
+  with pytest.raises(IicatsError, match="--rerun-from watershed"):
+    run.reconcile({**settings, "task_shape": [128, 128, 128]}, None, outputs)
+  with pytest.raises(IicatsError, match="--rerun-from watershed"):  # rag is not early enough
+    run.reconcile({**settings, "task_shape": [128, 128, 128]}, "rag", outputs)
+  with pytest.raises(IicatsError, match="holds a run of image .*, not file:///elsewhere/im"):
+    run.reconcile({**settings, "image": "file:///elsewhere/image"}, "inference", outputs)
+  run.reconcile({**settings, "task_shape": [128, 128, 128]}, "watershed", outputs)
+  left = {str(p.relative_to(tmp_path / "run")) for p in (tmp_path / "run").rglob("*")
+          if p.is_file() and "queue" not in p.parts}
+  assert left == {"pipeline/run.json", "pipeline/stages/inference.json",
+                  "pipeline/stages/downsample-affinities-1.json", "other/keep.npz"}
+
+
 def test_validate_names_labels_of_a_missing_skeleton_shard(synthetic_demo):
   from iicats_cv.tasks.igneous_stages import validate_layer
   _, summary, _, _ = synthetic_demo
