@@ -5,11 +5,67 @@ pipeline inserts them into the same queue as our tasks and validates what they w
 """
 from __future__ import annotations
 
+import re
+
 import igneous.task_creation as tc
 import igneous.tasks  # noqa: F401  (registers Igneous tasks for workers)
+import igneous.tasks.mesh.multires as igneous_multires
 import numpy as np
+from cloudvolume.datasource.precomputed.spatial_index import SpatialIndex
+from cloudvolume.lib import Bbox
+from igneous.tasks.skeleton import ShardedSkeletonMergeTask
 
 from iicats_cv.layers import open_layer, add_provenance, resolve_cloudpath
+
+# Resolutions of fractional nanometres (ssTEM at 4.6 nm) break the sharded mesh and skeleton
+# merges of CloudVolume 12.15 / Igneous 4.37 (seung-lab/igneous#177, open): the spatial index
+# is listed by stepping through nanometres in floating point, which can add a sliver file
+# that no task wrote, and the merges turn a file's nanometre box back into voxels by
+# truncation (588.8 / 4.6 -> 127), naming fragment files that do not exist. Both lookups are
+# replaced here by ones on the integer voxel grid the tasks wrote; a worker gets them with
+# the task registrations above. Integer resolutions keep CloudVolume's own listing.
+_cloudvolume_index_paths = SpatialIndex.index_file_paths_for_bbox
+
+
+def _index_paths_on_the_voxel_grid(self, bbox):
+  if not self.precision:
+    return _cloudvolume_index_paths(self, bbox)
+  resolution = np.asarray(self.resolution, dtype=float)
+  chunk = np.round(np.asarray(self.chunk_size, dtype=float) / resolution).astype(int)
+  lo_bound, hi_bound = (np.asarray(p, dtype=int) for p in (self.bounds.minpt,
+                                                          self.bounds.maxpt))
+  lo = np.maximum(np.floor(np.asarray(bbox.minpt, dtype=float) / resolution + 1e-6), lo_bound)
+  hi = np.minimum(np.ceil(np.asarray(bbox.maxpt, dtype=float) / resolution - 1e-6), hi_bound)
+  lo = lo_bound + (lo.astype(int) - lo_bound) // chunk * chunk
+  paths = []
+  for z in range(lo[2], int(hi[2]), chunk[2]):
+    for y in range(lo[1], int(hi[1]), chunk[1]):
+      for x in range(lo[0], int(hi[0]), chunk[0]):
+        start = np.array([x, y, z])
+        box = Bbox(start, np.minimum(start + chunk, hi_bound))
+        # the name the mesh and skeleton tasks gave the file: voxel box × resolution
+        paths.append((box.astype(self.resolution.dtype) * self.resolution)
+                     .to_filename(self.precision) + ".spatial")
+  return paths
+
+
+def _fragment_files(spatial_index, labels, resolution) -> dict:
+  """{label: ['.frags' files]} of the spatial index files that hold each label, in voxels."""
+  locations = spatial_index.file_locations_per_label(labels)
+  resolution = np.asarray(resolution, dtype=float)
+  for label, files in locations.items():
+    boxes = (Bbox.from_filename(re.sub(r"\.spatial$", "", name)) for name in files)
+    locations[label] = [Bbox(np.round(np.asarray(box.minpt) / resolution).astype(int),
+                             np.round(np.asarray(box.maxpt) / resolution).astype(int))
+                        .to_filename() + ".frags" for box in boxes]
+  return locations
+
+
+SpatialIndex.index_file_paths_for_bbox = _index_paths_on_the_voxel_grid
+igneous_multires.locations_for_labels = lambda cv, labels: _fragment_files(
+  cv.mesh.spatial_index, labels, cv.meta.resolution(cv.mesh.meta.mip))
+ShardedSkeletonMergeTask.locations_for_labels = lambda self, labels, cv: _fragment_files(
+  cv.skeleton.spatial_index, labels, cv.meta.resolution(cv.skeleton.meta.mip))
 
 
 def _compress(cloudpath):

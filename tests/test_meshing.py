@@ -46,6 +46,19 @@ def test_sharded_default_has_every_label_with_coarser_lods(segmentation):
   assert validate_layer(path, min_voxels=1)["missing_meshes"], "a lost shard must be reported"
 
 
+def test_sharded_merge_at_a_resolution_of_fractional_nanometres(tmp_path):
+  """ssTEM at 4.6 nm: Igneous' merges turned 588.8 nm back into voxel 127, not 128, and asked
+  for fragment files that do not exist (seung-lab/igneous#177)."""
+  labels, _ = blobs(shape=(256, 192, 24), n=5, seed=3)
+  path = "file://" + str(tmp_path / "seg")
+  write_layer(path, "segmentation", labels, (4.6, 4.6, 45))
+  mesh_and_skeletonize(path)
+  cv = CloudVolume(path)
+  for label in sorted(set(labels.ravel().tolist()) - {0}):
+    assert len(cv.mesh.get(label)[label].vertices) > 0
+    assert len(cv.skeleton.get(label).vertices) > 0
+
+
 def test_unsharded_writes_one_file_per_label_and_validation_names_a_gap(segmentation):
   path, labels = segmentation
   mesh_and_skeletonize(path, "--unsharded")
