@@ -700,8 +700,13 @@ def infer_command(image, affinities, organelles, checkpoint, task_shape, as_floa
   from iicats_cv.tasks.inference import clear_patch_cache, create_inference_tasks
   from iicats_cv.tasks.runner import run_tasks
   from .layers import normalize_cloudpath
+  from .model import ORGANELLE_CHANNELS, checkpoint_metadata, trained_outputs
   started = time.time()
   affinities = normalize_cloudpath(affinities)
+  taught = trained_outputs(checkpoint_metadata(checkpoint))
+  if taught is not None and {"affinities", *ORGANELLE_CHANNELS} - taught:
+    click.echo(f"note: checkpoint {checkpoint or 'default'} learnt only "
+               f"{', '.join(sorted(taught))}; its other channels were never trained")
   tasks = create_inference_tasks(normalize_cloudpath(image), affinities,
                                  normalize_cloudpath(organelles), checkpoint, task_shape,
                                  dtype="float32" if as_float else "uint8", augment=tta)

@@ -243,6 +243,18 @@ def checkpoint_metadata(path: str | None = None) -> dict:
     raise IicatsError(f"checkpoint {path}: not a readable safetensors checkpoint ({err})")
 
 
+def trained_outputs(metadata: dict) -> set | None:
+  """What a checkpoint's training taught: a subset of {"affinities"} | ORGANELLE_CHANNELS, or
+  None where its record does not say (a checkpoint of an older version fine-tuned from
+  another, whose training data went unrecorded)."""
+  if "trained_outputs" in metadata:
+    return set(metadata["trained_outputs"])
+  if "initialised_from" in metadata or not metadata.get("training_data"):
+    return None
+  return {"affinities" if name == "labels" else name
+          for volume in metadata["training_data"] for name in volume["labels"]}
+
+
 def update_checkpoint_metadata(source: str | None, out: str, updates: dict) -> None:
   """Write checkpoint `source`'s weights to `out` (atomically; may be `source` itself) with its
   metadata record updated by `updates`; the weights are copied unchanged."""

@@ -18,7 +18,8 @@ from tqdm import tqdm
 from .errors import IicatsError
 from .metrics import affinity_average_precision, dice
 from .model import (LSD_CHANNELS, ModelConfig, UNet3D, load_checkpoint, normalize_image,
-                    reuse_freed_memory, save_checkpoint, ORGANELLE_CHANNELS, long_range_offsets)
+                    reuse_freed_memory, save_checkpoint, ORGANELLE_CHANNELS, long_range_offsets,
+                    trained_outputs)
 
 
 @dataclass
@@ -459,8 +460,13 @@ def train(volumes, out_path: str, config: ModelConfig | None = None, iterations:
                                   if getattr(v, k) is not None]} for v in volumes],
     "validation": validation,
   }
+  taught = trained_outputs({"training_data": metadata["training_data"]})
   if initial:
     metadata["initialised_from"] = initial
+    earlier = trained_outputs(start_meta)
+    taught = None if earlier is None else taught | earlier
+  if taught is not None:
+    metadata["trained_outputs"] = sorted(taught)
   if training_config != config:
     saved = UNet3D(config)
     weights = model.state_dict()

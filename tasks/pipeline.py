@@ -374,8 +374,14 @@ def resolve_operating_point(checkpoint, threshold, quantile, constraints, augmen
   scorer) uses that scorer, with the scorer's calibrated setting; any other statistic takes
   the unset options from the best affinity statistic's calibrated setting."""
   from iicats_cv.calibrate import agglomeration_settings, organelle_thresholds
-  from iicats_cv.model import checkpoint_metadata
+  from iicats_cv.model import checkpoint_metadata, trained_outputs
   metadata = checkpoint_metadata(checkpoint)
+  taught = trained_outputs(metadata)
+  if taught is not None and "affinities" not in taught:
+    raise IicatsError(f"checkpoint {checkpoint or 'default'}: its affinity channels were never "
+                      f"trained (it learnt {', '.join(sorted(taught)) or 'nothing'}), so it "
+                      "cannot segment neurons: segment with a model trained with --labels, and "
+                      "take this one's organelles with `iicats infer`")
   point = metadata.get("operating_point") or {}
   calibration = point.get("calibration")
   if calibration and bool(calibration.get("test_time_augmentation")) != augment:

@@ -172,6 +172,23 @@ def test_rerun_from_redoes_that_stage_and_the_later_ones(synthetic_demo, tmp_pat
   assert json.loads((copy / "pipeline" / "run.json").read_text())["threshold"] == 0.5
 
 
+def test_a_checkpoint_without_trained_affinities_is_refused_before_anything_is_written(
+    tmp_path):
+  from conftest import blobs
+  from iicats_cv.errors import IicatsError
+  from iicats_cv.model import checkpoint_metadata, trained_outputs
+  from iicats_cv.tasks.pipeline import run_pipeline
+  from iicats_cv.volume_io import import_volume
+  assert trained_outputs(checkpoint_metadata("default")) == {
+    "affinities", "nucleus", "mitochondria", "synapse"}
+  _, image = blobs(shape=(64, 64, 16), n=4, seed=1)
+  image_path = import_volume(image, "file://" + str(tmp_path / "em"), "image", (4.6, 4.6, 47))
+  with pytest.raises(IicatsError, match="checkpoint vnc: its affinity channels were never "
+                                        r"trained \(it learnt mitochondria, synapse\)"):
+    run_pipeline(image_path, "file://" + str(tmp_path / "run"), checkpoint="vnc")
+  assert not (tmp_path / "run").exists()
+
+
 def test_rerun_from_clears_the_task_objects_a_new_task_grid_would_not_overwrite(tmp_path):
   from iicats_cv.errors import IicatsError
   from iicats_cv.tasks.pipeline import Pipeline

@@ -169,6 +169,7 @@ def test_train_resume_and_metadata(tmp_path):
   assert stored["dice_weight"] == 0.5
   assert "affinity_ap" in stored["validation"]["blobs"]
   assert meta["training_data"][0]["labels"] == ["labels", "nucleus"]
+  assert stored["trained_outputs"] == ["affinities", "nucleus"]
 
 
 
@@ -252,6 +253,13 @@ def test_fine_tuning_starts_from_the_checkpoint(tmp_path):
   with pytest.raises(IicatsError, match="not the one asked for"):
     train([TrainingVolume("blobs", image=image, labels=labels)], tuned,
           config=ModelConfig(**TINY), iterations=1, progress=False, init=start)
+  # what each stage taught adds up along the chain
+  assert load_checkpoint(start)[1]["trained_outputs"] == ["affinities"]
+  organelles_only = str(tmp_path / "organelles.safetensors")
+  train([TrainingVolume("blobs", image=image, labels=None, mitochondria=labels == 1)],
+        organelles_only, config=after.config, iterations=1, progress=False, init=start)
+  assert load_checkpoint(organelles_only)[1]["trained_outputs"] == ["affinities",
+                                                                    "mitochondria"]
 
 
 
