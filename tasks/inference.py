@@ -159,9 +159,12 @@ def create_inference_tasks(image_path: str, affinities_path: str, organelles_pat
   model, meta = load_checkpoint(checkpoint or None)
   config = model.config
   if not np.allclose(image_cv.resolution, config.resolution, rtol=0.35):
-    import warnings
-    warnings.warn(f"image layer {image_path}: resolution {tuple(image_cv.resolution)} differs "
-                  f"from the model's training resolution {config.resolution}")
+    def nm(resolution):
+      return "×".join(f"{float(r):g}" for r in resolution) + " nm"
+    print(f"warning: image layer {image_path} is at {nm(image_cv.resolution)}, checkpoint "
+          f"{checkpoint or 'default'} was trained at {nm(config.resolution)}: expect poor "
+          f"predictions, or fine-tune it on your ground truth (iicats train --init "
+          f"{checkpoint or 'default'} ...)", flush=True)
   check_task_shape(task_shape, chunk_size, affinities_path)
   overlap = default_overlap(config.patch_size).tolist()
   bounds = image_cv.bounds
