@@ -122,7 +122,8 @@ def _pipeline_options(func):
                  help="Task queue (fq://PATH or sqs://NAME). Without -p, stages wait for "
                       "external workers (`iicats execute QUEUE`)."),
     click.option("-p", "--parallel", type=int, default=None,
-                 help="Run N local worker processes (default 1 when no --queue)."),
+                 help="Run N local worker processes (default 1 when no --queue; with "
+                      "--queue, none or 0 leaves the tasks to `iicats execute` workers)."),
     click.option("--task-shape", default="128,128,128", callback=_triple("task_shape", int),
                  help="Task (block) shape X,Y,Z in voxels; a multiple of 64."),
     click.option("--checkpoint", default=None,
@@ -356,7 +357,8 @@ def execute_command(queue, lease_sec, exit_on_empty, parallel, max_attempts):
   if parallel > 1:
     import multiprocessing
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(queue, lease_sec, max_attempts))
+    procs = [ctx.Process(target=_worker,
+                         args=(queue, lease_sec, max_attempts, exit_on_empty, True))
              for _ in range(parallel)]
     for proc in procs:
       proc.start()
@@ -365,7 +367,7 @@ def execute_command(queue, lease_sec, exit_on_empty, parallel, max_attempts):
     click.echo(f"done: {parallel} workers exited after {time.time() - started:.1f} s")
     return
   stats = execute(queue, lease_sec=lease_sec, exit_on_empty=exit_on_empty,
-                  max_attempts=max_attempts)
+                  max_attempts=max_attempts, log_tasks=True)
   click.echo(f"done: {stats['executed']} task(s) executed, {stats['failed']} failed attempt(s), "
              f"{stats['dead']} dead-lettered in {time.time() - started:.1f} s")
 

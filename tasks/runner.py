@@ -106,8 +106,11 @@ def _payload_text(task) -> str:
 
 
 def execute(qurl: str, lease_sec: int = 600, exit_on_empty: bool = True,
-            max_attempts: int = 3, quiet: bool = False) -> dict:
+            max_attempts: int = 3, quiet: bool = False, log_tasks: bool = False) -> dict:
   """Run tasks from a queue until it is empty (or forever without exit_on_empty).
+
+  quiet: no line for a failed attempt; log_tasks: a line for each task done (a standalone
+  worker's log; the pipeline's own workers report through its progress bar).
 
   Each task is deleted only after it succeeded; a failure releases the lease for a retry
   until max_attempts, then the task moves to the dead-letter folder.
@@ -127,6 +130,7 @@ def execute(qurl: str, lease_sec: int = 600, exit_on_empty: bool = True,
         break
       time.sleep(0.5)
       continue
+    started = time.time()
     try:
       register_endpoint_aliases(_payload_text(task))
       task.execute()
@@ -144,13 +148,32 @@ def execute(qurl: str, lease_sec: int = 600, exit_on_empty: bool = True,
       continue
     tq.delete(task, tally=True)
     stats["executed"] += 1
+    if log_tasks:
+      print(f"{task_label(task)} done in {time.time() - started:.1f} s", flush=True)
   return stats
 
 
-def _worker(qurl, lease_sec, max_attempts):
+def task_label(task) -> str:
+  """A task's kind and block for a worker's log: 'inference_task 0_128_0',
+  'MeshTask 0_0_0', or the kind alone."""
+  if hasattr(task, "key"):  # python-task-queue's FunctionTask: our tasks
+    name, fields = task.key[-1], task.kwargs
+  else:  # a RegisteredTask: Igneous'
+    name, fields = type(task).__name__, getattr(task, "_args", {})
+  start = fields.get("start", fields.get("offset"))
+  if start is None:
+    return name
+  return f"{name} " + "_".join(str(int(v)) for v in start)
+
+
+def _worker(qurl, lease_sec, max_attempts, exit_on_empty=True, standalone=False):
+  """One worker process: the pipeline's own (quiet, gone when the stage's queue is empty), or
+  one of `iicats execute -p N` (standalone: it logs each task and failure, and waits for more
+  work between stages unless told to exit on empty)."""
   import torch
   torch.set_num_threads(1)
-  execute(qurl, lease_sec=lease_sec, exit_on_empty=True, max_attempts=max_attempts, quiet=True)
+  execute(qurl, lease_sec=lease_sec, exit_on_empty=exit_on_empty, max_attempts=max_attempts,
+          quiet=not standalone, log_tasks=standalone)
 
 
 def drain(qurl: str, total: int, parallel: int = 1, desc: str = "tasks", lease_sec: int = 600,
@@ -201,7 +224,8 @@ def _last_error(directory: str, names) -> str:
 def run_tasks(tasks, queue: str | None, parallel: int | None, desc: str = "tasks",
               lease_sec: int = 600) -> str:
   """Insert tasks and see them done: on a private fq:// queue with local workers when no queue
-  is given, by `parallel` local workers, or (queue and no parallel) by external workers.
+  is given, by `parallel` local workers, or (queue and parallel None or 0) by external
+  workers.
   Returns the queue used."""
   private = None
   if queue is None:
@@ -216,10 +240,10 @@ def run_tasks(tasks, queue: str | None, parallel: int | None, desc: str = "tasks
       # a local file queue needs no insert threads, whose pool polls every 0.1 s to finish
       threads = {"n_threads": 0} if queue.startswith("fq://") else {}
       open_queue(queue, **threads).insert(tasks, skip_insert_counter=True)
-      who = "external workers" if parallel is None else f"{parallel} local worker(s)"
+      who = f"{parallel} local worker(s)" if parallel else "external workers"
       print(f"[{desc}] {len(tasks)} task(s) on {queue} for {who}", flush=True)
       drain(queue, len(tasks), parallel=parallel or 1, desc=desc, lease_sec=lease_sec,
-            wait_for_external=parallel is None)
+            wait_for_external=not parallel)
   finally:
     if private:
       import shutil

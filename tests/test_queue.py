@@ -66,6 +66,7 @@ def test_cli_execute_and_status(tmp_path):
   result = runner.invoke(cli, ["execute", qurl, "-x"])
   assert result.exit_code == 0, result.output
   assert "1 task(s) executed" in result.output
+  assert "touch_task done in" in result.output  # a worker logs each task
   status = runner.invoke(cli, ["queue", "status", qurl])
   assert "enqueued:  0" in status.output and "completed: 1" in status.output
 
@@ -76,3 +77,49 @@ def test_every_command_has_help_with_example():
     result = runner.invoke(cli, [command, "--help"])
     assert result.exit_code == 0
     assert "Example" in result.output, command
+
+
+def test_worker_processes_wait_between_stages_unless_told_to_exit(monkeypatch):
+  """`iicats execute Q -p N` on a fleet node: the queue is empty while the driver creates the
+  next stage's tasks, so its processes may only exit on empty with -x."""
+  import multiprocessing
+  started = []
+
+  class FakeProcess:
+    def __init__(self, target, args):
+      started.append(args)
+
+    def start(self):
+      pass
+
+    def join(self):
+      pass
+
+  class Context:
+    Process = FakeProcess
+
+  monkeypatch.setattr(multiprocessing, "get_context", lambda method: Context())
+  for flags, exit_on_empty in (([], False), (["-x"], True)):
+    started.clear()
+    result = CliRunner().invoke(cli, ["execute", "fq:///tmp/unused", "-p", "2", *flags])
+    assert result.exit_code == 0, result.output
+    assert len(started) == 2
+    assert all(args[3] is exit_on_empty and args[4] is True for args in started)
+
+
+def test_parallel_zero_leaves_the_tasks_to_external_workers(tmp_path):
+  """`iicats pipeline --queue Q -p 0`: the driver only queues and waits."""
+  import threading
+  import time
+  qurl = "fq://" + str(tmp_path / "queue")
+  external = []
+
+  def worker():  # starts once the tasks are queued
+    time.sleep(1.0)
+    external.append(execute(qurl, exit_on_empty=True, quiet=True))
+
+  thread = threading.Thread(target=worker)
+  thread.start()
+  run_tasks([partial(touch_task, path=str(tmp_path / f"out{i}")) for i in range(3)], qurl, 0)
+  thread.join()
+  assert external == [{"executed": 3, "failed": 0, "dead": 0}]
