@@ -836,14 +836,15 @@ def track_command(out_prefix, seeds, name, threshold, track_threshold, constrain
   """
   from functools import partial
   from iicats_cv.layers import join, normalize_cloudpath, open_layer
-  from iicats_cv.seeds import read_seed_points
+  from iicats_cv.seeds import read_seed_points, seeds_in_volume
   from iicats_cv.tasks.common import get_json
   from iicats_cv.tasks.runner import run_tasks
   from iicats_cv.tasks.segmentation import create_remap_tasks, track_task
   out = normalize_cloudpath(out_prefix)
   supervoxels = join(out, "supervoxels")
-  open_layer(supervoxels, layer_type="segmentation", what="supervoxels layer of the run")
-  seeds_nm = read_seed_points(seeds).tolist() if seeds else None
+  layer = open_layer(supervoxels, layer_type="segmentation", what="supervoxels layer of the run")
+  seeds_nm = (seeds_in_volume(read_seed_points(seeds), layer.bounds, layer.resolution,
+                              seeds).tolist() if seeds else None)
   summary = get_json(out, "agglomeration/summary.json") or {}
   ran = summary.get("params", {})
   threshold = ran.get("threshold", 0.5) if threshold is None else threshold

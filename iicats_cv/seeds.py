@@ -66,3 +66,22 @@ def _points_from_state(path: str) -> np.ndarray:
   if not points:
     raise IicatsError(f"seeds {path}: the state has no point annotations")
   return np.array(points, dtype=np.float64)
+
+
+def seeds_in_volume(points_nm: np.ndarray, bounds_vx, resolution, path: str) -> np.ndarray:
+  """The seeds (float64 (N, 3), nm, x,y,z) that lie in the volume of bounds_vx (a CloudVolume
+  Bbox in voxels) at resolution (nm, x,y,z): none is an IicatsError naming the volume's
+  extent; some outside are skipped with a note (a points file may cover more than the run)."""
+  resolution = np.asarray(resolution, dtype=float)
+  lo = np.asarray(bounds_vx.minpt, dtype=float) * resolution
+  hi = np.asarray(bounds_vx.maxpt, dtype=float) * resolution
+  inside = np.all((points_nm >= lo) & (points_nm < hi), axis=1)
+  extent = ", ".join(f"{a:g}-{b:g}" for a, b in zip(lo, hi))
+  if not inside.any():
+    first = ", ".join(f"{v:g}" for v in points_nm[0])
+    raise IicatsError(f"seeds {path}: none of the {len(points_nm)} point(s) lies in the volume "
+                      f"(x, y, z extent {extent} nm; the first is at {first} nm)")
+  if not inside.all():
+    print(f"note: seeds {path}: {int((~inside).sum())} of {len(points_nm)} point(s) lie "
+          f"outside the volume (x, y, z extent {extent} nm) and are skipped", flush=True)
+  return points_nm[inside]

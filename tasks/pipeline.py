@@ -178,8 +178,9 @@ def validate_inputs(image, gt_labels=None, gt_skeletons=None, seeds=None, nuclei
     read_synapses_csv(synapses)
   seeds_nm = None
   if seeds:
-    from iicats_cv.seeds import read_seed_points
-    seeds_nm = read_seed_points(seeds)
+    from iicats_cv.seeds import read_seed_points, seeds_in_volume
+    seeds_nm = seeds_in_volume(read_seed_points(seeds), image_cv.bounds, image_cv.resolution,
+                               seeds)
   return image_cv, seeds_nm
 
 

@@ -138,7 +138,9 @@ def execute(qurl: str, lease_sec: int = 600, exit_on_empty: bool = True,
       stats["failed"] += 1
       if not quiet:
         print(f"task failed: {type(err).__name__}: {err}", flush=True)
-      if _record_failure(tq, task, err, attempts, max_attempts):
+      # a user mistake that the task's validation caught fails the same way every time
+      if _record_failure(tq, task, err, attempts,
+                         1 if isinstance(err, IicatsError) else max_attempts):
         stats["dead"] += 1
       else:
         try:
@@ -208,15 +210,16 @@ def drain(qurl: str, total: int, parallel: int = 1, desc: str = "tasks", lease_s
   dead = set(dead_letters(qurl)) - dead_before
   if dead:
     directory = dead_letter_dir(open_queue(qurl))
-    raise IicatsError(f"{desc}: {len(dead)} task(s) failed {max_attempts} times "
-                      f"({_last_error(directory, dead)}); see {directory}")
+    raise IicatsError(f"{desc}: {len(dead)} task(s) failed ({_last_error(directory, dead)}); "
+                      f"see {directory}")
 
 
 def _last_error(directory: str, names) -> str:
-  """The error of one dead letter, for the one-line failure message."""
+  """The error of one dead letter and its attempts, for the one-line failure message."""
   try:
     with open(os.path.join(directory, sorted(names)[0])) as fh:
-      return json.load(fh)["error"].splitlines()[0]
+      letter = json.load(fh)
+    return f"{letter['error'].splitlines()[0]}; attempts: {letter['attempts']}"
   except (OSError, ValueError, KeyError, IndexError):
     return "error unreadable"
 

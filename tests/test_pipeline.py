@@ -252,10 +252,11 @@ def test_track_from_nuclei_and_from_seed_points(synthetic_demo, tmp_path):
   stained = summary["tracked"][:2]
   seeds = tmp_path / "stained.csv"
   seeds.write_text("x,y,z\n" + "".join(
-    ",".join(f"{v:.1f}" for v in n["seed_nm"]) + "\n" for n in stained))
+    ",".join(f"{v:.1f}" for v in n["seed_nm"]) + "\n" for n in stained) + "1e9,0,0\n")
   result = CliRunner().invoke(cli, ["track", str(out), "--seeds", str(seeds),
                                     "--name", "stained", *task])
   assert result.exit_code == 0, result.output
+  assert "1 of 3 point(s) lie outside the volume" in result.output  # and are skipped
   assert "2 neuron(s) tracked" in result.output
   with open(out / "stained.json") as fh:
     neurons = json.load(fh)
@@ -278,7 +279,8 @@ def test_track_names_seeds_outside_the_volume(synthetic_demo, tmp_path):
   result = CliRunner().invoke(cli, ["track", str(out), "--seeds", str(seeds), "-p", "1",
                                     "--task-shape", "64,64,64"])
   assert result.exit_code != 0
-  assert "no seed point lies on a fragment" in result.output
+  assert "none of the 1 point(s) lies in the volume (x, y, z extent 0-" in result.output
+  assert "[track]" not in result.output  # refused before any task
 
 
 def test_baseline_threshold_above_a_hierarchys_threshold_is_refused(synthetic_demo, tmp_path):

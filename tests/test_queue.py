@@ -23,6 +23,13 @@ def failing_task(path: str):
   raise RuntimeError("this task always fails")
 
 
+@queueable
+def invalid_input_task(path: str):
+  with open(path, "a") as fh:
+    fh.write("x")
+  raise IicatsError("file:///nowhere: no such layer")
+
+
 def test_tasks_run_once_each(tmp_path):
   qurl = "fq://" + str(tmp_path / "queue")
   tq = open_queue(qurl)
@@ -43,9 +50,14 @@ def test_failing_task_is_dead_lettered_after_attempts(tmp_path):
 
 
 def test_run_tasks_reports_dead_letters(tmp_path):
-  with pytest.raises(IicatsError, match="failed 3 times"):
+  with pytest.raises(IicatsError, match="failed .*this task always fails; attempts: 3"):
     run_tasks([partial(failing_task, path=str(tmp_path / "t"))],
               "fq://" + str(tmp_path / "q"), 1)
+  # a user mistake caught by a task's validation is not retried
+  with pytest.raises(IicatsError, match="failed .*no such layer; attempts: 1"):
+    run_tasks([partial(invalid_input_task, path=str(tmp_path / "v"))],
+              "fq://" + str(tmp_path / "q2"), 1)
+  assert (tmp_path / "v").read_text() == "x"
 
 
 def test_unknown_queue_protocol_is_one_clear_error():
