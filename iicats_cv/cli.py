@@ -55,11 +55,15 @@ def import_command(src, dest, layer_type, resolution, axes, key, offset, chunk_s
     iicats import stack.tif file://./data/em --type image --resolution 8,8,40
     iicats import gt.h5 gs://bucket/gt --type segmentation --key labels --resolution 8,8,40
   """
-  from .volume_io import read_array, to_xyz, import_volume
+  from .volume_io import read_array, to_xyz, import_volume, uint8_window
   array = to_xyz(read_array(src, key), axes)
   path = import_volume(array, dest, layer_type, resolution, offset=offset,
                        chunk_size=chunk_size, overwrite=overwrite, source=os.path.abspath(src))
-  click.echo(f"imported {src} {array.shape} {array.dtype} -> {path} ({layer_type})")
+  mapped = ""
+  if layer_type == "image" and array.dtype != "uint8":
+    lo, hi = uint8_window(array)
+    mapped = f"; grey values {lo:g}-{hi:g} mapped to uint8 0-255"
+  click.echo(f"imported {src} {array.shape} {array.dtype} -> {path} ({layer_type}{mapped})")
 
 
 def _command_line(ctx, omit=()) -> str:

@@ -57,18 +57,37 @@ def to_xyz(array: np.ndarray, axes: str) -> np.ndarray:
   raise IicatsError(f"--axes must be zyx or xyz, got '{axes}'")
 
 
+# grey values of a non-uint8 image mapped onto 0..255: its 0.05th to 99.95th percentiles, so
+# that a few hot or dead pixels of a uint16 detector do not flatten the contrast
+IMAGE_WINDOW_PERCENTILES = (0.05, 99.95)
+
+
+def uint8_window(image: np.ndarray) -> tuple[float, float]:
+  """The grey values (lo, hi) of a non-uint8 image that import maps to 0 and 255: its
+  IMAGE_WINDOW_PERCENTILES, from at most ~10⁷ evenly strided voxels."""
+  step = max(1, int(np.ceil((image.size / 1e7) ** (1 / 3))))
+  sample = np.asarray(image[::step, ::step, ::step], dtype=np.float64)
+  sample = sample[np.isfinite(sample)]
+  if not sample.size:
+    return 0.0, 0.0
+  lo, hi = np.percentile(sample, IMAGE_WINDOW_PERCENTILES)
+  return float(lo), float(hi)
+
+
 def import_volume(array_xyz: np.ndarray, dest: str, layer_type: str, resolution, offset=(0, 0, 0),
                   chunk_size=(64, 64, 64), overwrite: bool = False, source: str = "") -> str:
-  """Write an (x, y, z) array as a precomputed layer. Images must be uint8 (other integer or
-  float images are rescaled to 0..255); segmentations are stored as uint64 with
-  compressed_segmentation (uint32 kept as is)."""
+  """Write an (x, y, z) array as a precomputed layer. Images are stored as uint8: others are
+  mapped linearly from uint8_window (clipped; recorded in the provenance) to 0..255;
+  segmentations are stored as uint64 with compressed_segmentation (uint32 kept as is)."""
   dest = normalize_cloudpath(dest)
+  params = {"source": source}
   if layer_type == "image":
     if array_xyz.dtype != np.uint8:
-      data = array_xyz.astype(np.float64)
-      lo, hi = np.nanmin(data), np.nanmax(data)
+      lo, hi = uint8_window(array_xyz)
+      params["grey_values_mapped_to_0_255"] = [lo, hi]
+      data = np.nan_to_num(array_xyz.astype(np.float32), nan=lo)
       array_xyz = np.zeros(data.shape, np.uint8) if hi <= lo else \
-        np.rint((data - lo) / (hi - lo) * 255).astype(np.uint8)
+        np.rint(np.clip((data - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
     dtype, encoding = "uint8", "raw"
   elif layer_type == "segmentation":
     if not np.issubdtype(array_xyz.dtype, np.integer) and array_xyz.dtype != bool:
@@ -85,7 +104,7 @@ def import_volume(array_xyz: np.ndarray, dest: str, layer_type: str, resolution,
     raise IicatsError(f"{dest}: a layer already exists there (use --overwrite to replace it)")
   cv = create_layer(dest, layer_type=layer_type, dtype=dtype, resolution=resolution,
                     voxel_offset=offset, volume_size=array_xyz.shape, chunk_size=chunk_size,
-                    encoding=encoding, step="import", params={"source": source},
+                    encoding=encoding, step="import", params=params,
                     overwrite=overwrite)
   cv[:, :, :] = np.ascontiguousarray(array_xyz)
   return dest

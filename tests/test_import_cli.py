@@ -46,6 +46,26 @@ def test_import_each_format(tmp_path, volume_zyx, suffix):
   assert cv.provenance.processing[-1]["method"]["task"] == "import"
 
 
+def test_a_uint16_image_keeps_its_contrast_despite_hot_pixels(tmp_path, volume_zyx):
+  image = volume_zyx.astype(np.uint16) * 100 + 1000  # grey values 1000-26400
+  image[0, 0, 0] = 65535  # a saturated detector pixel
+  np.save(tmp_path / "em16.npy", image)
+  dest = "file://" + str(tmp_path / "em")
+  result = invoke("import", tmp_path / "em16.npy", dest, "--type", "image",
+                  "--resolution", "4,4,40")
+  assert result.exit_code == 0, result.output
+  assert "mapped to uint8 0-255" in result.output
+  stored = CloudVolume(dest)[:, :, :][..., 0].transpose(2, 1, 0)
+  assert stored.dtype == np.uint8 and stored.max() == 255
+  inside = np.ones(image.shape, bool)
+  inside[0, 0, 0] = False
+  # min-max scaling would squeeze the tissue into 0-102
+  assert np.corrcoef(stored[inside], volume_zyx[inside])[0, 1] > 0.999
+  assert np.percentile(stored[inside], 99) > 240
+  method = CloudVolume(dest).provenance.processing[-1]["method"]
+  assert method["grey_values_mapped_to_0_255"][1] < 65535
+
+
 def test_import_segmentation_uses_compressed_segmentation(tmp_path):
   labels = np.arange(8 * 8 * 8, dtype=np.uint32).reshape(8, 8, 8) % 5
   np.save(tmp_path / "gt.npy", labels)
