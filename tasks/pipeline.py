@@ -448,13 +448,16 @@ def evaluate_run(out, layers, gt_labels, gt_skeletons, nuclei, synapses,
 def make_link(out, layers, tracked, prefix=None):
   """Neuroglancer URL + state; local layers are addressed through `iicats view`'s server."""
   from iicats_cv.viewer.link import build_state, state_to_url, state_json, layer_geometry
-  from iicats_cv.viewer.server import DEFAULT_PORT
+  from iicats_cv.viewer.server import DEFAULT_PORT, INPUT_IMAGE_MOUNT
   local = local_path(out)
 
   def served_path(cloudpath):
-    """Path relative to OUT of a local layer `iicats view OUT` serves; None otherwise."""
+    """Where `iicats view OUT` serves a local layer: its path relative to OUT, or the input
+    image's mount when that lies elsewhere; None for a layer it cannot serve."""
     path = local_path(cloudpath)
     rel = os.path.relpath(path, local) if path is not None and local else None
+    if rel is not None and rel.startswith("..") and cloudpath == layers["image"]:
+      return INPUT_IMAGE_MOUNT
     return None if rel is None or rel.startswith("..") else rel
 
   def source_url(cloudpath):

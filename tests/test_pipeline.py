@@ -297,8 +297,8 @@ def test_baseline_threshold_above_a_hierarchys_threshold_is_refused(synthetic_de
 
 def test_pipeline_hierarchical_quantile_run(tmp_path, tiny_checkpoint, capsys):
   """--hierarchy (two levels) and a quantile through every stage to the segmentation (tiny
-  network), on a local image outside the run's folder (left out of the link, with a note, not
-  an error). The quantile, evidence and organelle cuts come from the checkpoint's calibrated
+  network), on a local image outside the run's folder (in the link at `iicats view`'s
+  /_image). The quantile, evidence and organelle cuts come from the checkpoint's calibrated
   operating point, and so does the dust cleanup, which leaves no segment below its size
   across the hierarchy's parts; the nucleus fraction reaches the agglomeration."""
   from conftest import blobs
@@ -335,9 +335,10 @@ def test_pipeline_hierarchical_quantile_run(tmp_path, tiny_checkpoint, capsys):
   assert segmentation.shape[:3] == (128, 128, 64) and segmentation.all()
   assert np.unique(segmentation, return_counts=True)[1].min() >= 300  # the dust joined others
   import neuroglancer
-  names = [layer.name for layer in neuroglancer.parse_url(summary["neuroglancer_url"]).layers]
-  assert "segmentation" in names and "image" not in names
-  assert "image " + image_path + " is a local layer outside" in capsys.readouterr().out
+  layers = neuroglancer.parse_url(summary["neuroglancer_url"]).layers
+  assert "segmentation" in [layer.name for layer in layers]
+  assert layers["image"].source[0].url.endswith("/_image")  # where `iicats view` serves it
+  assert "outside" not in capsys.readouterr().out
 
 
 def test_pipeline_agglomerates_with_the_checkpoints_learned_edge_scorer(tmp_path,

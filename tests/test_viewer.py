@@ -349,6 +349,35 @@ def test_view_state_of_a_run(run_dir):
     data_server.close()
 
 
+def test_view_serves_a_run_whose_input_image_lies_elsewhere(run_dir, tmp_path):
+  """`iicats pipeline --image file:///data/em --out ./run`: the image stays where it is; the
+  run's link and `iicats view` reach it at /_image, and nothing beside it."""
+  import shutil
+  from cloudvolume import CloudVolume
+  from iicats_cv.tasks.pipeline import make_link
+  base, _, image = run_dir
+  elsewhere = tmp_path / "data" / "em"
+  shutil.move(str(base / "image"), str(elsewhere))
+  (tmp_path / "data" / "secret.txt").write_bytes(SECRET)
+  (base / "pipeline").mkdir()
+  (base / "pipeline" / "run.json").write_text(json.dumps({"image": f"file://{elsewhere}"}))
+  viewer, data_server = server.view(f"file://{base}", port=0, block=False)
+  try:
+    source = viewer.state.layers["image"].source[0].url
+    assert source == f"precomputed://{data_server.url}/_image"
+    cv = CloudVolume(source[len("precomputed://"):], progress=False)
+    assert np.array_equal(cv[:, :, :][..., 0], image)
+    for target in ("/_image/../secret.txt", "/_image/%2e%2e/secret.txt"):
+      status, body = raw_request(data_server, target)
+      assert status.split()[1] in ("403", "404") and SECRET not in body
+  finally:
+    data_server.close()
+  layers = {"image": f"file://{elsewhere}", "segmentation": f"file://{base}/segmentation"}
+  url, _ = make_link(f"file://{base}", layers, [])
+  assert neuroglancer.parse_url(url).layers["image"].source[0].url == \
+    f"precomputed://http://127.0.0.1:{server.DEFAULT_PORT}/_image"
+
+
 def test_view_errors(tmp_path):
   with pytest.raises(IicatsError, match="no such folder"):
     server.start_view(str(tmp_path / "missing"), port=0)

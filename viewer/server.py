@@ -26,6 +26,8 @@ from iicats_cv.errors import IicatsError
 
 DEFAULT_PORT = 9015
 LAYER_NAMES = ("image", "affinities", "organelles", "supervoxels", "segmentation")
+# where `iicats view` serves a run's input image that lies on local disk outside the run
+INPUT_IMAGE_MOUNT = "_image"
 
 RequestRecord = collections.namedtuple("RequestRecord", "method path status encoding")
 
@@ -158,9 +160,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
       self.wfile.write(body)
 
   def _serve(self, head):
-    root = self.server.root
+    root, target = self.server.root, self.path
+    first, _, rest = urllib.parse.urlsplit(target).path.lstrip("/").partition("/")
+    if urllib.parse.unquote(first) in self.server.mounts:
+      root, target = self.server.mounts[urllib.parse.unquote(first)], "/" + rest
     try:
-      path = resolve_request_path(root, self.path)
+      path = resolve_request_path(root, target)
       found = self._find(root, path)
     except (Forbidden, UnicodeDecodeError):
       return self._error(403, head)
@@ -274,9 +279,11 @@ class DataServer:
   """
 
   def __init__(self, root_dir: str, host: str = "127.0.0.1", port: int = 0,
-               verbose: bool = False):
-    if not os.path.isdir(root_dir):
-      raise IicatsError(f"{root_dir}: not a folder to serve")
+               verbose: bool = False, mounts: dict | None = None):
+    """mounts: {name: folder} served at /name/ besides root_dir (nothing above each folder)."""
+    for folder in [root_dir, *(mounts or {}).values()]:
+      if not os.path.isdir(folder):
+        raise IicatsError(f"{folder}: not a folder to serve")
     server_class = _HTTPServer6 if ":" in host else _HTTPServer
     try:
       self._httpd = server_class((host, int(port)), _Handler)
@@ -285,6 +292,8 @@ class DataServer:
         raise IicatsError(f"port {port} on {host} is in use (choose another with --port)")
       raise IicatsError(f"cannot serve on {host}:{port} ({err.strerror or err})")
     self._httpd.root = os.path.realpath(root_dir)
+    self._httpd.mounts = {name: os.path.realpath(folder)
+                          for name, folder in (mounts or {}).items()}
     self._httpd.verbose = verbose
     self._httpd.record = self._record
     self._lock = threading.Lock()
@@ -308,11 +317,13 @@ class DataServer:
     """`precomputed://` URL of a file:// layer under the served folder."""
     path = cloudpath[len("file://"):] if cloudpath.startswith("file://") else cloudpath
     real = os.path.realpath(path)
-    if not inside(self.root, real):
-      raise IicatsError(f"{cloudpath}: outside the served folder {self.root}")
-    rel = os.path.relpath(real, self.root).replace(os.sep, "/")
-    quoted = "" if rel == "." else "/" + urllib.parse.quote(rel)
-    return f"precomputed://{self.url}{quoted}"
+    for prefix, folder in [("", self.root), *((f"/{name}", folder) for name, folder
+                                               in self._httpd.mounts.items())]:
+      if inside(folder, real):
+        rel = os.path.relpath(real, folder).replace(os.sep, "/")
+        quoted = "" if rel == "." else "/" + urllib.parse.quote(rel)
+        return f"precomputed://{self.url}{prefix}{quoted}"
+    raise IicatsError(f"{cloudpath}: outside the served folder {self.root}")
 
   def _record(self, record: RequestRecord):
     with self._lock:
@@ -341,10 +352,16 @@ class DataServer:
 # view
 
 def run_layers(out_prefix: str) -> dict:
-  """{name: cloudpath} of the standard layers with an info file under out_prefix."""
+  """{name: cloudpath} of the standard layers with an info file under out_prefix, and the
+  run's input image (OUT/pipeline/run.json) where it lies elsewhere."""
   from iicats_cv.layers import join, layer_exists
-  return {name: join(out_prefix, name) for name in LAYER_NAMES
-          if layer_exists(join(out_prefix, name))}
+  from iicats_cv.tasks.common import get_json
+  layers = {name: join(out_prefix, name) for name in LAYER_NAMES
+            if layer_exists(join(out_prefix, name))}
+  image = (get_json(join(out_prefix, "pipeline"), "run.json") or {}).get("image")
+  if "image" not in layers and image and layer_exists(image):
+    layers["image"] = image
+  return layers
 
 
 def _run_annotations(out_prefix: str) -> dict:
@@ -396,7 +413,13 @@ def start_view(out_prefix: str, host: str = "127.0.0.1", port: int = DEFAULT_POR
   base = local_path(out_prefix)
   if base is not None and not os.path.isdir(base):
     raise IicatsError(f"{out_prefix}: no such folder")
-  server = DataServer(base, host=host, port=port, verbose=verbose) if base else None
+  server = None
+  if base:
+    image = run_layers(out_prefix).get("image")
+    image_path = local_path(image) if image else None
+    outside = image_path is not None and not inside(os.path.realpath(base), image_path)
+    server = DataServer(base, host=host, port=port, verbose=verbose,
+                        mounts={INPUT_IMAGE_MOUNT: image_path} if outside else None)
   try:
     state = view_state(out_prefix, server.source_url if server else None, segments, layout)
     neuroglancer.set_server_bind_address(host, bind_port=viewer_port)
