@@ -134,10 +134,10 @@ def _pipeline_options(func):
                  help="Model checkpoint file, or a shipped model: 'default' (10 nm "
                       "isotropic EM), 'vnc' (ssTEM organelles)."),
     click.option("--json", "json_path", default=None, help="Write the run summary here."),
-    click.option("--threshold", type=float, default=None,
+    click.option("--threshold", type=click.FloatRange(0, 1), default=None,
                  help="Agglomeration threshold (default: the checkpoint's calibrated one, "
                       "else 0.5)."),
-    click.option("--baseline-threshold", type=float, default=None,
+    click.option("--baseline-threshold", type=click.FloatRange(0, 1), default=None,
                  help="Threshold of the unconstrained baseline agglomeration, when it should "
                       "be compared at its own calibrated threshold (default: --threshold)."),
     click.option("--link-prefix", default=None,
@@ -818,9 +818,9 @@ def downsample_command(cloudpath, queue, parallel, num_mips):
                    "annotation layer (default: every detected nucleus).")
 @click.option("--name", default="tracked", show_default=True,
               help="Writes layer OUT_PREFIX/NAME and the neuron list OUT_PREFIX/NAME.json.")
-@click.option("--threshold", type=float, default=None,
+@click.option("--threshold", type=click.FloatRange(0, 1), default=None,
               help="Agglomeration threshold (default: the run's).")
-@click.option("--track-threshold", type=float, default=None,
+@click.option("--track-threshold", type=click.FloatRange(0, 1), default=None,
               help="Seeds grow down to this mean affinity (default: the threshold).")
 @click.option("--constraints", default=None, callback=_constraint_list,
               help="Evidence honoured while growing (default: the run's).")

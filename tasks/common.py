@@ -31,6 +31,10 @@ def block_grid(bounds_start, bounds_stop, task_shape):
   return blocks
 
 
+# the chunk size of every layer the pipeline writes: task shapes are multiples of it
+LAYER_CHUNK_SIZE = (64, 64, 64)
+
+
 def check_task_shape(task_shape, chunk_size, layer: str):
   """Task shapes must be multiples of the chunk size so every write is chunk-aligned."""
   if any(t % c for t, c in zip(task_shape, chunk_size)):

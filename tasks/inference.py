@@ -20,7 +20,8 @@ from iicats_cv.inference import (default_overlap, patches_for_block, predict_blo
 from iicats_cv.layers import open_layer, create_layer, local_path, resolve_cloudpath
 from iicats_cv.model import (load_checkpoint, reuse_freed_memory, AFFINITY_CHANNELS,
                              ORGANELLE_CHANNELS)
-from .common import block_grid, check_task_shape, mark_done, block_name, done_names
+from .common import (LAYER_CHUNK_SIZE, block_grid, check_task_shape, mark_done, block_name,
+                     done_names)
 
 _MODELS = {}
 
@@ -145,7 +146,7 @@ def inference_task(image_path: str, affinities_path: str, organelles_path: str,
 def create_inference_tasks(image_path: str, affinities_path: str, organelles_path: str,
                            checkpoint: str | None = None, task_shape=(128, 128, 128),
                            dtype: str = "uint8", batch_size: int = 4, state_prefix: str = "",
-                           chunk_size=(64, 64, 64), share_patches: bool = True,
+                           chunk_size=LAYER_CHUNK_SIZE, share_patches: bool = True,
                            augment: bool = False):
   """Create the output layers (validated, with provenance) and one task per block.
 

@@ -30,7 +30,7 @@ from .runner import open_queue, run_tasks
 from .segmentation import (EDGE_SCORER_OBJECT, create_watershed_tasks, create_rag_tasks,
                            create_node_table_tasks, create_reduce_tasks, level_prefix,
                            agglomerate_task, create_remap_tasks)
-from .common import get_json, put_json
+from .common import LAYER_CHUNK_SIZE, check_task_shape, get_json, put_json
 
 LAYERS = ("image", "affinities", "organelles", "supervoxels", "segmentation")
 # supervoxels stay at full resolution: they are inspected up close, never zoomed out
@@ -234,6 +234,7 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
       raise IicatsError("a boundary tolerance scores dense ground truth: give gt_labels "
                         "(--gt-labels)")
     boundary_tolerance_steps(image_cv.resolution, boundary_tolerance_nm)
+  check_task_shape(task_shape, LAYER_CHUNK_SIZE, out)
   if rerun_from is not None and rerun_from not in STEP_NAMES:
     raise IicatsError(f"rerun_from {rerun_from!r}: expected one of {', '.join(STEP_NAMES)}")
   if levels > 1 and not hierarchy:

@@ -31,8 +31,8 @@ from iicats_cv.rag import (EDGE_FIELDS, block_rag, contract_stitched, merge_rags
                           stitched_node_table)
 from iicats_cv.watershed import (AXES, FLOOD_SEED_REACH, LATTICE_SPACING, face_agreement,
                                  fragments)
-from .common import (block_grid, check_task_shape, mark_done, block_name, done_names, put_npz,
-                     get_npz, put_json, get_json)
+from .common import (LAYER_CHUNK_SIZE, block_grid, check_task_shape, mark_done, block_name,
+                     done_names, put_npz, get_npz, put_json, get_json)
 from cloudfiles import CloudFiles
 
 
@@ -150,7 +150,7 @@ def create_watershed_tasks(affinities_path: str, supervoxels_path: str, task_sha
                            threshold: float = 0.5, min_size: int = 50,
                            context_nm: float | None = None,
                            per_section: bool | None = None, state_prefix: str = "",
-                           chunk_size=(64, 64, 64), organelles_path: str = "",
+                           chunk_size=LAYER_CHUNK_SIZE, organelles_path: str = "",
                            synapse_boundary: float = 0.0, synapse_cut: float = 0.5):
   """Watershed tasks over the affinities' bounds (watershed_task). With organelles_path and
   synapse_boundary > 0 the predicted synapses raise the boundary map (see fragments)."""
@@ -628,7 +628,7 @@ def remap_task(supervoxels_path: str, segmentation_path: str, out_prefix: str, c
 
 
 def create_remap_tasks(supervoxels_path, segmentation_path, out_prefix, task_shape,
-                       column="segment_ids", state_prefix="", chunk_size=(64, 64, 64),
+                       column="segment_ids", state_prefix="", chunk_size=LAYER_CHUNK_SIZE,
                        table_key="agglomeration/table.npz"):
   sv_cv = open_layer(supervoxels_path, layer_type="segmentation", what="supervoxels layer")
   bounds = sv_cv.bounds

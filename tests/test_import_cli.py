@@ -120,6 +120,12 @@ def test_pipeline_bad_inputs_leave_nothing(tmp_path, volume_zyx):
   # a malformed task shape
   result = invoke("pipeline", "--image", img, "--out", out, "--task-shape", "64,64")
   assert result.exit_code != 0 and "--task-shape" in result.output
+  # a task shape that is not a multiple of the layers' 64³ chunks
+  result = invoke("pipeline", "--image", img, "--out", out, "--task-shape", "96,96,96")
+  assert result.exit_code != 0 and "not a multiple of the chunk size" in result.output
+  # a threshold no affinity can reach
+  result = invoke("pipeline", "--image", img, "--out", out, "--threshold", "1.5")
+  assert result.exit_code != 0 and "--threshold" in result.output
   # levels of a hierarchy that was not asked for
   result = invoke("pipeline", "--image", img, "--out", out, "--levels", "2")
   assert result.exit_code != 0 and "needs hierarchy (--hierarchy N)" in result.output
