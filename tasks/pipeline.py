@@ -53,13 +53,16 @@ STEPS = (
 STEP_NAMES = tuple(name for name, _ in STEPS)
 # stage records and done markers by the step whose outputs they depend on: the pyramids of
 # the image and of the inference layers need no redoing when a later step changes
-_STAGE_STEPS = (("inference", 0), ("watershed", 1), ("rag", 2), ("nodes", 3), ("reduce", 3),
-                ("agglomerate", 3), ("track", 3), ("remap", 4), ("mesh", 5), ("skeleton", 5),
-                ("downsample-segmentation", 4), ("downsample", 0))
+_STAGE_STEPS = (("inference", "inference"), ("watershed", "watershed"), ("rag", "rag"),
+                ("nodes", "agglomerate"), ("reduce", "agglomerate"),
+                ("agglomerate", "agglomerate"), ("track", "agglomerate"), ("remap", "remap"),
+                ("mesh", "mesh"), ("skeleton", "mesh"), ("downsample-segmentation", "remap"),
+                ("downsample", "inference"))
 
 
 def _step_of(stage: str) -> int | None:
-  return next((step for prefix, step in _STAGE_STEPS if stage.startswith(prefix)), None)
+  return next((STEP_NAMES.index(step) for prefix, step in _STAGE_STEPS
+               if stage.startswith(prefix)), None)
 
 
 def _redone_from(stage: str, first_step: int) -> bool:
