@@ -45,6 +45,8 @@ import edt
 import numpy as np
 from scipy import ndimage
 
+from .errors import IicatsError
+
 
 @dataclass
 class SyntheticVolume:
@@ -578,7 +580,8 @@ def make_synthetic_volume(shape=(128, 128, 64), resolution=(10, 10, 10), seed: i
   shape = tuple(int(s) for s in shape)
   res = np.asarray(resolution, np.float64)
   if len(shape) != 3 or len(res) != 3 or min(shape) < 4 or np.any(res <= 0):
-    raise ValueError(f"shape {shape} / resolution {tuple(res)}: need 3 axes, >= 4 voxels, > 0 nm")
+    raise IicatsError(f"shape {tuple(shape)} / resolution {tuple(float(r) for r in res)}: "
+                      "need 3 axes, >= 4 voxels, > 0 nm")
   rng = np.random.default_rng(seed)
   extent = np.asarray(shape) * res
   u = float(unit_nm) if unit_nm else float(max(res.min(), res.max() / 3.0))

@@ -385,8 +385,9 @@ def train(volumes, out_path: str, config: ModelConfig | None = None, iterations:
     if cut < need:
       needed, what = ((need, "a training patch") if val_fraction == 0 else
                       (2 * need, "a training and a validation patch"))
-      raise ValueError(f"training volume {vol.name}: {nz} z slices; need at least {needed} "
-                       f"for {what}")
+      hint = "" if val_fraction == 0 else " (or train on every slice: --val-fraction 0)"
+      raise IicatsError(f"training volume {vol.name}: {nz} z slices; need at least {needed} "
+                        f"for {what}{hint}")
     train_range.append((0, cut))
     val_range.append((cut, nz))
   isotropic = all(d[2] == 2 for d in config.downsample)

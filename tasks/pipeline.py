@@ -388,6 +388,11 @@ def resolve_operating_point(checkpoint, threshold, quantile, constraints, augmen
                       "cannot segment neurons: segment with a model trained with --labels, and "
                       "take this one's organelles with `iicats infer`")
   point = metadata.get("operating_point") or {}
+  if not point.get("agglomeration") and (threshold is None or constraints is None):
+    print(f"note: checkpoint {checkpoint or 'default'} has no calibrated operating point, so "
+          "the unset agglomeration options take the uncalibrated defaults (mean affinity, "
+          "threshold 0.5, every kind of evidence); `iicats calibrate --checkpoint ... --image "
+          "... --labels ...` chooses them on your ground truth", flush=True)
   calibration = point.get("calibration")
   if calibration and bool(calibration.get("test_time_augmentation")) != augment:
     print(f"note: checkpoint {checkpoint or 'default'} was calibrated with test-time "

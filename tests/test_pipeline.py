@@ -189,6 +189,17 @@ def test_a_checkpoint_without_trained_affinities_is_refused_before_anything_is_w
   assert not (tmp_path / "run").exists()
 
 
+def test_an_uncalibrated_checkpoint_says_which_defaults_it_runs_with(tiny_checkpoint, capsys):
+  from iicats_cv.tasks.pipeline import resolve_operating_point
+  threshold, quantile, constraints, *_ = resolve_operating_point(tiny_checkpoint, None, None,
+                                                                 None)
+  assert (threshold, quantile) == (0.5, None) and len(constraints) == 3
+  assert "has no calibrated operating point" in capsys.readouterr().out
+  resolve_operating_point(tiny_checkpoint, 0.4, None, ("nucleus",))  # the user chose them
+  resolve_operating_point("default", None, None, None)
+  assert "operating point" not in capsys.readouterr().out
+
+
 def test_rerun_from_clears_the_task_objects_a_new_task_grid_would_not_overwrite(tmp_path):
   from iicats_cv.errors import IicatsError
   from iicats_cv.tasks.pipeline import Pipeline

@@ -179,7 +179,7 @@ def test_validation_fraction_zero_trains_on_every_section(tmp_path):
   labels, image = blobs((40, 40, 17), n=3)
   vol = TrainingVolume("thin", image=image, labels=labels)
   out = str(tmp_path / "thin.safetensors")
-  with pytest.raises(ValueError, match="thin: 17 z slices; need at least 34"):
+  with pytest.raises(IicatsError, match="thin: 17 z slices; need at least 34"):
     train([vol], out, config=ModelConfig(**TINY), iterations=1, progress=False)
   meta = train([vol], out, config=ModelConfig(**TINY), iterations=2, progress=False,
                val_fraction=0)
