@@ -627,8 +627,8 @@ def summary_line(result: dict) -> str:
 @click.option("--pooled", is_flag=True,
               help="Pool all correct edges of a segment within a skeleton (funlib.evaluate) "
                    "instead of connected runs.")
-@click.option("--json", "json_path", required=True, metavar="OUT",
-              help="Write the full results (JSON) here.")
+@click.option("--json", "json_path", default=None, metavar="OUT",
+              help="Also write the full results (JSON) here.")
 @click.option("--report", "report_dir", default=None, metavar="DIR",
               help="Write an HTML report (with PNG figures) into DIR.")
 def evaluate_command(segmentation, skeletons, nuclei, synapses, gt_labels,
@@ -645,17 +645,18 @@ def evaluate_command(segmentation, skeletons, nuclei, synapses, gt_labels,
     raise IicatsError(f"--mip must be >= 0, got {mip}")
   if skeletons is None and gt_labels is None:
     raise IicatsError("give --skeletons and/or --gt-labels (nothing to evaluate)")
-  if os.path.isdir(json_path):
+  if json_path and os.path.isdir(json_path):
     raise IicatsError(f"--json {json_path}: is a directory; give a file name")
   if (nuclei or synapses) and skeletons is None:
     click.echo("note: --nuclei/--synapses only report violations without --skeletons")
   result = evaluate(segmentation, skeletons=skeletons, nuclei=nuclei, synapses=synapses,
                     gt_labels=gt_labels, mip=mip, pooled=pooled,
                     boundary_tolerance_nm=boundary_tolerance_nm)
-  write_json(result, json_path)
+  if json_path:
+    write_json(result, json_path)
   click.echo(f"{'metric':<28}value")
   for name, value in metric_rows(result):
     click.echo(f"{name:<28}{value}")
   if report_dir:
     click.echo(f"report: {write_report(result, report_dir)}")
-  click.echo(summary_line(result) + f" -> {json_path}")
+  click.echo(summary_line(result) + (f" -> {json_path}" if json_path else ""))

@@ -114,6 +114,7 @@ def downsample_tasks(cloudpath: str, mip: int):
 def mesh_tasks(cloudpath: str, task_shape, dust_threshold: int = 100, sharded: bool = True):
   """Mesh fragments per task (zmesh), one voxel of overlap, into the layer's `mesh` dir
   (`.frags` files for the sharded merge, per-label fragments for legacy manifests)."""
+  open_layer(cloudpath, layer_type="segmentation", what="layer")  # before any task
   return tc.create_meshing_tasks(resolve_cloudpath(cloudpath), mip=0, shape=tuple(task_shape),
                                  mesh_dir="mesh", compress=_compress(cloudpath),
                                  dust_threshold=dust_threshold, sharded=sharded,
@@ -146,7 +147,7 @@ def skeleton_tasks(cloudpath: str, task_shape, dust_threshold: int = 100,
   The dust threshold applies per task, so it stays small: a neuron cut into many blocks must
   still leave pieces to skeletonise (validation demands a skeleton for every big label).
   """
-  cv = open_layer(cloudpath)
+  cv = open_layer(cloudpath, layer_type="segmentation", what="layer")
   return tc.create_skeletonizing_tasks(resolve_cloudpath(cloudpath), mip=0,
                                        shape=tuple(task_shape),
                                        teasar_params=teasar_params(cv.resolution),

@@ -311,14 +311,14 @@ def test_evaluate_command(tmp_path, seg_layer):
   assert data["erl"] == pytest.approx(65600 / 440)
   assert "bERL" in result.output and "ERL 0.149 µm" in result.output
   assert (tmp_path / "report" / "index.html").exists()
+  printed_only = CliRunner().invoke(evaluate_command, [seg_layer, "--skeletons", swc_dir])
+  assert printed_only.exit_code == 0 and "ERL 0.149 µm" in printed_only.output
   help_text = CliRunner().invoke(evaluate_command, ["--help"]).output
   assert "Example:" in help_text and "--gt-labels" in help_text
 
 
 def test_evaluate_command_errors(tmp_path, seg_layer):
   runner = CliRunner()
-  result = runner.invoke(evaluate_command, [seg_layer, "--skeletons", str(tmp_path)])
-  assert result.exit_code == 2 and "--json" in result.output
   result = runner.invoke(evaluate_command, [seg_layer, "--skeletons", str(tmp_path),
                                             "--json", str(tmp_path / "m.json")])
   assert result.exit_code == 1 and "no .swc files there" in result.output

@@ -79,3 +79,15 @@ def test_lod_chunk_size_scales_with_the_volume():
   assert lod_chunk_size((96, 96, 64)) == (16, 16, 16)
   assert lod_chunk_size((512, 512, 300)) == (32, 32, 32)
   assert lod_chunk_size((40000, 40000, 7000)) == (256, 256, 256)
+
+
+def test_an_image_layer_is_refused_before_any_task(tmp_path):
+  _, image = blobs(shape=(64, 64, 64), n=3, seed=1)
+  path = "file://" + str(tmp_path / "em")
+  write_layer(path, "image", image, (8, 8, 8))
+  for verb in ("mesh", "skeleton"):
+    result = CliRunner().invoke(cli, [verb, path, "-p", "1"])
+    assert result.exit_code == 1
+    assert "is a 'image' layer, expected 'segmentation'" in result.output
+    assert f"[{verb}]" not in result.output
+  assert not (tmp_path / "em" / "mesh").exists()
