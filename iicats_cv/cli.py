@@ -791,7 +791,8 @@ def skeleton_command(cloudpath, queue, parallel, task_shape, sharded, dust):
 @click.argument("cloudpath")
 @click.option("--queue", default=None)
 @click.option("-p", "--parallel", type=int, default=None)
-@click.option("--num-mips", type=int, default=2, show_default=True)
+@click.option("--num-mips", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Mips to add; fewer where a mip would have fewer than 32 voxels on an axis.")
 def downsample_command(cloudpath, queue, parallel, num_mips):
   """Add a mip pyramid (Igneous/tinybrain: averaging for images, mode for labels).
 
@@ -806,6 +807,11 @@ def downsample_command(cloudpath, queue, parallel, num_mips):
   cv = open_layer(path)
   started = time.time()
   depth = ig.pyramid_depth(cv.bounds.size3(), cv.resolution, num_mips)
+  if depth < num_mips:
+    click.echo(f"note: {depth} of the {num_mips} mips: the next would have fewer than 32 "
+               f"voxels on an axis ({path} is {'×'.join(map(str, cv.bounds.size3()))} voxels, "
+               f"downsampled by {'×'.join(map(str, ig.downsample_factor(cv.resolution)))} "
+               "per mip)")
   for mip in range(depth):
     run_tasks(ig.downsample_tasks(path, mip), queue, parallel, desc=f"mip {mip + 1}")
   click.echo(f"done: {depth} mip(s) added to {path} in {time.time() - started:.1f} s")

@@ -170,5 +170,9 @@ def test_two_stage_commands_without_a_queue_run_every_stage_locally(tmp_path):
                          "downsample", path, "--num-mips", "2"],
                         capture_output=True, text=True, timeout=120)
   assert done.returncode == 0, done.stdout + done.stderr
-  assert "2 mip(s) added" in done.stdout
+  assert "2 mip(s) added" in done.stdout and "note" not in done.stdout
   assert len(CloudVolume(path).available_mips) == 3
+  # more mips than the volume allows: the ones that fit, and a note saying why
+  result = invoke("downsample", path, "--num-mips", "4")
+  assert result.exit_code == 0, result.output
+  assert "note: 2 of the 4 mips: the next would have fewer than 32 voxels" in result.output
