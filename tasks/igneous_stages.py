@@ -5,6 +5,8 @@ pipeline inserts them into the same queue as our tasks and validates what they w
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 
 import igneous.task_creation as tc
@@ -107,8 +109,10 @@ def downsample_tasks(cloudpath: str, mip: int):
   factor = downsample_factor(cv.meta.resolution(0))
   next_size = np.asarray(cv.meta.volume_size(mip)) // np.asarray(factor)
   chunk = None if (next_size >= 2 * np.asarray(cv.meta.chunk_size(mip))).all() else (32, 32, 32)
-  return tc.create_downsampling_tasks(resolve_cloudpath(cloudpath), mip=mip, num_mips=1, factor=factor,
-                                      compress=_compress(cloudpath), chunk_size=chunk)
+  with contextlib.redirect_stdout(io.StringIO()):  # its 'Volume Bounds' / 'Selected ROI' lines
+    return list(tc.create_downsampling_tasks(resolve_cloudpath(cloudpath), mip=mip, num_mips=1,
+                                             factor=factor, compress=_compress(cloudpath),
+                                             chunk_size=chunk))
 
 
 def mesh_tasks(cloudpath: str, task_shape, dust_threshold: int = 100, sharded: bool = True):
