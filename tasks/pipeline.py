@@ -84,6 +84,9 @@ class Pipeline:
       queue = "fq://" + (os.path.join(base, "pipeline", "queue") if base
                          else tempfile.mkdtemp(prefix="iicats-queue-"))
       parallel = parallel or 1
+      # an interrupted run's tasks, some leased by workers that are gone: waiting for their
+      # leases would stall this run; each stage re-creates what its done-markers lack
+      open_queue(queue).purge()
     open_queue(queue)
     self.queue = queue
     self.parallel = parallel

@@ -200,6 +200,26 @@ def test_an_uncalibrated_checkpoint_says_which_defaults_it_runs_with(tiny_checkp
   assert "operating point" not in capsys.readouterr().out
 
 
+def test_a_resumed_run_does_not_wait_for_the_leases_of_an_interrupted_one(tmp_path):
+  """Ctrl-C leaves the run's own queue with tasks leased by a worker that is gone: the next
+  run stalled until their leases (10 minutes) expired."""
+  from functools import partial
+  from taskqueue import queueable
+  from iicats_cv.tasks.pipeline import Pipeline
+  from iicats_cv.tasks.runner import open_queue
+
+  @queueable
+  def interrupted_task():
+    pass
+
+  out = "file://" + str(tmp_path / "run")
+  queue = open_queue(Pipeline(out, None, None).queue)
+  queue.insert([partial(interrupted_task) for _ in range(3)])
+  queue.lease(seconds=600)
+  assert queue.enqueued == 3
+  assert open_queue(Pipeline(out, None, None).queue).enqueued == 0
+
+
 def test_rerun_from_clears_the_task_objects_a_new_task_grid_would_not_overwrite(tmp_path):
   from iicats_cv.errors import IicatsError
   from iicats_cv.tasks.pipeline import Pipeline
