@@ -242,7 +242,13 @@ def run_tasks(tasks, queue: str | None, parallel: int | None, desc: str = "tasks
       # the fq insert counter costs ~1 s of lock retries per insert here, and nothing reads it
       # a local file queue needs no insert threads, whose pool polls every 0.1 s to finish
       threads = {"n_threads": 0} if queue.startswith("fq://") else {}
-      open_queue(queue, **threads).insert(tasks, skip_insert_counter=True)
+      tq = open_queue(queue, **threads)
+      waiting = tq.enqueued
+      if waiting:
+        print(f"note: queue {queue} already holds {waiting} task(s) (an interrupted run's?); "
+              "this stage waits for them too, leased ones once their leases expire "
+              f"(`iicats queue purge {queue}` drops them)", flush=True)
+      tq.insert(tasks, skip_insert_counter=True)
       who = f"{parallel} local worker(s)" if parallel else "external workers"
       print(f"[{desc}] {len(tasks)} task(s) on {queue} for {who}", flush=True)
       drain(queue, len(tasks), parallel=parallel or 1, desc=desc, lease_sec=lease_sec,

@@ -135,3 +135,11 @@ def test_parallel_zero_leaves_the_tasks_to_external_workers(tmp_path):
   run_tasks([partial(touch_task, path=str(tmp_path / f"out{i}")) for i in range(3)], qurl, 0)
   thread.join()
   assert external == [{"executed": 3, "failed": 0, "dead": 0}]
+
+
+def test_a_stage_says_when_its_queue_already_holds_tasks(tmp_path, capsys):
+  qurl = "fq://" + str(tmp_path / "queue")
+  open_queue(qurl).insert([partial(touch_task, path=str(tmp_path / "stale"))])
+  run_tasks([partial(touch_task, path=str(tmp_path / "new"))], qurl, 1)
+  assert "already holds 1 task(s)" in capsys.readouterr().out
+  assert (tmp_path / "stale").exists() and (tmp_path / "new").exists()
