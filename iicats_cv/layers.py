@@ -170,9 +170,13 @@ def create_layer(cloudpath: str, *, layer_type: str, dtype: str, resolution: Seq
             and list(old["voxel_offset"]) == list(new["voxel_offset"])
             and np.allclose(old["resolution"], new["resolution"]))
     if not same:
+      def describe(kind, data_type, channels, scale):
+        return (f"{kind} {data_type} × {channels} channel(s), size {scale['size']} at "
+                f"{scale['voxel_offset']}, {scale['resolution']} nm")
       raise IicatsError(
-        f"{cloudpath}: a layer with a different geometry/type already exists there "
-        "(delete it or choose another --out)")
+        f"{cloudpath}: a layer already exists there as "
+        f"{describe(cv.layer_type, cv.dtype.name, cv.num_channels, old)}, not "
+        f"{describe(layer_type, dtype, num_channels, new)} (delete it or write elsewhere)")
     return cv
   cv = CloudVolume(resolve_cloudpath(cloudpath), info=info, compress=_compress_for(cloudpath),
                    progress=False)

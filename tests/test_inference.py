@@ -317,3 +317,15 @@ def test_test_time_augmentation_averages_over_the_mirror_images():
   out = forward_probabilities(RampModel(config), torch.zeros((1, 1, 16, 16, 8)), augment=True)
   # organelle channels: sigmoid(r) and sigmoid(-r) average to 0.5 at every voxel
   torch.testing.assert_close(out[:, 3:], torch.full_like(out[:, 3:], 0.5), atol=1e-6, rtol=0)
+
+
+def test_an_existing_layer_of_another_kind_is_named_with_what_differs(tmp_path):
+  from iicats_cv.layers import create_layer
+  path = "file://" + str(tmp_path / "aff")
+  geometry = {"layer_type": "image", "resolution": (10, 10, 10), "voxel_offset": (0, 0, 0),
+              "volume_size": (64, 64, 64), "num_channels": 3}
+  create_layer(path, dtype="float32", **geometry)
+  create_layer(path, dtype="float32", **geometry)  # the same again: reopened
+  with pytest.raises(IicatsError, match=r"exists there as image float32 × 3 channel\(s\).* "
+                                        r"not image uint8 × 3 channel\(s\)"):
+    create_layer(path, dtype="uint8", **geometry)
