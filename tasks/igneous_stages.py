@@ -26,7 +26,7 @@ from iicats_cv.layers import open_layer, add_provenance, resolve_cloudpath
 # truncation (588.8 / 4.6 -> 127), naming fragment files that do not exist. Both lookups are
 # replaced here by ones on the integer voxel grid the tasks wrote; a worker gets them with
 # the task registrations above. Integer resolutions keep CloudVolume's own listing.
-_cloudvolume_index_paths = SpatialIndex.index_file_paths_for_bbox
+_cloudvolume_index_paths = getattr(SpatialIndex, "index_file_paths_for_bbox", None)
 
 
 def _index_paths_on_the_voxel_grid(self, bbox):
@@ -63,11 +63,15 @@ def _fragment_files(spatial_index, labels, resolution) -> dict:
   return locations
 
 
-SpatialIndex.index_file_paths_for_bbox = _index_paths_on_the_voxel_grid
-igneous_multires.locations_for_labels = lambda cv, labels: _fragment_files(
-  cv.mesh.spatial_index, labels, cv.meta.resolution(cv.mesh.meta.mip))
-ShardedSkeletonMergeTask.locations_for_labels = lambda self, labels, cv: _fragment_files(
-  cv.skeleton.spatial_index, labels, cv.meta.resolution(cv.skeleton.meta.mip))
+# (only where the versions installed still have these lookups)
+if hasattr(SpatialIndex, "index_file_paths_for_bbox"):
+  SpatialIndex.index_file_paths_for_bbox = _index_paths_on_the_voxel_grid
+if hasattr(igneous_multires, "locations_for_labels"):
+  igneous_multires.locations_for_labels = lambda cv, labels: _fragment_files(
+    cv.mesh.spatial_index, labels, cv.meta.resolution(cv.mesh.meta.mip))
+if hasattr(ShardedSkeletonMergeTask, "locations_for_labels"):
+  ShardedSkeletonMergeTask.locations_for_labels = lambda self, labels, cv: _fragment_files(
+    cv.skeleton.spatial_index, labels, cv.meta.resolution(cv.skeleton.meta.mip))
 
 
 def _compress(cloudpath):
