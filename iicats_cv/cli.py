@@ -57,12 +57,13 @@ def import_command(src, dest, layer_type, resolution, axes, key, offset, chunk_s
   """
   from .volume_io import read_array, to_xyz, import_volume, uint8_window
   array = to_xyz(read_array(src, key), axes)
-  path = import_volume(array, dest, layer_type, resolution, offset=offset,
-                       chunk_size=chunk_size, overwrite=overwrite, source=os.path.abspath(src))
-  mapped = ""
+  window, mapped = None, ""
   if layer_type == "image" and array.dtype != "uint8":
-    lo, hi = uint8_window(array)
-    mapped = f"; grey values {lo:g}-{hi:g} mapped to uint8 0-255"
+    window = uint8_window(array)
+    mapped = f"; grey values {window[0]:g}-{window[1]:g} mapped to uint8 0-255"
+  path = import_volume(array, dest, layer_type, resolution, offset=offset,
+                       chunk_size=chunk_size, overwrite=overwrite, source=os.path.abspath(src),
+                       window=window)
   click.echo(f"imported {src} {array.shape} {array.dtype} -> {path} ({layer_type}{mapped})")
 
 
@@ -111,13 +112,6 @@ def _quantile(ctx, param, value):
     raise click.BadParameter(f"{value}: expected 'mean', 'learned' or a quantile between 0 "
                              "and 1")
   return q
-
-
-def _stage_name(ctx, param, value):
-  from iicats_cv.tasks.pipeline import STEP_NAMES
-  if value is not None and value not in STEP_NAMES:
-    raise click.BadParameter(f"{value}: expected one of {', '.join(STEP_NAMES)}")
-  return value
 
 
 def _pipeline_options(func):
@@ -185,7 +179,7 @@ def _pipeline_options(func):
                  help="With ground-truth labels, also score VOI and ARAND without the voxels "
                       "this close to a ground-truth interface (CREMI's border mask; default 0, "
                       "the demo 10: its ground truth runs up to the membranes)."),
-    click.option("--rerun-from", default=None, callback=_stage_name,
+    click.option("--rerun-from", default=None,
                  help="In an --out that holds a previous run, redo this stage (inference, "
                       "watershed, rag, agglomerate, remap, mesh or downsample) and the ones "
                       "after it with this call's settings. Without it finished stages are "

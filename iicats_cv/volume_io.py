@@ -75,15 +75,17 @@ def uint8_window(image: np.ndarray) -> tuple[float, float]:
 
 
 def import_volume(array_xyz: np.ndarray, dest: str, layer_type: str, resolution, offset=(0, 0, 0),
-                  chunk_size=(64, 64, 64), overwrite: bool = False, source: str = "") -> str:
+                  chunk_size=(64, 64, 64), overwrite: bool = False, source: str = "",
+                  window: tuple[float, float] | None = None) -> str:
   """Write an (x, y, z) array as a precomputed layer. Images are stored as uint8: others are
-  mapped linearly from uint8_window (clipped; recorded in the provenance) to 0..255;
-  segmentations are stored as uint64 with compressed_segmentation (uint32 kept as is)."""
+  mapped linearly from window (default: uint8_window) to 0..255, clipped and recorded in the
+  provenance; segmentations are stored as uint64 with compressed_segmentation (uint32 kept
+  as is)."""
   dest = normalize_cloudpath(dest)
   params = {"source": source}
   if layer_type == "image":
     if array_xyz.dtype != np.uint8:
-      lo, hi = uint8_window(array_xyz)
+      lo, hi = window or uint8_window(array_xyz)
       params["grey_values_mapped_to_0_255"] = [lo, hi]
       data = np.nan_to_num(array_xyz.astype(np.float32), nan=lo)
       array_xyz = np.zeros(data.shape, np.uint8) if hi <= lo else \

@@ -242,7 +242,7 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
     boundary_tolerance_steps(image_cv.resolution, boundary_tolerance_nm)
   check_task_shape(task_shape, LAYER_CHUNK_SIZE, out)
   if rerun_from is not None and rerun_from not in STEP_NAMES:
-    raise IicatsError(f"rerun_from {rerun_from!r}: expected one of {', '.join(STEP_NAMES)}")
+    raise IicatsError(f"--rerun-from {rerun_from}: expected one of {', '.join(STEP_NAMES)}")
   if levels > 1 and not hierarchy:
     raise IicatsError(f"levels={levels} needs hierarchy (--hierarchy N): the parts of each "
                       "level are N×N×N parts of the level below")

@@ -336,9 +336,11 @@ def _stitched_rag(rag_prefix: str, hierarchy_prefix: str = ""):
 
 def _global_params(params: dict, out_prefix: str, hierarchy_prefix: str,
                    prescored: bool) -> AgglomerationParams:
-  """The global step's AgglomerationParams. After hierarchical reduction the learned scorer
-  has already scored the edges (reduce_task), so it is not applied to the regions again."""
-  p = agglomeration_params(params, out_prefix)
+  """The global step's AgglomerationParams (the baseline's own threshold left to the caller).
+  After hierarchical reduction the learned scorer has already scored the edges (reduce_task),
+  so it is not applied to the regions again."""
+  p = agglomeration_params({k: v for k, v in params.items() if k != "baseline_threshold"},
+                           out_prefix)
   if hierarchy_prefix and prescored != (p.edge_scorer is not None):
     raise IicatsError(f"{hierarchy_prefix}: the parts were reduced "
                       f"{'with' if prescored else 'without'} a learned edge scorer and this "
@@ -534,8 +536,7 @@ def agglomerate_task(rag_prefix: str, supervoxels_path: str, out_prefix: str, pa
   baseline_sweep_<t>), OUT/agglomeration/summary.json and OUT/tracked.json.
   """
   fragment_ids, node_of_fragment, rag, prescored = _stitched_rag(rag_prefix, hierarchy_prefix)
-  p = _global_params({k: v for k, v in params.items() if k != "baseline_threshold"},
-                     out_prefix, hierarchy_prefix, prescored)
+  p = _global_params(params, out_prefix, hierarchy_prefix, prescored)
   seeds, positions = (None, {})
   if track:
     seeds, positions = _seed_fragments(rag, p, seeds_nm, supervoxels_path,
@@ -581,8 +582,7 @@ def track_task(rag_prefix: str, supervoxels_path: str, out_prefix: str, params: 
   OUT/NAME.json ([{"id", "seed", "seed_nm", "fragments", "voxels"}]).
   """
   fragment_ids, node_of_fragment, rag, prescored = _stitched_rag(rag_prefix, hierarchy_prefix)
-  p = _global_params({k: v for k, v in params.items() if k != "baseline_threshold"},
-                     out_prefix, hierarchy_prefix, prescored)
+  p = _global_params(params, out_prefix, hierarchy_prefix, prescored)
   seeds, positions = _seed_fragments(rag, p, seeds_nm, supervoxels_path,
                                      (fragment_ids, node_of_fragment))
   if not seeds:
