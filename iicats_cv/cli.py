@@ -193,9 +193,24 @@ def _pipeline_options(func):
   return func
 
 
+def _region_options(func):
+  """--mip and --bounds: which scale and box of the image a command works on."""
+  for option in reversed([
+      click.option("--mip", type=click.IntRange(min=0), default=0, show_default=True,
+                   help="Work on this mip of the image, at its resolution (e.g. 1 for 8×8×40 "
+                        "nm from a 4×4×40 nm layer; the default model wants about 10 nm)."),
+      click.option("--bounds", default=None,
+                   help="Only this box of the image: x0,y0,z0,x1,y1,z1 in voxels at --mip "
+                        "(default: all of it). Written layers cover just the box; "
+                        "inference reads image context around it.")]):
+    func = option(func)
+  return func
+
+
 @cli.command("pipeline")
 @click.option("--image", required=True, help="EM image layer cloudpath (uint8).")
 @click.option("--out", required=True, help="Output cloudpath prefix for every layer.")
+@_region_options
 @_pipeline_options
 @click.option("--seeds", default=None,
               help="Tracking seeds: CSV x,y,z (nm) or a Neuroglancer state with points.")
@@ -203,8 +218,8 @@ def _pipeline_options(func):
 @click.option("--gt-skeletons", default=None, help="Directory of GT SWC files (ERL, nERL).")
 @click.option("--nuclei", default=None, help="GT nuclei CSV x,y,z nm (bERL).")
 @click.option("--synapses", default=None, help="GT synapses CSV pre_x..post_z nm (bERL).")
-def pipeline_command(image, out, queue, parallel, task_shape, checkpoint, json_path, threshold,
-                     baseline_threshold, link_prefix, constraints, quantile, nucleus_fraction,
+def pipeline_command(image, out, mip, bounds, queue, parallel, task_shape, checkpoint,
+                     json_path, threshold, baseline_threshold, link_prefix, constraints, quantile, nucleus_fraction,
                      min_segment_voxels, interior_bonus, synapse_boundary, hierarchy, levels, tta,
                      boundary_tolerance_nm, rerun_from, unsharded, seeds, gt_labels, gt_skeletons,
                      nuclei, synapses):
@@ -214,10 +229,12 @@ def pipeline_command(image, out, queue, parallel, task_shape, checkpoint, json_p
   \b
   Example:
     iicats pipeline --image gs://lab/em --out gs://lab/run1 --queue sqs://iicats -p 0
+    iicats pipeline --image gs://lab/em --mip 1 --bounds 4096,4096,200,5120,5120,328 \\
+      --out gs://lab/trial -p 8
     iicats pipeline --image file://./em --out ./run --gt-labels file://./gt -p 2 --json s.json
   """
   from iicats_cv.tasks.pipeline import run_pipeline
-  summary = run_pipeline(image, out, queue=queue, parallel=parallel, task_shape=task_shape,
+  summary = run_pipeline(image, out, mip=mip, bounds=bounds, queue=queue, parallel=parallel, task_shape=task_shape,
                          checkpoint=checkpoint, seeds=seeds, gt_labels=gt_labels,
                          gt_skeletons=gt_skeletons, nuclei=nuclei, synapses=synapses,
                          json_path=json_path, threshold=threshold,
@@ -440,7 +457,10 @@ def synthetic_command(out, shape, resolution, seed):
 @click.option("--mitochondria", multiple=True, help="Mitochondria layer per --image or 'none'.")
 @click.option("--synapses", multiple=True, help="Synapse layer per --image or 'none'.")
 @click.option("--bounds", multiple=True,
-              help="Region per --image as x0,y0,z0,x1,y1,z1 voxels, or 'all'.")
+              help="Region per --image as x0,y0,z0,x1,y1,z1 voxels (at --mip), or 'all'.")
+@click.option("--mip", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Train on this mip of the images (the label layers are read at their "
+                   "scale of the same resolution).")
 @click.option("--out", required=True, help="Checkpoint path (.safetensors).")
 @click.option("--iterations", type=int, default=2000, show_default=True)
 @click.option("--batch-size", type=int, default=2, show_default=True)
@@ -480,7 +500,7 @@ def synthetic_command(out, shape, resolution, seed):
               help="Fine-tune: start from this checkpoint (a file, or a shipped model: "
                    "'default', 'vnc') and keep its architecture (--patch-size, "
                    "--anisotropic, --widths and --long-range then come from it).")
-def train_command(image, labels, nuclei, mitochondria, synapses, bounds, out, iterations,
+def train_command(image, labels, nuclei, mitochondria, synapses, bounds, mip, out, iterations,
                   batch_size, lr, patch_size, anisotropic, widths, long_range, seed,
                   dice_weight, val_fraction, hard_fraction, focus_labels, focus_fraction,
                   lsd_sigma, lsd_weight, resume, init):
@@ -521,7 +541,7 @@ def train_command(image, labels, nuclei, mitochondria, synapses, bounds, out, it
       raise click.UsageError(f"--init {init} keeps that checkpoint's architecture: leave out "
                              f"{', '.join(given)}")
   volumes, resolution = load_training_volumes(image, labels, nuclei, mitochondria, synapses,
-                                              bounds)
+                                              bounds, mip)
   if init:
     config = replace(load_checkpoint(init)[0].config, resolution=resolution)
   else:
@@ -555,7 +575,7 @@ CALIBRATION_MAX_VOXELS = 150_000_000
 @click.option("--nuclei", default=None, help="Nucleus mask/labels layer: its probability cut.")
 @click.option("--mitochondria", default=None, help="Mitochondria layer: its probability cut.")
 @click.option("--synapses", default=None, help="Synapse layer: its probability cut.")
-@click.option("--bounds", default=None, help="Region x0,y0,z0,x1,y1,z1 voxels (default: all).")
+@_region_options
 @click.option("--tta", is_flag=True, help="Calibrate the test-time-augmented prediction.")
 @click.option("--out", required=True,
               help="Calibrated checkpoint (.safetensors; may be the --checkpoint file itself).")
@@ -563,8 +583,8 @@ CALIBRATION_MAX_VOXELS = 150_000_000
               help="With --labels, also train a learned edge scorer and use it where it beats "
                    "the best affinity statistic on held-out halves of the region.")
 @click.option("--json", "json_path", default=None, help="Write every scored setting here.")
-def calibrate_command(checkpoint, image, labels, nuclei, mitochondria, synapses, bounds, tta,
-                      edge_scorer, out, json_path):
+def calibrate_command(checkpoint, image, labels, nuclei, mitochondria, synapses, mip, bounds,
+                      tta, edge_scorer, out, json_path):
   """Choose a model's operating point on labelled data and record it in the checkpoint.
 
   With --labels: the agglomeration statistic (mean, 50th or 75th percentile affinity), the
@@ -591,12 +611,12 @@ def calibrate_command(checkpoint, image, labels, nuclei, mitochondria, synapses,
                           score_agglomeration, setting_text)
   from .inference import predict_volume
   from .model import ORGANELLE_CHANNELS, load_checkpoint, update_checkpoint_metadata
-  from .layers import open_layer
-  from .training_data import load_training_volumes, region_bbox
+  from .layers import open_layer, region_bbox
+  from .training_data import load_training_volumes
   if not (labels or nuclei or mitochondria or synapses):
     raise click.UsageError("give --labels and/or an organelle layer (--nuclei, "
                            "--mitochondria, --synapses) to calibrate against")
-  image_cv = open_layer(image, layer_type="image", dtypes=("uint8",), num_channels=1,
+  image_cv = open_layer(image, mip=mip, layer_type="image", dtypes=("uint8",), num_channels=1,
                         what="calibration image")
   voxels = int(np.prod(region_bbox(bounds, image_cv, image).size3()))
   if voxels > CALIBRATION_MAX_VOXELS:
@@ -607,7 +627,7 @@ def calibrate_command(checkpoint, image, labels, nuclei, mitochondria, synapses,
   one = lambda value: (value,) if value else ("none",)  # noqa: E731
   volumes, resolution = load_training_volumes(
     (image,), one(labels), one(nuclei), one(mitochondria), one(synapses),
-    (bounds,) if bounds else ())
+    (bounds,) if bounds else (), mip)
   volume = volumes[0]
   model, metadata = load_checkpoint(checkpoint)
   device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -687,10 +707,11 @@ def calibrate_command(checkpoint, image, labels, nuclei, mitochondria, synapses,
 @click.option("--tta", is_flag=True,
               help="Test-time augmentation: average each patch's prediction over its in-plane "
                    "mirror images (8 where x and y match, else 4; 4-8x the compute).")
+@_region_options
 @click.option("--queue", default=None)
 @click.option("-p", "--parallel", type=int, default=None)
-def infer_command(image, affinities, organelles, checkpoint, task_shape, as_float, tta, queue,
-                  parallel):
+def infer_command(image, affinities, organelles, checkpoint, task_shape, as_float, tta, mip,
+                  bounds, queue, parallel):
   """Predict affinity and organelle layers from an EM image layer.
 
   \b
@@ -709,7 +730,8 @@ def infer_command(image, affinities, organelles, checkpoint, task_shape, as_floa
                f"{', '.join(sorted(taught))}; its other channels were never trained")
   tasks = create_inference_tasks(normalize_cloudpath(image), affinities,
                                  normalize_cloudpath(organelles), checkpoint, task_shape,
-                                 dtype="float32" if as_float else "uint8", augment=tta)
+                                 dtype="float32" if as_float else "uint8", augment=tta,
+                                 mip=mip, bounds=bounds)
   run_tasks(tasks, queue, parallel, desc="inference")
   clear_patch_cache(affinities)
   click.echo(f"done: {len(tasks)} inference task(s) in {time.time() - started:.1f} s")

@@ -143,17 +143,22 @@ def _points(value, reader, shape_tail, what) -> np.ndarray:
 
 
 def _dense_scores(seg_cv, seg_path, gt_labels, mip, boundary_tolerance_nm=0.0) -> dict:
-  """VOI and adapted Rand error over the overlap of the segmentation and ground-truth layers
-  (same resolution at mip required); both are downloaded whole over that box. With a
-  boundary tolerance also voi_split_tolerant, voi_merge_tolerant and arand_tolerant over the
-  voxels metrics.boundary_tolerance_mask keeps."""
+  """VOI and adapted Rand error over the overlap of the segmentation at mip and the
+  ground-truth layer's scale at the same resolution; both are downloaded whole over that box.
+  With a boundary tolerance also voi_split_tolerant, voi_merge_tolerant and arand_tolerant
+  over the voxels metrics.boundary_tolerance_mask keeps."""
   from cloudvolume import Bbox
-  gt_path, gt_cv = _open_segmentation(gt_labels, mip, what="ground-truth labels")
-  seg_geo, gt_geo = layer_geometry(seg_cv, mip), layer_geometry(gt_cv, mip)
-  if not np.allclose(seg_geo["resolution"], gt_geo["resolution"]):
-    raise IicatsError(f"ground-truth labels {gt_path}: resolution {gt_geo['resolution'].tolist()}"
-                      f" nm differs from the segmentation's {seg_geo['resolution'].tolist()} nm "
-                      f"at mip {mip}")
+  from .layers import mip_at_resolution, resolution_text
+  gt_path, gt_cv = _open_segmentation(gt_labels, 0, what="ground-truth labels")
+  seg_geo = layer_geometry(seg_cv, mip)
+  gt_mip = mip_at_resolution(gt_cv, seg_geo["resolution"])
+  if gt_mip is None:
+    raise IicatsError(f"ground-truth labels {gt_path}: no scale at the segmentation's "
+                      f"resolution {resolution_text(seg_geo['resolution'])} (mip {mip}); it has "
+                      + ", ".join(resolution_text(gt_cv.meta.resolution(m))
+                                  for m in range(len(gt_cv.info["scales"]))))
+  gt_cv.mip = gt_mip  # download() checks boxes against the bounds at cv.mip
+  gt_geo = layer_geometry(gt_cv, gt_mip)
   start = np.maximum(seg_geo["offset"], gt_geo["offset"])
   stop = np.minimum(seg_geo["offset"] + seg_geo["size"], gt_geo["offset"] + gt_geo["size"])
   if np.any(stop <= start):
@@ -162,7 +167,7 @@ def _dense_scores(seg_cv, seg_path, gt_labels, mip, boundary_tolerance_nm=0.0) -
   box = Bbox(start, stop)
   try:
     seg = np.asarray(seg_cv.download(box, mip=mip))[..., 0]
-    gt = np.asarray(gt_cv.download(box, mip=mip))[..., 0]
+    gt = np.asarray(gt_cv.download(box, mip=gt_mip))[..., 0]
   except Exception as err:
     raise IicatsError(f"cannot read {seg_path} / {gt_path} over {start.tolist()}-"
                       f"{stop.tolist()} ({type(err).__name__}: {err})")

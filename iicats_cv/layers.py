@@ -105,8 +105,7 @@ def open_layer(cloudpath: str, *, mip: int = 0, layer_type: str | None = None,
   """
   cloudpath = normalize_cloudpath(cloudpath)
   try:
-    cv = CloudVolume(resolve_cloudpath(cloudpath), mip=mip, fill_missing=fill_missing,
-                     progress=False,
+    cv = CloudVolume(resolve_cloudpath(cloudpath), fill_missing=fill_missing, progress=False,
                      compress=_compress_for(cloudpath), bounded=True)
   except InfoUnavailableError:
     raise IicatsError(f"{what} {cloudpath}: no precomputed 'info' file there "
@@ -121,7 +120,10 @@ def open_layer(cloudpath: str, *, mip: int = 0, layer_type: str | None = None,
   if not isinstance(info.get("scales"), list) or not info["scales"]:
     raise IicatsError(f"{what} {cloudpath}: malformed info (no 'scales')")
   if mip >= len(info["scales"]):
-    raise IicatsError(f"{what} {cloudpath}: has no mip {mip} (it has {len(info['scales'])})")
+    scales = ", ".join(resolution_text(cv.meta.resolution(m)) for m in range(len(info["scales"])))
+    raise IicatsError(f"{what} {cloudpath}: has no mip {mip} (its {len(info['scales'])} mip(s): "
+                      f"{scales}; `iicats downsample` adds more)")
+  cv.mip = mip
   if layer_type is not None and cv.layer_type != layer_type:
     raise IicatsError(f"{what} {cloudpath}: is a '{cv.layer_type}' layer, expected '{layer_type}'")
   if dtypes is not None and cv.dtype.name not in tuple(dtypes):
@@ -131,6 +133,50 @@ def open_layer(cloudpath: str, *, mip: int = 0, layer_type: str | None = None,
     raise IicatsError(
       f"{what} {cloudpath}: has {cv.num_channels} channel(s), expected {num_channels}")
   return cv
+
+
+def resolution_text(resolution) -> str:
+  """Voxel size (x, y, z) as '4×4×40 nm' (for messages)."""
+  return "×".join(f"{float(r):g}" for r in resolution) + " nm"
+
+
+def box_text(box) -> str:
+  """A Bbox as '[x0, y0, z0]-[x1, y1, z1]' (for messages)."""
+  return f"{[int(v) for v in box.minpt]}-{[int(v) for v in box.maxpt]}"
+
+
+def region_bbox(bounds, cv, name):
+  """The region of layer `cv` (at its mip) a command works on -> Bbox.
+
+  bounds: x0,y0,z0,x1,y1,z1 in voxels at that mip, as text (--bounds), 6 integers or a Bbox;
+  'all' or None for the layer's whole bounds. Raises IicatsError naming the layer for a
+  malformed, empty or out-of-bounds region."""
+  from cloudvolume import Bbox
+  if bounds is None or (isinstance(bounds, str) and bounds == "all"):
+    return cv.bounds
+  if isinstance(bounds, Bbox):
+    bounds = list(bounds.minpt) + list(bounds.maxpt)
+  text = bounds if isinstance(bounds, str) else ",".join(str(int(v)) for v in bounds)
+  try:
+    values = [int(v) for v in text.split(",")]
+    assert len(values) == 6
+  except (ValueError, AssertionError):
+    raise IicatsError(f"--bounds {text}: expected x0,y0,z0,x1,y1,z1 (voxels) or 'all'")
+  box = Bbox(values[:3], values[3:])
+  if any(stop <= start for start, stop in zip(values[:3], values[3:])):
+    raise IicatsError(f"--bounds {text}: empty (each stop must exceed its start)")
+  if not cv.bounds.contains_bbox(box):
+    raise IicatsError(f"--bounds {text}: outside {name}, whose bounds are {box_text(cv.bounds)} voxels at "
+                      f"mip {cv.mip} ({resolution_text(cv.resolution)})")
+  return box
+
+
+def mip_at_resolution(cv, resolution) -> int | None:
+  """The mip of layer `cv` whose voxels are `resolution` nm (x,y,z), or None."""
+  for mip in range(len(cv.info["scales"])):
+    if np.allclose(cv.meta.resolution(mip), resolution):
+      return mip
+  return None
 
 
 def layer_exists(cloudpath: str) -> bool:

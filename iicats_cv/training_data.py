@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import numpy as np
-from cloudvolume import Bbox
-
 from .errors import IicatsError
-from .layers import open_layer
+from .layers import box_text, mip_at_resolution, open_layer, region_bbox, resolution_text
 from .train import TrainingVolume
 
 
@@ -19,24 +17,12 @@ def _per_image(values, count, name):
   return [None if v.lower() == "none" else v for v in values]
 
 
-def region_bbox(text, cv, name):
-  """--bounds text (x0,y0,z0,x1,y1,z1 voxels, 'all' or None) -> Bbox inside layer `cv`."""
-  if text is None or text == "all":
-    return cv.bounds
-  try:
-    values = [int(v) for v in text.split(",")]
-    assert len(values) == 6
-  except (ValueError, AssertionError):
-    raise IicatsError(f"--bounds {text}: expected x0,y0,z0,x1,y1,z1 or 'all'")
-  box = Bbox(values[:3], values[3:])
-  if not cv.bounds.contains_bbox(box):
-    raise IicatsError(f"--bounds {text}: outside the bounds {cv.bounds} of {name}")
-  return box
-
-
 def load_training_volumes(images, labels=(), nuclei=(), mitochondria=(), synapses=(),
-                          bounds=()):
-  """Read each dataset's region into memory -> (list[TrainingVolume], resolution nm)."""
+                          bounds=(), mip=0):
+  """Read each dataset's region into memory -> (list[TrainingVolume], resolution nm).
+
+  mip: the images' mip (regions are voxels there); label layers are read at their scale of
+  the same resolution."""
   n = len(images)
   columns = {"labels": _per_image(labels, n, "labels"),
              "nucleus": _per_image(nuclei, n, "nuclei"),
@@ -45,8 +31,8 @@ def load_training_volumes(images, labels=(), nuclei=(), mitochondria=(), synapse
   regions = _per_image(bounds, n, "bounds")
   volumes, resolution = [], None
   for i, path in enumerate(images):
-    image_cv = open_layer(path, layer_type="image", dtypes=("uint8",), num_channels=1,
-                          what="training image")
+    image_cv = open_layer(path, mip=mip, layer_type="image", dtypes=("uint8",),
+                          num_channels=1, what="training image")
     box = region_bbox(regions[i], image_cv, path)
     resolution = resolution or tuple(float(r) for r in image_cv.resolution)
     arrays = {"image": np.asarray(image_cv[box])[..., 0]}
@@ -54,10 +40,13 @@ def load_training_volumes(images, labels=(), nuclei=(), mitochondria=(), synapse
       if values[i] is None:
         continue
       cv = open_layer(values[i], num_channels=1, what=f"training {field}")
-      if not np.allclose(cv.resolution, image_cv.resolution) or \
-          not cv.bounds.contains_bbox(box):
-        raise IicatsError(f"training {field} {values[i]}: resolution/bounds do not cover "
-                          f"{path} {box}")
+      scale = mip_at_resolution(cv, image_cv.resolution)
+      if scale is not None:
+        cv.mip = scale
+      if scale is None or not cv.bounds.contains_bbox(box):
+        raise IicatsError(f"training {field} {values[i]}: has no scale at "
+                          f"{resolution_text(image_cv.resolution)} that covers {path}'s region "
+                          f"{box_text(box)}")
       arrays[field] = np.asarray(cv[box])[..., 0]
     volumes.append(TrainingVolume(name=path, **arrays))
   return volumes, resolution

@@ -17,7 +17,8 @@ from taskqueue import queueable
 
 from iicats_cv.inference import (default_overlap, patches_for_block, predict_block, quantize,
                                  pad_to_region)
-from iicats_cv.layers import open_layer, create_layer, local_path, resolve_cloudpath
+from iicats_cv.layers import (open_layer, create_layer, local_path, region_bbox, resolution_text,
+                             resolve_cloudpath)
 from iicats_cv.model import (load_checkpoint, reuse_freed_memory, AFFINITY_CHANNELS,
                              ORGANELLE_CHANNELS)
 from .common import (LAYER_CHUNK_SIZE, block_grid, check_task_shape, mark_done, block_name,
@@ -78,12 +79,13 @@ class PatchCache:
 
 
 def patch_cache_prefix(affinities_path: str, image_path: str, model_metadata: dict,
-                       augment: bool = False) -> str:
-  """Where a run's patch cache lives: beside the affinities layer, named after the image, the
-  model (its checkpoint metadata) and the augmentation, so a cache left by an interrupted run
-  with another model or setting is never read."""
+                       augment: bool = False, image_mip: int = 0) -> str:
+  """Where a run's patch cache lives: beside the affinities layer, named after the image (and
+  its mip), the model (its checkpoint metadata) and the augmentation, so a cache left by an
+  interrupted run with another model or setting is never read."""
   model = json.dumps(model_metadata, sort_keys=True, default=str)
-  digest = hashlib.sha1(f"{image_path}|{model}|{augment}".encode()).hexdigest()[:12]
+  image = image_path if not image_mip else f"{image_path}@{image_mip}"
+  digest = hashlib.sha1(f"{image}|{model}|{augment}".encode()).hexdigest()[:12]
   return f"{affinities_path.rstrip('/')}/patch_cache/{digest}"
 
 
@@ -101,18 +103,21 @@ def clear_patch_cache(affinities_path: str) -> None:
 def inference_task(image_path: str, affinities_path: str, organelles_path: str,
                    checkpoint: str, start: list, stop: list, overlap: list,
                    batch_size: int = 4, state_prefix: str = "", patch_cache: str = "",
-                   augment: bool = False):
-  """Predict affinities + organelles for the block [start, stop) (x,y,z voxels).
+                   augment: bool = False, image_mip: int = 0):
+  """Predict affinities + organelles for the block [start, stop) (x,y,z voxels at the image's
+  mip image_mip, the output layers' mip 0).
 
   The image is read one z-layer of patches at a time, the next layer while this one computes,
-  and each finished z-slab of output chunks is written while the next computes.
+  and each finished z-slab of output chunks is written while the next computes. The patch
+  grid spans the image's whole bounds, so patches reaching past the output region read real
+  context, and a region's prediction equals the whole image's there.
   patch_cache: cloudpath prefix of a PatchCache shared by the run's tasks ("" = none).
   augment: test-time augmentation over the in-plane mirror images of each patch.
   """
   device = _device()
   model = _model(checkpoint, device)
-  image_cv = open_layer(image_path, layer_type="image", dtypes=("uint8",), num_channels=1,
-                        what="image layer")
+  image_cv = open_layer(image_path, mip=image_mip, layer_type="image", dtypes=("uint8",),
+                        num_channels=1, what="image layer")
   aff_cv = open_layer(affinities_path)
   org_cv = open_layer(organelles_path)
   bounds = image_cv.bounds
@@ -147,29 +152,34 @@ def create_inference_tasks(image_path: str, affinities_path: str, organelles_pat
                            checkpoint: str | None = None, task_shape=(128, 128, 128),
                            dtype: str = "uint8", batch_size: int = 4, state_prefix: str = "",
                            chunk_size=LAYER_CHUNK_SIZE, share_patches: bool = True,
-                           augment: bool = False):
+                           augment: bool = False, mip: int = 0, bounds=None):
   """Create the output layers (validated, with provenance) and one task per block.
+
+  mip: the image's mip to predict from (its resolution is the outputs'); bounds: the region
+  to predict, x0,y0,z0,x1,y1,z1 voxels at that mip (layers.region_bbox; None: the whole
+  image), which becomes the output layers' bounds.
 
   share_patches: the tasks share the patches that cross their faces through a PatchCache
   beside the affinities layer (each computed once when tasks run one after another; call
   clear_patch_cache after the stage).
   augment: test-time augmentation (the mean over the in-plane mirror images of each patch;
   4-8× the compute)."""
-  image_cv = open_layer(image_path, layer_type="image", dtypes=("uint8",), num_channels=1,
-                        what="image layer")
+  image_cv = open_layer(image_path, mip=mip, layer_type="image", dtypes=("uint8",),
+                        num_channels=1, what="image layer")
+  bounds = region_bbox(bounds, image_cv, f"image layer {image_path}")
   model, meta = load_checkpoint(checkpoint or None)
   config = model.config
   if not np.allclose(image_cv.resolution, config.resolution, rtol=0.35):
-    def nm(resolution):
-      return "×".join(f"{float(r):g}" for r in resolution) + " nm"
-    print(f"warning: image layer {image_path} is at {nm(image_cv.resolution)}, checkpoint "
-          f"{checkpoint or 'default'} was trained at {nm(config.resolution)}: expect poor "
+    print(f"warning: image layer {image_path} is at {resolution_text(image_cv.resolution)}, "
+          f"checkpoint {checkpoint or 'default'} was trained at "
+          f"{resolution_text(config.resolution)}: expect poor "
           f"predictions, or fine-tune it on your ground truth (iicats train --init "
           f"{checkpoint or 'default'} ...)", flush=True)
   check_task_shape(task_shape, chunk_size, affinities_path)
   overlap = default_overlap(config.patch_size).tolist()
-  bounds = image_cv.bounds
-  params = {"image": image_path, "checkpoint": checkpoint or "default",
+  params = {"image": image_path, "image_mip": mip,
+            "bounds": bounds.minpt.tolist() + bounds.maxpt.tolist(),
+            "checkpoint": checkpoint or "default",
             "patch_size": list(config.patch_size), "overlap": overlap, "dtype": dtype,
             "task_shape": list(task_shape), "test_time_augmentation": augment}
   affinity_channels = AFFINITY_CHANNELS + config.out_channels[
@@ -181,13 +191,14 @@ def create_inference_tasks(image_path: str, affinities_path: str, organelles_pat
                  num_channels=len(channels), step="inference",
                  params={**params, "channels": list(channels)})
   done = done_names(state_prefix, "inference") if state_prefix else set()
-  cache = (patch_cache_prefix(affinities_path, image_path, meta, augment) if share_patches
+  cache = (patch_cache_prefix(affinities_path, image_path, meta, augment, mip) if share_patches
            else "")
   return [
     partial(inference_task, image_path=image_path, affinities_path=affinities_path,
                    organelles_path=organelles_path, checkpoint=checkpoint or "",
                    start=lo, stop=hi, overlap=overlap, batch_size=batch_size,
-                   state_prefix=state_prefix, patch_cache=cache, augment=augment)
+                   state_prefix=state_prefix, patch_cache=cache, augment=augment,
+                   image_mip=mip)
     for lo, hi, _ in block_grid(bounds.minpt, bounds.maxpt, task_shape)
     if block_name(lo) not in done
   ]

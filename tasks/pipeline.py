@@ -18,10 +18,13 @@ import time
 
 import numpy as np
 from cloudfiles import CloudFiles
+from cloudvolume import Bbox
 
 from iicats_cv.agglomerate import AgglomerationParams
 from iicats_cv.errors import IicatsError
-from iicats_cv.layers import normalize_cloudpath, open_layer, join, local_path, resolve_cloudpath
+from iicats_cv.layers import (box_text, normalize_cloudpath, open_layer, join, local_path,
+                              mip_at_resolution, region_bbox, resolution_text,
+                              resolve_cloudpath)
 from iicats_cv.metrics import boundary_tolerance_steps
 from iicats_cv.watershed import SYNAPSE_BOUNDARY
 from . import igneous_stages as ig
@@ -98,8 +101,10 @@ class Pipeline:
     previous run's there, so that a finished stage is reused only under the settings that made
     it. rerun_from (a STEP_NAMES entry): clear that step's and the later steps' records and
     their task objects (outputs: {step index: [cloudpath prefixes]}), so they run again.
-    Raises IicatsError, before anything is written, for another image, or for changed
-    settings of a step that has finished work and is not redone."""
+    settings["region"]: [mip, x0, y0, z0, x1, y1, z1] of the run's region, None (or absent)
+    for the whole image at mip 0.
+    Raises IicatsError, before anything is written, for another image or region, or for
+    changed settings of a step that has finished work and is not redone."""
     settings = json.loads(json.dumps({**settings, "out": self.out}))  # tuples become lists
     previous = get_json(self.state, "run.json") or {}
 
@@ -107,9 +112,15 @@ class Pipeline:
       image, out = run["image"], run.get("out", "")
       return image.replace(out, "OUT", 1) if out and image.startswith(out + "/") else image
 
-    if previous and image_within_run(previous) != image_within_run(settings):
-      raise IicatsError(f"{self.out}: holds a run of image {previous['image']}, not "
-                        f"{settings['image']}: give another --out")
+    def what(run):
+      region = run.get("region")
+      return f"image {run['image']}" + (
+        f" (mip {region[0]}, voxels {region[1:4]}-{region[4:]})" if region else "")
+
+    if previous and (image_within_run(previous), previous.get("region")) != (
+        image_within_run(settings), settings.get("region")):
+      raise IicatsError(f"{self.out}: holds a run of {what(previous)}, not of "
+                        f"{what(settings)}: give another --out")
     start = STEP_NAMES.index(rerun_from) if rerun_from else len(STEPS)
     for step, (name, keys) in enumerate(STEPS[:start]):
       changed = [key for key in keys if key != "image" and key in previous
@@ -161,17 +172,25 @@ class Pipeline:
 
 
 def validate_inputs(image, gt_labels=None, gt_skeletons=None, seeds=None, nuclei=None,
-                    synapses=None):
-  """Everything the run reads, checked before anything is written."""
-  image_cv = open_layer(image, layer_type="image", dtypes=("uint8",), num_channels=1,
+                    synapses=None, mip=0, bounds=None):
+  """Everything the run reads, checked before anything is written -> (image layer at mip,
+  the run's region: a Bbox in voxels at that mip, seed points nm or None)."""
+  image_cv = open_layer(image, mip=mip, layer_type="image", dtypes=("uint8",), num_channels=1,
                         what="image layer")
+  region = region_bbox(bounds, image_cv, f"image layer {image}")
   if gt_labels:
     gt_cv = open_layer(gt_labels, layer_type="segmentation", what="ground-truth layer")
-    if not np.allclose(gt_cv.resolution, image_cv.resolution) or \
-        gt_cv.bounds != image_cv.bounds:
-      raise IicatsError(f"ground-truth layer {gt_labels}: resolution/bounds "
-                        f"{tuple(gt_cv.resolution)} {gt_cv.bounds} differ from the image's "
-                        f"{tuple(image_cv.resolution)} {image_cv.bounds}")
+    gt_mip = mip_at_resolution(gt_cv, image_cv.resolution)
+    if gt_mip is None:
+      raise IicatsError(f"ground-truth layer {gt_labels}: has no scale at the run's resolution "
+                        f"{resolution_text(image_cv.resolution)} (it has "
+                        + ", ".join(resolution_text(gt_cv.meta.resolution(m))
+                                    for m in range(len(gt_cv.info["scales"]))) + ")")
+    overlap = Bbox.intersection(gt_cv.meta.bounds(gt_mip), region)
+    if overlap.subvoxel():
+      raise IicatsError(f"ground-truth layer {gt_labels}: its bounds "
+                        f"{box_text(gt_cv.meta.bounds(gt_mip))} do not overlap the run's "
+                        f"region {box_text(region)} (voxels at mip {mip})")
   if gt_skeletons and "://" not in gt_skeletons and not os.path.isdir(gt_skeletons):
     raise IicatsError(f"--gt-skeletons {gt_skeletons}: not a directory of SWC files")
   if gt_skeletons and "://" not in gt_skeletons:
@@ -185,9 +204,8 @@ def validate_inputs(image, gt_labels=None, gt_skeletons=None, seeds=None, nuclei
   seeds_nm = None
   if seeds:
     from iicats_cv.seeds import read_seed_points, seeds_in_volume
-    seeds_nm = seeds_in_volume(read_seed_points(seeds), image_cv.bounds, image_cv.resolution,
-                               seeds)
-  return image_cv, seeds_nm
+    seeds_nm = seeds_in_volume(read_seed_points(seeds), region, image_cv.resolution, seeds)
+  return image_cv, region, seeds_nm
 
 
 def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int | None = None,
@@ -205,8 +223,14 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
                  levels: int = 1, augment: bool = False,
                  min_segment_voxels: int | None = None,
                  synapse_boundary: float | None = None, boundary_tolerance_nm: float = 0.0,
-                 interior_bonus: float | None = None, rerun_from: str | None = None):
+                 interior_bonus: float | None = None, rerun_from: str | None = None,
+                 mip: int = 0, bounds=None):
   """Run every stage from an EM image layer to segmentation, meshes, link and metrics.
+
+  mip: the image's mip to segment (its resolution is every output layer's mip 0); bounds:
+  the region, x0,y0,z0,x1,y1,z1 voxels at that mip (text or 6 integers; None: the whole
+  image), which becomes the output layers' bounds. Inference reads real image context around
+  it.
 
   augment: test-time augmentation in the inference stage (create_inference_tasks).
   threshold, quantile ("mean" or q in (0, 1)), constraints, min_segment_voxels (the dust
@@ -234,7 +258,8 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
   out = normalize_cloudpath(out)
   gt_labels = normalize_cloudpath(gt_labels) if gt_labels else None
   task_shape = tuple(int(t) for t in task_shape)
-  image_cv, seeds_nm = validate_inputs(image, gt_labels, gt_skeletons, seeds, nuclei, synapses)
+  image_cv, region, seeds_nm = validate_inputs(image, gt_labels, gt_skeletons, seeds, nuclei,
+                                               synapses, mip, bounds)
   if boundary_tolerance_nm:
     if not gt_labels:
       raise IicatsError("a boundary tolerance scores dense ground truth: give gt_labels "
@@ -272,7 +297,9 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
   run = Pipeline(out, queue, parallel, lease_sec=lease_sec)
   segmentation_info = get_json(layers["segmentation"], "info") or {}
   run.reconcile(
-    {"image": image, "checkpoint": checkpoint or "default",
+    {"image": image, "region": None if mip == 0 and region == image_cv.bounds
+     else [mip] + region.minpt.tolist() + region.maxpt.tolist(),
+     "checkpoint": checkpoint or "default",
      "test_time_augmentation": augment, "task_shape": task_shape,
      "synapse_boundary": synapse_boundary, "organelle_thresholds": organelle_cuts,
      "histograms": histograms, "edge_scorer": scorer is not None, "threshold": threshold,
@@ -294,7 +321,7 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
 
   run.stage("inference", lambda: create_inference_tasks(
     image, layers["affinities"], layers["organelles"], checkpoint, task_shape,
-    state_prefix=state, augment=augment))
+    state_prefix=state, augment=augment, mip=mip, bounds=region))
   clear_patch_cache(layers["affinities"])
   run.stage("watershed", lambda: create_watershed_tasks(
     layers["affinities"], layers["supervoxels"], task_shape, state_prefix=state,
@@ -303,7 +330,8 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
   run.stage("rag", lambda: create_rag_tasks(
     layers["supervoxels"], layers["affinities"], layers["organelles"], join(out, "rag"),
     task_shape, state_prefix=state, histogram=histograms,
-    organelle_thresholds=organelle_cuts, image_path=image if scorer is not None else ""))
+    organelle_thresholds=organelle_cuts, image_path=image if scorer is not None else "",
+    image_mip=mip))
   params = {"threshold": threshold, "constraints": list(constraints), "quantile": quantile,
             "baseline_threshold": float(baseline_threshold),
             "track_threshold": track_threshold,
@@ -348,9 +376,11 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
   for name in PYRAMID_LAYERS:
     if name == "image" and not out_owns(out, image):
       continue  # never write into the user's input layer
-    for mip in range(ig.pyramid_depth(image_cv.bounds.size3(), image_cv.resolution, num_mips)):
-      run.stage(f"downsample-{name}-{mip + 1}",
-                lambda n=name, m=mip: ig.downsample_tasks(layers[n], m))
+    size, resolution = ((image_cv.meta.volume_size(0), image_cv.meta.resolution(0))
+                        if name == "image" else (region.size3(), image_cv.resolution))
+    for level in range(ig.pyramid_depth(size, resolution, num_mips)):
+      run.stage(f"downsample-{name}-{level + 1}",
+                lambda n=name, m=level: ig.downsample_tasks(layers[n], m))
 
   tracked = get_json(out, "tracked.json") or []
   summary = {"layers": layers, "tracked": tracked, "queue": run.queue,
@@ -485,7 +515,7 @@ def make_link(out, layers, tracked, prefix=None):
       continue
     present[name] = cloudpath
   state = build_state(**present, segments=[n["id"] for n in tracked], source_url=source_url,
-                      **layer_geometry(layers["image"]))
+                      **layer_geometry(layers["segmentation"]))
   kwargs = {"prefix": prefix} if prefix else {}
   return state_to_url(state, **kwargs), state_json(state)
 

@@ -226,6 +226,25 @@ def test_evaluate_dense_labels(tmp_path, seg_layer):
   assert r["erl"] is None and r["total_length"] is None
 
 
+def test_evaluate_dense_labels_at_the_scale_of_the_segmentations_resolution(tmp_path,
+                                                                            seg_layer):
+  """Ground truth at 2×2×40 nm with a 4×4×40 nm mip (as `iicats downsample` makes it) scores a
+  segmentation made at that mip (`--mip 1`) on the matching scale."""
+  gt = labels()
+  gt[:, 36:] = 5
+  fine = CloudVolume.create_new_info(1, "segmentation", "uint64", "compressed_segmentation",
+                                     [2, 2, 40], (OFFSET * [2, 2, 1]).tolist(),
+                                     [SHAPE[0] * 2, SHAPE[1] * 2, SHAPE[2]], chunk_size=[16, 16, 4])
+  path = "file://" + str(tmp_path / "gt")
+  cv = CloudVolume(path, info=fine, progress=False, compress=False)
+  cv.add_scale([2, 2, 1], chunk_size=[16, 16, 4])
+  cv.commit_info()
+  CloudVolume(path, mip=1, progress=False, compress=False)[:, :, :] = gt
+  r = evaluate(seg_layer, gt_labels=path)
+  assert r["arand"] == pytest.approx(adapted_rand_error(labels(), gt)) and r["arand"] > 0
+  assert r["dense_bbox_vx"] == [OFFSET.tolist(), (OFFSET + SHAPE).tolist()]
+
+
 def test_evaluate_boundary_tolerance(tmp_path, seg_layer):
   gt = labels()
   gt[32] = gt[31]                # GT draws the x interface one voxel (4 nm) further
@@ -261,7 +280,8 @@ def test_evaluate_input_errors(tmp_path, seg_layer):
   other = CloudVolume.create_new_info(1, "segmentation", "uint64", "raw", [8, 8, 40],
                                       [0, 0, 0], [8, 8, 8])
   CloudVolume("file://" + str(tmp_path / "other"), info=other).commit_info()
-  with pytest.raises(IicatsError, match="resolution .* differs"):
+  with pytest.raises(IicatsError, match="no scale at the segmentation.s resolution 4×4×40 nm "
+                                        r"\(mip 0\); it has 8×8×40 nm"):
     evaluate(seg_layer, gt_labels="file://" + str(tmp_path / "other"))
 
 

@@ -253,6 +253,59 @@ def test_image_of_wrong_dtype_or_channels_rejected(tmp_path, tiny_checkpoint):
   assert not (tmp_path / "float_image_aff").exists()
 
 
+def test_a_box_of_a_coarser_mip_is_predicted_as_the_whole_mip_predicts_it(tmp_path,
+                                                                          tiny_checkpoint):
+  """--mip 1 --bounds: the outputs cover just the box, at mip 1's resolution, and equal the
+  whole mip's prediction there (patches reaching past the box read the image around it)."""
+  from click.testing import CliRunner
+  from cloudvolume import CloudVolume
+  from iicats_cv.cli import cli
+  from iicats_cv.tasks import igneous_stages as ig
+  from iicats_cv.tasks.runner import run_tasks
+  _, image = blobs((128, 128, 80), n=10)
+  image_path = import_volume(image, "file://" + str(tmp_path / "em"), "image", (5, 5, 5))
+  run_tasks(ig.downsample_tasks(image_path, 0), None, 1, desc="downsample")
+  outputs = {}
+  for name, bounds in (("whole", []), ("box", ["--bounds", "12,8,6,60,50,40"])):
+    aff, org = (f"file://{tmp_path}/{name}/{layer}" for layer in ("aff", "org"))
+    result = CliRunner().invoke(cli, ["infer", image_path, "--affinities", aff, "--organelles",
+                                      org, "--checkpoint", tiny_checkpoint, "--mip", "1",
+                                      "--task-shape", "64,64,64", *bounds])
+    assert result.exit_code == 0, result.output
+    outputs[name] = CloudVolume(aff)
+  box = outputs["box"]
+  assert list(box.resolution) == [10, 10, 10]
+  assert box.bounds.minpt.tolist() == [12, 8, 6] and box.bounds.maxpt.tolist() == [60, 50, 40]
+  assert outputs["whole"].bounds.maxpt.tolist() == [64, 64, 40]
+  method = box.provenance.processing[-1]["method"]
+  assert method["image_mip"] == 1 and method["bounds"] == [12, 8, 6, 60, 50, 40]
+  whole = outputs["whole"][12:60, 8:50, 6:40].astype(int)
+  assert np.abs(box[:, :, :].astype(int) - whole).max() <= 1  # float summation order
+
+
+@pytest.mark.parametrize("args, message", [
+  (["--bounds", "0,0,0,80,10,10"], r"outside image layer .*em, whose bounds are \[0, 0, 0\]-"
+                                   r"\[64, 64, 40\] voxels at mip 0 \(10×10×10 nm\)"),
+  (["--bounds", "10,0,0,5,10,10"], "empty"),
+  (["--bounds", "1,2,3"], "expected x0,y0,z0,x1,y1,z1"),
+  (["--mip", "1"], r"has no mip 1 \(its 1 mip\(s\): 10×10×10 nm; `iicats downsample`"),
+])
+def test_a_bad_box_or_mip_is_refused_before_anything_is_written(tmp_path, tiny_checkpoint,
+                                                                args, message):
+  import re
+  from click.testing import CliRunner
+  from iicats_cv.cli import cli
+  _, image = blobs((64, 64, 40))
+  image_path = import_volume(image, "file://" + str(tmp_path / "em"), "image", (10, 10, 10))
+  result = CliRunner().invoke(cli, ["infer", image_path, "--affinities", str(tmp_path / "aff"),
+                                    "--organelles", str(tmp_path / "org"), "--checkpoint",
+                                    tiny_checkpoint, *args])
+  assert result.exit_code != 0
+  assert re.search(message, result.output), result.output
+  assert "Traceback" not in result.output
+  assert not (tmp_path / "aff").exists()
+
+
 class MirrorEquivariantModel(torch.nn.Module):
   """Affinity logits from the intensity difference of each voxel and its -d partner (logit 0
   where the partner lies outside the patch); organelle logits from the intensity alone. Its

@@ -239,7 +239,8 @@ def test_rerun_from_clears_the_task_objects_a_new_task_grid_would_not_overwrite(
     run.reconcile({**settings, "task_shape": [128, 128, 128]}, None, outputs)
   with pytest.raises(IicatsError, match="--rerun-from watershed"):  # rag is not early enough
     run.reconcile({**settings, "task_shape": [128, 128, 128]}, "rag", outputs)
-  with pytest.raises(IicatsError, match="holds a run of image .*, not file:///elsewhere/im"):
+  with pytest.raises(IicatsError,
+                     match="holds a run of image .*, not of image file:///elsewhere/im"):
     run.reconcile({**settings, "image": "file:///elsewhere/image"}, "inference", outputs)
   run.reconcile({**settings, "task_shape": [128, 128, 128]}, "watershed", outputs)
   left = {str(p.relative_to(tmp_path / "run")) for p in (tmp_path / "run").rglob("*")
@@ -370,6 +371,42 @@ def test_pipeline_hierarchical_quantile_run(tmp_path, tiny_checkpoint, capsys):
   assert "segmentation" in [layer.name for layer in layers]
   assert layers["image"].source[0].url.endswith("/_image")  # where `iicats view` serves it
   assert "outside" not in capsys.readouterr().out
+
+
+def test_pipeline_over_a_box_of_the_image(tmp_path, tiny_checkpoint):
+  """--bounds: every output layer covers just the box, ground truth is scored there, the link
+  is centred on it, and another box at the same --out is refused before anything is written.
+  Ground truth without a scale at the run's resolution is refused first."""
+  from conftest import blobs
+  from iicats_cv.errors import IicatsError
+  from iicats_cv.tasks.common import get_json
+  from iicats_cv.tasks.pipeline import run_pipeline
+  from iicats_cv.volume_io import import_volume
+  labels, image = blobs(shape=(128, 96, 64), n=10, seed=2)
+  image_path = import_volume(image, "file://" + str(tmp_path / "em"), "image", (8, 8, 8))
+  gt_path = import_volume(labels, "file://" + str(tmp_path / "gt"), "segmentation", (8, 8, 8))
+  coarse_gt = import_volume(labels, "file://" + str(tmp_path / "gt16"), "segmentation",
+                            (16, 16, 16))
+  out = "file://" + str(tmp_path / "run")
+  with pytest.raises(IicatsError, match=r"gt16: has no scale at the run's resolution 8×8×8 nm"):
+    run_pipeline(image_path, out, checkpoint=tiny_checkpoint, gt_labels=coarse_gt)
+  assert not (tmp_path / "run").exists()
+  summary = run_pipeline(image_path, out, task_shape=(64, 64, 64), checkpoint=tiny_checkpoint,
+                         meshes=False, report=False, num_mips=0, gt_labels=gt_path,
+                         bounds="16,8,0,112,90,48")
+  for name in ("affinities", "organelles", "supervoxels", "segmentation"):
+    bounds = CloudVolume(summary["layers"][name]).bounds
+    assert (bounds.minpt.tolist(), bounds.maxpt.tolist()) == ([16, 8, 0], [112, 90, 48]), name
+  details = summary["metrics"]["details"]
+  assert details["dense_bbox_vx"] == [[16, 8, 0], [112, 90, 48]]
+  assert 0 <= summary["metrics"]["arand"] <= 1
+  assert summary["neuroglancer_state"]["position"] == [64.0, 49.0, 24.0]
+  run_json = get_json(out + "/pipeline", "run.json")
+  assert run_json["region"] == [0, 16, 8, 0, 112, 90, 48]
+  with pytest.raises(IicatsError, match=r"holds a run of image .*em \(mip 0, voxels \[16, 8, 0\]"
+                                        r"-\[112, 90, 48\]\), not of image .*em: give another"):
+    run_pipeline(image_path, out, task_shape=(64, 64, 64), checkpoint=tiny_checkpoint)
+  assert get_json(out + "/pipeline", "run.json") == run_json
 
 
 def test_pipeline_agglomerates_with_the_checkpoints_learned_edge_scorer(tmp_path,

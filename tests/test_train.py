@@ -227,6 +227,27 @@ def test_train_command_on_layers(tmp_path):
   assert one_level.exit_code != 0 and "--widths" in one_level.output
 
 
+def test_training_at_a_coarser_mip_reads_the_labels_at_its_resolution(tmp_path):
+  """--mip 1 of a 5 nm image: the labels' 10 nm scale is read, and the model records 10 nm;
+  labels without that scale are refused, naming the resolution."""
+  from iicats_cv.tasks import igneous_stages as ig
+  from iicats_cv.tasks.runner import run_tasks
+  labels, image = blobs((80, 80, 80), n=5)
+  img = import_volume(image, "file://" + str(tmp_path / "img"), "image", (5, 5, 5))
+  lab = import_volume(labels, "file://" + str(tmp_path / "lab"), "segmentation", (5, 5, 5))
+  for layer in (img, lab):
+    run_tasks(ig.downsample_tasks(layer, 0), None, 1, desc="downsample")
+  out = str(tmp_path / "mip1.safetensors")
+  args = ["train", "--image", img, "--out", out, "--iterations", "1", "--patch-size",
+          "16,16,16", "--widths", "4,8", "--val-fraction", "0", "--mip", "1"]
+  result = CliRunner().invoke(cli, args + ["--labels", lab, "--bounds", "0,0,8,40,40,40"])
+  assert result.exit_code == 0, result.output
+  assert load_checkpoint(out)[0].config.resolution == (10.0, 10.0, 10.0)
+  _, _, _, coarse = _blob_layers(tmp_path / "other")  # 10 nm labels only
+  result = CliRunner().invoke(cli, args[:-1] + ["0", "--labels", coarse])
+  assert result.exit_code != 0 and "has no scale at 5×5×5 nm" in result.output
+
+
 def test_fine_tuning_starts_from_the_checkpoint(tmp_path):
   """--init: the weights come from the checkpoint (with lr 0 they stay exactly its own), its
   architecture is kept, and the provenance says where training started."""

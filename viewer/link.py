@@ -390,7 +390,7 @@ def link_command(image, segmentation, affinities, organelles, supervoxels, segme
   if not any((image, segmentation, affinities, organelles, supervoxels)):
     raise IicatsError("no layer given (use --image, --segmentation, ...)")
   ids = read_tracked(tracked) if tracked else parse_segments(segments)
-  geometry = layer_geometry(image or segmentation or supervoxels)
+  geometry = layer_geometry(segmentation or supervoxels or image)
   state = build_state(
     image=image, segmentation=segmentation, affinities=affinities, organelles=organelles,
     supervoxels=supervoxels, segments=ids,

@@ -394,7 +394,9 @@ def view_state(out_prefix: str, source_url=None, segments=None, layout: str = "x
                       f"(expected some of {', '.join(LAYER_NAMES)})")
   extra = _run_annotations(out_prefix)
   tracked = extra.pop("tracked", [])
-  geometry = layer_geometry(layers.get("image") or next(iter(layers.values())))
+  # the run's region (its outputs' bounds), which may be a box of a larger image
+  geometry = layer_geometry(layers.get("segmentation") or layers.get("image")
+                            or next(iter(layers.values())))
   kwargs = {"source_url": source_url} if source_url else {}
   return build_state(**layers, segments=tracked if segments is None else segments,
                      layout=layout, **geometry, **extra, **kwargs)
