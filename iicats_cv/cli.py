@@ -207,10 +207,17 @@ def _region_options(func):
   return func
 
 
+FILL_MISSING = click.option(
+  "--fill-missing", is_flag=True,
+  help="Read the image's missing chunks (never written, e.g. outside the tissue) as black "
+       "instead of failing; all-black patches are skipped.")
+
+
 @cli.command("pipeline")
 @click.option("--image", required=True, help="EM image layer cloudpath (uint8).")
 @click.option("--out", required=True, help="Output cloudpath prefix for every layer.")
 @_region_options
+@FILL_MISSING
 @_pipeline_options
 @click.option("--seeds", default=None,
               help="Tracking seeds: CSV x,y,z (nm) or a Neuroglancer state with points.")
@@ -218,11 +225,11 @@ def _region_options(func):
 @click.option("--gt-skeletons", default=None, help="Directory of GT SWC files (ERL, nERL).")
 @click.option("--nuclei", default=None, help="GT nuclei CSV x,y,z nm (bERL).")
 @click.option("--synapses", default=None, help="GT synapses CSV pre_x..post_z nm (bERL).")
-def pipeline_command(image, out, mip, bounds, queue, parallel, task_shape, checkpoint,
-                     json_path, threshold, baseline_threshold, link_prefix, constraints, quantile, nucleus_fraction,
-                     min_segment_voxels, interior_bonus, synapse_boundary, hierarchy, levels, tta,
-                     boundary_tolerance_nm, rerun_from, unsharded, seeds, gt_labels, gt_skeletons,
-                     nuclei, synapses):
+def pipeline_command(image, out, mip, bounds, fill_missing, queue, parallel, task_shape, checkpoint,
+                     json_path, threshold, baseline_threshold, link_prefix, constraints, quantile,
+                     nucleus_fraction, min_segment_voxels, interior_bonus, synapse_boundary,
+                     hierarchy, levels, tta, boundary_tolerance_nm, rerun_from, unsharded, seeds,
+                     gt_labels, gt_skeletons, nuclei, synapses):
   """Run every stage: inference, watershed, RAG, agglomeration + tracking, remap, meshes,
   skeletons, mips, Neuroglancer link and metrics.
 
@@ -234,7 +241,8 @@ def pipeline_command(image, out, mip, bounds, queue, parallel, task_shape, check
     iicats pipeline --image file://./em --out ./run --gt-labels file://./gt -p 2 --json s.json
   """
   from iicats_cv.tasks.pipeline import run_pipeline
-  summary = run_pipeline(image, out, mip=mip, bounds=bounds, queue=queue, parallel=parallel, task_shape=task_shape,
+  summary = run_pipeline(image, out, mip=mip, bounds=bounds, fill_missing=fill_missing,
+                         queue=queue, parallel=parallel, task_shape=task_shape,
                          checkpoint=checkpoint, seeds=seeds, gt_labels=gt_labels,
                          gt_skeletons=gt_skeletons, nuclei=nuclei, synapses=synapses,
                          json_path=json_path, threshold=threshold,
@@ -708,10 +716,11 @@ def calibrate_command(checkpoint, image, labels, nuclei, mitochondria, synapses,
               help="Test-time augmentation: average each patch's prediction over its in-plane "
                    "mirror images (8 where x and y match, else 4; 4-8x the compute).")
 @_region_options
+@FILL_MISSING
 @click.option("--queue", default=None)
 @click.option("-p", "--parallel", type=int, default=None)
 def infer_command(image, affinities, organelles, checkpoint, task_shape, as_float, tta, mip,
-                  bounds, queue, parallel):
+                  bounds, fill_missing, queue, parallel):
   """Predict affinity and organelle layers from an EM image layer.
 
   \b
@@ -731,7 +740,7 @@ def infer_command(image, affinities, organelles, checkpoint, task_shape, as_floa
   tasks = create_inference_tasks(normalize_cloudpath(image), affinities,
                                  normalize_cloudpath(organelles), checkpoint, task_shape,
                                  dtype="float32" if as_float else "uint8", augment=tta,
-                                 mip=mip, bounds=bounds)
+                                 mip=mip, bounds=bounds, fill_missing=fill_missing)
   run_tasks(tasks, queue, parallel, desc="inference")
   clear_patch_cache(affinities)
   click.echo(f"done: {len(tasks)} inference task(s) in {time.time() - started:.1f} s")

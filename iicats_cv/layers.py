@@ -166,8 +166,9 @@ def region_bbox(bounds, cv, name):
   if any(stop <= start for start, stop in zip(values[:3], values[3:])):
     raise IicatsError(f"--bounds {text}: empty (each stop must exceed its start)")
   if not cv.bounds.contains_bbox(box):
-    raise IicatsError(f"--bounds {text}: outside {name}, whose bounds are {box_text(cv.bounds)} voxels at "
-                      f"mip {cv.mip} ({resolution_text(cv.resolution)})")
+    raise IicatsError(f"--bounds {text}: outside {name}, whose bounds are "
+                      f"{box_text(cv.bounds)} voxels at mip {cv.mip} "
+                      f"({resolution_text(cv.resolution)})")
   return box
 
 

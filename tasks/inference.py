@@ -13,10 +13,12 @@ import numpy as np
 import torch
 from cloudfiles import CloudFiles
 from cloudvolume import Bbox
+from cloudvolume.exceptions import EmptyVolumeException
 from taskqueue import queueable
 
 from iicats_cv.inference import (default_overlap, patches_for_block, predict_block, quantize,
                                  pad_to_region)
+from iicats_cv.errors import IicatsError
 from iicats_cv.layers import (open_layer, create_layer, local_path, region_bbox, resolution_text,
                              resolve_cloudpath)
 from iicats_cv.model import (load_checkpoint, reuse_freed_memory, AFFINITY_CHANNELS,
@@ -99,11 +101,22 @@ def clear_patch_cache(affinities_path: str) -> None:
   files.delete(list(files.list(prefix="patch_cache/")))
 
 
+def read_image(image_cv, box, image_path) -> np.ndarray:
+  """uint8 (x, y, z) of an image layer over box; a missing chunk is an IicatsError naming it
+  and --fill-missing (a task does not retry it: the chunk will not appear)."""
+  try:
+    return np.asarray(image_cv[box])[..., 0]
+  except EmptyVolumeException as err:
+    raise IicatsError(f"image layer {image_path}: chunk {err} is missing (never written, or "
+                      "deleted); --fill-missing reads missing chunks as black, as Igneous' "
+                      "--fill-missing does")
+
+
 @queueable
 def inference_task(image_path: str, affinities_path: str, organelles_path: str,
                    checkpoint: str, start: list, stop: list, overlap: list,
                    batch_size: int = 4, state_prefix: str = "", patch_cache: str = "",
-                   augment: bool = False, image_mip: int = 0):
+                   augment: bool = False, image_mip: int = 0, fill_missing: bool = False):
   """Predict affinities + organelles for the block [start, stop) (x,y,z voxels at the image's
   mip image_mip, the output layers' mip 0).
 
@@ -113,11 +126,12 @@ def inference_task(image_path: str, affinities_path: str, organelles_path: str,
   context, and a region's prediction equals the whole image's there.
   patch_cache: cloudpath prefix of a PatchCache shared by the run's tasks ("" = none).
   augment: test-time augmentation over the in-plane mirror images of each patch.
+  fill_missing: read the image's missing chunks as black (0) instead of failing.
   """
   device = _device()
   model = _model(checkpoint, device)
   image_cv = open_layer(image_path, mip=image_mip, layer_type="image", dtypes=("uint8",),
-                        num_channels=1, what="image layer")
+                        num_channels=1, fill_missing=fill_missing, what="image layer")
   aff_cv = open_layer(affinities_path)
   org_cv = open_layer(organelles_path)
   bounds = image_cv.bounds
@@ -128,7 +142,7 @@ def inference_task(image_path: str, affinities_path: str, organelles_path: str,
   def read(want_lo, want_hi):
     have_lo = np.maximum(want_lo, bounds.minpt)
     have_hi = np.minimum(want_hi, bounds.maxpt)
-    image = np.asarray(image_cv[Bbox(have_lo, have_hi)])[..., 0]
+    image = read_image(image_cv, Bbox(have_lo, have_hi), image_path)
     return pad_to_region(image, have_lo, have_hi, want_lo, want_hi)
 
   n_aff, n_org = len(AFFINITY_CHANNELS), len(ORGANELLE_CHANNELS)
@@ -152,7 +166,8 @@ def create_inference_tasks(image_path: str, affinities_path: str, organelles_pat
                            checkpoint: str | None = None, task_shape=(128, 128, 128),
                            dtype: str = "uint8", batch_size: int = 4, state_prefix: str = "",
                            chunk_size=LAYER_CHUNK_SIZE, share_patches: bool = True,
-                           augment: bool = False, mip: int = 0, bounds=None):
+                           augment: bool = False, mip: int = 0, bounds=None,
+                           fill_missing: bool = False):
   """Create the output layers (validated, with provenance) and one task per block.
 
   mip: the image's mip to predict from (its resolution is the outputs'); bounds: the region
@@ -163,7 +178,8 @@ def create_inference_tasks(image_path: str, affinities_path: str, organelles_pat
   beside the affinities layer (each computed once when tasks run one after another; call
   clear_patch_cache after the stage).
   augment: test-time augmentation (the mean over the in-plane mirror images of each patch;
-  4-8× the compute)."""
+  4-8× the compute). fill_missing: the image's missing chunks are black (0), and all-black
+  patches are skipped."""
   image_cv = open_layer(image_path, mip=mip, layer_type="image", dtypes=("uint8",),
                         num_channels=1, what="image layer")
   bounds = region_bbox(bounds, image_cv, f"image layer {image_path}")
@@ -181,7 +197,8 @@ def create_inference_tasks(image_path: str, affinities_path: str, organelles_pat
             "bounds": bounds.minpt.tolist() + bounds.maxpt.tolist(),
             "checkpoint": checkpoint or "default",
             "patch_size": list(config.patch_size), "overlap": overlap, "dtype": dtype,
-            "task_shape": list(task_shape), "test_time_augmentation": augment}
+            "task_shape": list(task_shape), "test_time_augmentation": augment,
+            "fill_missing": fill_missing}
   affinity_channels = AFFINITY_CHANNELS + config.out_channels[
     len(AFFINITY_CHANNELS) + len(ORGANELLE_CHANNELS):]
   for path, channels in ((affinities_path, affinity_channels),
@@ -198,7 +215,7 @@ def create_inference_tasks(image_path: str, affinities_path: str, organelles_pat
                    organelles_path=organelles_path, checkpoint=checkpoint or "",
                    start=lo, stop=hi, overlap=overlap, batch_size=batch_size,
                    state_prefix=state_prefix, patch_cache=cache, augment=augment,
-                   image_mip=mip)
+                   image_mip=mip, fill_missing=fill_missing)
     for lo, hi, _ in block_grid(bounds.minpt, bounds.maxpt, task_shape)
     if block_name(lo) not in done
   ]

@@ -42,6 +42,7 @@ PYRAMID_LAYERS = ("image", "affinities", "organelles", "segmentation")
 
 # The run settings (OUT/pipeline/run.json) each step's outputs depend on, in the order the
 # steps run; a step's outputs also depend on the settings of every step before it.
+# (fill_missing is not one: a task that finished without it read no missing chunk.)
 STEPS = (
   ("inference", ("image", "checkpoint", "test_time_augmentation")),
   ("watershed", ("task_shape", "synapse_boundary", "organelle_thresholds")),
@@ -224,13 +225,13 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
                  min_segment_voxels: int | None = None,
                  synapse_boundary: float | None = None, boundary_tolerance_nm: float = 0.0,
                  interior_bonus: float | None = None, rerun_from: str | None = None,
-                 mip: int = 0, bounds=None):
+                 mip: int = 0, bounds=None, fill_missing: bool = False):
   """Run every stage from an EM image layer to segmentation, meshes, link and metrics.
 
   mip: the image's mip to segment (its resolution is every output layer's mip 0); bounds:
   the region, x0,y0,z0,x1,y1,z1 voxels at that mip (text or 6 integers; None: the whole
   image), which becomes the output layers' bounds. Inference reads real image context around
-  it.
+  it. fill_missing: the image's missing chunks are read as black (0) instead of failing.
 
   augment: test-time augmentation in the inference stage (create_inference_tasks).
   threshold, quantile ("mean" or q in (0, 1)), constraints, min_segment_voxels (the dust
@@ -300,7 +301,7 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
     {"image": image, "region": None if mip == 0 and region == image_cv.bounds
      else [mip] + region.minpt.tolist() + region.maxpt.tolist(),
      "checkpoint": checkpoint or "default",
-     "test_time_augmentation": augment, "task_shape": task_shape,
+     "test_time_augmentation": augment, "fill_missing": fill_missing, "task_shape": task_shape,
      "synapse_boundary": synapse_boundary, "organelle_thresholds": organelle_cuts,
      "histograms": histograms, "edge_scorer": scorer is not None, "threshold": threshold,
      "baseline_threshold": baseline_threshold, "quantile": quantile,
@@ -321,7 +322,7 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
 
   run.stage("inference", lambda: create_inference_tasks(
     image, layers["affinities"], layers["organelles"], checkpoint, task_shape,
-    state_prefix=state, augment=augment, mip=mip, bounds=region))
+    state_prefix=state, augment=augment, mip=mip, bounds=region, fill_missing=fill_missing))
   clear_patch_cache(layers["affinities"])
   run.stage("watershed", lambda: create_watershed_tasks(
     layers["affinities"], layers["supervoxels"], task_shape, state_prefix=state,
@@ -331,7 +332,7 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
     layers["supervoxels"], layers["affinities"], layers["organelles"], join(out, "rag"),
     task_shape, state_prefix=state, histogram=histograms,
     organelle_thresholds=organelle_cuts, image_path=image if scorer is not None else "",
-    image_mip=mip))
+    image_mip=mip, fill_missing=fill_missing))
   params = {"threshold": threshold, "constraints": list(constraints), "quantile": quantile,
             "baseline_threshold": float(baseline_threshold),
             "track_threshold": track_threshold,

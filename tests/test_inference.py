@@ -306,6 +306,31 @@ def test_a_bad_box_or_mip_is_refused_before_anything_is_written(tmp_path, tiny_c
   assert not (tmp_path / "aff").exists()
 
 
+def test_a_missing_image_chunk_is_named_or_read_as_black(tmp_path, tiny_checkpoint):
+  """A chunk never written (Igneous leaves black ones out) fails the task at once, naming the
+  chunk and --fill-missing; with --fill-missing it reads as black."""
+  from click.testing import CliRunner
+  from cloudvolume import CloudVolume
+  from iicats_cv.cli import cli
+  _, image = blobs((64, 64, 40))
+  image_path = import_volume(image, "file://" + str(tmp_path / "em"), "image", (10, 10, 10),
+                             chunk_size=(32, 32, 40))
+  os.remove(tmp_path / "em" / "10.0_10.0_10.0" / "32-64_0-32_0-40")
+  args = ["infer", image_path, "--checkpoint", tiny_checkpoint, "--task-shape", "64,64,64"]
+  result = CliRunner().invoke(cli, args + ["--affinities", str(tmp_path / "a" / "aff"),
+                                           "--organelles", str(tmp_path / "a" / "org")])
+  assert result.exit_code != 0
+  assert ("chunk 10.0_10.0_10.0/32-64_0-32_0-40 is missing" in result.output
+          and "--fill-missing" in result.output and "attempts: 1" in result.output)
+  result = CliRunner().invoke(cli, args + ["--affinities", str(tmp_path / "b" / "aff"),
+                                           "--organelles", str(tmp_path / "b" / "org"),
+                                           "--fill-missing"])
+  assert result.exit_code == 0, result.output
+  affinities = CloudVolume("file://" + str(tmp_path / "b" / "aff"))
+  assert affinities.provenance.processing[-1]["method"]["fill_missing"] is True
+  assert np.asarray(affinities[:, :, :]).any()
+
+
 class MirrorEquivariantModel(torch.nn.Module):
   """Affinity logits from the intensity difference of each voxel and its -d partner (logit 0
   where the partner lies outside the patch); organelle logits from the intensity alone. Its
