@@ -193,12 +193,17 @@ def _pipeline_options(func):
   return func
 
 
+MIP = click.option(
+  "--mip", type=click.IntRange(min=0), default=0, show_default=True,
+  help="Work on this mip of the image, at its resolution (e.g. 1 for 8×8×40 nm from a 4×4×40 "
+       "nm layer; the default model wants about 10 nm); label layers are read at their scale "
+       "of that resolution.")
+
+
 def _region_options(func):
   """--mip and --bounds: which scale and box of the image a command works on."""
   for option in reversed([
-      click.option("--mip", type=click.IntRange(min=0), default=0, show_default=True,
-                   help="Work on this mip of the image, at its resolution (e.g. 1 for 8×8×40 "
-                        "nm from a 4×4×40 nm layer; the default model wants about 10 nm)."),
+      MIP,
       click.option("--bounds", default=None,
                    help="Only this box of the image: x0,y0,z0,x1,y1,z1 in voxels at --mip "
                         "(default: all of it). Written layers cover just the box; "
@@ -466,9 +471,7 @@ def synthetic_command(out, shape, resolution, seed):
 @click.option("--synapses", multiple=True, help="Synapse layer per --image or 'none'.")
 @click.option("--bounds", multiple=True,
               help="Region per --image as x0,y0,z0,x1,y1,z1 voxels (at --mip), or 'all'.")
-@click.option("--mip", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Train on this mip of the images (the label layers are read at their "
-                   "scale of the same resolution).")
+@MIP
 @click.option("--out", required=True, help="Checkpoint path (.safetensors).")
 @click.option("--iterations", type=int, default=2000, show_default=True)
 @click.option("--batch-size", type=int, default=2, show_default=True)

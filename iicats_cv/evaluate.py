@@ -148,15 +148,11 @@ def _dense_scores(seg_cv, seg_path, gt_labels, mip, boundary_tolerance_nm=0.0) -
   With a boundary tolerance also voi_split_tolerant, voi_merge_tolerant and arand_tolerant
   over the voxels metrics.boundary_tolerance_mask keeps."""
   from cloudvolume import Bbox
-  from .layers import mip_at_resolution, resolution_text
+  from .layers import scale_at_resolution
   gt_path, gt_cv = _open_segmentation(gt_labels, 0, what="ground-truth labels")
   seg_geo = layer_geometry(seg_cv, mip)
-  gt_mip = mip_at_resolution(gt_cv, seg_geo["resolution"])
-  if gt_mip is None:
-    raise IicatsError(f"ground-truth labels {gt_path}: no scale at the segmentation's "
-                      f"resolution {resolution_text(seg_geo['resolution'])} (mip {mip}); it has "
-                      + ", ".join(resolution_text(gt_cv.meta.resolution(m))
-                                  for m in range(len(gt_cv.info["scales"]))))
+  gt_mip = scale_at_resolution(gt_cv, seg_geo["resolution"], f"ground-truth labels {gt_path}",
+                               at=f"the segmentation's (mip {mip}) resolution")
   gt_cv.mip = gt_mip  # download() checks boxes against the bounds at cv.mip
   gt_geo = layer_geometry(gt_cv, gt_mip)
   start = np.maximum(seg_geo["offset"], gt_geo["offset"])

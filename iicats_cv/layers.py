@@ -120,9 +120,8 @@ def open_layer(cloudpath: str, *, mip: int = 0, layer_type: str | None = None,
   if not isinstance(info.get("scales"), list) or not info["scales"]:
     raise IicatsError(f"{what} {cloudpath}: malformed info (no 'scales')")
   if mip >= len(info["scales"]):
-    scales = ", ".join(resolution_text(cv.meta.resolution(m)) for m in range(len(info["scales"])))
     raise IicatsError(f"{what} {cloudpath}: has no mip {mip} (its {len(info['scales'])} mip(s): "
-                      f"{scales}; `iicats downsample` adds more)")
+                      f"{scales_text(cv)}; `iicats downsample` adds more)")
   cv.mip = mip
   if layer_type is not None and cv.layer_type != layer_type:
     raise IicatsError(f"{what} {cloudpath}: is a '{cv.layer_type}' layer, expected '{layer_type}'")
@@ -172,12 +171,19 @@ def region_bbox(bounds, cv, name):
   return box
 
 
-def mip_at_resolution(cv, resolution) -> int | None:
-  """The mip of layer `cv` whose voxels are `resolution` nm (x,y,z), or None."""
+def scales_text(cv) -> str:
+  """The voxel sizes of a layer's mips, '8×8×40 nm, 16×16×40 nm' (for messages)."""
+  return ", ".join(resolution_text(cv.meta.resolution(m)) for m in range(len(cv.info["scales"])))
+
+
+def scale_at_resolution(cv, resolution, what: str, at: str = "") -> int:
+  """The mip of layer `cv` whose voxels are `resolution` nm (x,y,z). Raises IicatsError
+  "{what}: has no scale at {at} {resolution} (its scales: ...)" where it has none."""
   for mip in range(len(cv.info["scales"])):
     if np.allclose(cv.meta.resolution(mip), resolution):
       return mip
-  return None
+  raise IicatsError(f"{what}: has no scale at {at + ' ' if at else ''}"
+                    f"{resolution_text(resolution)} (its scales: {scales_text(cv)})")
 
 
 def layer_exists(cloudpath: str) -> bool:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 from .errors import IicatsError
-from .layers import box_text, mip_at_resolution, open_layer, region_bbox, resolution_text
+from .layers import box_text, open_layer, region_bbox, resolution_text, scale_at_resolution
 from .train import TrainingVolume
 
 
@@ -40,13 +40,10 @@ def load_training_volumes(images, labels=(), nuclei=(), mitochondria=(), synapse
       if values[i] is None:
         continue
       cv = open_layer(values[i], num_channels=1, what=f"training {field}")
-      scale = mip_at_resolution(cv, image_cv.resolution)
-      if scale is not None:
-        cv.mip = scale
-      if scale is None or not cv.bounds.contains_bbox(box):
-        raise IicatsError(f"training {field} {values[i]}: has no scale at "
-                          f"{resolution_text(image_cv.resolution)} that covers {path}'s region "
-                          f"{box_text(box)}")
+      cv.mip = scale_at_resolution(cv, image_cv.resolution, f"training {field} {values[i]}")
+      if not cv.bounds.contains_bbox(box):
+        raise IicatsError(f"training {field} {values[i]}: does not cover {path}'s region "
+                          f"{box_text(box)} (voxels at {resolution_text(image_cv.resolution)})")
       arrays[field] = np.asarray(cv[box])[..., 0]
     volumes.append(TrainingVolume(name=path, **arrays))
   return volumes, resolution

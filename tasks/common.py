@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 from cloudfiles import CloudFiles
+from cloudvolume.exceptions import EmptyVolumeException
 
 from iicats_cv.errors import IicatsError
 from iicats_cv.layers import resolve_cloudpath
@@ -29,6 +30,17 @@ def block_grid(bounds_start, bounds_stop, task_shape):
         index = i + counts[0] * (j + counts[1] * k)
         blocks.append((lo.tolist(), hi.tolist(), int(index)))
   return blocks
+
+
+def read_image(image_cv, box, image_path) -> np.ndarray:
+  """uint8 (x, y, z) of an image layer over box; a missing chunk is an IicatsError naming it
+  and --fill-missing (a task does not retry it: the chunk will not appear)."""
+  try:
+    return np.asarray(image_cv[box])[..., 0]
+  except EmptyVolumeException as err:
+    raise IicatsError(f"image layer {image_path}: chunk {err} is missing (never written, or "
+                      "deleted); --fill-missing reads missing chunks as black, as Igneous' "
+                      "--fill-missing does")
 
 
 # the chunk size of every layer the pipeline writes: task shapes are multiples of it

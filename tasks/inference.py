@@ -13,18 +13,16 @@ import numpy as np
 import torch
 from cloudfiles import CloudFiles
 from cloudvolume import Bbox
-from cloudvolume.exceptions import EmptyVolumeException
 from taskqueue import queueable
 
 from iicats_cv.inference import (default_overlap, patches_for_block, predict_block, quantize,
                                  pad_to_region)
-from iicats_cv.errors import IicatsError
 from iicats_cv.layers import (open_layer, create_layer, local_path, region_bbox, resolution_text,
                              resolve_cloudpath)
 from iicats_cv.model import (load_checkpoint, reuse_freed_memory, AFFINITY_CHANNELS,
                              ORGANELLE_CHANNELS)
 from .common import (LAYER_CHUNK_SIZE, block_grid, check_task_shape, mark_done, block_name,
-                     done_names)
+                     done_names, read_image)
 
 _MODELS = {}
 
@@ -99,17 +97,6 @@ def clear_patch_cache(affinities_path: str) -> None:
     return
   files = CloudFiles(resolve_cloudpath(affinities_path))
   files.delete(list(files.list(prefix="patch_cache/")))
-
-
-def read_image(image_cv, box, image_path) -> np.ndarray:
-  """uint8 (x, y, z) of an image layer over box; a missing chunk is an IicatsError naming it
-  and --fill-missing (a task does not retry it: the chunk will not appear)."""
-  try:
-    return np.asarray(image_cv[box])[..., 0]
-  except EmptyVolumeException as err:
-    raise IicatsError(f"image layer {image_path}: chunk {err} is missing (never written, or "
-                      "deleted); --fill-missing reads missing chunks as black, as Igneous' "
-                      "--fill-missing does")
 
 
 @queueable

@@ -23,8 +23,7 @@ from cloudvolume import Bbox
 from iicats_cv.agglomerate import AgglomerationParams
 from iicats_cv.errors import IicatsError
 from iicats_cv.layers import (box_text, normalize_cloudpath, open_layer, join, local_path,
-                              mip_at_resolution, region_bbox, resolution_text,
-                              resolve_cloudpath)
+                              region_bbox, resolve_cloudpath, scale_at_resolution)
 from iicats_cv.metrics import boundary_tolerance_steps
 from iicats_cv.watershed import SYNAPSE_BOUNDARY
 from . import igneous_stages as ig
@@ -181,12 +180,8 @@ def validate_inputs(image, gt_labels=None, gt_skeletons=None, seeds=None, nuclei
   region = region_bbox(bounds, image_cv, f"image layer {image}")
   if gt_labels:
     gt_cv = open_layer(gt_labels, layer_type="segmentation", what="ground-truth layer")
-    gt_mip = mip_at_resolution(gt_cv, image_cv.resolution)
-    if gt_mip is None:
-      raise IicatsError(f"ground-truth layer {gt_labels}: has no scale at the run's resolution "
-                        f"{resolution_text(image_cv.resolution)} (it has "
-                        + ", ".join(resolution_text(gt_cv.meta.resolution(m))
-                                    for m in range(len(gt_cv.info["scales"]))) + ")")
+    gt_mip = scale_at_resolution(gt_cv, image_cv.resolution, f"ground-truth layer {gt_labels}",
+                                 at="the run's resolution")
     overlap = Bbox.intersection(gt_cv.meta.bounds(gt_mip), region)
     if overlap.subvoxel():
       raise IicatsError(f"ground-truth layer {gt_labels}: its bounds "

@@ -32,7 +32,7 @@ from iicats_cv.rag import (EDGE_FIELDS, block_rag, contract_stitched, merge_rags
 from iicats_cv.watershed import (AXES, FLOOD_SEED_REACH, LATTICE_SPACING, face_agreement,
                                  fragments)
 from .common import (LAYER_CHUNK_SIZE, block_grid, check_task_shape, mark_done, block_name,
-                     done_names, put_npz, get_npz, put_json, get_json)
+                     done_names, put_npz, get_npz, put_json, get_json, read_image)
 from cloudfiles import CloudFiles
 
 
@@ -221,7 +221,6 @@ def rag_task(supervoxels_path: str, affinities_path: str, organelles_path: str,
     organelles = _float_channels(org_cv, Bbox(lo, stop))
   image = None
   if image_path:
-    from .inference import read_image
     image_cv = open_layer(image_path, mip=image_mip, layer_type="image", dtypes=("uint8",),
                           num_channels=1, fill_missing=fill_missing, what="image layer")
     image = read_image(image_cv, block, image_path)

@@ -280,8 +280,8 @@ def test_evaluate_input_errors(tmp_path, seg_layer):
   other = CloudVolume.create_new_info(1, "segmentation", "uint64", "raw", [8, 8, 40],
                                       [0, 0, 0], [8, 8, 8])
   CloudVolume("file://" + str(tmp_path / "other"), info=other).commit_info()
-  with pytest.raises(IicatsError, match="no scale at the segmentation.s resolution 4×4×40 nm "
-                                        r"\(mip 0\); it has 8×8×40 nm"):
+  with pytest.raises(IicatsError, match=r"no scale at the segmentation.s \(mip 0\) resolution "
+                                        r"4×4×40 nm \(its scales: 8×8×40 nm\)"):
     evaluate(seg_layer, gt_labels="file://" + str(tmp_path / "other"))
 
 
