@@ -362,8 +362,9 @@ def agglomerate(rag: dict, params: AgglomerationParams, sweep_thresholds=(),
   """Agglomerate a merged RAG (see rag.merge_rags) into segments.
 
   seeds: optional {seed number (1..K): fragment index}; when given, tracking runs after the
-    agglomeration: each seeded region grows down to params.track_threshold, seeds never merge
-    with each other, and constraints are honoured (when switched on).
+    agglomeration: each seeded region grows down to params.track_threshold, and constraints
+    are honoured (when switched on). Seeds never merge with each other, in the agglomeration
+    either; seeds on one fragment (or one nucleus instance) share their neuron.
   sweep_thresholds: extra thresholds ≥ the lowest one run; tables come from the same merge
     history (the greedy merge order is the same for every threshold, so each table equals a
     separate run at that threshold).
@@ -396,6 +397,12 @@ def agglomerate(rag: dict, params: AgglomerationParams, sweep_thresholds=(),
                       hist=rag.get("aff_hist"), quantile=params.quantile,
                       sizes=rag["frag_size"], interior=_interiors(rag, params.interior_bonus),
                       interior_bonus=params.interior_bonus)
+  for number, index in sorted((seeds or {}).items()):
+    root = agg.find(index)
+    # before any merge, so that two seeds never share a segment: a nucleus instance already
+    # identifies its region, other seeds get their own identity
+    if not agg.identity[root]:
+      agg.identity[root] = -number
   history = agg.run(params.threshold)
   sweep = {}
   if len(sweep_thresholds):
@@ -408,11 +415,6 @@ def agglomerate(rag: dict, params: AgglomerationParams, sweep_thresholds=(),
     history = history + agg.absorb_small(params.min_segment_voxels)
   tracked = []
   if seeds:
-    for number, index in seeds.items():
-      root = agg.find(index)
-      # a nucleus instance already identifies its region; other seeds get their own identity
-      if not agg.identity[root]:
-        agg.identity[root] = -number
     agg.run(params.track_threshold,
             merge_filter=lambda a, b: bool(agg.identity[a]) != bool(agg.identity[b]))
   labels = agg.labels()

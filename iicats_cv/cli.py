@@ -905,12 +905,19 @@ def track_command(out_prefix, seeds, name, threshold, track_threshold, constrain
                                column="tracked_ids", table_key=f"{name}/table.npz"),
             queue, parallel, desc="remap")
   neurons = get_json(out, f"{name}.json")
+  seeds_of = {}
   for neuron in neurons:
     seed = neuron.get("seed_nm")
     where = ", ".join(f"{v:.0f}" for v in seed) if seed else "?"
     click.echo(f"neuron {neuron['id']}: seed {neuron['seed']} at ({where}) nm, "
                f"{neuron['voxels']} voxels in {neuron['fragments']} fragment(s)")
-  click.echo(f"done: {len(neurons)} neuron(s) tracked into {join(out, name)} "
+    seeds_of.setdefault(neuron["id"], []).append(str(neuron["seed"]))
+  for neuron, numbers in seeds_of.items():
+    if len(numbers) > 1:
+      click.echo(f"seeds {', '.join(numbers)} lie on one fragment or one nucleus instance of "
+                 f"the run, which nothing here can part: they share neuron {neuron}")
+  from_seeds = f" from {len(neurons)} seeds" if len(seeds_of) < len(neurons) else ""
+  click.echo(f"done: {len(seeds_of)} neuron(s){from_seeds} tracked into {join(out, name)} "
              f"({join(out, name)}.json) in {time.time() - started:.1f} s")
 
 

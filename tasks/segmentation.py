@@ -566,7 +566,7 @@ def agglomerate_task(rag_prefix: str, supervoxels_path: str, out_prefix: str, pa
              "segments": int(len(np.unique(result.segment_ids))),
              "baseline_segments": int(len(np.unique(baseline.segment_ids))),
              "violations": result.violations, "baseline_violations": baseline.violations,
-             "tracked": len(result.tracked), "sweep": sorted(result.sweep)}
+             "tracked": len({n["id"] for n in result.tracked}), "sweep": sorted(result.sweep)}
   put_json(out_prefix, "agglomeration/summary.json", summary)
   put_json(out_prefix, "tracked.json", result.tracked)
   if state_prefix:

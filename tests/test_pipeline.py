@@ -281,21 +281,23 @@ def test_track_from_nuclei_and_from_seed_points(synthetic_demo, tmp_path):
     from_nuclei = json.load(fh)
   assert sorted(n["id"] for n in from_nuclei) == sorted(n["id"] for n in summary["tracked"])
 
-  stained = summary["tracked"][:2]
+  stained = summary["tracked"][:2] + summary["tracked"][:1]  # the first cell stained twice
   seeds = tmp_path / "stained.csv"
   seeds.write_text("x,y,z\n" + "".join(
     ",".join(f"{v:.1f}" for v in n["seed_nm"]) + "\n" for n in stained) + "1e9,0,0\n")
   result = CliRunner().invoke(cli, ["track", str(out), "--seeds", str(seeds),
                                     "--name", "stained", *task])
   assert result.exit_code == 0, result.output
-  assert "1 of 3 point(s) lie outside the volume" in result.output  # and are skipped
-  assert "2 neuron(s) tracked" in result.output
+  assert "1 of 4 point(s) lie outside the volume" in result.output  # and are skipped
+  assert "2 neuron(s) from 3 seeds tracked" in result.output
+  assert "seeds 1, 3 lie on one fragment" in result.output
   with open(out / "stained.json") as fh:
     neurons = json.load(fh)
+  assert neurons[0]["id"] == neurons[2]["id"] != neurons[1]["id"]
   layer = CloudVolume("file://" + str(out / "stained"))
   labels = np.asarray(layer[:, :, :])[..., 0]
   ids, counts = np.unique(labels[labels > 0], return_counts=True)
-  assert sorted(ids.tolist()) == sorted(n["id"] for n in neurons)
+  assert sorted(ids.tolist()) == sorted({n["id"] for n in neurons})
   assert dict(zip(ids.tolist(), counts.tolist())) == {n["id"]: n["voxels"] for n in neurons}
   resolution = np.asarray(layer.resolution)
   for neuron in neurons:

@@ -296,6 +296,21 @@ def test_tracking_grows_seeds_and_never_merges_two():
   assert {t["seed"] for t in result.tracked} == {1, 2}
 
 
+def test_seeds_joined_by_strong_edges_stay_apart():
+  """Two stained cells whose fragments the agglomeration alone would merge: each seed keeps
+  its own neuron; two seeds on one fragment share theirs."""
+  rag = _toy_rag()                  # every edge ≥ 0.9: one segment without seeds
+  params = AgglomerationParams(threshold=0.5, use_constraints=False, **TOY)
+  assert len(np.unique(agglomerate(rag, params).segment_ids)) == 1
+  result = agglomerate(rag, params, seeds={1: 1, 2: 2})
+  seg = result.segment_ids
+  assert seg[1] != seg[2]
+  assert {seg[0], seg[3]} == {seg[1], seg[2]}   # the unseeded fragments still join one
+  assert sorted(t["id"] for t in result.tracked) == sorted({int(seg[1]), int(seg[2])})
+  shared = agglomerate(rag, params, seeds={1: 1, 2: 1}).tracked
+  assert shared[0]["id"] == shared[1]["id"]
+
+
 def run_segmentation_stages(out, aff_path, task_shape, queue=None, parallel=1):
   """Watershed -> RAG -> agglomeration -> remap on a queue, layers under `out`."""
   from functools import partial
