@@ -859,13 +859,18 @@ def downsample_command(cloudpath, queue, parallel, num_mips):
 @click.option("--constraints", default=None, callback=_constraint_list,
               help="Evidence honoured while growing (default: the run's).")
 @_queue_options
+@click.option("--no-meshes", is_flag=True, help="Skip the tracked layer's meshes and skeletons.")
+@click.option("--unsharded", is_flag=True,
+              help="Legacy meshes and one skeleton file per label instead of shards.")
+@click.option("--link-prefix", default=None, help="Neuroglancer client URL the link opens.")
 def track_command(out_prefix, seeds, name, threshold, track_threshold, constraints, queue,
-                  parallel, task_shape):
+                  parallel, task_shape, no_meshes, unsharded, link_prefix):
   """Track identified neurons of a finished run from their nuclei or from seed points.
 
   Each seed grows best edge first through the run's RAG, honouring the nucleus, synapse and
   mitochondria constraints; two seeds never claim one segment. Writes a segmentation layer
-  holding only the tracked neurons, and a JSON list with each neuron's id, seed and size.
+  holding only the tracked neurons (with meshes and skeletons), a JSON list with each
+  neuron's id, seed and size, and prints a Neuroglancer link with the neurons selected.
 
   \b
   Example:
@@ -875,10 +880,16 @@ def track_command(out_prefix, seeds, name, threshold, track_threshold, constrain
   from functools import partial
   from iicats_cv.layers import join, normalize_cloudpath, open_layer
   from iicats_cv.seeds import read_seed_points, seeds_in_volume
-  from iicats_cv.tasks.common import get_json
+  from iicats_cv.tasks import igneous_stages as ig
+  from iicats_cv.tasks.common import LAYER_CHUNK_SIZE, check_task_shape, get_json
+  from iicats_cv.tasks.pipeline import make_link
   from iicats_cv.tasks.runner import run_tasks
   from iicats_cv.tasks.segmentation import create_remap_tasks, track_task
+  from iicats_cv.viewer.server import LAYER_NAMES, run_layers
   out = normalize_cloudpath(out_prefix)
+  if name in LAYER_NAMES or name in ("segmentation_baseline", "pipeline"):
+    raise IicatsError(f"--name {name}: that is one of the run's own layers; choose another")
+  check_task_shape(task_shape, LAYER_CHUNK_SIZE, join(out, name))
   supervoxels = join(out, "supervoxels")
   layer = open_layer(supervoxels, layer_type="segmentation", what="supervoxels layer of the run")
   seeds_nm = (seeds_in_volume(read_seed_points(seeds), layer.bounds, layer.resolution,
@@ -904,6 +915,18 @@ def track_command(out_prefix, seeds, name, threshold, track_threshold, constrain
   run_tasks(create_remap_tasks(supervoxels, join(out, name), out, task_shape,
                                column="tracked_ids", table_key=f"{name}/table.npz"),
             queue, parallel, desc="remap")
+  tracked_path = join(out, name)
+  if not no_meshes:
+    sharded = not unsharded
+    run_tasks(ig.mesh_tasks(tracked_path, task_shape, sharded=sharded), queue, parallel,
+              desc="mesh")
+    run_tasks(ig.mesh_merge_tasks(tracked_path, sharded=sharded), queue, parallel,
+              desc="mesh-merge")
+    run_tasks(ig.skeleton_tasks(tracked_path, task_shape, sharded=sharded), queue, parallel,
+              desc="skeleton")
+    run_tasks(ig.skeleton_merge_tasks(tracked_path, sharded=sharded), queue, parallel,
+              desc="skeleton-merge")
+    _report_validation(tracked_path)
   neurons = get_json(out, f"{name}.json")
   seeds_of = {}
   for neuron in neurons:
@@ -916,6 +939,13 @@ def track_command(out_prefix, seeds, name, threshold, track_threshold, constrain
     if len(numbers) > 1:
       click.echo(f"seeds {', '.join(numbers)} lie on one fragment or one nucleus instance of "
                  f"the run, which nothing here can part: they share neuron {neuron}")
+  layers = run_layers(out)
+  if "segmentation" in layers:
+    url, _ = make_link(out, layers, [], link_prefix, tracked_layers={
+      name: (tracked_path, [n["id"] for n in neurons])})
+    click.echo(f"Neuroglancer: {url}")
+    if out.startswith("file://"):
+      click.echo(f"(local layers: run `iicats view {out}` to serve them for this link)")
   from_seeds = f" from {len(neurons)} seeds" if len(seeds_of) < len(neurons) else ""
   click.echo(f"done: {len(seeds_of)} neuron(s){from_seeds} tracked into {join(out, name)} "
              f"({join(out, name)}.json) in {time.time() - started:.1f} s")

@@ -483,8 +483,9 @@ def evaluate_run(out, layers, gt_labels, gt_skeletons, nuclei, synapses,
   return metrics
 
 
-def make_link(out, layers, tracked, prefix=None):
-  """Neuroglancer URL + state; local layers are addressed through `iicats view`'s server."""
+def make_link(out, layers, tracked, prefix=None, tracked_layers=None):
+  """Neuroglancer URL + state; local layers are addressed through `iicats view`'s server.
+  tracked_layers: {name: (cloudpath, ids)} as build_state takes them."""
   from iicats_cv.viewer.link import build_state, state_to_url, state_json, layer_geometry
   from iicats_cv.viewer.server import DEFAULT_PORT, INPUT_IMAGE_MOUNT
   local = local_path(out)
@@ -494,7 +495,7 @@ def make_link(out, layers, tracked, prefix=None):
     image's mount when that lies elsewhere; None for a layer it cannot serve."""
     path = local_path(cloudpath)
     rel = os.path.relpath(path, local) if path is not None and local else None
-    if rel is not None and rel.startswith("..") and cloudpath == layers["image"]:
+    if rel is not None and rel.startswith("..") and cloudpath == layers.get("image"):
       return INPUT_IMAGE_MOUNT
     return None if rel is None or rel.startswith("..") else rel
 
@@ -511,7 +512,7 @@ def make_link(out, layers, tracked, prefix=None):
       continue
     present[name] = cloudpath
   state = build_state(**present, segments=[n["id"] for n in tracked], source_url=source_url,
-                      **layer_geometry(layers["segmentation"]))
+                      **layer_geometry(layers["segmentation"]), tracked_layers=tracked_layers)
   kwargs = {"prefix": prefix} if prefix else {}
   return state_to_url(state, **kwargs), state_json(state)
 

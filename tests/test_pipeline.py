@@ -3,11 +3,13 @@ readable by CloudVolume and by tensorstore; resume skips finished stages."""
 import json
 import os
 
+import neuroglancer
 import numpy as np
 import pytest
 import tensorstore as ts
 from click.testing import CliRunner
 from cloudvolume import CloudVolume
+from cloudvolume.exceptions import MeshMissingError
 
 from iicats_cv.cli import cli
 
@@ -304,12 +306,33 @@ def test_track_from_nuclei_and_from_seed_points(synthetic_demo, tmp_path):
     voxel = np.floor(np.asarray(neuron["seed_nm"]) / resolution).astype(int)
     assert labels[tuple(voxel)] == neuron["id"], "a seed lies inside its own neuron"
   assert layer.provenance.processing
+  assert "validated: 2 label(s)" in result.output  # meshes and skeletons of both neurons
+  url = next(line for line in result.output.splitlines() if line.startswith("Neuroglancer: "))
+  shown = neuroglancer.parse_url(url.split(" ", 1)[1]).layers
+  assert sorted(int(s) for s in shown["stained"].segments) == sorted(ids.tolist())
+  assert shown["segmentation"].visible is False
+
+  # again under the same name with one seed, in other tasks (whose mesh fragment files do
+  # not replace the first run's): the other neuron's meshes are gone
+  seeds.write_text("x,y,z\n" + ",".join(f"{v:.1f}" for v in stained[0]["seed_nm"]) + "\n")
+  result = CliRunner().invoke(cli, ["track", str(out), "--seeds", str(seeds), "--name",
+                                    "stained", "-p", "1", "--task-shape", "128,128,128"])
+  assert result.exit_code == 0, result.output
+  assert [n["id"] for n in json.loads((out / "stained.json").read_text())] == [neurons[0]["id"]]
+  layer = CloudVolume("file://" + str(out / "stained"))
+  assert layer.mesh.get(neurons[0]["id"])
+  with pytest.raises(MeshMissingError):
+    layer.mesh.get(neurons[1]["id"])
 
 
 def test_track_names_seeds_outside_the_volume(synthetic_demo, tmp_path):
   out, _, _, _ = synthetic_demo
   seeds = tmp_path / "far.csv"
   seeds.write_text("x,y,z\n1e9,1e9,1e9\n")
+  result = CliRunner().invoke(cli, ["track", str(out), "--seeds", str(seeds), "-p", "1",
+                                    "--task-shape", "96,96,96"])
+  assert result.exit_code != 0
+  assert "task shape (96, 96, 96) is not a multiple of the chunk size" in result.output
   result = CliRunner().invoke(cli, ["track", str(out), "--seeds", str(seeds), "-p", "1",
                                     "--task-shape", "64,64,64"])
   assert result.exit_code != 0

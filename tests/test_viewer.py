@@ -349,6 +349,27 @@ def test_view_state_of_a_run(run_dir):
     data_server.close()
 
 
+def test_view_shows_the_layers_of_iicats_track(run_dir):
+  """OUT/NAME beside OUT/NAME.json (what `iicats track --name NAME` writes) is shown with its
+  neurons selected and the run's segmentation hidden; other JSON objects are not layers."""
+  base, labels, _ = run_dir
+  write_layer(f"file://{base}/stained", "segmentation", np.where(labels == 11, labels, 0), (8, 8, 8))
+  (base / "stained.json").write_text(json.dumps([{"id": 11, "seed": 1, "voxels": 5}]))
+  (base / "summary.json").write_text(json.dumps({"layers": {}}))
+  (base / "orphan.json").write_text(json.dumps([{"id": 3, "seed": 1}]))  # no layer beside it
+  assert server.tracked_layers(f"file://{base}") == {"stained": (f"file://{base}/stained", [11])}
+  viewer, data_server = server.view(f"file://{base}", port=0, block=False)
+  try:
+    state = viewer.state
+    assert [l.name for l in state.layers] == ["image", "segmentation", "stained", "nuclei",
+                                              "synapses"]
+    assert state.layers["segmentation"].visible is False
+    assert [int(s) for s in state.layers["stained"].segments] == [11]
+    assert state.layers["stained"].source[0].url == f"precomputed://{data_server.url}/stained"
+  finally:
+    data_server.close()
+
+
 def test_view_serves_a_run_whose_input_image_lies_elsewhere(run_dir, tmp_path):
   """`iicats pipeline --image file:///data/em --out ./run`: the image stays where it is; the
   run's link and `iicats view` reach it at /_image, and nothing beside it."""

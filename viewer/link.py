@@ -191,11 +191,14 @@ def build_state(image=None, segmentation=None, affinities=None, organelles=None,
                 supervoxels=None, segments: Iterable = (), nuclei_nm=None, synapses_nm=None,
                 resolution_nm=None, position_nm=None,
                 source_url: Callable[[str], str | None] = _no_local_source,
-                layout="xy-3d", extent_nm=None) -> neuroglancer.ViewerState:
+                layout="xy-3d", extent_nm=None,
+                tracked_layers: dict | None = None) -> neuroglancer.ViewerState:
   """A Neuroglancer state for the layers of a run (every argument optional).
 
   Layer cloudpaths are converted with `to_source` (file:// through `source_url`).
-  `segments` are selected in the segmentation layer; nuclei (K, 3) and synapses (S, 2, 3)
+  `segments` are selected in the segmentation layer; `tracked_layers` {name: (cloudpath,
+  segment ids)} are the layers `iicats track` writes, each shown with its neurons selected
+  (the run's segmentation is hidden then); nuclei (K, 3) and synapses (S, 2, 3)
   are positions in nm, shown as point / pre->post line annotations. `resolution_nm` sets the
   state's dimensions (x, y, z voxels of that size); `position_nm` centres the view and
   `extent_nm` (the volume's size, with `resolution_nm`) zooms both panels to show all of it.
@@ -215,7 +218,10 @@ def build_state(image=None, segmentation=None, affinities=None, organelles=None,
   add("organelles", organelles, organelle_layer)
   add("supervoxels", supervoxels, lambda s: segmentation_layer(s, skeletons=False),
       visible=False)
-  add("segmentation", segmentation, lambda s: segmentation_layer(s, segments))
+  add("segmentation", segmentation, lambda s: segmentation_layer(s, segments),
+      visible=not tracked_layers)
+  for name, (cloudpath, ids) in (tracked_layers or {}).items():
+    add(name, cloudpath, lambda s, ids=ids: segmentation_layer(s, ids))
   if nuclei_nm is not None and len(nuclei_nm):
     state.layers.append(name="nuclei", layer=nuclei_layer(nuclei_nm, resolution))
   if synapses_nm is not None and len(synapses_nm):

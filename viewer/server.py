@@ -364,6 +364,24 @@ def run_layers(out_prefix: str) -> dict:
   return layers
 
 
+def tracked_layers(out_prefix: str) -> dict:
+  """{name: (cloudpath, segment ids)} of the layers `iicats track --name NAME` wrote under
+  out_prefix: a layer OUT/NAME beside its neuron list OUT/NAME.json."""
+  from cloudfiles import CloudFiles
+  from iicats_cv.layers import join, layer_exists, resolve_cloudpath
+  from iicats_cv.tasks.common import get_json
+  found = {}
+  for key in sorted(CloudFiles(resolve_cloudpath(out_prefix)).list(flat=True)):
+    name = key.removesuffix(".json")
+    if "/" in key or name == key or not layer_exists(join(out_prefix, name)):
+      continue
+    neurons = get_json(out_prefix, key)
+    if isinstance(neurons, list) and all(isinstance(n, dict) and {"id", "seed"} <= n.keys()
+                                         for n in neurons):
+      found[name] = (join(out_prefix, name), [n["id"] for n in neurons])
+  return found
+
+
 def _run_annotations(out_prefix: str) -> dict:
   """Tracked ids and nuclei/synapse points stored beside a local run, when present."""
   from iicats_cv.layers import local_path
@@ -399,7 +417,8 @@ def view_state(out_prefix: str, source_url=None, segments=None, layout: str = "x
                             or next(iter(layers.values())))
   kwargs = {"source_url": source_url} if source_url else {}
   return build_state(**layers, segments=tracked if segments is None else segments,
-                     layout=layout, **geometry, **extra, **kwargs)
+                     layout=layout, **geometry, **extra, **kwargs,
+                     tracked_layers=tracked_layers(out_prefix))
 
 
 def start_view(out_prefix: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
@@ -485,7 +504,8 @@ def view_command(out_prefix, host, port, viewer_port, segments, layout, open_bro
 
   Shows the layers found under OUT_PREFIX (image, affinities, organelles, supervoxels,
   segmentation with meshes and skeletons), the tracked neurons of OUT_PREFIX/tracked.json,
-  and OUT_PREFIX/annotations/{nuclei,synapses}.csv. Runs until Ctrl-C.
+  the layers of `iicats track --name NAME` (OUT_PREFIX/NAME, its neurons selected) and
+  OUT_PREFIX/annotations/{nuclei,synapses}.csv. Runs until Ctrl-C.
 
   \b
   Example:
