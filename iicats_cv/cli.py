@@ -225,7 +225,8 @@ FILL_MISSING = click.option(
 @FILL_MISSING
 @_pipeline_options
 @click.option("--seeds", default=None,
-              help="Tracking seeds: CSV x,y,z (nm) or a Neuroglancer state with points.")
+              help="Tracking seeds: CSV x,y,z (nm), or a Neuroglancer state (.json) or link "
+                   "with point annotations.")
 @click.option("--gt-labels", default=None, help="Ground-truth segmentation layer (VOI, ARAND).")
 @click.option("--gt-skeletons", default=None, help="Directory of GT SWC files (ERL, nERL).")
 @click.option("--nuclei", default=None, help="GT nuclei CSV x,y,z nm (bERL).")
@@ -848,8 +849,9 @@ def downsample_command(cloudpath, queue, parallel, num_mips):
 @cli.command("track")
 @click.argument("out_prefix")
 @click.option("--seeds", default=None,
-              help="Cells to track: CSV x,y,z (nm) or a Neuroglancer state with a point "
-                   "annotation layer (default: every detected nucleus).")
+              help="Cells to track: CSV x,y,z (nm), or a Neuroglancer state (.json) or link "
+                   "(as is, or in a file) with point annotations (default: every detected "
+                   "nucleus).")
 @click.option("--name", default="tracked", show_default=True,
               help="Writes layer OUT_PREFIX/NAME and the neuron list OUT_PREFIX/NAME.json.")
 @click.option("--threshold", type=click.FloatRange(0, 1), default=None,

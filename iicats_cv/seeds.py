@@ -14,18 +14,30 @@ from .errors import IicatsError
 def read_seed_points(path: str) -> np.ndarray:
   """-> float64 (N, 3) seed positions in nm (x, y, z).
 
-  CSV: a header with x,y,z (nm). JSON: a Neuroglancer state; every point annotation of
-  every annotation layer is a seed. State coordinates are converted to nm with the state's
-  `dimensions` (e.g. {"x": [8e-9, "m"], ...}).
+  path: a CSV with the header x,y,z (nm); a Neuroglancer state (.json); a Neuroglancer link
+  (https://…#!{…}), given as is or in a file. In a state every point annotation of every
+  local annotation layer is a seed, converted to nm with the layer's own coordinate space
+  (its source's outputDimensions, as Neuroglancer writes them) or else the state's
+  `dimensions`.
   """
+  if _is_link(path):
+    return _points_from_state(_state_of_link(path, path), "the link")
   if not os.path.exists(path):
     raise IicatsError(f"seeds {path}: no such file")
   if path.lower().endswith(".json"):
-    return _points_from_state(path)
+    try:
+      with open(path) as fh:
+        return _points_from_state(json.load(fh), path)
+    except json.JSONDecodeError as err:
+      raise IicatsError(f"seeds {path}: not valid JSON ({err})")
   with open(path, newline="") as fh:
-    rows = list(csv.reader(fh))
+    text = fh.read()
+  if _is_link(text.strip()):
+    return _points_from_state(_state_of_link(text.strip(), path), path)
+  rows = list(csv.reader(text.splitlines()))
   if not rows or [c.strip().lower() for c in rows[0][:3]] != ["x", "y", "z"]:
-    raise IicatsError(f"seeds {path}: line 1 must be the header x,y,z (positions in nm)")
+    raise IicatsError(f"seeds {path}: line 1 must be the header x,y,z (positions in nm), or "
+                      "the file a Neuroglancer state or link")
   points = []
   for number, row in enumerate(rows[1:], start=2):
     if not row or not "".join(row).strip():
@@ -42,29 +54,70 @@ def read_seed_points(path: str) -> np.ndarray:
   return np.array(points, dtype=np.float64)
 
 
-def _points_from_state(path: str) -> np.ndarray:
+def _is_link(text: str) -> bool:
+  return text.startswith(("http://", "https://")) and "#!" in text
+
+
+def _state_of_link(url: str, where: str) -> dict:
+  import neuroglancer
   try:
-    with open(path) as fh:
-      state = json.load(fh)
-  except json.JSONDecodeError as err:
-    raise IicatsError(f"seeds {path}: not valid JSON ({err})")
-  dims = state.get("dimensions", {})
+    return neuroglancer.parse_url(url).to_json()
+  except Exception as err:  # the package raises whatever its JSON decoding meets
+    raise IicatsError(f"seeds {where}: not a Neuroglancer link with a state ({err})")
+
+
+_UNIT_NM = {"m": 1e9, "nm": 1.0, "um": 1e3, "µm": 1e3}
+
+
+def _nm_per_unit(dimensions: dict, where: str) -> np.ndarray:
+  """(3,) nm per coordinate along x, y, z of a Neuroglancer coordinate space
+  ({"x": [8e-9, "m"], ...}); axes it lacks count 1 nm."""
   scale = []
   for axis in "xyz":
-    value, unit = dims.get(axis, [1e-9, "m"])
-    factor = {"m": 1e9, "nm": 1.0, "um": 1e3, "µm": 1e3}.get(unit)
-    if factor is None:
-      raise IicatsError(f"seeds {path}: unknown unit '{unit}' for dimension {axis}")
-    scale.append(value * factor)
+    value, unit = dimensions.get(axis, [1e-9, "m"])
+    if unit not in _UNIT_NM:
+      raise IicatsError(f"seeds {where}: unknown unit '{unit}' for dimension {axis}")
+    scale.append(value * _UNIT_NM[unit])
+  return np.array(scale)
+
+
+def _legacy_dimensions(layer: dict, state: dict) -> dict:
+  """States from before Neuroglancer's coordinate spaces (2020) give a voxelSize in nm."""
+  voxel_size = layer.get("voxelSize") or (
+    state.get("navigation", {}).get("pose", {}).get("position", {}).get("voxelSize"))
+  if voxel_size is None:
+    return {}
+  return {axis: [float(v), "nm"] for axis, v in zip("xyz", voxel_size)}
+
+
+def _points_from_state(state: dict, where: str) -> np.ndarray:
+  if not isinstance(state, dict):
+    raise IicatsError(f"seeds {where}: not a Neuroglancer state (a JSON object)")
   points = []
   for layer in state.get("layers", []):
     if layer.get("type") != "annotation":
       continue
+    sources = layer.get("source") or []
+    source = (sources[0] if isinstance(sources, list) and sources else sources)
+    transform = source.get("transform", {}) if isinstance(source, dict) else {}
+    if "matrix" in transform and not np.allclose(
+        np.asarray(transform["matrix"], float), np.eye(*np.shape(transform["matrix"]))):
+      raise IicatsError(f"seeds {where}: annotation layer '{layer.get('name')}' has a "
+                        "transform matrix; give its points as a CSV of x,y,z in nm")
+    dimensions = (transform.get("outputDimensions") or state.get("dimensions")
+                  or _legacy_dimensions(layer, state))
+    names = list(dimensions) or ["x", "y", "z"]
+    missing = [axis for axis in "xyz" if axis not in names]
+    if missing:
+      raise IicatsError(f"seeds {where}: annotation layer '{layer.get('name')}' has no "
+                        f"dimension {', '.join(missing)} (its dimensions: {', '.join(names)})")
+    axes = [names.index(axis) for axis in "xyz"]
+    nm = _nm_per_unit(dimensions, where)
     for annotation in layer.get("annotations", []):
       if annotation.get("type") == "point":
-        points.append(np.asarray(annotation["point"][:3], dtype=float) * scale)
+        points.append(np.asarray(annotation["point"], dtype=float)[axes] * nm)
   if not points:
-    raise IicatsError(f"seeds {path}: the state has no point annotations")
+    raise IicatsError(f"seeds {where}: the state has no point annotations")
   return np.array(points, dtype=np.float64)
 
 
