@@ -48,11 +48,13 @@ def cli():
               help="Chunk size X,Y,Z.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing layer at DEST.")
 def import_command(src, dest, layer_type, resolution, axes, key, offset, chunk_size, overwrite):
-  """Write a .npy/.npz/.tif/.h5 volume as a precomputed layer.
+  """Write a .npy/.npz/.tif/.h5 volume, or a folder of 2D sections (.tif/.png, one per z in
+  name order), as a precomputed layer.
 
   \b
   Example:
     iicats import stack.tif file://./data/em --type image --resolution 8,8,40
+    iicats import sections/ gs://bucket/em --type image --resolution 4,4,40
     iicats import gt.h5 gs://bucket/gt --type segmentation --key labels --resolution 8,8,40
   """
   from .volume_io import read_array, to_xyz, import_volume, uint8_window

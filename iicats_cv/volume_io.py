@@ -1,10 +1,11 @@
-"""Read local array files (.npy, .npz, .tif/.tiff, .h5/.hdf5) and write them as precomputed
-layers (what `iicats import` does)."""
+"""Read local array files (.npy, .npz, .tif/.tiff, .h5/.hdf5, or a folder of 2D sections) and
+write them as precomputed layers (what `iicats import` does)."""
 from __future__ import annotations
 
 import os
 
 import numpy as np
+from tqdm import tqdm
 
 from .errors import IicatsError
 from .layers import create_layer, normalize_cloudpath, layer_exists
@@ -12,10 +13,16 @@ from .layers import create_layer, normalize_cloudpath, layer_exists
 SUFFIXES = (".npy", ".npz", ".tif", ".tiff", ".h5", ".hdf5")
 
 
+SECTION_SUFFIXES = (".tif", ".tiff", ".png")
+
+
 def read_array(path: str, key: str | None = None) -> np.ndarray:
-  """Load one array from a local file; `key` picks the array/dataset in .npz/.h5 files."""
+  """Load one array from a local file; `key` picks the array/dataset in .npz/.h5 files. A
+  folder of 2D sections (.tif/.tiff/.png, one per z in name order) is stacked: (z, y, x)."""
   if not os.path.exists(path):
     raise IicatsError(f"{path}: no such file")
+  if os.path.isdir(path):
+    return read_sections(path)
   suffix = os.path.splitext(path)[1].lower()
   try:
     if suffix == ".npy":
@@ -44,6 +51,41 @@ def read_array(path: str, key: str | None = None) -> np.ndarray:
   except Exception as err:
     raise IicatsError(f"{path}: cannot read ({type(err).__name__}: {err})")
   raise IicatsError(f"{path}: unsupported file type '{suffix}' (use {', '.join(SUFFIXES)})")
+
+
+def read_sections(folder: str) -> np.ndarray:
+  """A folder of 2D images, one section each, sorted by name with numbers compared as numbers
+  (s2.png before s10.png), as a (z, y, x) array."""
+  import re
+  names = sorted((n for n in os.listdir(folder) if n.lower().endswith(SECTION_SUFFIXES)),
+                 key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])
+  if not names:
+    raise IicatsError(f"{folder}: a folder with no sections (expected "
+                      f"{', '.join(SECTION_SUFFIXES)} files, one per z)")
+  sections = []
+  for name in tqdm(names, desc="sections", unit="section", leave=False):
+    section = _read_section(os.path.join(folder, name))
+    if sections and (section.shape, section.dtype) != (sections[0].shape, sections[0].dtype):
+      raise IicatsError(f"{folder}/{name}: {section.shape} {section.dtype}, but {names[0]} is "
+                        f"{sections[0].shape} {sections[0].dtype}: sections must match")
+    sections.append(section)
+  return np.stack(sections)
+
+
+def _read_section(path: str) -> np.ndarray:
+  try:
+    if path.lower().endswith(".png"):
+      from PIL import Image
+      with Image.open(path) as image:
+        section = np.asarray(image)
+    else:
+      import tifffile
+      section = tifffile.imread(path)
+  except Exception as err:
+    raise IicatsError(f"{path}: cannot read ({type(err).__name__}: {err})")
+  if section.ndim != 2:
+    raise IicatsError(f"{path}: a section must be one 2D grey image, got shape {section.shape}")
+  return section
 
 
 def to_xyz(array: np.ndarray, axes: str) -> np.ndarray:

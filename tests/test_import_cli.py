@@ -46,6 +46,27 @@ def test_import_each_format(tmp_path, volume_zyx, suffix):
   assert cv.provenance.processing[-1]["method"]["task"] == "import"
 
 
+@pytest.mark.parametrize("suffix", ["tif", "png"])
+def test_import_a_folder_of_sections(tmp_path, volume_zyx, suffix):
+  """One 2D image per z, named as microscopes name them: s2 comes before s10."""
+  from PIL import Image
+  folder = tmp_path / "sections"
+  folder.mkdir()
+  def write(path, section):
+    tifffile.imwrite(path, section) if suffix == "tif" else Image.fromarray(section).save(path)
+  for z, section in enumerate(volume_zyx):
+    write(folder / f"s{z}.{suffix}", section)
+  (folder / "notes.txt").write_text("not a section")
+  dest = "file://" + str(tmp_path / "layer")
+  result = invoke("import", folder, dest, "--type", "image", "--resolution", "4,4,40")
+  assert result.exit_code == 0, result.output
+  np.testing.assert_array_equal(CloudVolume(dest)[:, :, :][..., 0], volume_zyx.transpose(2, 1, 0))
+  write(folder / f"s99.{suffix}", volume_zyx[0, :10])
+  result = invoke("import", folder, dest + "2", "--type", "image", "--resolution", "4,4,40")
+  assert result.exit_code != 0 and "sections must match" in result.output
+  assert "Traceback" not in result.output and not (tmp_path / "layer2").exists()
+
+
 def test_a_uint16_image_keeps_its_contrast_despite_hot_pixels(tmp_path, volume_zyx):
   image = volume_zyx.astype(np.uint16) * 100 + 1000  # grey values 1000-26400
   image[0, 0, 0] = 65535  # a saturated detector pixel
