@@ -290,6 +290,12 @@ def _print_summary(summary, out):
                f"{agg['violations']}")
   timings = summary["timings"]
   click.echo("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
+  memory = summary.get("worker_peak_bytes")
+  if memory:
+    from iicats_cv.tasks.runner import gib_text
+    stage = max(memory, key=memory.get)
+    click.echo(f"worker memory: each worker process peaked at {gib_text(memory[stage])} at "
+               f"most ({stage}; per stage in {out}/pipeline/stages/)")
   if summary.get("report"):
     click.echo(f"report: {summary['report']}")
   click.echo(f"Neuroglancer: {summary['neuroglancer_url']}")
@@ -383,24 +389,24 @@ def execute_command(queue, lease_sec, exit_on_empty, parallel, max_attempts):
     iicats execute fq:///shared/queue -x -p 4
     iicats execute sqs://iicats-tasks --lease-sec 1200
   """
-  from iicats_cv.tasks.runner import execute, _worker
+  from iicats_cv.tasks.runner import (execute, gib_text, largest_peak, peak_memory_bytes,
+                                      start_workers)
   started = time.time()
   if parallel > 1:
-    import multiprocessing
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker,
-                         args=(queue, lease_sec, max_attempts, exit_on_empty, True))
-             for _ in range(parallel)]
-    for proc in procs:
-      proc.start()
+    procs, report = start_workers(parallel, queue, lease_sec, max_attempts,
+                                  exit_on_empty=exit_on_empty, standalone=True)
     for proc in procs:
       proc.join()
-    click.echo(f"done: {parallel} workers exited after {time.time() - started:.1f} s")
+    peak = largest_peak(report)
+    click.echo(f"done: {parallel} workers exited after {time.time() - started:.1f} s"
+               + (f"; each peaked at {gib_text(peak)} at most" if peak else ""))
     return
   stats = execute(queue, lease_sec=lease_sec, exit_on_empty=exit_on_empty,
                   max_attempts=max_attempts, log_tasks=True)
+  peak = peak_memory_bytes()
   click.echo(f"done: {stats['executed']} task(s) executed, {stats['failed']} failed attempt(s), "
-             f"{stats['dead']} dead-lettered in {time.time() - started:.1f} s")
+             f"{stats['dead']} dead-lettered in {time.time() - started:.1f} s"
+             + (f"; peak memory {gib_text(peak)}" if peak else ""))
 
 
 @cli.group("queue")

@@ -28,7 +28,7 @@ from iicats_cv.metrics import boundary_tolerance_steps
 from iicats_cv.watershed import SYNAPSE_BOUNDARY
 from . import igneous_stages as ig
 from .inference import clear_patch_cache, create_inference_tasks
-from .runner import open_queue, run_tasks
+from .runner import gib_text, open_queue, run_tasks
 from .segmentation import (EDGE_SCORER_OBJECT, create_watershed_tasks, create_rag_tasks,
                            create_node_table_tasks, create_reduce_tasks, level_prefix,
                            agglomerate_task, create_remap_tasks)
@@ -95,6 +95,7 @@ class Pipeline:
     self.parallel = parallel
     self.lease_sec = lease_sec
     self.timings = {}
+    self.worker_memory = {}  # stage -> the largest peak memory of its worker processes, bytes
 
   def reconcile(self, settings: dict, rerun_from: str | None, outputs: dict) -> None:
     """Record this run's settings in OUT/pipeline/run.json, after checking them against a
@@ -159,16 +160,21 @@ class Pipeline:
     record = self.done(name)
     if record is not None:
       self.timings[name] = record["seconds"]
+      if record.get("worker_peak_bytes"):
+        self.worker_memory[name] = record["worker_peak_bytes"]
       print(f"[{name}] already done in a previous run ({record['seconds']:.1f} s): skipped")
       return
     started = time.time()
     tasks = list(make_tasks())
-    run_tasks(tasks, self.queue, self.parallel, desc=name, lease_sec=self.lease_sec)
+    peak = run_tasks(tasks, self.queue, self.parallel, desc=name, lease_sec=self.lease_sec)
     seconds = time.time() - started
     self.timings[name] = round(seconds, 2)
-    put_json(self.state, f"stages/{name}.json", {"seconds": round(seconds, 2),
-                                                  "tasks": len(tasks)})
-    print(f"[{name}] done in {seconds:.1f} s", flush=True)
+    record = {"seconds": round(seconds, 2), "tasks": len(tasks)}
+    if peak:
+      self.worker_memory[name] = record["worker_peak_bytes"] = peak
+    put_json(self.state, f"stages/{name}.json", record)
+    print(f"[{name}] done in {seconds:.1f} s"
+          + (f"; worker processes peaked at {gib_text(peak)}" if peak else ""), flush=True)
 
 
 def validate_inputs(image, gt_labels=None, gt_skeletons=None, seeds=None, nuclei=None,
@@ -388,6 +394,7 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
   summary["neuroglancer_url"], summary["neuroglancer_state"] = make_link(
     out, layers, tracked, link_prefix)
   summary["timings"] = {**run.timings, "total": round(time.time() - started, 2)}
+  summary["worker_peak_bytes"] = run.worker_memory
   if report:
     summary["report"] = write_run_report(out, summary)
   put_json(out, "summary.json", summary)

@@ -10,6 +10,7 @@ import json
 import multiprocessing
 import os
 import re
+import sys
 import time
 import traceback
 
@@ -98,6 +99,21 @@ def _record_failure(tq, task, err, attempts: dict, max_attempts: int) -> bool:
   return True
 
 
+def peak_memory_bytes() -> int | None:
+  """This process's peak resident memory so far, in bytes (None where the OS does not say):
+  for a worker process, the memory a machine must give it for the tasks it ran."""
+  try:
+    import resource
+  except ImportError:  # Windows
+    return None
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return peak if sys.platform == "darwin" else peak * 1024  # Linux counts KiB
+
+
+def gib_text(size_bytes: float) -> str:
+  return f"{size_bytes / 2 ** 30:.2f} GiB"
+
+
 def _payload_text(task) -> str:
   try:
     return json.dumps(task.payload(), default=str)
@@ -151,7 +167,9 @@ def execute(qurl: str, lease_sec: int = 600, exit_on_empty: bool = True,
     tq.delete(task, tally=True)
     stats["executed"] += 1
     if log_tasks:
-      print(f"{task_label(task)} done in {time.time() - started:.1f} s", flush=True)
+      peak = peak_memory_bytes()
+      print(f"{task_label(task)} done in {time.time() - started:.1f} s"
+            + (f" (worker peak memory {gib_text(peak)})" if peak else ""), flush=True)
   return stats
 
 
@@ -168,20 +186,49 @@ def task_label(task) -> str:
   return f"{name} " + "_".join(str(int(v)) for v in start)
 
 
-def _worker(qurl, lease_sec, max_attempts, exit_on_empty=True, standalone=False):
+def _worker(qurl, lease_sec, max_attempts, exit_on_empty=True, standalone=False, report=None):
   """One worker process: the pipeline's own (quiet, gone when the stage's queue is empty), or
   one of `iicats execute -p N` (standalone: it logs each task and failure, and waits for more
-  work between stages unless told to exit on empty)."""
+  work between stages unless told to exit on empty). `report`: a queue that gets the
+  process's peak memory (bytes) when it is done."""
   import torch
   torch.set_num_threads(1)
   execute(qurl, lease_sec=lease_sec, exit_on_empty=exit_on_empty, max_attempts=max_attempts,
           quiet=not standalone, log_tasks=standalone)
+  if report is not None:
+    report.put(peak_memory_bytes())
+
+
+def start_workers(n: int, qurl: str, lease_sec: int, max_attempts: int,
+                  exit_on_empty: bool = True, standalone: bool = False):
+  """Start n worker processes on qurl -> (processes, report: the queue of their peak memory,
+  read with largest_peak once they have exited)."""
+  ctx = multiprocessing.get_context("spawn")
+  report = ctx.SimpleQueue()
+  procs = [ctx.Process(target=_worker, args=(qurl, lease_sec, max_attempts, exit_on_empty,
+                                             standalone, report))
+           for _ in range(n)]
+  for proc in procs:
+    proc.start()
+  return procs, report
+
+
+def largest_peak(report) -> int | None:
+  """The largest peak memory (bytes) the exited workers of start_workers reported."""
+  peaks = []
+  while not report.empty():
+    peaks.append(report.get())
+  return max((p for p in peaks if p), default=None)
 
 
 def drain(qurl: str, total: int, parallel: int = 1, desc: str = "tasks", lease_sec: int = 600,
           max_attempts: int = 3, wait_for_external: bool = False, poll_sec: float = 1.0):
   """Run (parallel ≥ 1) or wait for external workers to run (wait_for_external) every task
-  of the queue, with a progress bar over the queue's remaining count."""
+  of the queue, with a progress bar over the queue's remaining count.
+
+  Returns the largest peak memory (bytes) of the worker processes it started (parallel ≥ 2),
+  else None: a single worker runs in this process, whose peak is not the stage's alone.
+  """
   tq = open_queue(qurl)
   dead_before = set(dead_letters(qurl))
   bar = tqdm(total=total, desc=desc, unit="task", leave=False)
@@ -190,11 +237,7 @@ def drain(qurl: str, total: int, parallel: int = 1, desc: str = "tasks", lease_s
     if parallel <= 1:
       execute(qurl, lease_sec=lease_sec, max_attempts=max_attempts)
     else:
-      ctx = multiprocessing.get_context("spawn")
-      procs = [ctx.Process(target=_worker, args=(qurl, lease_sec, max_attempts))
-               for _ in range(parallel)]
-      for proc in procs:
-        proc.start()
+      procs, report = start_workers(parallel, qurl, lease_sec, max_attempts)
   while True:
     remaining = tq.enqueued
     bar.update(max(0, total - remaining) - bar.n)
@@ -212,6 +255,7 @@ def drain(qurl: str, total: int, parallel: int = 1, desc: str = "tasks", lease_s
     directory = dead_letter_dir(open_queue(qurl))
     raise IicatsError(f"{desc}: {len(dead)} task(s) failed ({_last_error(directory, dead)}); "
                       f"see {directory}")
+  return largest_peak(report) if procs else None
 
 
 def _last_error(directory: str, names) -> str:
@@ -229,7 +273,8 @@ def run_tasks(tasks, queue: str | None, parallel: int | None, desc: str = "tasks
   """Insert tasks and see them done: on a private fq:// queue with local workers when no queue
   is given, by `parallel` local workers, or (queue and parallel None or 0) by external
   workers.
-  Returns the queue used."""
+  Returns the largest peak memory (bytes) of the local worker processes (see drain), or None.
+  """
   private = None
   if queue is None:
     import tempfile
@@ -237,6 +282,7 @@ def run_tasks(tasks, queue: str | None, parallel: int | None, desc: str = "tasks
     queue = "fq://" + private
     parallel = parallel or 1
   tasks = list(tasks)
+  peak = None
   try:
     if tasks:
       # the fq insert counter costs ~1 s of lock retries per insert here, and nothing reads it
@@ -251,10 +297,10 @@ def run_tasks(tasks, queue: str | None, parallel: int | None, desc: str = "tasks
       tq.insert(tasks, skip_insert_counter=True)
       who = f"{parallel} local worker(s)" if parallel else "external workers"
       print(f"[{desc}] {len(tasks)} task(s) on {queue} for {who}", flush=True)
-      drain(queue, len(tasks), parallel=parallel or 1, desc=desc, lease_sec=lease_sec,
-            wait_for_external=not parallel)
+      peak = drain(queue, len(tasks), parallel=parallel or 1, desc=desc, lease_sec=lease_sec,
+                   wait_for_external=not parallel)
   finally:
     if private:
       import shutil
       shutil.rmtree(private, ignore_errors=True)
-  return queue
+  return peak

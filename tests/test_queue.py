@@ -60,6 +60,27 @@ def test_run_tasks_reports_dead_letters(tmp_path):
   assert (tmp_path / "v").read_text() == "x"
 
 
+def test_local_worker_processes_report_their_peak_memory(tmp_path):
+  """What `-p N` workers needed, for sizing a fleet's: the largest process's peak, in bytes."""
+  import numpy as np
+  from iicats_cv.layers import create_layer
+  from iicats_cv.tasks.segmentation import create_watershed_tasks
+  affinities = "file://" + str(tmp_path / "affinities")
+  create_layer(affinities, layer_type="image", dtype="float32", resolution=(10, 10, 10),
+               voxel_offset=(0, 0, 0), volume_size=(64, 64, 32), chunk_size=(32, 32, 32),
+               num_channels=3, step="test")[:, :, :] = \
+    np.random.default_rng(0).random((64, 64, 32, 3), dtype=np.float32)
+  tasks = create_watershed_tasks(affinities, "file://" + str(tmp_path / "supervoxels"),
+                                 (32, 32, 32), chunk_size=(32, 32, 32))
+  peak = run_tasks(tasks, "fq://" + str(tmp_path / "q"), 2)
+  # a worker process holds numpy, torch and CloudVolume: hundreds of MiB, not KiB
+  assert 100 * 2 ** 20 < peak < 8 * 2 ** 30
+  # one worker runs in the calling process, whose peak is not the tasks' alone
+  tasks = create_watershed_tasks(affinities, "file://" + str(tmp_path / "supervoxels1"),
+                                 (32, 32, 32), chunk_size=(32, 32, 32))
+  assert run_tasks(tasks, "fq://" + str(tmp_path / "q1"), 1) is None
+
+
 def test_unknown_queue_protocol_is_one_clear_error():
   with pytest.raises(IicatsError, match="unknown protocol 'redis://'"):
     open_queue("redis://localhost/queue")
@@ -79,6 +100,7 @@ def test_cli_execute_and_status(tmp_path):
   assert result.exit_code == 0, result.output
   assert "1 task(s) executed" in result.output
   assert "touch_task done in" in result.output  # a worker logs each task
+  assert "(worker peak memory " in result.output and "; peak memory " in result.output
   status = runner.invoke(cli, ["queue", "status", qurl])
   assert "enqueued:  0" in status.output and "completed: 1" in status.output
 
@@ -109,6 +131,7 @@ def test_worker_processes_wait_between_stages_unless_told_to_exit(monkeypatch):
 
   class Context:
     Process = FakeProcess
+    SimpleQueue = multiprocessing.SimpleQueue
 
   monkeypatch.setattr(multiprocessing, "get_context", lambda method: Context())
   for flags, exit_on_empty in (([], False), (["-x"], True)):
