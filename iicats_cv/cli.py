@@ -230,7 +230,9 @@ FILL_MISSING = click.option(
               help="Tracking seeds: CSV x,y,z (nm), or a Neuroglancer state (.json) or link "
                    "with point annotations.")
 @click.option("--gt-labels", default=None, help="Ground-truth segmentation layer (VOI, ARAND).")
-@click.option("--gt-skeletons", default=None, help="Directory of GT SWC files (ERL, nERL).")
+@click.option("--gt-skeletons", default=None,
+              help="GT skeletons (ERL, nERL): a directory of SWC files, or a precomputed layer "
+                   "with skeletons (sharded or not).")
 @click.option("--nuclei", default=None, help="GT nuclei CSV x,y,z nm (bERL).")
 @click.option("--synapses", default=None, help="GT synapses CSV pre_x..post_z nm (bERL).")
 def pipeline_command(image, out, mip, bounds, fill_missing, queue, parallel, task_shape, checkpoint,

@@ -235,11 +235,12 @@ def ground_truth_violations(metrics: dict, n_nuclei: int, n_synapses: int) -> di
 
 def evaluate(segmentation, skeletons=None, nuclei=None, synapses=None, gt_labels=None,
              mip: int = 0, pooled: bool = False, max_locations: int = MAX_LOCATIONS,
-             boundary_tolerance_nm: float = 0.0) -> dict:
+             boundary_tolerance_nm: float = 0.0, skeleton_ids=None) -> dict:
   """Evaluate a segmentation layer against ground truth.
 
   segmentation: cloudpath (or CloudVolume) of a segmentation layer; skeletons: list of
-  Skeleton, an SWC directory or a precomputed layer cloudpath with skeletons; nuclei: float
+  Skeleton, an SWC directory or a precomputed layer cloudpath with skeletons (skeleton_ids:
+  only those, e.g. the proofread neurons); nuclei: float
   (M, 3) nm or a CSV path (x,y,z); synapses: float (P, 2, 3) / (P, 6) nm or a CSV path
   (pre_x,...,post_z); gt_labels: cloudpath of dense ground-truth labels (VOI, ARAND);
   mip: the segmentation's mip; pooled: funlib-style pooled runs; boundary_tolerance_nm: also
@@ -253,7 +254,7 @@ def evaluate(segmentation, skeletons=None, nuclei=None, synapses=None, gt_labels
   the input description. All inputs are read and checked before anything is computed."""
   from .skeletons import load_skeletons, read_nuclei_csv, read_synapses_csv
   seg_path, cv = _open_segmentation(segmentation, mip)
-  skeleton_list = load_skeletons(skeletons) if skeletons is not None else []
+  skeleton_list = load_skeletons(skeletons, skeleton_ids) if skeletons is not None else []
   nuclei_nm = _points(nuclei, read_nuclei_csv, (3,), "nuclei")
   synapses_nm = _points(synapses, read_synapses_csv, (2, 3), "synapses")
   if skeletons is None and gt_labels is None and not len(nuclei_nm) and not len(synapses_nm):
@@ -609,11 +610,29 @@ def summary_line(result: dict) -> str:
   return "; ".join(parts)
 
 
+def _skeleton_ids(value: str) -> list[int]:
+  """--skeleton-ids: '12,40' or a file of ids separated by commas, spaces or lines."""
+  import re
+  text = value
+  if os.path.isfile(value):
+    with open(value) as fh:
+      text = fh.read()
+  parts = [p for p in re.split(r"[\s,]+", text) if p]
+  bad = [p for p in parts if not p.isdigit()]
+  if bad or not parts:
+    raise IicatsError(f"--skeleton-ids {value}: expected skeleton ids (positive integers) "
+                      f"separated by commas{', got ' + repr(bad[0]) if bad else ''}")
+  return sorted({int(p) for p in parts})
+
+
 @click.command("evaluate")
 @click.argument("segmentation", metavar="SEGMENTATION_CLOUDPATH")
 @click.option("--skeletons", default=None, metavar="SWC_DIR_OR_CLOUDPATH",
               help="Ground-truth skeletons: a directory of SWC files (nm, type 1 = soma) or a "
                    "precomputed layer with skeletons.")
+@click.option("--skeleton-ids", default=None, metavar="IDS_OR_FILE",
+              help="Score only these skeletons (e.g. the proofread neurons): ids separated by "
+                   "commas, or a file of ids (commas, spaces or lines).")
 @click.option("--nuclei", default=None, metavar="CSV",
               help="Ground-truth nucleus points, CSV with header x,y,z (nm), all cells.")
 @click.option("--synapses", default=None, metavar="CSV",
@@ -632,7 +651,7 @@ def summary_line(result: dict) -> str:
               help="Also write the full results (JSON) here.")
 @click.option("--report", "report_dir", default=None, metavar="DIR",
               help="Write an HTML report (with PNG figures) into DIR.")
-def evaluate_command(segmentation, skeletons, nuclei, synapses, gt_labels,
+def evaluate_command(segmentation, skeletons, skeleton_ids, nuclei, synapses, gt_labels,
                      boundary_tolerance_nm, mip, pooled, json_path, report_dir):
   """Score SEGMENTATION_CLOUDPATH: ERL, bERL, nERL on GT skeletons; VOI, ARAND on GT labels.
 
@@ -650,9 +669,12 @@ def evaluate_command(segmentation, skeletons, nuclei, synapses, gt_labels,
     raise IicatsError(f"--json {json_path}: is a directory; give a file name")
   if (nuclei or synapses) and skeletons is None:
     click.echo("note: --nuclei/--synapses only report violations without --skeletons")
+  if skeleton_ids and skeletons is None:
+    raise IicatsError("--skeleton-ids picks among --skeletons: give those too")
   result = evaluate(segmentation, skeletons=skeletons, nuclei=nuclei, synapses=synapses,
                     gt_labels=gt_labels, mip=mip, pooled=pooled,
-                    boundary_tolerance_nm=boundary_tolerance_nm)
+                    boundary_tolerance_nm=boundary_tolerance_nm,
+                    skeleton_ids=_skeleton_ids(skeleton_ids) if skeleton_ids else None)
   if json_path:
     write_json(result, json_path)
   click.echo(f"{'metric':<28}value")

@@ -267,15 +267,18 @@ def skeletons_from_labels(labels: np.ndarray, resolution_nm: Sequence[float],
 # precomputed skeleton layers
 
 
-def _list_skeleton_ids(cv, cloudpath) -> list[int]:
-  """Ids of the skeleton files of an unsharded skeleton source (names that are integers)."""
+def _list_skeleton_ids(cv) -> list[int]:
+  """Ids of every skeleton of a skeleton source: the labels in each shard's index (sharded),
+  or the file names that are integers (unsharded)."""
   from cloudfiles import CloudFiles
   meta = cv.skeleton.meta
-  if meta.is_sharded():
-    raise IicatsError(f"skeleton layer {cloudpath}: sharded skeletons cannot be listed; "
-                      "pass the skeleton ids")
   names = CloudFiles(meta.join(cv.cloudpath, meta.skeleton_path)).list()
-  return sorted(int(n) for n in (os.path.basename(n) for n in names) if n.isdigit())
+  if not meta.is_sharded():
+    return sorted(int(n) for n in (os.path.basename(n) for n in names) if n.isdigit())
+  ids = set()
+  for name in (n for n in names if n.endswith(".shard")):
+    ids.update(int(i) for i in cv.skeleton.reader.list_labels(name, path=meta.skeleton_path))
+  return sorted(ids)
 
 
 def read_skeleton_layer(cloudpath: str, ids: Sequence[int] | None = None) -> list[Skeleton]:
@@ -290,11 +293,14 @@ def read_skeleton_layer(cloudpath: str, ids: Sequence[int] | None = None) -> lis
     cv = CloudVolume(resolve_cloudpath(cloudpath), progress=False)
     if not cv.info.get("skeletons"):
       raise IicatsError(f"skeleton layer {cloudpath}: its info names no 'skeletons' source")
-    if ids is None:
-      ids = _list_skeleton_ids(cv, cloudpath)
-    ids = [int(i) for i in ids]
-    if not ids:
+    listed = _list_skeleton_ids(cv)
+    if not listed:
       raise IicatsError(f"skeleton layer {cloudpath}: holds no skeletons")
+    ids = listed if ids is None else [int(i) for i in ids]
+    missing = sorted(set(ids) - set(listed))
+    if missing:
+      raise IicatsError(f"skeleton layer {cloudpath}: no skeleton {_ids_text(missing)} "
+                        f"(it has {len(listed)}: {_ids_text(listed)})")
     found = cv.skeleton.get(ids)
   except IicatsError:
     raise
@@ -315,20 +321,38 @@ def read_skeleton_layer(cloudpath: str, ids: Sequence[int] | None = None) -> lis
   return skeletons
 
 
-def load_skeletons(source) -> list[Skeleton]:
+def _ids_text(ids, most: int = 8) -> str:
+  ids = list(ids)
+  return ", ".join(map(str, ids[:most])) + (f", … ({len(ids) - most} more)" if len(ids) > most
+                                             else "")
+
+
+def load_skeletons(source, ids: Sequence[int] | None = None) -> list[Skeleton]:
   """Skeletons from a list (Skeleton or dicts), an SWC directory (plain path or file://), or a
-  precomputed layer cloudpath with skeletons."""
+  precomputed layer cloudpath with skeletons (sharded or not). ids: only these skeletons
+  (e.g. the proofread neurons of a ground-truth layer); each must exist."""
   if isinstance(source, (list, tuple)):
-    return [as_skeleton(s) for s in source]
-  source = str(source)
-  local = source[len("file://"):] if source.startswith("file://") else (
-    None if "://" in source else source)
-  if local is not None and os.path.isdir(local) and not os.path.exists(
-      os.path.join(local, "info")):
-    return read_swc_dir(local)
-  if local is not None and not os.path.exists(local):
-    raise IicatsError(f"{source}: no such SWC directory or skeleton layer")
-  return read_skeleton_layer(source)
+    skeletons = [as_skeleton(s) for s in source]
+  else:
+    source = str(source)
+    local = source[len("file://"):] if source.startswith("file://") else (
+      None if "://" in source else source)
+    if local is not None and os.path.isdir(local) and not os.path.exists(
+        os.path.join(local, "info")):
+      skeletons = read_swc_dir(local)
+    elif local is not None and not os.path.exists(local):
+      raise IicatsError(f"{source}: no such SWC directory or skeleton layer")
+    else:
+      return read_skeleton_layer(source, ids)
+  if ids is None:
+    return skeletons
+  have = {s.id for s in skeletons}
+  missing = sorted(set(int(i) for i in ids) - have)
+  if missing:
+    raise IicatsError(f"skeletons {source if isinstance(source, str) else ''}: no skeleton "
+                      f"{_ids_text(missing)} (ids there: {_ids_text(sorted(have))})")
+  wanted = set(int(i) for i in ids)
+  return [s for s in skeletons if s.id in wanted]
 
 
 # --------------------------------------------------------------------------------------------

@@ -187,8 +187,51 @@ def test_read_skeleton_layer(tmp_path):
   assert skeletons[1].soma.tolist() == []
   assert [s.id for s in read_skeleton_layer(path, ids=[12])] == [12]
   assert [s.id for s in load_skeletons(str(tmp_path / "seg"))] == [7, 12]
-  with pytest.raises(IicatsError, match="cannot read skeletons"):
+  with pytest.raises(IicatsError, match=r"no skeleton 99 \(it has 2: 7, 12\)"):
     read_skeleton_layer(path, ids=[99])
+
+
+def test_sharded_skeleton_layer_and_chosen_ids(tmp_path):
+  """Igneous writes sharded skeletons by default: their ids come from the shard indices.
+  Ground truth often holds only some proofread neurons: --skeleton-ids picks them."""
+  from click.testing import CliRunner
+  from cloudvolume import CloudVolume
+  from iicats_cv.cli import cli
+  from iicats_cv.evaluate import evaluate_command
+  labels = np.zeros((64, 32, 16), np.uint32)
+  labels[2:62, 2:10, 4:12] = 5
+  labels[2:62, 14:22, 4:12] = 8
+  labels[2:62, 24:30, 4:12] = 11
+  path = "file://" + str(tmp_path / "gt")
+  info = CloudVolume.create_new_info(1, "segmentation", "uint32", "compressed_segmentation",
+                                     [8, 8, 8], [0, 0, 0], list(labels.shape),
+                                     chunk_size=[32, 32, 16])
+  cv = CloudVolume(path, info=info, progress=False)
+  cv.commit_info()
+  cv[:, :, :] = labels
+  result = CliRunner().invoke(cli, ["skeleton", path, "-p", "1", "--task-shape", "64,64,64"])
+  assert result.exit_code == 0, result.output
+  assert CloudVolume(path).skeleton.meta.is_sharded()
+  assert [s.id for s in read_skeleton_layer(path)] == [5, 8, 11]
+  assert [s.id for s in load_skeletons(path, ids=[11, 5])] == [5, 11]
+  ids = tmp_path / "proofread.txt"
+  ids.write_text("5\n11\n")
+  result = CliRunner().invoke(evaluate_command, [path, "--skeletons", path,
+                                                 "--skeleton-ids", str(ids)])
+  assert result.exit_code == 0, result.output
+  assert "over 2 skeletons" in result.output
+  result = CliRunner().invoke(evaluate_command, [path, "--skeletons", path,
+                                                 "--skeleton-ids", "5,6"])
+  assert result.exit_code == 1 and "no skeleton 6 (it has 3: 5, 8, 11)" in result.output
+
+
+def test_chosen_ids_of_an_swc_directory(tmp_path):
+  for number in (3, 4):
+    write_swc(Skeleton(id=number, vertices_nm=np.array([[0.0, 0, 0], [10, 0, 0]]),
+                       edges=np.array([[0, 1]])), str(tmp_path / f"{number}.swc"))
+  assert [s.id for s in load_skeletons(str(tmp_path), ids=[4])] == [4]
+  with pytest.raises(IicatsError, match=r"no skeleton 9 \(ids there: 3, 4\)"):
+    load_skeletons(str(tmp_path), ids=[9])
 
 
 def test_read_skeleton_layer_without_skeletons(tmp_path):
