@@ -928,6 +928,12 @@ def track_command(out_prefix, seeds, name, threshold, track_threshold, constrain
                                column="tracked_ids", table_key=f"{name}/table.npz"),
             queue, parallel, desc="remap")
   tracked_path = join(out, name)
+  neurons = get_json(out, f"{name}.json")
+  ig.record(tracked_path, "track", {
+    "run": out, "seeds": seeds if seeds and not seeds.startswith("http") else
+    ("a Neuroglancer link" if seeds else "the run's detected nuclei"),
+    "seed_points_nm": seeds_nm, "params": params,
+    "neurons": [{k: n[k] for k in ("id", "seed", "voxels")} for n in neurons]})
   if not no_meshes:
     sharded = not unsharded
     run_tasks(ig.mesh_tasks(tracked_path, task_shape, sharded=sharded), queue, parallel,
@@ -939,7 +945,6 @@ def track_command(out_prefix, seeds, name, threshold, track_threshold, constrain
     run_tasks(ig.skeleton_merge_tasks(tracked_path, sharded=sharded), queue, parallel,
               desc="skeleton-merge")
     _report_validation(tracked_path)
-  neurons = get_json(out, f"{name}.json")
   seeds_of = {}
   for neuron in neurons:
     seed = neuron.get("seed_nm")

@@ -305,7 +305,10 @@ def test_track_from_nuclei_and_from_seed_points(synthetic_demo, tmp_path):
   for neuron in neurons:
     voxel = np.floor(np.asarray(neuron["seed_nm"]) / resolution).astype(int)
     assert labels[tuple(voxel)] == neuron["id"], "a seed lies inside its own neuron"
-  assert layer.provenance.processing
+  track = next(p["method"] for p in layer.provenance.processing
+               if p["method"]["task"] == "track")
+  assert track["seeds"] == str(seeds) and len(track["seed_points_nm"]) == 3
+  assert {n["id"] for n in track["neurons"]} == set(ids.tolist())
   assert "validated: 2 label(s)" in result.output  # meshes and skeletons of both neurons
   url = next(line for line in result.output.splitlines() if line.startswith("Neuroglancer: "))
   shown = neuroglancer.parse_url(url.split(" ", 1)[1]).layers
