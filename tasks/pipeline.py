@@ -361,10 +361,13 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
     rag_prefix=join(out, "rag"), supervoxels_path=layers["supervoxels"], out_prefix=out,
     params=params, sweep=list(sweep), seeds_nm=None if seeds_nm is None else seeds_nm.tolist(),
     track=True, state_prefix=state, hierarchy_prefix=hierarchy_prefix)])
+  baseline_params = {**params, "threshold": baseline_threshold, "constraints": []}
   run.stage("remap", lambda: create_remap_tasks(
-    layers["supervoxels"], layers["segmentation"], out, task_shape, state_prefix=state)
+    layers["supervoxels"], layers["segmentation"], out, task_shape, state_prefix=state,
+    method={"agglomeration": params, "hierarchy": hierarchy, "levels": levels})
     + create_remap_tasks(layers["supervoxels"], layers["segmentation_baseline"], out,
-                         task_shape, column="baseline_ids", state_prefix=state))
+                         task_shape, column="baseline_ids", state_prefix=state,
+                         method={"agglomeration": baseline_params}))
   if meshes:
     seg = layers["segmentation"]
     run.stage("mesh", lambda: ig.mesh_tasks(seg, task_shape, sharded=sharded))

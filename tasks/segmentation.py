@@ -632,14 +632,17 @@ def remap_task(supervoxels_path: str, segmentation_path: str, out_prefix: str, c
 
 def create_remap_tasks(supervoxels_path, segmentation_path, out_prefix, task_shape,
                        column="segment_ids", state_prefix="", chunk_size=LAYER_CHUNK_SIZE,
-                       table_key="agglomeration/table.npz"):
+                       table_key="agglomeration/table.npz", method: dict | None = None):
+  """Remap tasks writing segmentation_path; `method`: how the table was made (e.g. the
+  agglomeration's threshold and constraints), recorded in the layer's provenance."""
   sv_cv = open_layer(supervoxels_path, layer_type="segmentation", what="supervoxels layer")
   bounds = sv_cv.bounds
   create_layer(segmentation_path, layer_type="segmentation", dtype="uint64",
                resolution=sv_cv.resolution, voxel_offset=bounds.minpt,
                volume_size=bounds.size3(), chunk_size=chunk_size, step="remap",
                params={"supervoxels": supervoxels_path,
-                       "table": join(out_prefix, table_key), "column": column})
+                       "table": join(out_prefix, table_key), "column": column,
+                       **(method or {})})
   done = done_names(state_prefix, f"remap-{column}") if state_prefix else set()
   return [
     partial(remap_task, supervoxels_path=supervoxels_path, segmentation_path=segmentation_path,

@@ -106,6 +106,14 @@ def test_every_layer_opens_in_cloudvolume_and_tensorstore(synthetic_demo):
     assert cv.provenance.processing, f"{name} has no provenance"
   for name in ("image", "affinities", "organelles", "segmentation"):
     assert len(CloudVolume(summary["layers"][name]).available_mips) >= 2, name
+  # the segmentations say how they were agglomerated, for whoever opens the bucket later
+  ran = summary["agglomeration"]["params"]
+  for name, constraints in (("segmentation", ran["constraints"]),
+                            ("segmentation_baseline", [])):
+    remap = next(p["method"] for p in CloudVolume(summary["layers"][name]).provenance.processing
+                 if p["method"]["task"] == "remap")
+    assert remap["agglomeration"]["constraints"] == constraints
+  assert ran["constraints"], "the demo's run uses its evidence"
 
 
 def test_tracked_neurons_have_sharded_multilod_meshes_and_skeletons(synthetic_demo):
