@@ -285,16 +285,15 @@ def _seed_fragments(rag, params, seeds_nm, supervoxels_path, stitching):
       seeds[k] = int(best)
       positions[k] = (centroids[k - 1] * res).tolist()
     return seeds, positions
+  from iicats_cv.evaluate import lookup_segments
+  points = np.asarray(seeds_nm, dtype=float).reshape(-1, 3)
+  supervoxels = lookup_segments(sv_cv, points)  # one read per chunk holding seeds
+  fragment_ids, node_of = stitching
   seeds, positions = {}, {}
-  for k, point in enumerate(np.asarray(seeds_nm, dtype=float), start=1):
-    voxel = np.floor(point / res).astype(int)
-    if not sv_cv.bounds.contains(voxel):
-      continue
-    sv = int(np.asarray(sv_cv[tuple(slice(v, v + 1) for v in voxel)]).ravel()[0])
-    fragment_ids, node_of = stitching
+  for k, (point, sv) in enumerate(zip(points, supervoxels.tolist()), start=1):
     at = np.searchsorted(fragment_ids, sv)
     if not sv or at == len(fragment_ids) or fragment_ids[at] != sv:
-      continue
+      continue  # outside the volume, or on background
     seeds[k] = int(np.searchsorted(frag, node_of[at]))
     positions[k] = point.tolist()
   return seeds, positions
