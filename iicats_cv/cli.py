@@ -856,6 +856,9 @@ def downsample_command(cloudpath, queue, parallel, num_mips):
   click.echo(f"done: {depth} mip(s) added to {path} in {time.time() - started:.1f} s")
 
 
+LISTED = 20  # the neurons and shared seeds `iicats track` prints one line each for
+
+
 @cli.command("track")
 @click.argument("out_prefix")
 @click.option("--seeds", default=None,
@@ -946,16 +949,21 @@ def track_command(out_prefix, seeds, name, threshold, track_threshold, constrain
               desc="skeleton-merge")
     _report_validation(tracked_path)
   seeds_of = {}
-  for neuron in neurons:
+  for neuron in neurons[:LISTED]:
     seed = neuron.get("seed_nm")
     where = ", ".join(f"{v:.0f}" for v in seed) if seed else "?"
     click.echo(f"neuron {neuron['id']}: seed {neuron['seed']} at ({where}) nm, "
                f"{neuron['voxels']} voxels in {neuron['fragments']} fragment(s)")
+  if len(neurons) > LISTED:
+    click.echo(f"… and {len(neurons) - LISTED} more seeds in {join(out, name)}.json")
+  for neuron in neurons:
     seeds_of.setdefault(neuron["id"], []).append(str(neuron["seed"]))
-  for neuron, numbers in seeds_of.items():
-    if len(numbers) > 1:
-      click.echo(f"seeds {', '.join(numbers)} lie on one fragment or one nucleus instance of "
-                 f"the run, which nothing here can part: they share neuron {neuron}")
+  shared = [(neuron, numbers) for neuron, numbers in seeds_of.items() if len(numbers) > 1]
+  for neuron, numbers in shared[:LISTED]:
+    click.echo(f"seeds {', '.join(numbers)} lie on one fragment or one nucleus instance of "
+               f"the run, which nothing here can part: they share neuron {neuron}")
+  if len(shared) > LISTED:
+    click.echo(f"… and {len(shared) - LISTED} more neurons shared by several seeds")
   layers = run_layers(out)
   if "segmentation" in layers:
     url, _ = make_link(out, layers, [], link_prefix, tracked_layers={
