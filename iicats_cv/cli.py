@@ -214,17 +214,39 @@ def _region_options(func):
   return func
 
 
-FILL_MISSING = click.option(
-  "--fill-missing", is_flag=True,
-  help="Read the image's missing chunks (never written, e.g. outside the tissue) as black "
-       "instead of failing; all-black patches are skipped.")
+def _window(ctx, param, value):
+  if value is None:
+    return None
+  try:
+    lo, hi = (float(v) for v in value.split(","))
+  except ValueError:
+    raise click.BadParameter(f"expected two grey values LO,HI, got '{value}'")
+  if not hi > lo:
+    raise click.BadParameter(f"HI must be larger than LO, got '{value}'")
+  return [lo, hi]
+
+
+def _image_read_options(func):
+  """--fill-missing and --image-window: how the image layer's voxels are read."""
+  for option in reversed([
+      click.option("--fill-missing", is_flag=True,
+                   help="Read the image's missing chunks (never written, e.g. outside the "
+                        "tissue) as black instead of failing; all-black patches are skipped."),
+      click.option("--image-window", default=None, callback=_window, metavar="LO,HI",
+                   help="Grey values mapped onto the model's 0-255 input (default: none for "
+                        "uint8 images; for uint16, int16, uint32 or float32 images their "
+                        "0.05-99.95th percentiles in a sample of chunks).")]):
+    func = option(func)
+  return func
 
 
 @cli.command("pipeline")
-@click.option("--image", required=True, help="EM image layer cloudpath (uint8).")
+@click.option("--image", required=True,
+              help="EM image layer cloudpath (uint8; or uint16, int16, uint32, float32 mapped "
+                   "by --image-window).")
 @click.option("--out", required=True, help="Output cloudpath prefix for every layer.")
 @_region_options
-@FILL_MISSING
+@_image_read_options
 @_pipeline_options
 @click.option("--seeds", default=None,
               help="Tracking seeds: CSV x,y,z (nm), or a Neuroglancer state (.json) or link "
@@ -235,7 +257,8 @@ FILL_MISSING = click.option(
                    "with skeletons (sharded or not).")
 @click.option("--nuclei", default=None, help="GT nuclei CSV x,y,z nm (bERL).")
 @click.option("--synapses", default=None, help="GT synapses CSV pre_x..post_z nm (bERL).")
-def pipeline_command(image, out, mip, bounds, fill_missing, queue, parallel, task_shape, checkpoint,
+def pipeline_command(image, out, mip, bounds, fill_missing, image_window, queue, parallel,
+                     task_shape, checkpoint,
                      json_path, threshold, baseline_threshold, link_prefix, constraints, quantile,
                      nucleus_fraction, min_segment_voxels, interior_bonus, synapse_boundary,
                      hierarchy, levels, tta, boundary_tolerance_nm, rerun_from, unsharded, seeds,
@@ -252,6 +275,7 @@ def pipeline_command(image, out, mip, bounds, fill_missing, queue, parallel, tas
   """
   from iicats_cv.tasks.pipeline import run_pipeline
   summary = run_pipeline(image, out, mip=mip, bounds=bounds, fill_missing=fill_missing,
+                         image_window=image_window,
                          queue=queue, parallel=parallel, task_shape=task_shape,
                          checkpoint=checkpoint, seeds=seeds, gt_labels=gt_labels,
                          gt_skeletons=gt_skeletons, nuclei=nuclei, synapses=synapses,
@@ -633,12 +657,12 @@ def calibrate_command(checkpoint, image, labels, nuclei, mitochondria, synapses,
                           score_agglomeration, setting_text)
   from .inference import predict_volume
   from .model import ORGANELLE_CHANNELS, load_checkpoint, update_checkpoint_metadata
-  from .layers import open_layer, region_bbox
+  from .layers import IMAGE_DTYPES, open_layer, region_bbox
   from .training_data import load_training_volumes
   if not (labels or nuclei or mitochondria or synapses):
     raise click.UsageError("give --labels and/or an organelle layer (--nuclei, "
                            "--mitochondria, --synapses) to calibrate against")
-  image_cv = open_layer(image, mip=mip, layer_type="image", dtypes=("uint8",), num_channels=1,
+  image_cv = open_layer(image, mip=mip, layer_type="image", dtypes=IMAGE_DTYPES, num_channels=1,
                         what="calibration image")
   voxels = int(np.prod(region_bbox(bounds, image_cv, image).size3()))
   if voxels > CALIBRATION_MAX_VOXELS:
@@ -730,11 +754,11 @@ def calibrate_command(checkpoint, image, labels, nuclei, mitochondria, synapses,
               help="Test-time augmentation: average each patch's prediction over its in-plane "
                    "mirror images (8 where x and y match, else 4; 4-8x the compute).")
 @_region_options
-@FILL_MISSING
+@_image_read_options
 @click.option("--queue", default=None)
 @click.option("-p", "--parallel", type=int, default=None)
 def infer_command(image, affinities, organelles, checkpoint, task_shape, as_float, tta, mip,
-                  bounds, fill_missing, queue, parallel):
+                  bounds, fill_missing, image_window, queue, parallel):
   """Predict affinity and organelle layers from an EM image layer.
 
   \b
@@ -754,7 +778,8 @@ def infer_command(image, affinities, organelles, checkpoint, task_shape, as_floa
   tasks = create_inference_tasks(normalize_cloudpath(image), affinities,
                                  normalize_cloudpath(organelles), checkpoint, task_shape,
                                  dtype="float32" if as_float else "uint8", augment=tta,
-                                 mip=mip, bounds=bounds, fill_missing=fill_missing)
+                                 mip=mip, bounds=bounds, fill_missing=fill_missing,
+                                 window=image_window)
   run_tasks(tasks, queue, parallel, desc="inference")
   clear_patch_cache(affinities)
   click.echo(f"done: {len(tasks)} inference task(s) in {time.time() - started:.1f} s")

@@ -239,6 +239,53 @@ def create_layer(cloudpath: str, *, layer_type: str, dtype: str, resolution: Seq
   return cv
 
 
+# what the models read: uint8 grey values; layers of the other types are mapped onto them
+IMAGE_DTYPES = ("uint8", "uint16", "int16", "uint32", "float32")
+
+
+def image_window(image_cv, region, image_path, samples_per_axis: int = 4) -> list:
+  """[lo, hi]: the grey values of a non-uint8 image layer that map to 0 and 255, its
+  IMAGE_WINDOW_PERCENTILES (as `iicats import` takes them) over up to samples_per_axis³
+  chunk-sized boxes spread evenly over region (a Bbox at the layer's mip)."""
+  from cloudvolume import Bbox
+  from cloudvolume.exceptions import EmptyVolumeException
+  from .volume_io import IMAGE_WINDOW_PERCENTILES
+  lo, hi = np.asarray(region.minpt), np.asarray(region.maxpt)
+  size = np.minimum(np.asarray(image_cv.chunk_size), hi - lo)
+  axes = [np.unique(np.linspace(a, b - s, samples_per_axis).round().astype(int))
+          for a, b, s in zip(lo, hi, size)]
+  values = []
+  for x in axes[0]:
+    for y in axes[1]:
+      for z in axes[2]:
+        start = np.array([x, y, z])
+        try:
+          box = np.asarray(image_cv[Bbox(start, start + size)])[..., 0]
+        except EmptyVolumeException:
+          continue  # a chunk never written: no tissue there
+        values.append(box[np.isfinite(box)].ravel())
+  values = np.concatenate(values) if values else np.zeros(0)
+  if not values.size:
+    raise IicatsError(f"image layer {image_path}: no grey values to choose a window from; "
+                      "give --image-window LO,HI")
+  low, high = np.percentile(values.astype(np.float64), IMAGE_WINDOW_PERCENTILES)
+  return [float(low), float(high)]
+
+
+def uint8_image(image_cv, box, image_path: str) -> np.ndarray:
+  """uint8 (x, y, z) of an image layer over box (a whole region read into memory, as training
+  and calibration read it); a layer of another dtype is mapped through its image_window over
+  the box, said in one line."""
+  image = np.asarray(image_cv[box])[..., 0]
+  if image.dtype == np.uint8:
+    return image
+  from .volume_io import to_uint8
+  window = image_window(image_cv, box, image_path)
+  print(f"note: image layer {image_path} is {image.dtype}: grey values {window[0]:g}-"
+        f"{window[1]:g} (its 0.05-99.95th percentiles) map onto the model's 0-255", flush=True)
+  return to_uint8(image, window)
+
+
 def add_provenance(cv: CloudVolume, step: str, params: dict) -> None:
   """Append a processing record (step, parameters, software version, when, where)."""
   cv.provenance.description = cv.provenance.description or f"iicats-cv {step}"

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 from .errors import IicatsError
-from .layers import box_text, open_layer, region_bbox, resolution_text, scale_at_resolution
+from .layers import (IMAGE_DTYPES, box_text, open_layer, region_bbox, resolution_text,
+                     scale_at_resolution, uint8_image)
 from .train import TrainingVolume
 
 
@@ -31,11 +32,11 @@ def load_training_volumes(images, labels=(), nuclei=(), mitochondria=(), synapse
   regions = _per_image(bounds, n, "bounds")
   volumes, resolution = [], None
   for i, path in enumerate(images):
-    image_cv = open_layer(path, mip=mip, layer_type="image", dtypes=("uint8",),
+    image_cv = open_layer(path, mip=mip, layer_type="image", dtypes=IMAGE_DTYPES,
                           num_channels=1, what="training image")
     box = region_bbox(regions[i], image_cv, path)
     resolution = resolution or tuple(float(r) for r in image_cv.resolution)
-    arrays = {"image": np.asarray(image_cv[box])[..., 0]}
+    arrays = {"image": uint8_image(image_cv, box, path)}
     for field, values in columns.items():
       if values[i] is None:
         continue

@@ -116,6 +116,16 @@ def uint8_window(image: np.ndarray) -> tuple[float, float]:
   return float(lo), float(hi)
 
 
+def to_uint8(image: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+  """Grey values of any numeric dtype -> uint8: window (lo, hi) mapped linearly onto 0..255,
+  clipped (NaN counts as lo); an empty window (hi <= lo) gives zeros."""
+  lo, hi = window
+  data = np.nan_to_num(np.asarray(image, dtype=np.float32), nan=lo)
+  if hi <= lo:
+    return np.zeros(data.shape, np.uint8)
+  return np.rint(np.clip((data - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
+
+
 def import_volume(array_xyz: np.ndarray, dest: str, layer_type: str, resolution, offset=(0, 0, 0),
                   chunk_size=(64, 64, 64), overwrite: bool = False, source: str = "",
                   window: tuple[float, float] | None = None) -> str:
@@ -127,11 +137,9 @@ def import_volume(array_xyz: np.ndarray, dest: str, layer_type: str, resolution,
   params = {"source": source}
   if layer_type == "image":
     if array_xyz.dtype != np.uint8:
-      lo, hi = window or uint8_window(array_xyz)
-      params["grey_values_mapped_to_0_255"] = [lo, hi]
-      data = np.nan_to_num(array_xyz.astype(np.float32), nan=lo)
-      array_xyz = np.zeros(data.shape, np.uint8) if hi <= lo else \
-        np.rint(np.clip((data - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
+      window = window or uint8_window(array_xyz)
+      params["grey_values_mapped_to_0_255"] = list(window)
+      array_xyz = to_uint8(array_xyz, window)
     dtype, encoding = "uint8", "raw"
   elif layer_type == "segmentation":
     if not np.issubdtype(array_xyz.dtype, np.integer) and array_xyz.dtype != bool:

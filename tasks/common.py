@@ -32,15 +32,23 @@ def block_grid(bounds_start, bounds_stop, task_shape):
   return blocks
 
 
-def read_image(image_cv, box, image_path) -> np.ndarray:
-  """uint8 (x, y, z) of an image layer over box; a missing chunk is an IicatsError naming it
+def read_image(image_cv, box, image_path, window=None) -> np.ndarray:
+  """uint8 (x, y, z) of an image layer over box, mapped with window (lo, hi) -> 0..255 when
+  given (volume_io.to_uint8; layers not of uint8 need one). A missing chunk is an IicatsError naming it
   and --fill-missing (a task does not retry it: the chunk will not appear)."""
   try:
-    return np.asarray(image_cv[box])[..., 0]
+    image = np.asarray(image_cv[box])[..., 0]
   except EmptyVolumeException as err:
     raise IicatsError(f"image layer {image_path}: chunk {err} is missing (never written, or "
                       "deleted); --fill-missing reads missing chunks as black, as Igneous' "
                       "--fill-missing does")
+  if window is None and image.dtype == np.uint8:
+    return image
+  if window is None:
+    raise IicatsError(f"image layer {image_path}: {image.dtype} grey values need a window "
+                      "mapped onto the model's 0-255 (layers.image_window)")
+  from iicats_cv.volume_io import to_uint8
+  return to_uint8(image, window)
 
 
 # the chunk size of every layer the pipeline writes: task shapes are multiples of it

@@ -15,14 +15,15 @@ from cloudfiles import CloudFiles
 from cloudvolume import Bbox
 from taskqueue import queueable
 
+from iicats_cv.errors import IicatsError
 from iicats_cv.inference import (default_overlap, patches_for_block, predict_block, quantize,
                                  pad_to_region)
-from iicats_cv.layers import (open_layer, create_layer, local_path, region_bbox, resolution_text,
-                             resolve_cloudpath)
+from iicats_cv.layers import (IMAGE_DTYPES, create_layer, image_window, local_path, open_layer,
+                             region_bbox, resolution_text, resolve_cloudpath)
 from iicats_cv.model import (load_checkpoint, reuse_freed_memory, AFFINITY_CHANNELS,
                              ORGANELLE_CHANNELS)
-from .common import (LAYER_CHUNK_SIZE, block_grid, check_task_shape, mark_done, block_name,
-                     done_names, read_image)
+from .common import (LAYER_CHUNK_SIZE, block_grid, block_name, check_task_shape, done_names,
+                     mark_done, read_image)
 
 _MODELS = {}
 
@@ -79,12 +80,14 @@ class PatchCache:
 
 
 def patch_cache_prefix(affinities_path: str, image_path: str, model_metadata: dict,
-                       augment: bool = False, image_mip: int = 0) -> str:
-  """Where a run's patch cache lives: beside the affinities layer, named after the image (and
-  its mip), the model (its checkpoint metadata) and the augmentation, so a cache left by an
-  interrupted run with another model or setting is never read."""
+                       augment: bool = False, image_mip: int = 0, window=None) -> str:
+  """Where a run's patch cache lives: beside the affinities layer, named after the image (its
+  mip and grey-value window), the model (its checkpoint metadata) and the augmentation, so a
+  cache left by an interrupted run with another model or setting is never read."""
   model = json.dumps(model_metadata, sort_keys=True, default=str)
   image = image_path if not image_mip else f"{image_path}@{image_mip}"
+  if window is not None:
+    image += f"[{window[0]:g},{window[1]:g}]"
   digest = hashlib.sha1(f"{image}|{model}|{augment}".encode()).hexdigest()[:12]
   return f"{affinities_path.rstrip('/')}/patch_cache/{digest}"
 
@@ -103,7 +106,8 @@ def clear_patch_cache(affinities_path: str) -> None:
 def inference_task(image_path: str, affinities_path: str, organelles_path: str,
                    checkpoint: str, start: list, stop: list, overlap: list,
                    batch_size: int = 4, state_prefix: str = "", patch_cache: str = "",
-                   augment: bool = False, image_mip: int = 0, fill_missing: bool = False):
+                   augment: bool = False, image_mip: int = 0, fill_missing: bool = False,
+                   window: list | None = None):
   """Predict affinities + organelles for the block [start, stop) (x,y,z voxels at the image's
   mip image_mip, the output layers' mip 0).
 
@@ -114,10 +118,11 @@ def inference_task(image_path: str, affinities_path: str, organelles_path: str,
   patch_cache: cloudpath prefix of a PatchCache shared by the run's tasks ("" = none).
   augment: test-time augmentation over the in-plane mirror images of each patch.
   fill_missing: read the image's missing chunks as black (0) instead of failing.
+  window: grey values [lo, hi] mapped onto the model's 0..255 (needed for non-uint8 images).
   """
   device = _device()
   model = _model(checkpoint, device)
-  image_cv = open_layer(image_path, mip=image_mip, layer_type="image", dtypes=("uint8",),
+  image_cv = open_layer(image_path, mip=image_mip, layer_type="image", dtypes=IMAGE_DTYPES,
                         num_channels=1, fill_missing=fill_missing, what="image layer")
   aff_cv = open_layer(affinities_path)
   org_cv = open_layer(organelles_path)
@@ -129,7 +134,7 @@ def inference_task(image_path: str, affinities_path: str, organelles_path: str,
   def read(want_lo, want_hi):
     have_lo = np.maximum(want_lo, bounds.minpt)
     have_hi = np.minimum(want_hi, bounds.maxpt)
-    image = read_image(image_cv, Bbox(have_lo, have_hi), image_path)
+    image = read_image(image_cv, Bbox(have_lo, have_hi), image_path, window)
     return pad_to_region(image, have_lo, have_hi, want_lo, want_hi)
 
   n_aff, n_org = len(AFFINITY_CHANNELS), len(ORGANELLE_CHANNELS)
@@ -149,12 +154,33 @@ def inference_task(image_path: str, affinities_path: str, organelles_path: str,
     mark_done(state_prefix, "inference", block_name(start))
 
 
+def resolve_window(image_cv, region, image_path: str, window=None) -> list | None:
+  """The grey-value window [lo, hi] the run maps onto the model's 0..255: the one given, or
+  for a layer not of uint8 its percentiles (image_window, said in one line); None for uint8
+  layers without one."""
+  if window is not None:
+    lo, hi = (float(v) for v in window)
+    if not hi > lo:
+      raise IicatsError(f"--image-window {lo:g},{hi:g}: the second value must be the larger")
+    return [lo, hi]
+  if image_cv.dtype == np.uint8:
+    return None
+  window = image_window(image_cv, region, image_path)
+  print(f"note: image layer {image_path} is {image_cv.dtype}: grey values {window[0]:g}-"
+        f"{window[1]:g} (its 0.05-99.95th percentiles in a sample of chunks) map onto the "
+        "model's 0-255; --image-window LO,HI sets them", flush=True)
+  if not window[1] > window[0]:
+    raise IicatsError(f"image layer {image_path}: its sampled grey values are all "
+                      f"{window[0]:g}; give --image-window LO,HI")
+  return window
+
+
 def create_inference_tasks(image_path: str, affinities_path: str, organelles_path: str,
                            checkpoint: str | None = None, task_shape=(128, 128, 128),
                            dtype: str = "uint8", batch_size: int = 4, state_prefix: str = "",
                            chunk_size=LAYER_CHUNK_SIZE, share_patches: bool = True,
                            augment: bool = False, mip: int = 0, bounds=None,
-                           fill_missing: bool = False):
+                           fill_missing: bool = False, window=None):
   """Create the output layers (validated, with provenance) and one task per block.
 
   mip: the image's mip to predict from (its resolution is the outputs'); bounds: the region
@@ -166,10 +192,12 @@ def create_inference_tasks(image_path: str, affinities_path: str, organelles_pat
   clear_patch_cache after the stage).
   augment: test-time augmentation (the mean over the in-plane mirror images of each patch;
   4-8× the compute). fill_missing: the image's missing chunks are black (0), and all-black
-  patches are skipped."""
-  image_cv = open_layer(image_path, mip=mip, layer_type="image", dtypes=("uint8",),
+  patches are skipped. window: grey values [lo, hi] mapped onto the model's 0..255
+  (default for a layer not of uint8: resolve_window's)."""
+  image_cv = open_layer(image_path, mip=mip, layer_type="image", dtypes=IMAGE_DTYPES,
                         num_channels=1, what="image layer")
   bounds = region_bbox(bounds, image_cv, f"image layer {image_path}")
+  window = resolve_window(image_cv, bounds, image_path, window)
   model, meta = load_checkpoint(checkpoint or None)
   config = model.config
   if not np.allclose(image_cv.resolution, config.resolution, rtol=0.35):
@@ -185,7 +213,7 @@ def create_inference_tasks(image_path: str, affinities_path: str, organelles_pat
             "checkpoint": checkpoint or "default",
             "patch_size": list(config.patch_size), "overlap": overlap, "dtype": dtype,
             "task_shape": list(task_shape), "test_time_augmentation": augment,
-            "fill_missing": fill_missing}
+            "fill_missing": fill_missing, "image_window": window}
   affinity_channels = AFFINITY_CHANNELS + config.out_channels[
     len(AFFINITY_CHANNELS) + len(ORGANELLE_CHANNELS):]
   for path, channels in ((affinities_path, affinity_channels),
@@ -195,14 +223,14 @@ def create_inference_tasks(image_path: str, affinities_path: str, organelles_pat
                  num_channels=len(channels), step="inference",
                  params={**params, "channels": list(channels)})
   done = done_names(state_prefix, "inference") if state_prefix else set()
-  cache = (patch_cache_prefix(affinities_path, image_path, meta, augment, mip) if share_patches
-           else "")
+  cache = (patch_cache_prefix(affinities_path, image_path, meta, augment, mip, window)
+           if share_patches else "")
   return [
     partial(inference_task, image_path=image_path, affinities_path=affinities_path,
                    organelles_path=organelles_path, checkpoint=checkpoint or "",
                    start=lo, stop=hi, overlap=overlap, batch_size=batch_size,
                    state_prefix=state_prefix, patch_cache=cache, augment=augment,
-                   image_mip=mip, fill_missing=fill_missing)
+                   image_mip=mip, fill_missing=fill_missing, window=window)
     for lo, hi, _ in block_grid(bounds.minpt, bounds.maxpt, task_shape)
     if block_name(lo) not in done
   ]

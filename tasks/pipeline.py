@@ -22,12 +22,12 @@ from cloudvolume import Bbox
 
 from iicats_cv.agglomerate import AgglomerationParams
 from iicats_cv.errors import IicatsError
-from iicats_cv.layers import (box_text, normalize_cloudpath, open_layer, join, local_path,
-                              region_bbox, resolve_cloudpath, scale_at_resolution)
+from iicats_cv.layers import (IMAGE_DTYPES, box_text, normalize_cloudpath, open_layer, join,
+                              local_path, region_bbox, resolve_cloudpath, scale_at_resolution)
 from iicats_cv.metrics import boundary_tolerance_steps
 from iicats_cv.watershed import SYNAPSE_BOUNDARY
 from . import igneous_stages as ig
-from .inference import clear_patch_cache, create_inference_tasks
+from .inference import clear_patch_cache, create_inference_tasks, resolve_window
 from .runner import gib_text, open_queue, run_tasks
 from .segmentation import (EDGE_SCORER_OBJECT, create_watershed_tasks, create_rag_tasks,
                            create_node_table_tasks, create_reduce_tasks, level_prefix,
@@ -43,7 +43,7 @@ PYRAMID_LAYERS = ("image", "affinities", "organelles", "segmentation")
 # steps run; a step's outputs also depend on the settings of every step before it.
 # (fill_missing is not one: a task that finished without it read no missing chunk.)
 STEPS = (
-  ("inference", ("image", "checkpoint", "test_time_augmentation")),
+  ("inference", ("image", "checkpoint", "test_time_augmentation", "image_window")),
   ("watershed", ("task_shape", "synapse_boundary", "organelle_thresholds")),
   ("rag", ("histograms", "edge_scorer")),
   ("agglomerate", ("threshold", "baseline_threshold", "quantile", "constraints",
@@ -181,7 +181,7 @@ def validate_inputs(image, gt_labels=None, gt_skeletons=None, seeds=None, nuclei
                     synapses=None, mip=0, bounds=None):
   """Everything the run reads, checked before anything is written -> (image layer at mip,
   the run's region: a Bbox in voxels at that mip, seed points nm or None)."""
-  image_cv = open_layer(image, mip=mip, layer_type="image", dtypes=("uint8",), num_channels=1,
+  image_cv = open_layer(image, mip=mip, layer_type="image", dtypes=IMAGE_DTYPES, num_channels=1,
                         what="image layer")
   region = region_bbox(bounds, image_cv, f"image layer {image}")
   if gt_labels:
@@ -226,13 +226,16 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
                  min_segment_voxels: int | None = None,
                  synapse_boundary: float | None = None, boundary_tolerance_nm: float = 0.0,
                  interior_bonus: float | None = None, rerun_from: str | None = None,
-                 mip: int = 0, bounds=None, fill_missing: bool = False):
+                 mip: int = 0, bounds=None, fill_missing: bool = False,
+                 image_window=None):
   """Run every stage from an EM image layer to segmentation, meshes, link and metrics.
 
   mip: the image's mip to segment (its resolution is every output layer's mip 0); bounds:
   the region, x0,y0,z0,x1,y1,z1 voxels at that mip (text or 6 integers; None: the whole
   image), which becomes the output layers' bounds. Inference reads real image context around
   it. fill_missing: the image's missing chunks are read as black (0) instead of failing.
+  image_window: grey values [lo, hi] mapped onto the model's 0..255 (None: an image not of
+  uint8 gets its percentiles, inference.resolve_window).
 
   augment: test-time augmentation in the inference stage (create_inference_tasks).
   threshold, quantile ("mean" or q in (0, 1)), constraints, min_segment_voxels (the dust
@@ -268,6 +271,7 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
                         "(--gt-labels)")
     boundary_tolerance_steps(image_cv.resolution, boundary_tolerance_nm)
   check_task_shape(task_shape, LAYER_CHUNK_SIZE, out)
+  image_window = resolve_window(image_cv, region, image, image_window)
   if rerun_from is not None and rerun_from not in STEP_NAMES:
     raise IicatsError(f"--rerun-from {rerun_from}: expected one of {', '.join(STEP_NAMES)}")
   if levels > 1 and not hierarchy:
@@ -301,7 +305,7 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
   run.reconcile(
     {"image": image, "region": None if mip == 0 and region == image_cv.bounds
      else [mip] + region.minpt.tolist() + region.maxpt.tolist(),
-     "checkpoint": checkpoint or "default",
+     "checkpoint": checkpoint or "default", "image_window": image_window,
      "test_time_augmentation": augment, "fill_missing": fill_missing, "task_shape": task_shape,
      "synapse_boundary": synapse_boundary, "organelle_thresholds": organelle_cuts,
      "histograms": histograms, "edge_scorer": scorer is not None, "threshold": threshold,
@@ -323,7 +327,8 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
 
   run.stage("inference", lambda: create_inference_tasks(
     image, layers["affinities"], layers["organelles"], checkpoint, task_shape,
-    state_prefix=state, augment=augment, mip=mip, bounds=region, fill_missing=fill_missing))
+    state_prefix=state, augment=augment, mip=mip, bounds=region, fill_missing=fill_missing,
+    window=image_window))
   clear_patch_cache(layers["affinities"])
   run.stage("watershed", lambda: create_watershed_tasks(
     layers["affinities"], layers["supervoxels"], task_shape, state_prefix=state,
@@ -333,7 +338,7 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
     layers["supervoxels"], layers["affinities"], layers["organelles"], join(out, "rag"),
     task_shape, state_prefix=state, histogram=histograms,
     organelle_thresholds=organelle_cuts, image_path=image if scorer is not None else "",
-    image_mip=mip, fill_missing=fill_missing))
+    image_mip=mip, fill_missing=fill_missing, image_window=image_window))
   params = {"threshold": threshold, "constraints": list(constraints), "quantile": quantile,
             "baseline_threshold": float(baseline_threshold),
             "track_threshold": track_threshold,
@@ -495,7 +500,8 @@ def evaluate_run(out, layers, gt_labels, gt_skeletons, nuclei, synapses,
 
 def make_link(out, layers, tracked, prefix=None, tracked_layers=None):
   """Neuroglancer URL + state; local layers are addressed through `iicats view`'s server.
-  tracked_layers: {name: (cloudpath, ids)} as build_state takes them."""
+  tracked_layers: {name: (cloudpath, ids)} as build_state takes them. The image is shown in
+  the grey-value window the run mapped (OUT/pipeline/run.json)."""
   from iicats_cv.viewer.link import build_state, state_to_url, state_json, layer_geometry
   from iicats_cv.viewer.server import DEFAULT_PORT, INPUT_IMAGE_MOUNT
   local = local_path(out)
@@ -521,8 +527,10 @@ def make_link(out, layers, tracked, prefix=None, tracked_layers=None):
             f"cannot serve: it is left out of the link", flush=True)
       continue
     present[name] = cloudpath
+  window = (get_json(join(out, "pipeline"), "run.json") or {}).get("image_window")
   state = build_state(**present, segments=[n["id"] for n in tracked], source_url=source_url,
-                      **layer_geometry(layers["segmentation"]), tracked_layers=tracked_layers)
+                      **layer_geometry(layers["segmentation"]), tracked_layers=tracked_layers,
+                      image_window=window)
   kwargs = {"prefix": prefix} if prefix else {}
   return state_to_url(state, **kwargs), state_json(state)
 

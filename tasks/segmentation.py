@@ -26,7 +26,7 @@ from iicats_cv.agglomerate import (AgglomerationParams, agglomerate, agglomerate
                                    derive_constraints)
 from iicats_cv.edge_scorer import score_edge_pieces
 from iicats_cv.errors import IicatsError
-from iicats_cv.layers import open_layer, create_layer, join, resolve_cloudpath
+from iicats_cv.layers import IMAGE_DTYPES, open_layer, create_layer, join, resolve_cloudpath
 from iicats_cv.rag import (EDGE_FIELDS, block_rag, contract_stitched, merge_rags, relabel,
                           stitched_node_table)
 from iicats_cv.watershed import (AXES, FLOOD_SEED_REACH, LATTICE_SPACING, face_agreement,
@@ -201,12 +201,13 @@ def rag_task(supervoxels_path: str, affinities_path: str, organelles_path: str,
              rag_prefix: str, start: list, stop: list, task_shape: list,
              state_prefix: str = "", histogram: bool = False,
              organelle_thresholds: list = (0.5, 0.5, 0.5), image_path: str = "",
-             image_mip: int = 0, fill_missing: bool = False):
+             image_mip: int = 0, fill_missing: bool = False, image_window: list | None = None):
   """RAG of one block: voxel pairs whose upper voxel lies in the block (reads one voxel of
   context below each face that has a neighbour), with the stitching of its low faces.
   organelle_thresholds: nucleus, mitochondria, synapse probability cuts. image_path: the EM
   image layer, read at image_mip (the supervoxels' resolution) for the fragments' appearance
-  (a learned edge scorer needs it), its missing chunks black with fill_missing."""
+  (a learned edge scorer needs it), its missing chunks black with fill_missing, its grey
+  values mapped with image_window as inference maps them."""
   sv_cv = open_layer(supervoxels_path, layer_type="segmentation", what="supervoxels layer")
   bounds = sv_cv.bounds
   context = [1 if s > b else 0 for s, b in zip(start, bounds.minpt)]
@@ -221,9 +222,9 @@ def rag_task(supervoxels_path: str, affinities_path: str, organelles_path: str,
     organelles = _float_channels(org_cv, Bbox(lo, stop))
   image = None
   if image_path:
-    image_cv = open_layer(image_path, mip=image_mip, layer_type="image", dtypes=("uint8",),
+    image_cv = open_layer(image_path, mip=image_mip, layer_type="image", dtypes=IMAGE_DTYPES,
                           num_channels=1, fill_missing=fill_missing, what="image layer")
-    image = read_image(image_cv, block, image_path)
+    image = read_image(image_cv, block, image_path, image_window)
   agreement = _low_face_agreement(supervoxels_path, start, task_shape, context)
   rag = block_rag(supervoxels, affs, organelles, context, block_origin=start,
                   face_agreement=agreement, histogram=histogram,
@@ -251,7 +252,7 @@ def _low_face_agreement(supervoxels_path, start, task_shape, context) -> dict:
 def create_rag_tasks(supervoxels_path, affinities_path, organelles_path, rag_prefix,
                      task_shape, state_prefix="", histogram=False,
                      organelle_thresholds=(0.5, 0.5, 0.5), image_path="", image_mip=0,
-                     fill_missing=False):
+                     fill_missing=False, image_window=None):
   sv_cv = open_layer(supervoxels_path, layer_type="segmentation", what="supervoxels layer")
   bounds = sv_cv.bounds
   done = done_names(state_prefix, "rag") if state_prefix else set()
@@ -260,7 +261,8 @@ def create_rag_tasks(supervoxels_path, affinities_path, organelles_path, rag_pre
              organelles_path=organelles_path or "", rag_prefix=rag_prefix, start=lo, stop=hi,
              task_shape=list(task_shape), state_prefix=state_prefix, histogram=histogram,
              organelle_thresholds=[float(t) for t in organelle_thresholds],
-             image_path=image_path, image_mip=image_mip, fill_missing=fill_missing)
+             image_path=image_path, image_mip=image_mip, fill_missing=fill_missing,
+             image_window=image_window)
     for lo, hi, _ in block_grid(bounds.minpt, bounds.maxpt, task_shape)
     if block_name(lo) not in done
   ]

@@ -87,6 +87,13 @@ def test_a_uint16_image_keeps_its_contrast_despite_hot_pixels(tmp_path, volume_z
   assert method["grey_values_mapped_to_0_255"][1] < 65535
 
 
+def test_grey_values_to_uint8():
+  from iicats_cv.volume_io import to_uint8
+  values = np.array([np.nan, -3, 0, 5, 10, 99], np.float32)
+  assert to_uint8(values, (0, 10)).tolist() == [0, 0, 0, 128, 255, 255]
+  assert to_uint8(values, (4, 4)).tolist() == [0] * 6  # an empty window
+
+
 def test_import_segmentation_uses_compressed_segmentation(tmp_path):
   labels = np.arange(8 * 8 * 8, dtype=np.uint32).reshape(8, 8, 8) % 5
   np.save(tmp_path / "gt.npy", labels)

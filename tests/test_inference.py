@@ -241,9 +241,9 @@ def test_image_of_wrong_dtype_or_channels_rejected(tmp_path, tiny_checkpoint):
   from iicats_cv.tasks.inference import create_inference_tasks
   from iicats_cv.layers import create_layer
   path = "file://" + str(tmp_path / "float_image")
-  create_layer(path, layer_type="image", dtype="float32", resolution=(10, 10, 10),
+  create_layer(path, layer_type="image", dtype="float64", resolution=(10, 10, 10),
                voxel_offset=(0, 0, 0), volume_size=(32, 32, 32))
-  with pytest.raises(IicatsError, match="float32"):
+  with pytest.raises(IicatsError, match="float64"):
     create_inference_tasks(path, path + "_aff", path + "_org", tiny_checkpoint, (32, 32, 32))
   path2 = "file://" + str(tmp_path / "rgb_image")
   create_layer(path2, layer_type="image", dtype="uint8", resolution=(10, 10, 10),
@@ -329,6 +329,43 @@ def test_a_missing_image_chunk_is_named_or_read_as_black(tmp_path, tiny_checkpoi
   affinities = CloudVolume("file://" + str(tmp_path / "b" / "aff"))
   assert affinities.provenance.processing[-1]["method"]["fill_missing"] is True
   assert np.asarray(affinities[:, :, :]).any()
+
+
+def test_a_uint16_image_is_read_through_its_grey_value_window(tmp_path, tiny_checkpoint):
+  """Labs' FIB-SEM is often 16-bit: its grey values map onto the model's 0-255 by a window,
+  given (the exact one gives the uint8 image's prediction) or its percentiles."""
+  from click.testing import CliRunner
+  from cloudvolume import CloudVolume
+  from iicats_cv.cli import cli
+  from iicats_cv.layers import create_layer
+  _, image = blobs((64, 64, 40))
+  em8 = import_volume(image, "file://" + str(tmp_path / "em8"), "image", (10, 10, 10))
+  em16 = "file://" + str(tmp_path / "em16")
+  create_layer(em16, layer_type="image", dtype="uint16", resolution=(10, 10, 10),
+               voxel_offset=(0, 0, 0), volume_size=image.shape)[:, :, :] = \
+    image.astype(np.uint16) * 100 + 1000
+
+  def infer(image_path, name, *extra):
+    result = CliRunner().invoke(cli, [
+      "infer", image_path, "--checkpoint", tiny_checkpoint, "--task-shape", "64,64,64",
+      "--affinities", f"file://{tmp_path}/{name}/aff", "--organelles",
+      f"file://{tmp_path}/{name}/org", *extra])
+    return result, CloudVolume(f"file://{tmp_path}/{name}/aff")
+
+  _, plain = infer(em8, "plain")
+  result, mapped = infer(em16, "mapped", "--image-window", "1000,26500")
+  assert result.exit_code == 0, result.output
+  difference = np.abs(np.asarray(mapped[:, :, :], int) - np.asarray(plain[:, :, :], int))
+  assert difference.max() <= 1
+  assert mapped.provenance.processing[-1]["method"]["image_window"] == [1000, 26500]
+  result, sampled = infer(em16, "sampled")
+  assert result.exit_code == 0, result.output
+  assert "image layer " + em16 + " is uint16: grey values" in result.output
+  low, high = sampled.provenance.processing[-1]["method"]["image_window"]
+  assert 1000 <= low < high <= 26500
+  result = CliRunner().invoke(cli, ["infer", em16, "--affinities", "x", "--organelles", "y",
+                                    "--image-window", "5,1"])
+  assert result.exit_code != 0 and "HI must be larger than LO" in result.output
 
 
 class MirrorEquivariantModel(torch.nn.Module):

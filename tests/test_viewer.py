@@ -349,6 +349,12 @@ def test_view_state_of_a_run(run_dir):
     data_server.close()
 
 
+def test_an_image_mapped_through_a_window_is_shown_in_it():
+  layer = state_json(build_state(image="gs://lab/em16", image_window=(1000, 26500)))["layers"][0]
+  assert layer["shaderControls"] == {"normalized": {"range": [1000.0, 26500.0]}}
+  assert "shaderControls" not in state_json(build_state(image="gs://lab/em"))["layers"][0]
+
+
 def test_view_shows_the_layers_of_iicats_track(run_dir):
   """OUT/NAME beside OUT/NAME.json (what `iicats track --name NAME` writes) is shown with its
   neurons selected and the run's segmentation hidden; other JSON objects are not layers."""

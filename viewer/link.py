@@ -129,9 +129,21 @@ def _segment_ids(segments: Iterable) -> list[int]:
   return sorted(set(ids))
 
 
-def image_layer(source: str) -> neuroglancer.ImageLayer:
-  """The EM image, default greyscale shader."""
-  return neuroglancer.ImageLayer(source=source)
+IMAGE_SHADER = """\
+#uicontrol invlerp normalized
+void main() {
+  emitGrayscale(normalized());
+}
+"""
+
+
+def image_layer(source: str, window=None) -> neuroglancer.ImageLayer:
+  """The EM image in greyscale; window (lo, hi): the grey values shown black to white (what
+  the run mapped onto the model's 0-255, for images not of uint8)."""
+  if window is None:
+    return neuroglancer.ImageLayer(source=source)
+  return neuroglancer.ImageLayer(source=source, shader=IMAGE_SHADER, shader_controls={
+    "normalized": {"range": [float(window[0]), float(window[1])]}})
 
 
 def affinity_layer(source: str) -> neuroglancer.ImageLayer:
@@ -192,13 +204,15 @@ def build_state(image=None, segmentation=None, affinities=None, organelles=None,
                 resolution_nm=None, position_nm=None,
                 source_url: Callable[[str], str | None] = _no_local_source,
                 layout="xy-3d", extent_nm=None,
-                tracked_layers: dict | None = None) -> neuroglancer.ViewerState:
+                tracked_layers: dict | None = None,
+                image_window=None) -> neuroglancer.ViewerState:
   """A Neuroglancer state for the layers of a run (every argument optional).
 
   Layer cloudpaths are converted with `to_source` (file:// through `source_url`).
   `segments` are selected in the segmentation layer; `tracked_layers` {name: (cloudpath,
   segment ids)} are the layers `iicats track` writes, each shown with its neurons selected
-  (the run's segmentation is hidden then); nuclei (K, 3) and synapses (S, 2, 3)
+  (the run's segmentation is hidden then); `image_window` (lo, hi) sets the image's grey
+  range (image_layer); nuclei (K, 3) and synapses (S, 2, 3)
   are positions in nm, shown as point / pre->post line annotations. `resolution_nm` sets the
   state's dimensions (x, y, z voxels of that size); `position_nm` centres the view and
   `extent_nm` (the volume's size, with `resolution_nm`) zooms both panels to show all of it.
@@ -213,7 +227,7 @@ def build_state(image=None, segmentation=None, affinities=None, organelles=None,
     if position is not None:
       state.position = (position / resolution).tolist()
   add = _layer_adder(state, source_url)
-  add("image", image, image_layer)
+  add("image", image, lambda s: image_layer(s, image_window))
   add("affinities", affinities, affinity_layer, visible=False)
   add("organelles", organelles, organelle_layer)
   add("supervoxels", supervoxels, lambda s: segmentation_layer(s, skeletons=False),

@@ -405,6 +405,8 @@ def view_state(out_prefix: str, source_url=None, segments=None, layout: str = "x
 
   `segments` None selects the tracked neurons of `{prefix}/tracked.json`, if any.
   """
+  from iicats_cv.layers import join
+  from iicats_cv.tasks.common import get_json
   from .link import build_state, layer_geometry
   layers = run_layers(out_prefix)
   if not layers:
@@ -416,9 +418,10 @@ def view_state(out_prefix: str, source_url=None, segments=None, layout: str = "x
   geometry = layer_geometry(layers.get("segmentation") or layers.get("image")
                             or next(iter(layers.values())))
   kwargs = {"source_url": source_url} if source_url else {}
+  window = (get_json(join(out_prefix, "pipeline"), "run.json") or {}).get("image_window")
   return build_state(**layers, segments=tracked if segments is None else segments,
                      layout=layout, **geometry, **extra, **kwargs,
-                     tracked_layers=tracked_layers(out_prefix))
+                     tracked_layers=tracked_layers(out_prefix), image_window=window)
 
 
 def start_view(out_prefix: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
