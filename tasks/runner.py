@@ -6,11 +6,13 @@ of spinning. Supported queues: `fq://PATH` (local or shared filesystem), `sqs://
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
 import re
 import sys
+import threading
 import time
 import traceback
 
@@ -114,6 +116,29 @@ def gib_text(size_bytes: float) -> str:
   return f"{size_bytes / 2 ** 30:.2f} GiB"
 
 
+@contextlib.contextmanager
+def _lease_kept(tq: TaskQueue, task, lease_sec: int):
+  """Renew the task's lease every third of lease_sec while the block runs (python-task-queue
+  leases for a fixed time, after which another worker would run the task again)."""
+  done = threading.Event()
+
+  def renew():
+    while not done.wait(lease_sec / 3):
+      try:
+        tq.renew(task, lease_sec)
+      except Exception as err:  # the task goes on; at worst another worker repeats it
+        print(f"note: could not renew the lease of {task_label(task)} "
+              f"({type(err).__name__}: {err})", flush=True)
+
+  keeper = threading.Thread(target=renew, daemon=True)
+  keeper.start()
+  try:
+    yield
+  finally:
+    done.set()
+    keeper.join()
+
+
 def _payload_text(task) -> str:
   try:
     return json.dumps(task.payload(), default=str)
@@ -129,7 +154,9 @@ def execute(qurl: str, lease_sec: int = 600, exit_on_empty: bool = True,
   worker's log; the pipeline's own workers report through its progress bar).
 
   Each task is deleted only after it succeeded; a failure releases the lease for a retry
-  until max_attempts, then the task moves to the dead-letter folder.
+  until max_attempts, then the task moves to the dead-letter folder. While a task runs its
+  lease is renewed (_lease_kept), so a task longer than lease_sec is not handed to a second
+  worker; a worker that dies stops renewing, and its task comes back lease_sec later.
   Returns {"executed", "failed", "dead"} counts for this worker.
   """
   import iicats_cv.tasks  # noqa: F401  (registers every task type)
@@ -149,7 +176,8 @@ def execute(qurl: str, lease_sec: int = 600, exit_on_empty: bool = True,
     started = time.time()
     try:
       register_endpoint_aliases(_payload_text(task))
-      task.execute()
+      with _lease_kept(tq, task, int(lease_sec)):
+        task.execute()
     except Exception as err:  # a worker must survive a bad task
       stats["failed"] += 1
       if not quiet:

@@ -40,6 +40,32 @@ def test_tasks_run_once_each(tmp_path):
   assert tq.enqueued == 0 and tq.completed == 5
 
 
+@queueable
+def slow_task(path: str, seconds: float):
+  import time
+  time.sleep(seconds)
+  with open(path, "a") as fh:
+    fh.write("x")
+
+
+def test_a_task_longer_than_its_lease_is_not_handed_to_a_second_worker(tmp_path):
+  """The worker renews the lease while the task runs: a second worker finds nothing to lease
+  after the first lease would have expired, and the task runs once."""
+  import threading
+  import time
+  from taskqueue.taskqueue import QueueEmptyError
+  qurl = "fq://" + str(tmp_path / "queue")
+  open_queue(qurl).insert([partial(slow_task, path=str(tmp_path / "out"), seconds=3.5)])
+  worker = threading.Thread(target=execute, args=(qurl,), kwargs={"lease_sec": 1})
+  worker.start()
+  time.sleep(2.5)  # the first lease (1 s) has long run out
+  with pytest.raises(QueueEmptyError):
+    open_queue(qurl).lease(seconds=1)
+  worker.join()
+  assert (tmp_path / "out").read_text() == "x"
+  assert open_queue(qurl).enqueued == 0
+
+
 def test_failing_task_is_dead_lettered_after_attempts(tmp_path):
   qurl = "fq://" + str(tmp_path / "queue")
   open_queue(qurl).insert([partial(failing_task, path=str(tmp_path / "tries"))])
