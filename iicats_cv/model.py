@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, asdict
 
 import numpy as np
@@ -196,12 +197,64 @@ def default_checkpoint_path(name: str = "default") -> str:
 
 
 def resolve_checkpoint(path: str | None) -> str:
-  """A checkpoint file path, or a shipped model's name (None = "default") -> its file path."""
+  """A checkpoint file path, a cloudpath (gs://, s3://, file://: fetched once per machine into
+  a local cache), or a shipped model's name (None = "default") -> its local file path."""
   if (path or "default") in SHIPPED_MODELS:
     path = default_checkpoint_path(path or "default")
+  elif path.startswith("file://"):
+    path = path[len("file://"):]
+  elif "://" in path:
+    path = _fetched_checkpoint(path)
   if not os.path.exists(path):
     raise IicatsError(f"checkpoint {path}: file not found")
   return path
+
+
+_PUBLISHED_NAME = re.compile(r"^[0-9a-f]{16}\.safetensors$")  # publish_checkpoint's names
+
+
+def _fetched_checkpoint(cloudpath: str) -> str:
+  """A local copy of a checkpoint in a bucket: kept in the temporary folder when its name is
+  publish_checkpoint's (unique to its content, so never stale), else fetched afresh."""
+  import tempfile
+  from cloudfiles import CloudFiles
+  from .layers import resolve_cloudpath
+  directory, name = cloudpath.rstrip("/").rsplit("/", 1)
+  cache = os.path.join(tempfile.gettempdir(), "iicats-checkpoints")
+  local = os.path.join(cache, name)
+  if _PUBLISHED_NAME.match(name) and os.path.exists(local):
+    return local
+  data = CloudFiles(resolve_cloudpath(directory)).get(name)
+  if data is None:
+    raise IicatsError(f"checkpoint {cloudpath}: no such object")
+  os.makedirs(cache, exist_ok=True)
+  if not _PUBLISHED_NAME.match(name):
+    local = tempfile.mkstemp(suffix=".safetensors", dir=cache)[1]
+  partial = f"{local}.{os.getpid()}.part"
+  with open(partial, "wb") as fh:
+    fh.write(data)
+  os.replace(partial, local)  # atomic: another worker process never reads half a file
+  return local
+
+
+def publish_checkpoint(path: str | None, prefix: str) -> str:
+  """Where a fleet's workers read a checkpoint: a shipped model's name as it is (every
+  install has it); any other checkpoint (a file, or an object that may change) copied to
+  PREFIX/<sha1 of its bytes>.safetensors (once) and that cloudpath, so workers on other
+  machines need no copy of the driver's file and never cache a stale one."""
+  import hashlib
+  from cloudfiles import CloudFiles
+  from .layers import join, resolve_cloudpath
+  if (path or "default") in SHIPPED_MODELS:
+    return path or ""
+  local = resolve_checkpoint(path)
+  with open(local, "rb") as fh:
+    data = fh.read()
+  name = hashlib.sha1(data).hexdigest()[:16] + ".safetensors"
+  files = CloudFiles(resolve_cloudpath(prefix))
+  if not files.exists(name):
+    files.put(name, data, compress=None, content_type="application/octet-stream")
+  return join(prefix, name)
 
 
 def load_checkpoint(path: str | None = None, device: str = "cpu") -> tuple[UNet3D, dict]:

@@ -18,10 +18,10 @@ from taskqueue import queueable
 from iicats_cv.errors import IicatsError
 from iicats_cv.inference import (default_overlap, patches_for_block, predict_block, quantize,
                                  pad_to_region)
-from iicats_cv.layers import (IMAGE_DTYPES, create_layer, image_window, local_path, open_layer,
-                             region_bbox, resolution_text, resolve_cloudpath)
-from iicats_cv.model import (load_checkpoint, reuse_freed_memory, AFFINITY_CHANNELS,
-                             ORGANELLE_CHANNELS)
+from iicats_cv.layers import (IMAGE_DTYPES, create_layer, image_window, join, local_path,
+                             open_layer, region_bbox, resolution_text, resolve_cloudpath)
+from iicats_cv.model import (load_checkpoint, publish_checkpoint, reuse_freed_memory,
+                             AFFINITY_CHANNELS, ORGANELLE_CHANNELS)
 from .common import (LAYER_CHUNK_SIZE, block_grid, block_name, check_task_shape, done_names,
                      mark_done, read_image)
 
@@ -225,9 +225,11 @@ def create_inference_tasks(image_path: str, affinities_path: str, organelles_pat
   done = done_names(state_prefix, "inference") if state_prefix else set()
   cache = (patch_cache_prefix(affinities_path, image_path, meta, augment, mip, window)
            if share_patches else "")
+  # beside the outputs, so that workers on other machines read the same model
+  model_path = publish_checkpoint(checkpoint, join(affinities_path, "model"))
   return [
     partial(inference_task, image_path=image_path, affinities_path=affinities_path,
-                   organelles_path=organelles_path, checkpoint=checkpoint or "",
+                   organelles_path=organelles_path, checkpoint=model_path,
                    start=lo, stop=hi, overlap=overlap, batch_size=batch_size,
                    state_prefix=state_prefix, patch_cache=cache, augment=augment,
                    image_mip=mip, fill_missing=fill_missing, window=window)

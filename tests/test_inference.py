@@ -109,6 +109,32 @@ def test_inference_independent_of_task_shape(tmp_path, tiny_checkpoint):
   np.testing.assert_array_equal(np.asarray(store.read().result())[..., :], a)
 
 
+def test_workers_read_the_drivers_checkpoint_from_the_bucket(tmp_path, tiny_checkpoint):
+  """A fleet's workers have no copy of the driver's checkpoint file: the tasks name a copy
+  beside the outputs (named by its content), which a worker fetches."""
+  import shutil
+  from cloudvolume import CloudVolume
+  from iicats_cv.tasks import inference
+  from iicats_cv.tasks.inference import create_inference_tasks
+  from iicats_cv.tasks.runner import run_tasks
+  driver_copy = tmp_path / "mine.safetensors"
+  shutil.copy(tiny_checkpoint, driver_copy)
+  _, image = blobs((32, 32, 32))
+  image_path = import_volume(image, "file://" + str(tmp_path / "em"), "image", (10, 10, 10))
+  aff = "file://" + str(tmp_path / "aff")
+  tasks = create_inference_tasks(image_path, aff, "file://" + str(tmp_path / "org"),
+                                 str(driver_copy), (32, 32, 32), chunk_size=(32, 32, 32))
+  published = tasks[0].keywords["checkpoint"]
+  assert published.startswith(aff + "/model/") and published.endswith(".safetensors")
+  os.remove(driver_copy)  # the worker's machine
+  inference._MODELS.clear()
+  run_tasks(tasks, None, 1, desc="inference")
+  assert np.asarray(CloudVolume(aff)[:, :, :]).any()
+  again = create_inference_tasks(image_path, aff, "file://" + str(tmp_path / "org"),
+                                 tiny_checkpoint, (32, 32, 32), chunk_size=(32, 32, 32))
+  assert again[0].keywords["checkpoint"] == published  # one copy per content
+
+
 def test_augmented_inference_independent_of_task_shape(tmp_path, tiny_checkpoint):
   from cloudvolume import CloudVolume
   aff_a, _ = _run_inference(tmp_path, tiny_checkpoint, (32, 32, 32), "a", augment=True)
