@@ -166,7 +166,8 @@ class Pipeline:
       return
     started = time.time()
     tasks = list(make_tasks())
-    peak = run_tasks(tasks, self.queue, self.parallel, desc=name, lease_sec=self.lease_sec)
+    peak = run_tasks(tasks, self.queue, self.parallel, desc=name, lease_sec=self.lease_sec,
+                     state_prefix=self.state)
     seconds = time.time() - started
     self.timings[name] = round(seconds, 2)
     record = {"seconds": round(seconds, 2), "tasks": len(tasks)}

@@ -16,12 +16,14 @@ import threading
 import time
 import traceback
 
+from cloudfiles import CloudFiles
 from taskqueue import TaskQueue
 from taskqueue.taskqueue import QueueEmptyError
 from tqdm import tqdm
 
 from iicats_cv.errors import IicatsError
-from iicats_cv.layers import register_endpoint_aliases
+from iicats_cv.layers import register_endpoint_aliases, resolve_cloudpath
+from .common import put_json
 
 PROTOCOLS = ("fq", "sqs")
 
@@ -94,9 +96,19 @@ def _record_failure(tq, task, err, attempts: dict, max_attempts: int) -> bool:
   directory = dead_letter_dir(tq)
   os.makedirs(directory, exist_ok=True)
   payload = task.payload() if hasattr(task, "payload") else repr(task)
+  letter = {"task": payload, "attempts": count, "error": f"{type(err).__name__}: {err}",
+            "traceback": traceback.format_exc()}
   with open(os.path.join(directory, f"{key}.json"), "w") as fh:
-    json.dump({"task": payload, "attempts": count, "error": f"{type(err).__name__}: {err}",
-               "traceback": traceback.format_exc()}, fh, indent=1, default=str)
+    json.dump(letter, fh, indent=1, default=str)
+  state_prefix = (getattr(task, "kwargs", None) or {}).get("state_prefix")
+  if state_prefix:
+    # in the run's bucket too, where the driver sees it whatever machine this worker is on
+    try:
+      put_json(state_prefix, f"{DEAD_LETTER_PREFIX}{key}.json",
+               json.loads(json.dumps(letter, default=str)))
+    except Exception as bucket_err:
+      print(f"note: could not write the dead letter to {state_prefix} "
+            f"({type(bucket_err).__name__}: {bucket_err})", flush=True)
   tq.delete(task)
   return True
 
@@ -249,16 +261,30 @@ def largest_peak(report) -> int | None:
   return max((p for p in peaks if p), default=None)
 
 
+DEAD_LETTER_PREFIX = "dead-letter/"  # under a run's state prefix (OUT/pipeline/)
+
+
+def _run_dead_letters(state_prefix: str | None) -> set:
+  if not state_prefix:
+    return set()
+  return set(CloudFiles(resolve_cloudpath(state_prefix)).list(prefix=DEAD_LETTER_PREFIX))
+
+
 def drain(qurl: str, total: int, parallel: int = 1, desc: str = "tasks", lease_sec: int = 600,
-          max_attempts: int = 3, wait_for_external: bool = False, poll_sec: float = 1.0):
+          max_attempts: int = 3, wait_for_external: bool = False, poll_sec: float = 1.0,
+          state_prefix: str | None = None):
   """Run (parallel ≥ 1) or wait for external workers to run (wait_for_external) every task
-  of the queue, with a progress bar over the queue's remaining count.
+  of the queue, with a progress bar over the queue's remaining count. A task that failed for
+  good fails the stage: its dead letter is found beside the queue (fq://), on this machine,
+  or (tasks of a run) under state_prefix, where workers on any machine write it: a worker
+  deletes such a task from the queue, so an empty queue alone does not say all went well.
 
   Returns the largest peak memory (bytes) of the worker processes it started (parallel ≥ 2),
   else None: a single worker runs in this process, whose peak is not the stage's alone.
   """
   tq = open_queue(qurl)
   dead_before = set(dead_letters(qurl))
+  run_dead_before = _run_dead_letters(state_prefix)
   bar = tqdm(total=total, desc=desc, unit="task", leave=False)
   procs = []
   if not wait_for_external:
@@ -281,23 +307,33 @@ def drain(qurl: str, total: int, parallel: int = 1, desc: str = "tasks", lease_s
   dead = set(dead_letters(qurl)) - dead_before
   if dead:
     directory = dead_letter_dir(open_queue(qurl))
-    raise IicatsError(f"{desc}: {len(dead)} task(s) failed ({_last_error(directory, dead)}); "
-                      f"see {directory}")
+    first = _letter_text(lambda name: _read_text(os.path.join(directory, name)), dead)
+    raise IicatsError(f"{desc}: {len(dead)} task(s) failed ({first}); see {directory}")
+  run_dead = _run_dead_letters(state_prefix) - run_dead_before
+  if run_dead:
+    files = CloudFiles(resolve_cloudpath(state_prefix))
+    first = _letter_text(lambda name: files.get(name).decode(), run_dead)
+    raise IicatsError(f"{desc}: {len(run_dead)} task(s) failed on a worker ({first}); see "
+                      f"{state_prefix.rstrip('/')}/{DEAD_LETTER_PREFIX}")
   return largest_peak(report) if procs else None
 
 
-def _last_error(directory: str, names) -> str:
+def _read_text(path: str) -> str:
+  with open(path) as fh:
+    return fh.read()
+
+
+def _letter_text(read, names) -> str:
   """The error of one dead letter and its attempts, for the one-line failure message."""
   try:
-    with open(os.path.join(directory, sorted(names)[0])) as fh:
-      letter = json.load(fh)
+    letter = json.loads(read(sorted(names)[0]))
     return f"{letter['error'].splitlines()[0]}; attempts: {letter['attempts']}"
-  except (OSError, ValueError, KeyError, IndexError):
+  except (OSError, ValueError, KeyError, IndexError, AttributeError):
     return "error unreadable"
 
 
 def run_tasks(tasks, queue: str | None, parallel: int | None, desc: str = "tasks",
-              lease_sec: int = 600) -> str:
+              lease_sec: int = 600, state_prefix: str | None = None) -> int | None:
   """Insert tasks and see them done: on a private fq:// queue with local workers when no queue
   is given, by `parallel` local workers, or (queue and parallel None or 0) by external
   workers.
@@ -326,7 +362,7 @@ def run_tasks(tasks, queue: str | None, parallel: int | None, desc: str = "tasks
       who = f"{parallel} local worker(s)" if parallel else "external workers"
       print(f"[{desc}] {len(tasks)} task(s) on {queue} for {who}", flush=True)
       peak = drain(queue, len(tasks), parallel=parallel or 1, desc=desc, lease_sec=lease_sec,
-                   wait_for_external=not parallel)
+                   wait_for_external=not parallel, state_prefix=state_prefix)
   finally:
     if private:
       import shutil

@@ -107,6 +107,25 @@ def test_local_worker_processes_report_their_peak_memory(tmp_path):
   assert run_tasks(tasks, "fq://" + str(tmp_path / "q1"), 1) is None
 
 
+@queueable
+def failing_run_task(path: str, state_prefix: str = ""):
+  raise IicatsError(f"{path}: no such layer")
+
+
+def test_a_task_that_failed_on_another_machine_fails_the_stage(tmp_path, monkeypatch):
+  """A worker deletes a dead-lettered task from the queue, so the driver of an SQS fleet saw
+  an empty queue and went on; the run's tasks now leave their dead letter in the run's
+  bucket too, where the driver finds it whatever machine the worker was on."""
+  from iicats_cv.tasks import runner
+  state = "file://" + str(tmp_path / "run" / "pipeline")
+  monkeypatch.setattr(runner, "dead_letters", lambda qurl: [])  # another machine's folder
+  with pytest.raises(IicatsError, match=r"1 task\(s\) failed on a worker \(IicatsError: "
+                     r"file:///nowhere: no such layer; attempts: 1\); see "
+                     + state + "/dead-letter/"):
+    run_tasks([partial(failing_run_task, path="file:///nowhere", state_prefix=state)],
+              "fq://" + str(tmp_path / "q"), 1, state_prefix=state)
+
+
 def test_unknown_queue_protocol_is_one_clear_error():
   with pytest.raises(IicatsError, match="unknown protocol 'redis://'"):
     open_queue("redis://localhost/queue")
