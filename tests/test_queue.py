@@ -55,10 +55,11 @@ def test_a_task_longer_than_its_lease_is_not_handed_to_a_second_worker(tmp_path)
   import time
   from taskqueue.taskqueue import QueueEmptyError
   qurl = "fq://" + str(tmp_path / "queue")
-  open_queue(qurl).insert([partial(slow_task, path=str(tmp_path / "out"), seconds=3.5)])
-  worker = threading.Thread(target=execute, args=(qurl,), kwargs={"lease_sec": 1})
+  open_queue(qurl).insert([partial(slow_task, path=str(tmp_path / "out"), seconds=5)])
+  # fq:// leases end on whole seconds: 3 s leases renewed every second never lapse
+  worker = threading.Thread(target=execute, args=(qurl,), kwargs={"lease_sec": 3})
   worker.start()
-  time.sleep(2.5)  # the first lease (1 s) has long run out
+  time.sleep(4)  # the first lease has run out
   with pytest.raises(QueueEmptyError):
     open_queue(qurl).lease(seconds=1)
   worker.join()
