@@ -243,10 +243,14 @@ def create_layer(cloudpath: str, *, layer_type: str, dtype: str, resolution: Seq
 IMAGE_DTYPES = ("uint8", "uint16", "int16", "uint32", "float32")
 
 
+WINDOW_SAMPLE_VOXELS = 10 ** 7  # at most this many voxels decide an image's window
+
+
 def image_window(image_cv, region, image_path, samples_per_axis: int = 4) -> list:
   """[lo, hi]: the grey values of a non-uint8 image layer that map to 0 and 255, its
   IMAGE_WINDOW_PERCENTILES (as `iicats import` takes them) over up to samples_per_axis³
-  chunk-sized boxes spread evenly over region (a Bbox at the layer's mip)."""
+  chunk-sized boxes spread evenly over region (a Bbox at the layer's mip), strided to at most
+  WINDOW_SAMPLE_VOXELS in all."""
   from cloudvolume import Bbox
   from cloudvolume.exceptions import EmptyVolumeException
   from .volume_io import IMAGE_WINDOW_PERCENTILES
@@ -263,6 +267,9 @@ def image_window(image_cv, region, image_path, samples_per_axis: int = 4) -> lis
           box = np.asarray(image_cv[Bbox(start, start + size)])[..., 0]
         except EmptyVolumeException:
           continue  # a chunk never written: no tissue there
+        step = max(1, int(np.ceil((box.size * len(axes[0]) * len(axes[1]) * len(axes[2])
+                                   / WINDOW_SAMPLE_VOXELS) ** (1 / 3))))
+        box = box[::step, ::step, ::step]
         values.append(box[np.isfinite(box)].ravel())
   values = np.concatenate(values) if values else np.zeros(0)
   if not values.size:

@@ -34,8 +34,8 @@ def block_grid(bounds_start, bounds_stop, task_shape):
 
 def read_image(image_cv, box, image_path, window=None) -> np.ndarray:
   """uint8 (x, y, z) of an image layer over box, mapped with window (lo, hi) -> 0..255 when
-  given (volume_io.to_uint8; layers not of uint8 need one). A missing chunk is an IicatsError naming it
-  and --fill-missing (a task does not retry it: the chunk will not appear)."""
+  given (volume_io.to_uint8; layers not of uint8 need one). A missing chunk is an IicatsError
+  naming it and --fill-missing (a task does not retry it: the chunk will not appear)."""
   try:
     image = np.asarray(image_cv[box])[..., 0]
   except EmptyVolumeException as err:

@@ -359,7 +359,8 @@ def test_view_shows_the_layers_of_iicats_track(run_dir):
   """OUT/NAME beside OUT/NAME.json (what `iicats track --name NAME` writes) is shown with its
   neurons selected and the run's segmentation hidden; other JSON objects are not layers."""
   base, labels, _ = run_dir
-  write_layer(f"file://{base}/stained", "segmentation", np.where(labels == 11, labels, 0), (8, 8, 8))
+  write_layer(f"file://{base}/stained", "segmentation", np.where(labels == 11, labels, 0),
+              (8, 8, 8))
   (base / "stained.json").write_text(json.dumps([{"id": 11, "seed": 1, "voxels": 5}]))
   (base / "summary.json").write_text(json.dumps({"layers": {}}))
   (base / "orphan.json").write_text(json.dumps([{"id": 3, "seed": 1}]))  # no layer beside it
