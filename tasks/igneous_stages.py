@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import re
+from functools import partial
 
 import igneous.task_creation as tc
 import igneous.tasks  # noqa: F401  (registers Igneous tasks for workers)
@@ -16,6 +18,9 @@ import numpy as np
 from cloudvolume.datasource.precomputed.spatial_index import SpatialIndex
 from cloudvolume.lib import Bbox
 from igneous.tasks.skeleton import ShardedSkeletonMergeTask
+from taskqueue import queueable
+from taskqueue.lib import jsonify
+from taskqueue.queueables import totask
 
 from iicats_cv.layers import open_layer, add_provenance, resolve_cloudpath
 
@@ -252,6 +257,20 @@ def _missing_from_shards(cv, kind: str, labels: list) -> list:
 def _is_sharded(cf, directory) -> bool:
   info = cf.get_json(f"{directory}/info") or {}
   return "sharding" in info and info["sharding"] is not None
+
+
+@queueable
+def igneous_task(payload, state_prefix: str = ""):
+  """One Igneous task, from its payload. The pipeline queues Igneous' tasks in this wrapper so
+  that they carry the run's state_prefix: one that fails for good on any worker leaves its
+  dead letter where the driver looks (runner.drain), as the run's own tasks do."""
+  totask(payload).execute()
+
+
+def in_run(tasks, state_prefix: str) -> list:
+  """Igneous tasks wrapped as igneous_task for a run whose state lives at state_prefix."""
+  return [partial(igneous_task, payload=json.loads(jsonify(totask(task).payload())),
+                  state_prefix=state_prefix) for task in tasks]
 
 
 def record(cloudpath: str, step: str, params: dict):

@@ -376,10 +376,12 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
                          method={"agglomeration": baseline_params}))
   if meshes:
     seg = layers["segmentation"]
-    run.stage("mesh", lambda: ig.mesh_tasks(seg, task_shape, sharded=sharded))
-    run.stage("mesh-merge", lambda: ig.mesh_merge_tasks(seg, sharded=sharded))
-    run.stage("skeleton", lambda: ig.skeleton_tasks(seg, task_shape, sharded=sharded))
-    run.stage("skeleton-merge", lambda: ig.skeleton_merge_tasks(seg, sharded=sharded))
+    run.stage("mesh", lambda: ig.in_run(ig.mesh_tasks(seg, task_shape, sharded=sharded), state))
+    run.stage("mesh-merge", lambda: ig.in_run(ig.mesh_merge_tasks(seg, sharded=sharded), state))
+    run.stage("skeleton", lambda: ig.in_run(
+      ig.skeleton_tasks(seg, task_shape, sharded=sharded), state))
+    run.stage("skeleton-merge", lambda: ig.in_run(
+      ig.skeleton_merge_tasks(seg, sharded=sharded), state))
     check = ig.validate_layer(seg)
     if check["problems"]:
       raise IicatsError(f"segmentation {seg}: meshes/skeletons incomplete: "
@@ -391,7 +393,7 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
                         if name == "image" else (region.size3(), image_cv.resolution))
     for level in range(ig.pyramid_depth(size, resolution, num_mips)):
       run.stage(f"downsample-{name}-{level + 1}",
-                lambda n=name, m=level: ig.downsample_tasks(layers[n], m))
+                lambda n=name, m=level: ig.in_run(ig.downsample_tasks(layers[n], m), state))
 
   tracked = get_json(out, "tracked.json") or []
   summary = {"layers": layers, "tracked": tracked, "queue": run.queue,

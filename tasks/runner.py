@@ -216,6 +216,9 @@ def execute(qurl: str, lease_sec: int = 600, exit_on_empty: bool = True,
 def task_label(task) -> str:
   """A task's kind and block for a worker's log: 'inference_task 0_128_0',
   'MeshTask 0_0_0', or the kind alone."""
+  if hasattr(task, "key") and task.key[-1] == "igneous_task":  # an Igneous task of a run
+    from taskqueue.queueables import totask
+    return task_label(totask(task.kwargs["payload"]))
   if hasattr(task, "key"):  # python-task-queue's FunctionTask: our tasks
     name, fields = task.key[-1], task.kwargs
   else:  # a RegisteredTask: Igneous'

@@ -127,6 +127,28 @@ def test_a_task_that_failed_on_another_machine_fails_the_stage(tmp_path, monkeyp
               "fq://" + str(tmp_path / "q"), 1, state_prefix=state)
 
 
+def test_igneous_tasks_of_a_run_leave_their_dead_letter_in_the_run(tmp_path, monkeypatch):
+  """Meshes, skeletons and mips come from Igneous' tasks: the pipeline queues them wrapped
+  with the run's state prefix, so one that fails on another machine fails its stage too."""
+  import shutil
+  import numpy as np
+  from iicats_cv.layers import create_layer
+  from iicats_cv.tasks import igneous_stages as ig, runner
+  from iicats_cv.tasks.runner import task_label
+  from taskqueue.queueables import totask
+  path = "file://" + str(tmp_path / "seg")
+  create_layer(path, layer_type="segmentation", dtype="uint32", resolution=(8, 8, 8),
+               voxel_offset=(0, 0, 0), volume_size=(32, 32, 32), chunk_size=(32, 32, 32),
+               step="test")[:, :, :] = np.ones((32, 32, 32), np.uint32)
+  state = "file://" + str(tmp_path / "run" / "pipeline")
+  tasks = ig.in_run(ig.mesh_tasks(path, (32, 32, 32)), state)
+  assert task_label(totask(tasks[0])) == "MeshTask 0_0_0"  # what a worker logs
+  shutil.rmtree(tmp_path / "seg")  # gone before a worker gets to it
+  monkeypatch.setattr(runner, "dead_letters", lambda qurl: [])  # another machine's folder
+  with pytest.raises(IicatsError, match="1 task\\(s\\) failed on a worker"):
+    run_tasks(tasks, "fq://" + str(tmp_path / "q"), 1, state_prefix=state)
+
+
 def test_unknown_queue_protocol_is_one_clear_error():
   with pytest.raises(IicatsError, match="unknown protocol 'redis://'"):
     open_queue("redis://localhost/queue")
