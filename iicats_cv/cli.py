@@ -320,8 +320,11 @@ def _print_summary(summary, out):
   if memory:
     from iicats_cv.tasks.runner import gib_text
     stage = max(memory, key=memory.get)
+    estimate = summary.get("worker_memory_estimate_bytes")
     click.echo(f"worker memory: each worker process peaked at {gib_text(memory[stage])} at "
-               f"most ({stage}; per stage in {out}/pipeline/stages/)")
+               f"most ({stage}" + (f"; {gib_text(estimate)} estimated before the run"
+                                   if estimate else "")
+               + f"; per stage in {out}/pipeline/stages/)")
   if summary.get("report"):
     click.echo(f"report: {summary['report']}")
   click.echo(f"Neuroglancer: {summary['neuroglancer_url']}")
@@ -349,6 +352,55 @@ DEMO_AGGLOMERATION = {"fib": {},
 # both embedded datasets label every voxel up to the membranes: one voxel each side of an
 # interface is the tolerance the demo reports beside the strict scores
 DEMO_BOUNDARY_TOLERANCE_NM = 10.0
+
+
+@cli.command("design")
+@click.option("--image", required=True, help="EM image layer cloudpath.")
+@_region_options
+@click.option("--task-shape", "task_shapes", multiple=True,
+              help="Task shape X,Y,Z in voxels (repeatable; default 64³, 128³, 256³, 512³).")
+@click.option("-p", "--parallel", type=int, default=None,
+              help="Local worker processes, compared with this machine's memory.")
+def design_command(image, mip, bounds, task_shapes, parallel):
+  """Before a run: the tasks and worker memory each task shape needs, per stage, and the
+  global agglomeration step's memory (Igneous' `design`). Reads only the layer's info.
+
+  \b
+  Example:
+    iicats design --image gs://bucket/em --mip 1 --task-shape 256,256,128
+  """
+  from iicats_cv.tasks.common import LAYER_CHUNK_SIZE, check_task_shape
+  from iicats_cv.tasks.sizing import (GIB, STAGES, agglomeration_memory, design,
+                                      machine_memory, memory_plan)
+  from .layers import IMAGE_DTYPES, normalize_cloudpath, open_layer, region_bbox
+  image = normalize_cloudpath(image)
+  cv = open_layer(image, mip=mip, layer_type="image", dtypes=IMAGE_DTYPES, num_channels=1,
+                  what="image layer")
+  region = region_bbox(bounds, cv, image)
+  size, resolution = region.size3(), cv.resolution
+  shapes = [parse_triple(t, "--task-shape", int) for t in task_shapes] or [
+    (s, s, s) for s in (64, 128, 256, 512)]
+  for shape in shapes:
+    check_task_shape(shape, LAYER_CHUNK_SIZE, image)
+  click.echo(f"{image}: {'×'.join(map(str, size))} voxels of "
+             f"{'×'.join(f'{r:g}' for r in resolution)} nm (mip {mip})")
+  click.echo(f"{'task shape':15s}{'tasks':>8s}" + "".join(f"{s:>11s}" for s in STAGES)
+             + "   give each worker (GiB)")
+  for row in design(shapes, resolution, size):
+    click.echo(f"{'×'.join(map(str, row['task_shape'])):15s}{row['tasks']:8d}"
+               + "".join(f"{row['stages'][s] / GIB:11.2f}" for s in STAGES)
+               + f"   {row['worker'] / GIB:.2f} ({row['largest']})")
+  edges, held = agglomeration_memory(resolution, size)
+  total = machine_memory()
+  click.echo(f"agglomerate: ~{edges:,} RAG edges at the FIB volume's density, "
+             f"{held / GIB:.2f} GiB in the flat global step"
+             + (f", more than this machine's {total / GIB:.1f} GiB: add --hierarchy 2 "
+                "--levels 2 (block interiors merge first, in parallel tasks)"
+                if total and held > total else ""))
+  if parallel:
+    for line in memory_plan(shapes[0], resolution, size, parallel)[1][1:]:
+      click.echo(line)
+  click.echo(f"done: {len(shapes)} task shape(s) for {region.volume():.3g} voxels")
 
 
 @cli.command("demo")

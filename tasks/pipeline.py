@@ -29,6 +29,7 @@ from iicats_cv.watershed import SYNAPSE_BOUNDARY
 from . import igneous_stages as ig
 from .inference import clear_patch_cache, create_inference_tasks, resolve_window
 from .runner import gib_text, open_queue, run_tasks
+from .sizing import memory_plan
 from .segmentation import (EDGE_SCORER_OBJECT, create_watershed_tasks, create_rag_tasks,
                            create_node_table_tasks, create_reduce_tasks, level_prefix,
                            agglomerate_task, create_remap_tasks)
@@ -325,6 +326,9 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
                                 for key in ("mesh", "skeletons") if key in segmentation_info]})
   started = time.time()
   state = run.state
+  memory_estimate, lines = memory_plan(task_shape, image_cv.resolution, region.size3(),
+                                      parallel)
+  print("\n".join(lines), flush=True)
 
   run.stage("inference", lambda: create_inference_tasks(
     image, layers["affinities"], layers["organelles"], checkpoint, task_shape,
@@ -406,6 +410,7 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
     out, layers, tracked, link_prefix)
   summary["timings"] = {**run.timings, "total": round(time.time() - started, 2)}
   summary["worker_peak_bytes"] = run.worker_memory
+  summary["worker_memory_estimate_bytes"] = memory_estimate
   if report:
     summary["report"] = write_run_report(out, summary)
   put_json(out, "summary.json", summary)

@@ -52,6 +52,8 @@ def test_summary_contract(synthetic_demo):
   for stage in ("inference", "watershed", "rag", "agglomerate", "remap", "mesh", "skeleton"):
     assert summary["timings"][stage] >= 0
   assert "Neuroglancer:" in output and "done:" in output
+  # before the first stage: what each worker needs for this task shape
+  assert "memory: give each worker about" in output.split("[inference]")[0]
 
 
 def test_synapse_evidence_raises_the_watersheds_boundary_on_synapses(synthetic_demo):

@@ -1,0 +1,112 @@
+"""Worker memory per task, estimated before a run from the task shape (Igneous users ask for
+it up front: a fleet is sized before the first task fails for memory)."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .segmentation import context_voxels
+
+STAGES = ("inference", "watershed", "rag", "remap")
+GIB = 2 ** 30
+# Peak resident memory of a fresh worker process running one task = FIXED + PER_VOXEL × the
+# voxels the stage holds: the block with the patches that cross its faces for inference (the
+# default model's patch, 48 voxels, on each side), with its context for the watershed, the
+# block alone for rag and remap. Least-squares fits to the blocks at the origin of 64³-256³
+# tasks, `python benchmarks/task_memory.py --run OUT --shapes 64,128,192,256,320` on the FIB
+# volume (10 nm, one torch thread; 2026-12-06); the 320³ tasks, left out of the fit, came out
+# at 0.99-1.05 of their estimates. FIXED holds the ~0.36 GiB of libraries every worker imports.
+FIXED = {"inference": 0.498 * GIB, "watershed": 0.343 * GIB, "rag": 0.369 * GIB,
+         "remap": 0.426 * GIB}
+PER_VOXEL = {"inference": 33.1, "watershed": 73.7, "rag": 113.5, "remap": 22.8}
+PATCH_MARGIN = 48
+# The global agglomeration step holds every RAG edge: about 550 bytes each (553 merging block RAGs
+# (benchmarks/hierarchy.py). The FIB volume (10 nm, 250³, one task) had 36872 edges: 2360
+# per µm³, a density that depends on the tissue and the fragments, so only a guide.
+BYTES_PER_EDGE = 550
+EDGES_PER_CUBIC_UM = 2360
+# A long-lived worker that has run many tasks peaked up to 20% above a fresh process running
+# one (inference of 128³ tasks: 0.79 vs 0.66 GiB), so the per-worker figure adds a quarter.
+WORKER_MARGIN = 1.25
+
+
+def _largest_read(size: int, side: int, margin: int, first_only: bool) -> int:
+  """The longest extent, along one axis of `size` voxels cut into blocks of `side`, of a
+  block with `margin` on both sides, clipped to the volume."""
+  starts = range(0, size, side)[:1 if first_only else None]
+  return max(min(size, start + side + margin) - max(0, start - margin) for start in starts)
+
+
+def task_memory(task_shape, resolution, volume_size=None, at_origin: bool = False) -> dict:
+  """Estimated peak resident bytes of a worker running the largest task of each stage.
+
+  task_shape, volume_size: (x, y, z) voxels (volume_size None: a volume much larger than a
+  task); resolution: (x, y, z) nm, which sets the watershed's context
+  (segmentation.context_voxels). at_origin: the block at the volume's origin only, whose
+  context and patch margin lie on its high faces. Returns {stage: bytes} for STAGES."""
+  shape = np.asarray(task_shape, dtype=np.int64)
+  if volume_size is None:
+    volume_size = shape * 4
+  margins = {"inference": np.full(3, PATCH_MARGIN), "watershed": context_voxels(None, resolution),
+             "rag": np.zeros(3, int), "remap": np.zeros(3, int)}
+  return {stage: int(FIXED[stage] + PER_VOXEL[stage] * np.prod(
+    [_largest_read(int(n), int(t), int(m), at_origin)
+     for n, t, m in zip(volume_size, shape, margins[stage])], dtype=np.float64))
+    for stage in STAGES}
+
+
+def worker_memory(task_shape, resolution, volume_size=None) -> tuple[int, str]:
+  """(bytes to give each worker, the stage that needs them): the largest stage's estimate,
+  with WORKER_MARGIN."""
+  estimates = task_memory(task_shape, resolution, volume_size)
+  stage = max(estimates, key=estimates.get)
+  return int(estimates[stage] * WORKER_MARGIN), stage
+
+
+def machine_memory() -> int | None:
+  """This machine's physical memory in bytes (None where the OS does not say)."""
+  try:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  except (ValueError, OSError, AttributeError):
+    return None
+
+
+def memory_plan(task_shape, resolution, volume_size, parallel: int | None
+                ) -> tuple[int, list[str]]:
+  """(bytes to give each worker, the lines printed before a run's first stage): the estimate,
+  and a warning where `parallel` local workers would need more than this machine has."""
+  per_worker, stage = worker_memory(task_shape, resolution, volume_size)
+  shape = "×".join(str(int(s)) for s in task_shape)
+  line = (f"memory: give each worker about {per_worker / GIB:.2f} GiB for {shape} tasks "
+          f"(largest: {stage}); the agglomerate step holds ~{BYTES_PER_EDGE} bytes per RAG edge")
+  total, workers = machine_memory(), parallel or 1
+  if workers < 2 or not total:
+    return per_worker, [line]
+  line += (f"; {workers} local workers: {workers * per_worker / GIB:.1f} of this machine's "
+           f"{total / GIB:.1f} GiB")
+  if workers * per_worker <= total:
+    return per_worker, [line]
+  return per_worker, [line, f"warning: {workers} local workers of {shape} tasks may need more "
+                            "memory than this machine has: lower -p or --task-shape"]
+
+
+def design(task_shapes, resolution, volume_size) -> list[dict]:
+  """Per task shape: {"task_shape", "tasks", "stages": {stage: bytes}, "worker": bytes,
+  "largest": stage} for a region of volume_size (x, y, z) voxels at resolution (x, y, z) nm."""
+  rows = []
+  for shape in task_shapes:
+    worker, largest = worker_memory(shape, resolution, volume_size)
+    tasks = int(np.prod([-(-int(n) // int(t)) for n, t in zip(volume_size, shape)]))
+    rows.append({"task_shape": tuple(int(t) for t in shape), "tasks": tasks,
+                 "stages": task_memory(shape, resolution, volume_size), "worker": worker,
+                 "largest": largest})
+  return rows
+
+
+def agglomeration_memory(resolution, volume_size) -> tuple[int, int]:
+  """(RAG edges, bytes of the flat global step) expected for the region, at the FIB volume's
+  edge density (EDGES_PER_CUBIC_UM)."""
+  cubic_um = float(np.prod(np.asarray(volume_size, float) * np.asarray(resolution, float))) / 1e9
+  edges = int(EDGES_PER_CUBIC_UM * cubic_um)
+  return edges, edges * BYTES_PER_EDGE
