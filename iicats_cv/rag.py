@@ -133,12 +133,14 @@ def block_rag(supervoxels: np.ndarray, affinities: np.ndarray, organelles: np.nd
   out["frag_id"] = ids[size > 0]
   out["frag_size"] = size[size > 0].astype(np.int64)
   if organelles is not None:
-    nucleus = (organelles[0][inner] > cuts[0]).ravel()
-    coords = np.indices(compact[inner].shape).reshape(3, -1)
-    out["frag_nucleus_voxels"] = np.bincount(own, weights=nucleus, minlength=n)[size > 0]
+    # the nuclear voxels' coordinates only: every voxel's (24 bytes each) set the rag task's
+    # peak memory
+    nuclear = np.flatnonzero((organelles[0][inner] > cuts[0]).ravel())
+    coords = np.unravel_index(nuclear, compact[inner].shape)
+    owner = own[nuclear]
+    out["frag_nucleus_voxels"] = np.bincount(owner, minlength=n).astype(np.float64)[size > 0]
     for axis, name in enumerate("xyz"):
-      sums = np.bincount(own, weights=(coords[axis] + block_origin[axis] + 0.5) * nucleus,
-                         minlength=n)
+      sums = np.bincount(owner, weights=coords[axis] + block_origin[axis] + 0.5, minlength=n)
       out[f"frag_nucleus_sum_{name}"] = sums[size > 0]
   else:
     for field in FRAGMENT_FIELDS[2:]:

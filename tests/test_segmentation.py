@@ -142,6 +142,25 @@ def test_block_rags_add_up_to_the_whole():
   np.testing.assert_array_equal(merged["frag_size"], whole["frag_size"])
 
 
+def test_block_rag_counts_each_fragments_nuclear_voxels_and_their_centroid():
+  """Nucleus statistics of a block with one voxel of context below x, at a global origin:
+  a fragment's nuclear voxels and the sums of their centres (voxels, global)."""
+  rng = np.random.default_rng(3)
+  frags = rng.integers(1, 4, size=(9, 6, 5)).astype(np.uint64)  # 1 context + 8 block in x
+  affs = rng.random((3, 8, 6, 5), dtype=np.float32)
+  organelles = rng.random((3, 9, 6, 5), dtype=np.float32)
+  origin = (40, 10, 20)
+  rag = block_rag(frags, affs, organelles, (1, 0, 0), block_origin=origin,
+                  organelle_threshold=(0.7, 0.5, 0.5))
+  own, nuclear = frags[1:], organelles[0, 1:] > np.float32(0.7)
+  centres = np.indices(own.shape) + np.reshape(origin, (3, 1, 1, 1)) + 0.5
+  for i, fragment in enumerate(rag["frag_id"]):
+    where = (own == fragment) & nuclear
+    assert rag["frag_nucleus_voxels"][i] == where.sum()
+    for axis, name in enumerate("xyz"):
+      assert rag[f"frag_nucleus_sum_{name}"][i] == pytest.approx(centres[axis][where].sum())
+
+
 def _toy_rag():
   """A chain of 4 fragments 1-2-3-4 with strong edges; fragments 1 and 4 hold nuclei,
   and the 2-3 boundary carries a synapse."""
