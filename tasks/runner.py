@@ -115,7 +115,18 @@ def _record_failure(tq, task, err, attempts: dict, max_attempts: int) -> bool:
 
 def peak_memory_bytes() -> int | None:
   """This process's peak resident memory so far, in bytes (None where the OS does not say):
-  for a worker process, the memory a machine must give it for the tasks it ran."""
+  for a worker process, the memory a machine must give it for the tasks it ran.
+
+  On Linux the high-water mark of the process's own memory (VmHWM): ru_maxrss also keeps
+  the peak of the process it was started from (the kernel carries it over fork and exec), so
+  a worker spawned by a driver holding 1 GiB reported 1 GiB before running anything."""
+  try:
+    with open("/proc/self/status") as status:
+      for line in status:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) * 1024  # kB
+  except (OSError, ValueError, IndexError):
+    pass
   try:
     import resource
   except ImportError:  # Windows

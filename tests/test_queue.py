@@ -1,13 +1,15 @@
 """Queues and workers: fq:// round trip, attempts + dead letter, CLI verbs, bad protocols."""
 from functools import partial
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from taskqueue import queueable
 
 from iicats_cv.cli import cli
 from iicats_cv.errors import IicatsError
-from iicats_cv.tasks.runner import open_queue, execute, dead_letters, run_tasks
+from iicats_cv.tasks.runner import (dead_letters, execute, open_queue, peak_memory_bytes,
+                                    run_tasks)
 
 
 @queueable
@@ -234,3 +236,14 @@ def test_a_stage_says_when_its_queue_already_holds_tasks(tmp_path, capsys):
   run_tasks([partial(touch_task, path=str(tmp_path / "new"))], qurl, 1)
   assert "already holds 1 task(s)" in capsys.readouterr().out
   assert (tmp_path / "stale").exists() and (tmp_path / "new").exists()
+
+
+def test_a_spawned_workers_peak_memory_is_its_own_not_its_drivers():
+  """ru_maxrss carries the parent's peak over fork and exec: a worker spawned by a driver
+  holding 1.5 GiB reported 1.5 GiB before it ran anything."""
+  import multiprocessing
+  from concurrent.futures import ProcessPoolExecutor
+  held = np.ones(int(1.5 * 2 ** 30) // 8)
+  with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    peak = pool.submit(peak_memory_bytes).result()
+  assert held.all() and 0 < peak < 2 ** 30
