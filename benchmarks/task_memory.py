@@ -1,5 +1,5 @@
 """Worker memory per task: the estimate printed before a run (tasks/sizing.py) against the peak
-resident memory (ru_maxrss) of a fresh worker process that runs one task, per stage and shape.
+resident memory (VmHWM) of a fresh worker process that runs one task, per stage and shape.
 
 From a finished run (--run OUT: its image, affinities, organelles and agglomeration table),
 scratch layers of (task shape + 128) voxels a side are made by mirroring the run's layers,
@@ -99,6 +99,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--run", required=True, help="a finished `iicats pipeline` OUT")
   parser.add_argument("--shapes", default="64,128,256", help="cubic task sides")
+  parser.add_argument("--stages", default=",".join(STAGES), help="the stages to measure")
   parser.add_argument("--json", default=None)
   args = parser.parse_args()
   rows = []
@@ -109,6 +110,10 @@ def main():
     paths = scratch_copy(args.run, root, size)
     resolution = open_layer(paths["image"]).resolution
     for stage, task in origin_tasks(args.run, root, paths, shape):
+      if stage not in args.stages.split(","):
+        if stage == "watershed":  # the later stages read its supervoxels
+          task()
+        continue
       peak = measure(task)
       estimate = task_memory(shape, resolution, volume_size=size, at_origin=True)[stage]
       rows.append({"task_shape": side, "stage": stage, "measured_bytes": peak,

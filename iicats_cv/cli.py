@@ -384,22 +384,27 @@ def design_command(image, mip, bounds, task_shapes, parallel):
     check_task_shape(shape, LAYER_CHUNK_SIZE, image)
   click.echo(f"{image}: {'×'.join(map(str, size))} voxels of "
              f"{'×'.join(f'{r:g}' for r in resolution)} nm (mip {mip})")
-  click.echo(f"{'task shape':15s}{'tasks':>8s}" + "".join(f"{s:>11s}" for s in STAGES)
-             + "   give each worker (GiB)")
+  click.echo(f"{'task shape':15s}{'tasks':>8s}{'ws reads':>10s}"
+             + "".join(f"{s:>11s}" for s in STAGES) + "   give each worker (GiB)")
   for row in design(shapes, resolution, size):
     click.echo(f"{'×'.join(map(str, row['task_shape'])):15s}{row['tasks']:8d}"
+               f"{row['watershed_reads']:9.1f}×"
                + "".join(f"{row['stages'][s] / GIB:11.2f}" for s in STAGES)
                + f"   {row['worker'] / GIB:.2f} ({row['largest']})")
+  click.echo("(ws reads: the voxels the watershed tasks read with their context, which their "
+             "compute grows with, ÷ the region's; memory per stage in GiB)")
   edges, held = agglomeration_memory(resolution, size)
   total = machine_memory()
   click.echo(f"agglomerate: ~{edges:,} RAG edges at the FIB volume's density, "
              f"{held / GIB:.2f} GiB in the flat global step"
-             + (f", more than this machine's {total / GIB:.1f} GiB: add --hierarchy 2 "
-                "--levels 2 (block interiors merge first, in parallel tasks)"
+             + (f", more than this machine's {total / GIB:.1f} GiB: add --hierarchy 2 and "
+                "enough --levels (block interiors merge first, in parallel tasks; two levels "
+                "left 13% of a 10⁸-edge lattice's edges to the global step)"
                 if total and held > total else ""))
   if parallel:
-    for line in memory_plan(shapes[0], resolution, size, parallel)[1][1:]:
-      click.echo(line)
+    for shape in shapes:
+      for line in memory_plan(shape, resolution, size, parallel)[1][1:]:
+        click.echo(line)
   click.echo(f"done: {len(shapes)} task shape(s) for {region.volume():.3g} voxels")
 
 

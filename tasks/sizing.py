@@ -15,27 +15,34 @@ GIB = 2 ** 30
 # default model's patch, 48 voxels, on each side), with its context for the watershed, the
 # block alone for rag and remap. Least-squares fits to the blocks at the origin of 64³-256³
 # tasks, `python benchmarks/task_memory.py --run OUT --shapes 64,128,192,256,320` on the FIB
-# volume (10 nm, one torch thread; 2026-12-06); the 320³ tasks, left out of the fit, came out
-# at 0.99-1.05 of their estimates. FIXED holds the ~0.36 GiB of libraries every worker imports.
-FIXED = {"inference": 0.498 * GIB, "watershed": 0.343 * GIB, "rag": 0.369 * GIB,
-         "remap": 0.426 * GIB}
-PER_VOXEL = {"inference": 33.1, "watershed": 73.7, "rag": 113.5, "remap": 22.8}
+# volume (10 nm, one torch thread, the process's own VmHWM; 2026-12-06); the 320³ tasks, left
+# out of the fit, came out at 0.99-1.02 of their estimates. FIXED holds the ~0.33 GiB of
+# libraries every worker imports.
+FIXED = {"inference": 0.560 * GIB, "watershed": 0.339 * GIB, "rag": 0.335 * GIB,
+         "remap": 0.329 * GIB}
+PER_VOXEL = {"inference": 28.6, "watershed": 74.0, "rag": 76.6, "remap": 24.1}
 PATCH_MARGIN = 48
 # The global agglomeration step holds every RAG edge: about 550 bytes each (553 merging block RAGs
 # (benchmarks/hierarchy.py). The FIB volume (10 nm, 250³, one task) had 36872 edges: 2360
 # per µm³, a density that depends on the tissue and the fragments, so only a guide.
 BYTES_PER_EDGE = 550
 EDGES_PER_CUBIC_UM = 2360
-# A long-lived worker that has run many tasks peaked up to 20% above a fresh process running
-# one (inference of 128³ tasks: 0.79 vs 0.66 GiB), so the per-worker figure adds a quarter.
+# A long-lived worker that has run many tasks peaked up to 10% above a fresh process running
+# one (inference of 128³ tasks: 0.77 vs 0.70 GiB), and inference's peak varied by 5-10%
+# between two benchmark runs, so the per-worker figure adds a quarter.
 WORKER_MARGIN = 1.25
 
 
+def _extents(size: int, side: int, margin: int) -> list[int]:
+  """Along one axis of `size` voxels cut into blocks of `side`: each block's extent with
+  `margin` on both sides, clipped to the volume."""
+  return [min(size, start + side + margin) - max(0, start - margin)
+          for start in range(0, size, side)]
+
+
 def _largest_read(size: int, side: int, margin: int, first_only: bool) -> int:
-  """The longest extent, along one axis of `size` voxels cut into blocks of `side`, of a
-  block with `margin` on both sides, clipped to the volume."""
-  starts = range(0, size, side)[:1 if first_only else None]
-  return max(min(size, start + side + margin) - max(0, start - margin) for start in starts)
+  extents = _extents(size, side, margin)
+  return extents[0] if first_only else max(extents)
 
 
 def task_memory(task_shape, resolution, volume_size=None, at_origin: bool = False) -> dict:
@@ -64,12 +71,27 @@ def worker_memory(task_shape, resolution, volume_size=None) -> tuple[int, str]:
   return int(estimates[stage] * WORKER_MARGIN), stage
 
 
+# cgroup v2, then v1: a container's (Kubernetes pod's, SLURM job's) limit, which the physical
+# memory the OS reports does not show
+CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
 def machine_memory() -> int | None:
-  """This machine's physical memory in bytes (None where the OS does not say)."""
+  """The memory this process may use, in bytes: the machine's physical memory, or its
+  container's limit where that is lower (None where neither is known)."""
   try:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    sizes = [os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")]
   except (ValueError, OSError, AttributeError):
-    return None
+    sizes = []
+  for path in CGROUP_LIMITS:
+    try:
+      with open(path) as fh:
+        text = fh.read().strip()
+    except OSError:
+      continue
+    if text.isdigit():  # "max": no limit
+      sizes.append(int(text))
+  return min(sizes) if sizes else None
 
 
 def memory_plan(task_shape, resolution, volume_size, parallel: int | None
@@ -93,14 +115,19 @@ def memory_plan(task_shape, resolution, volume_size, parallel: int | None
 
 def design(task_shapes, resolution, volume_size) -> list[dict]:
   """Per task shape: {"task_shape", "tasks", "stages": {stage: bytes}, "worker": bytes,
-  "largest": stage} for a region of volume_size (x, y, z) voxels at resolution (x, y, z) nm."""
+  "largest": stage, "watershed_reads": the voxels all watershed tasks read with their
+  context ÷ the region's, which their compute grows with} for a region of volume_size
+  (x, y, z) voxels at resolution (x, y, z) nm."""
+  context = context_voxels(None, resolution)
   rows = []
   for shape in task_shapes:
     worker, largest = worker_memory(shape, resolution, volume_size)
     tasks = int(np.prod([-(-int(n) // int(t)) for n, t in zip(volume_size, shape)]))
+    reads = np.prod([sum(_extents(int(n), int(t), int(c))) / int(n)
+                     for n, t, c in zip(volume_size, shape, context)])
     rows.append({"task_shape": tuple(int(t) for t in shape), "tasks": tasks,
                  "stages": task_memory(shape, resolution, volume_size), "worker": worker,
-                 "largest": largest})
+                 "largest": largest, "watershed_reads": float(reads)})
   return rows
 
 

@@ -74,6 +74,8 @@ def test_design_prints_tasks_and_memory_per_shape_from_the_layers_info(tmp_path,
   assert lines[0].endswith("256×128×64 voxels of 10×10×10 nm (mip 0)")
   rows = {line.split()[0]: line.split() for line in lines[2:4]}
   assert rows["128×128×64"][1] == "2" and rows["64×64×64"][1] == "8"
+  # 64³ tasks with 48 voxels of context: x reads 112+160+160+112 of 256, y 112+112 of 128
+  assert rows["64×64×64"][2] == f"{(544 / 256) * (224 / 128):.1f}×"
   need, stage = worker_memory((128, 128, 64), (10, 10, 10), (256, 128, 64))
   assert rows["128×128×64"][-2:] == [f"{need / GIB:.2f}", f"({stage})"]
   # 2.1 µm³ at the FIB volume's edge density: 3 MB, which the (patched) 1 GiB machine holds
@@ -85,4 +87,14 @@ def test_design_prints_tasks_and_memory_per_shape_from_the_layers_info(tmp_path,
   assert result.exit_code != 0 and "not a multiple of the chunk size" in result.output
   monkeypatch.setattr(sizing, "machine_memory", lambda: 2 ** 20)
   result = CliRunner().invoke(cli, ["design", "--image", image])
-  assert "add --hierarchy 2 --levels 2" in result.output
+  assert "add --hierarchy 2 and enough --levels" in result.output
+
+
+def test_a_containers_memory_limit_counts_as_the_machines(tmp_path, monkeypatch):
+  limit = tmp_path / "memory.max"
+  monkeypatch.setattr(sizing, "CGROUP_LIMITS", (str(tmp_path / "absent"), str(limit)))
+  limit.write_text("max\n")  # no limit: the physical memory
+  unlimited = sizing.machine_memory()
+  assert unlimited > 2 ** 30
+  limit.write_text(f"{2 ** 30}\n")
+  assert sizing.machine_memory() == 2 ** 30
