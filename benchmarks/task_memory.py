@@ -26,8 +26,6 @@ from iicats_cv.tasks.sizing import STAGES, task_memory
 
 from bench_report import report
 
-GIB = 2 ** 30
-
 
 def mirrored(volume: np.ndarray, size) -> np.ndarray:
   """(X, Y, Z, ...) volume tiled to size (x, y, z) by reflection."""

@@ -22,8 +22,8 @@ FIXED = {"inference": 0.560 * GIB, "watershed": 0.339 * GIB, "rag": 0.335 * GIB,
          "remap": 0.329 * GIB}
 PER_VOXEL = {"inference": 28.6, "watershed": 74.0, "rag": 76.6, "remap": 24.1}
 PATCH_MARGIN = 48
-# The global agglomeration step holds every RAG edge: about 550 bytes each (553 merging block RAGs
-# (benchmarks/hierarchy.py). The FIB volume (10 nm, 250³, one task) had 36872 edges: 2360
+# The global agglomeration step holds every RAG edge: about 550 bytes each (553 merging block
+# RAGs in benchmarks/hierarchy.py). The FIB volume (10 nm, 250³, one task) had 36872 edges: 2360
 # per µm³, a density that depends on the tissue and the fragments, so only a guide.
 BYTES_PER_EDGE = 550
 EDGES_PER_CUBIC_UM = 2360
