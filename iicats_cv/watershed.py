@@ -28,11 +28,14 @@ SYNAPSE_BOUNDARY = 0.2
 
 
 def boundary_map(affinities: np.ndarray) -> np.ndarray:
-  """affinities float32 (3, X, Y, Z) in [0, 1] -> boundary float32 (X, Y, Z) in [0, 1].
+  """affinities float32 (3, X, Y, Z) in [0, 1], or uint8 (3, X, Y, Z) in [0, 255] standing for
+  value / 255 -> boundary float32 (X, Y, Z) in [0, 1].
 
   1 - the lowest of a voxel's six affinities (to its -1 neighbours and from its +1
   neighbours), so both voxels beside a boundary count as boundary: seeds then never sit on a
-  one-voxel-thin membrane, and the map is symmetric around it.
+  one-voxel-thin membrane, and the map is symmetric around it. uint8 affinities are scaled
+  after the minimum, which equals scaling them first (the scaling is monotonic) without a
+  float32 copy of all three channels.
   """
   lowest = affinities.min(axis=0)
   for axis in range(3):
@@ -41,7 +44,13 @@ def boundary_map(affinities: np.ndarray) -> np.ndarray:
     src[axis] = slice(1, None)
     dst[axis] = slice(None, -1)
     np.minimum(lowest[tuple(dst)], affinities[axis][tuple(src)], out=lowest[tuple(dst)])
-  return (1.0 - lowest).astype(np.float32)
+  if lowest.dtype == np.uint8:
+    lowest = lowest.astype(np.float32)
+    lowest /= 255.0
+  else:
+    lowest = lowest.astype(np.float32)  # a copy: the input is left as it was
+  np.subtract(1.0, lowest, out=lowest)
+  return lowest
 
 
 def fragments(affinities: np.ndarray, resolution=(1.0, 1.0, 1.0), threshold: float = 0.5,
@@ -50,7 +59,7 @@ def fragments(affinities: np.ndarray, resolution=(1.0, 1.0, 1.0), threshold: flo
               synapse_boundary: float = 0.0, origin=(0, 0, 0)) -> np.ndarray:
   """Seeded watershed fragments from affinities.
 
-  affinities: float32 (3, X, Y, Z) in [0, 1] (uint8 input is scaled by 1/255).
+  affinities: float32 (3, X, Y, Z) in [0, 1], or uint8 scaled by 1/255 (boundary_map).
   resolution: voxel size in nm (x, y, z), for an anisotropic distance transform.
   threshold: boundary value below which a voxel is foreground (inside a cell).
   seed_distance_nm: minimum spacing of seeds (default: 3 voxels of the finest axis).
@@ -66,8 +75,6 @@ def fragments(affinities: np.ndarray, resolution=(1.0, 1.0, 1.0), threshold: flo
     fragments do not depend on its read window.
   Returns uint64 (X, Y, Z) labels 1..N, no zeros (every voxel belongs to a fragment).
   """
-  if affinities.dtype == np.uint8:
-    affinities = affinities.astype(np.float32) / 255.0
   boundary = boundary_map(affinities)
   if synapse is not None and synapse_boundary > 0:
     boundary = np.minimum(1.0, boundary + np.float32(synapse_boundary) * (synapse > 0))
@@ -107,15 +114,25 @@ def flood_order(boundary: np.ndarray, to_seed_nm: np.ndarray, resolution,
   stop counting at FLOOD_SEED_REACH voxels, well inside a block's margin, since the nearest
   seed of a voxel farther away (in extracellular space) may lie beyond the read window.
   """
-  key = np.rint(boundary * 255).astype(np.int64)
-  key <<= 12
-  steps = np.rint(to_seed_nm * (4.0 / min(resolution)))
-  key += np.minimum(steps, 4 * FLOOD_SEED_REACH).astype(np.int64)
-  key <<= 20
+  # The three fields are integers packed into bits 32+, 20-31 and 0-19 of a float64, which
+  # skimage floods on: sums of integers below 2^53 are exact, and building the key in float64
+  # needs no int64 copy beside it.
+  levels = boundary * 255
+  np.rint(levels, out=levels)
+  key = levels.astype(np.float64)
+  del levels
+  key *= 2.0 ** 32
+  steps = to_seed_nm * (4.0 / min(resolution))
+  np.rint(steps, out=steps)
+  np.minimum(steps, 4 * FLOOD_SEED_REACH, out=steps)
+  steps *= 2.0 ** 20  # exact in float32: at most 64 × 2^20
+  key += steps
+  del steps
   x, y, z = (np.arange(n, dtype=np.int64) + int(o) for n, o in zip(boundary.shape, origin))
-  key += ((x[:, None, None] * 73856093) ^ (y[None, :, None] * 19349663)
-          ^ (z[None, None, :] * 83492791)) & 0xFFFFF
-  return key.astype(np.float64)  # what skimage floods on; exact below 2^53
+  xy_hash = (x[:, None] * 73856093) ^ (y[None, :] * 19349663)
+  for k, z_k in enumerate(z.tolist()):  # one section at a time: no int64 volume beside key
+    key[:, :, k] += (xy_hash ^ (z_k * 83492791)) & 0xFFFFF
+  return key
 
 
 def _watershed(boundary, resolution, threshold, seed_distance_nm, origin=(0, 0, 0)):
@@ -129,13 +146,20 @@ def _watershed(boundary, resolution, threshold, seed_distance_nm, origin=(0, 0, 
     footprint[2] = 1
   maxima = (dist == ndimage.maximum_filter(dist, size=tuple(2 * footprint + 1))) & foreground
   markers = cc3d.connected_components(maxima, connectivity=26).astype(np.int64)
+  del maxima
   markers = _seed_unseeded_components(markers, foreground, dist)
   if markers.max() == 0:
     return np.ones(boundary.shape, dtype=np.uint64)
   to_seed = edt.edt(markers == 0, anisotropy=tuple(float(r) for r in resolution), parallel=1)
   markers, to_seed = _seed_lattice(markers, foreground, to_seed, resolution, origin)
-  return watershed(flood_order(boundary, to_seed, resolution, origin),
-                   markers=markers).astype(np.uint64)
+  del dist, foreground
+  key = flood_order(boundary, to_seed, resolution, origin)
+  del to_seed
+  # skimage holds its markers twice (masked, then padded as its output) and copies the output
+  # once more: int32 halves those copies, and is exact below 2^31 seeds
+  if markers.max() < 2 ** 31:
+    markers = markers.astype(np.int32)
+  return watershed(key, markers=markers).astype(np.uint64)
 
 
 # voxels of the finest axis: half the watershed tasks' default margin (48 voxels), so the
@@ -222,11 +246,15 @@ def merge_small_fragments(labels: np.ndarray, boundary: np.ndarray, min_size: in
     for axis in range(3):
       a = np.moveaxis(labels, axis, 0)
       b = np.moveaxis(boundary, axis, 0)
-      u, v = a[1:].ravel(), a[:-1].ravel()
-      sel = (u != v) & (np.isin(u, small_ids) | np.isin(v, small_ids))
+      # a mask selects the fragment faces without copying the whole strided views
+      differs = a[1:] != a[:-1]
+      u, v = a[1:][differs], a[:-1][differs]
+      w = np.maximum(b[1:][differs], b[:-1][differs])
+      del differs
+      sel = np.isin(u, small_ids) | np.isin(v, small_ids)
       us.append(u[sel])
       vs.append(v[sel])
-      ws.append(np.maximum(b[1:], b[:-1]).ravel()[sel])
+      ws.append(w[sel])
     u, v, w = np.concatenate(us), np.concatenate(vs), np.concatenate(ws)
     if len(u) == 0:
       break

@@ -56,14 +56,16 @@ def _edge_scorer(out_prefix: str, key: str) -> dict:
   return scorer
 
 
-def _float_channels(cv, bbox, channels: int | None = None, first: int = 0) -> np.ndarray:
+def _float_channels(cv, bbox, channels: int | None = None, first: int = 0,
+                    keep_uint8: bool = False) -> np.ndarray:
   """Read a multi-channel probability layer (`channels` of it from channel `first`, or all)
-  as float32 (c, x, y, z) in [0, 1]."""
+  as float32 (c, x, y, z) in [0, 1]; a uint8 layer as read (value / 255 stands for the
+  probability) where keep_uint8, a quarter of the memory."""
   data = np.asarray(cv[bbox] if channels is None else
                     cv[tuple(bbox.to_slices()) + (slice(first, first + channels),)])
   data = np.moveaxis(data, -1, 0)
   if data.dtype == np.uint8:
-    return data.astype(np.float32) / 255.0
+    return data if keep_uint8 else data.astype(np.float32) / 255.0
   data = data.astype(np.float32)
   if not np.isfinite(data).all():
     raise IicatsError(f"{cv.cloudpath}: NaN or inf values in {bbox}")
@@ -124,7 +126,7 @@ def watershed_task(affinities_path: str, supervoxels_path: str, start: list, sto
   context = context_voxels(context_nm, aff_cv.resolution)
   lo = np.maximum(np.asarray(start) - context, bounds.minpt)
   hi = np.minimum(np.asarray(stop) + context, bounds.maxpt)
-  affs = _float_channels(aff_cv, Bbox(lo, hi), channels=3)
+  affs = _float_channels(aff_cv, Bbox(lo, hi), channels=3, keep_uint8=True)
   synapse = None
   if organelles_path and synapse_boundary > 0:
     org_cv = check_organelles(organelles_path, aff_cv)

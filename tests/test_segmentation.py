@@ -12,7 +12,7 @@ from iicats_cv.errors import IicatsError
 from iicats_cv.layers import create_layer
 from iicats_cv.rag import block_rag, merge_rags, relabel
 from iicats_cv.train import affinities_from_labels
-from iicats_cv.watershed import fragments
+from iicats_cv.watershed import boundary_map, fragments
 from conftest import blobs, noisy_affinities
 
 
@@ -25,6 +25,18 @@ def test_fragments_cover_volume_and_respect_boundaries():
                             return_counts=True)
   majority = sum(counts[pairs[0] == f].max() for f in np.unique(pairs[0]))
   assert majority / labels.size > 0.9
+
+
+def test_uint8_affinities_give_the_fragments_of_their_float_values():
+  # the watershed task keeps a uint8 layer as read (a quarter of float32's memory)
+  labels, _ = blobs((40, 40, 30), n=5)
+  quantised = np.round(noisy_affinities(labels) * 255).astype(np.uint8)
+  as_float = quantised.astype(np.float32) / 255.0
+  unchanged = as_float.copy()
+  np.testing.assert_array_equal(boundary_map(quantised), boundary_map(as_float))
+  np.testing.assert_array_equal(fragments(quantised, (10, 10, 10), min_size=20),
+                                fragments(as_float, (10, 10, 10), min_size=20))
+  np.testing.assert_array_equal(as_float, unchanged)
 
 
 def test_thin_neurite_beside_a_thick_cell_keeps_its_own_fragment():
