@@ -34,6 +34,23 @@ APPEARANCE_FIELDS = ("intensity_sum", "intensity_sq_sum", "nucleus_prob_sum", "m
 INTERIOR_FIELDS = ("interior_aff_sum", "interior_pairs")
 
 
+# float32 value of each uint8 probability: value / 255, as a float32 layer would hold it
+_UINT8_PROBABILITY = np.arange(256, dtype=np.float32) / 255.0
+
+
+def _probabilities(values: np.ndarray) -> np.ndarray:
+  """float32 probabilities of uint8 values (value / 255) or of float32 ones (as they are)."""
+  return _UINT8_PROBABILITY[values] if values.dtype == np.uint8 else values
+
+
+def _above(values: np.ndarray, cut) -> np.ndarray:
+  """bool: probability > cut, for uint8 (value / 255) or float32 values; uint8 through a
+  256-entry table, so no float32 copy of a whole block is made."""
+  if values.dtype == np.uint8:
+    return (_UINT8_PROBABILITY > cut)[values]
+  return values > cut
+
+
 def block_rag(supervoxels: np.ndarray, affinities: np.ndarray, organelles: np.ndarray | None,
               context, block_origin=(0, 0, 0), organelle_threshold=0.5,
               face_agreement: dict | None = None, histogram: bool = False,
@@ -42,8 +59,10 @@ def block_rag(supervoxels: np.ndarray, affinities: np.ndarray, organelles: np.nd
 
   supervoxels: uint64 (X+cx, Y+cy, Z+cz) — the block plus `context` = (cx, cy, cz) voxels
     (0 or 1 each) before it on each axis, where a neighbouring block exists.
-  affinities: float32 in [0,1] (3, X, Y, Z) for the block only.
-  organelles: float32 in [0,1] (3, X+cx, Y+cy, Z+cz) nucleus, mitochondria, synapse, or None.
+  affinities: float32 in [0,1] (3, X, Y, Z) for the block only, or uint8 standing for
+    value / 255 (a uint8 layer as read: a quarter of the memory, the same result).
+  organelles: float32 in [0,1] or uint8 (3, X+cx, Y+cy, Z+cz) nucleus, mitochondria, synapse,
+    or None.
   block_origin: global voxel coordinate (x, y, z) of the block's first voxel.
   face_agreement: {axis (0, 1, 2): bool array over the block's low face on that axis} — True
     where the watersheds of both blocks beside the face put the two straddling voxels into one
@@ -87,22 +106,29 @@ def block_rag(supervoxels: np.ndarray, affinities: np.ndarray, organelles: np.nd
     us.append(a[sel])
     vs.append(b[sel])
     axis_affs = affinities[axis][tuple(aff_sl)]
-    affs.append(axis_affs[sel])
+    affs.append(_probabilities(axis_affs[sel]))
     same = (a == b) & (a != 0)
-    interior_sum += np.bincount(a[same], weights=axis_affs[same], minlength=n)
-    interior_pairs += np.bincount(a[same], minlength=n)
+    inside_fragment = a[same]
+    interior_sum += np.bincount(inside_fragment, weights=_probabilities(axis_affs[same]),
+                                minlength=n)
+    interior_pairs += np.bincount(inside_fragment, minlength=n)
+    del same, inside_fragment
     if organelles is not None:
-      inside = [organelles[c][tuple(here)][sel] > cuts[c] for c in range(3)]
-      beside = [organelles[c][tuple(there)][sel] > cuts[c] for c in range(3)]
+      inside = [_above(organelles[c][tuple(here)][sel], cuts[c]) for c in range(3)]
+      beside = [_above(organelles[c][tuple(there)][sel], cuts[c]) for c in range(3)]
       nucs.append(inside[0] & beside[0])
       mitos.append(inside[1] & beside[1])
       syns.append(inside[2] | beside[2])
-  u = np.concatenate(us)
-  v = np.concatenate(vs)
-  lo, hi = np.minimum(u, v), np.maximum(u, v)
-  key = lo * n + hi
+  # one entry per voxel pair across a fragment boundary, several per boundary voxel: these
+  # arrays, not the block, set the task's peak, so each goes as soon as it is used
+  u, v = np.concatenate(us), np.concatenate(vs)
+  del us, vs
+  key = np.minimum(u, v) * n + np.maximum(u, v)
+  del u, v
   keys, inverse, count = np.unique(key, return_inverse=True, return_counts=True)
+  del key
   aff = np.concatenate(affs).astype(np.float64)
+  del affs
   first, second = ids[keys // n], ids[keys % n]
   out = {
     "u": np.minimum(first, second), "v": np.maximum(first, second),
@@ -135,7 +161,7 @@ def block_rag(supervoxels: np.ndarray, affinities: np.ndarray, organelles: np.nd
   if organelles is not None:
     # the nuclear voxels' coordinates only: every voxel's (24 bytes each) set the rag task's
     # peak memory
-    nuclear = np.flatnonzero((organelles[0][inner] > cuts[0]).ravel())
+    nuclear = np.flatnonzero(_above(organelles[0][inner], cuts[0]).ravel())
     coords = np.unravel_index(nuclear, compact[inner].shape)
     owner = own[nuclear]
     out["frag_nucleus_voxels"] = np.bincount(owner, minlength=n).astype(np.float64)[size > 0]
@@ -152,9 +178,9 @@ def block_rag(supervoxels: np.ndarray, affinities: np.ndarray, organelles: np.nd
     per_voxel = {"intensity_sum": grey, "intensity_sq_sum": grey * grey,
                  # a voxel's own affinities (to its -1 neighbours): within the block, so the
                  # sums of blocks add up to the whole volume's
-                 "boundary_sum": (1.0 - affinities.min(axis=0)).ravel()}
+                 "boundary_sum": (1.0 - _probabilities(affinities.min(axis=0))).ravel()}
     for channel, name in enumerate(("nucleus", "mito", "synapse")):
-      per_voxel[f"{name}_prob_sum"] = organelles[channel][inner].ravel()
+      per_voxel[f"{name}_prob_sum"] = _probabilities(organelles[channel][inner]).ravel()
     for field in APPEARANCE_FIELDS:
       out[f"frag_{field}"] = np.bincount(own, weights=per_voxel[field], minlength=n)[size > 0]
   out["frag_interior_aff_sum"] = interior_sum[size > 0]

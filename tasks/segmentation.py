@@ -56,8 +56,8 @@ def _edge_scorer(out_prefix: str, key: str) -> dict:
   return scorer
 
 
-def _float_channels(cv, bbox, channels: int | None = None, first: int = 0,
-                    keep_uint8: bool = False) -> np.ndarray:
+def _probability_channels(cv, bbox, channels: int | None = None, first: int = 0,
+                          keep_uint8: bool = False) -> np.ndarray:
   """Read a multi-channel probability layer (`channels` of it from channel `first`, or all)
   as float32 (c, x, y, z) in [0, 1]; a uint8 layer as read (value / 255 stands for the
   probability) where keep_uint8, a quarter of the memory."""
@@ -126,11 +126,11 @@ def watershed_task(affinities_path: str, supervoxels_path: str, start: list, sto
   context = context_voxels(context_nm, aff_cv.resolution)
   lo = np.maximum(np.asarray(start) - context, bounds.minpt)
   hi = np.minimum(np.asarray(stop) + context, bounds.maxpt)
-  affs = _float_channels(aff_cv, Bbox(lo, hi), channels=3, keep_uint8=True)
+  affs = _probability_channels(aff_cv, Bbox(lo, hi), channels=3, keep_uint8=True)
   synapse = None
   if organelles_path and synapse_boundary > 0:
     org_cv = check_organelles(organelles_path, aff_cv)
-    synapse = _float_channels(org_cv, Bbox(lo, hi), channels=1,
+    synapse = _probability_channels(org_cv, Bbox(lo, hi), channels=1,
                               first=SYNAPSE_CHANNEL)[0] > synapse_cut
   labels = fragments(affs, aff_cv.resolution, threshold=threshold, min_size=min_size,
                      per_section=per_section, synapse=synapse,
@@ -217,11 +217,11 @@ def rag_task(supervoxels_path: str, affinities_path: str, organelles_path: str,
   block = Bbox(start, stop)
   supervoxels = np.asarray(sv_cv[Bbox(lo, stop)])[..., 0]
   aff_cv = check_affinities(affinities_path)
-  affs = _float_channels(aff_cv, block, channels=3)
+  affs = _probability_channels(aff_cv, block, channels=3, keep_uint8=True)
   organelles = None
   if organelles_path:
     org_cv = check_organelles(organelles_path, aff_cv)
-    organelles = _float_channels(org_cv, Bbox(lo, stop))
+    organelles = _probability_channels(org_cv, Bbox(lo, stop), keep_uint8=True)
   image = None
   if image_path:
     image_cv = open_layer(image_path, mip=image_mip, layer_type="image", dtypes=IMAGE_DTYPES,

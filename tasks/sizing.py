@@ -16,12 +16,12 @@ GIB = 2 ** 30
 # block alone for rag and remap. Least-squares fits to the blocks at the origin of 64³-256³
 # tasks, `python benchmarks/task_memory.py --run OUT --shapes 64,128,192,256,320` on the FIB
 # volume (10 nm, one torch thread, the process's own VmHWM; 2026-12-06); the 320³ tasks, left
-# out of the fit, came out at 0.99-1.02 of their estimates (the watershed refitted the same
-# way after its copies were cut, 74.0 -> 51.5 bytes per voxel). FIXED holds the ~0.33 GiB of
-# libraries every worker imports.
-FIXED = {"inference": 0.560 * GIB, "watershed": 0.331 * GIB, "rag": 0.335 * GIB,
+# out of the fit, came out at 0.99-1.02 of their estimates (watershed and rag refitted the
+# same way after their copies were cut: 74.0 -> 51.5 and 76.6 -> 50.3 bytes per voxel).
+# FIXED holds the ~0.33 GiB of libraries every worker imports.
+FIXED = {"inference": 0.560 * GIB, "watershed": 0.331 * GIB, "rag": 0.325 * GIB,
          "remap": 0.329 * GIB}
-PER_VOXEL = {"inference": 28.6, "watershed": 51.5, "rag": 76.6, "remap": 24.1}
+PER_VOXEL = {"inference": 28.6, "watershed": 51.5, "rag": 50.3, "remap": 24.1}
 PATCH_MARGIN = 48
 # The global agglomeration step holds every RAG edge: about 550 bytes each (553 merging block
 # RAGs in benchmarks/hierarchy.py). The FIB volume (10 nm, 250³, one task) had 36872 edges: 2360

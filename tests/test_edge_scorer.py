@@ -63,6 +63,24 @@ def test_appearance_of_block_rags_adds_up_to_the_whole():
   assert whole["frag_intensity_sum"][0] == pytest.approx(image[first].sum())
 
 
+def test_block_rag_of_uint8_layers_equals_that_of_their_float_values():
+  # the rag task keeps uint8 affinities and organelles as read (a quarter of the memory)
+  labels, image = blobs((24, 20, 16), n=5)
+  affs = np.round(noisy_affinities(labels, seed=2) * 255).astype(np.uint8)
+  organelles = np.random.default_rng(1).integers(0, 256, (3, 25, 20, 16), dtype=np.uint8)
+  frags = np.concatenate([fragments(affs, (10, 10, 10), min_size=10)[:1],
+                          fragments(affs, (10, 10, 10), min_size=10)])  # 1 voxel of context
+  args = dict(block_origin=(8, 0, 0), organelle_threshold=(0.9, 0.5, 0.3), histogram=True,
+              image=image)
+  from_uint8 = block_rag(frags, affs, organelles, (1, 0, 0), **args)
+  from_float = block_rag(frags, affs.astype(np.float32) / 255.0,
+                         organelles.astype(np.float32) / 255.0, (1, 0, 0), **args)
+  assert from_uint8.keys() == from_float.keys()
+  for field, values in from_float.items():
+    np.testing.assert_array_equal(from_uint8[field], values, err_msg=field)
+  assert from_float["nucleus_pairs"].any() and from_float["synapse_pairs"].any()
+
+
 def test_same_neuron_edges_follow_the_majority_label():
   frags = np.array([1, 1, 2, 2, 3, 3, 4, 4], np.uint64).reshape(8, 1, 1)
   labels = np.array([7, 7, 7, 9, 9, 9, 0, 0], np.uint32).reshape(8, 1, 1)

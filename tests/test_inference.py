@@ -191,7 +191,7 @@ def test_long_range_affinities_follow_the_short_range_ones(tmp_path):
   from cloudvolume import Bbox, CloudVolume
   from iicats_cv.model import long_range_channels, save_checkpoint
   from iicats_cv.layers import create_layer
-  from iicats_cv.tasks.segmentation import _float_channels, check_affinities
+  from iicats_cv.tasks.segmentation import _probability_channels, check_affinities
   torch.manual_seed(0)
   config = ModelConfig(width=(4, 8), downsample=((2, 2, 2),), patch_size=(16, 16, 16),
                        out_channels=AFFINITY_CHANNELS + ORGANELLE_CHANNELS
@@ -205,8 +205,8 @@ def test_long_range_affinities_follow_the_short_range_ones(tmp_path):
   assert provenance["processing"][-1]["method"]["channels"][3:] == [
     "affinity_x3", "affinity_y3", "affinity_z3"]
   box = Bbox((0, 0, 0), (16, 16, 8))
-  first = _float_channels(cv, box, channels=3)
-  np.testing.assert_array_equal(first, _float_channels(cv, box)[:3])
+  first = _probability_channels(cv, box, channels=3)
+  np.testing.assert_array_equal(first, _probability_channels(cv, box)[:3])
   bad = "file://" + str(tmp_path / "four")
   create_layer(bad, layer_type="image", dtype="uint8", resolution=(10, 10, 10),
                voxel_offset=(0, 0, 0), volume_size=(8, 8, 8), chunk_size=(8, 8, 8),
