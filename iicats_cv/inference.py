@@ -118,6 +118,9 @@ def forward_probabilities(model: UNet3D, x: torch.Tensor, augment: bool = False,
   return total / len(orientations)
 
 
+_PENDING = object()  # predict_block: a patch waiting for its batch
+
+
 @torch.no_grad()
 def predict_block(model: UNet3D, image, image_start, block_start, block_stop, patch_starts,
                   batch_size: int = 4, device: str = "cpu", patch_cache=None, on_final=None,
@@ -132,8 +135,10 @@ def predict_block(model: UNet3D, image, image_start, block_start, block_stop, pa
   patch_cache: optional object with get(start) -> float32 (C, *patch) or None and
     put(start, probabilities): patches that cross the block's faces, which the neighbouring
     blocks need as well, are looked up there first and stored once computed, so each is
-    computed once however the volume is cut into tasks (the stored values are the computed
-    float32, so the output does not depend on whether a patch came from the cache).
+    computed once however the volume is cut into tasks. The output is the same bit for bit
+    whichever task computed a shared patch (on one device, at one torch thread count): the
+    cache holds the computed float32, patches are added in one global order, and no patch
+    runs alone in a batch.
   on_final: optional callable(z0, z1, probabilities (C, bx, by, z1 - z0)) called (in a
     background thread) with each z-slab [z0, z1) (global) of the block as soon as no later
     patch touches it; slab ends fall on multiples of z_align from block_start, or on the block
@@ -175,13 +180,29 @@ def predict_block(model: UNet3D, image, image_start, block_start, block_stop, pa
       out[(slice(None),) + dst] += weighted
     weight_sum[dst] += w
 
+  # Patches are accumulated in their global order (z, then x, y), whether computed, cached or
+  # all-zero, so a voxel's float32 sums do not depend on which task computed a shared patch:
+  # the layers come out the same from a re-run and from another task shape.
+  waiting = []  # [start, probabilities, or None for an all-zero patch, or _PENDING]
+
+  def accumulate_ready():
+    while waiting and waiting[0][1] is not _PENDING:
+      accumulate(*waiting.pop(0))
+
   def run(batch):
-    x = torch.from_numpy(np.stack([tile for _, tile, _ in batch])[:, None]).to(device)
+    tiles = [tile for _, tile, _ in batch]
+    # A patch run alone gets other values (7e-6 apart on CPU: another convolution algorithm
+    # for a batch of one), while batches of 2-8 agree bit for bit, so a lone patch runs
+    # beside an all-zero tile: the values no longer depend on the task that computed them.
+    if len(tiles) == 1:
+      tiles.append(np.zeros_like(tiles[0]))
+    x = torch.from_numpy(np.stack(tiles)[:, None]).to(device)
     probs = forward_probabilities(model, x, augment, use_amp).cpu().numpy()
-    for (start, _, shared), prob in zip(batch, probs):
-      accumulate(start, prob)
+    for (entry, _, shared), prob in zip(batch, probs):
+      entry[1] = prob
       if shared:
-        pending.append(background.submit(patch_cache.put, start, prob))
+        pending.append(background.submit(patch_cache.put, entry[0], prob))
+    accumulate_ready()
 
   def final(z0, z1):
     sl = (slice(None), slice(None), slice(None), slice(z0 - block_start[2], z1 - block_start[2]))
@@ -220,14 +241,17 @@ def predict_block(model: UNet3D, image, image_start, block_start, block_stop, pa
           np.any(start < block_start) or np.any(start + patch > block_stop))
         cached = patch_cache.get(start) if shared else None
         if cached is not None:
-          accumulate(start, cached)
+          waiting.append([start, cached])
+          accumulate_ready()
           continue
         offset = np.r_[start[:2] - xy_lo, 0]
         tile = layer_image[tuple(slice(o, o + p) for o, p in zip(offset, patch))]
         if not tile.any():
-          accumulate(start, None)
+          waiting.append([start, None])
+          accumulate_ready()
           continue
-        batch.append((start, normalize_image(tile, config), shared))
+        waiting.append([start, _PENDING])
+        batch.append((waiting[-1], normalize_image(tile, config), shared))
         if len(batch) >= batch_size:
           run(batch)
           batch = []
