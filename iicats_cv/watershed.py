@@ -47,10 +47,9 @@ def boundary_map(affinities: np.ndarray) -> np.ndarray:
   if lowest.dtype == np.uint8:
     lowest = lowest.astype(np.float32)
     lowest /= 255.0
-  else:
-    lowest = lowest.astype(np.float32)  # a copy: the input is left as it was
-  np.subtract(1.0, lowest, out=lowest)
-  return lowest
+  if lowest.dtype == np.float32:
+    return np.subtract(1.0, lowest, out=lowest)  # the minimum's own array, not the input
+  return (1.0 - lowest).astype(np.float32)
 
 
 def fragments(affinities: np.ndarray, resolution=(1.0, 1.0, 1.0), threshold: float = 0.5,

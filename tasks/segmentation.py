@@ -131,7 +131,7 @@ def watershed_task(affinities_path: str, supervoxels_path: str, start: list, sto
   if organelles_path and synapse_boundary > 0:
     org_cv = check_organelles(organelles_path, aff_cv)
     synapse = _probability_channels(org_cv, Bbox(lo, hi), channels=1,
-                              first=SYNAPSE_CHANNEL)[0] > synapse_cut
+                                    first=SYNAPSE_CHANNEL)[0] > synapse_cut
   labels = fragments(affs, aff_cv.resolution, threshold=threshold, min_size=min_size,
                      per_section=per_section, synapse=synapse,
                      synapse_boundary=synapse_boundary, origin=lo)

@@ -141,7 +141,7 @@ def test_inference_independent_of_task_shape(tmp_path, tiny_checkpoint):
   a = CloudVolume(aff_a)[:, :, :]
   b = CloudVolume(aff_b)[:, :, :]
   assert a.shape == (64, 64, 40, 3) and a.dtype == np.uint8
-  # identical: patches are accumulated in one global order, each computed at one batch size
+  # identical: patches are added in one global order, and none runs alone in a batch
   np.testing.assert_array_equal(a, b)
   np.testing.assert_array_equal(CloudVolume(org_a)[:, :, :], CloudVolume(org_b)[:, :, :])
   org = CloudVolume(org_a)
@@ -205,8 +205,8 @@ def test_patches_across_task_faces_are_computed_once(tmp_path, tiny_checkpoint, 
       config = model.config
 
       def forward(self, x):
-        # patches of the image, not the all-zero tiles that pad a part-filled batch (a
-        # normalised uint8 image is never 0)
+        # patches of the image, not the all-zero tile beside a lone patch (a normalised
+        # uint8 image is never 0)
         forwarded.append(int(x.flatten(1).any(1).sum()))
         return model(x)
     return Counting()
