@@ -100,6 +100,7 @@ def main():
   parser.add_argument("--stages", default=",".join(STAGES), help="the stages to measure")
   parser.add_argument("--json", default=None)
   args = parser.parse_args()
+  measured = args.stages.split(",")
   rows = []
   for side in (int(s) for s in args.shapes.split(",")):
     shape = (side, side, side)
@@ -108,7 +109,7 @@ def main():
     paths = scratch_copy(args.run, root, size)
     resolution = open_layer(paths["image"]).resolution
     for stage, task in origin_tasks(args.run, root, paths, shape):
-      if stage not in args.stages.split(","):
+      if stage not in measured:
         if stage == "watershed":  # the later stages read its supervoxels
           task()
         continue
@@ -120,7 +121,7 @@ def main():
             f"ratio {estimate / peak:.2f}", flush=True)
     shutil.rmtree(root, ignore_errors=True)
   ratios = [row["ratio"] for row in rows]
-  out = {"rows": rows, "ratio": min(ratios), "ratio_max": max(ratios), "stages": list(STAGES)}
+  out = {"rows": rows, "ratio": min(ratios), "ratio_max": max(ratios), "stages": measured}
   report(out, f"task memory estimate / measured worker peak: {min(ratios):.2f}-"
               f"{max(ratios):.2f} over {len(rows)} tasks", args.json)
 

@@ -64,10 +64,11 @@ def task_memory(task_shape, resolution, volume_size=None, at_origin: bool = Fals
     for stage in STAGES}
 
 
-def worker_memory(task_shape, resolution, volume_size=None) -> tuple[int, str]:
-  """(bytes to give each worker, the stage that needs them): the largest stage's estimate,
-  with WORKER_MARGIN."""
-  estimates = task_memory(task_shape, resolution, volume_size)
+def worker_memory(task_shape, resolution, volume_size=None, estimates=None) -> tuple[int, str]:
+  """(bytes to give each worker, the stage that needs them): the largest stage's estimate
+  (task_memory's, or the `estimates` given), with WORKER_MARGIN."""
+  if estimates is None:
+    estimates = task_memory(task_shape, resolution, volume_size)
   stage = max(estimates, key=estimates.get)
   return int(estimates[stage] * WORKER_MARGIN), stage
 
@@ -122,13 +123,14 @@ def design(task_shapes, resolution, volume_size) -> list[dict]:
   context = context_voxels(None, resolution)
   rows = []
   for shape in task_shapes:
-    worker, largest = worker_memory(shape, resolution, volume_size)
+    stages = task_memory(shape, resolution, volume_size)
+    worker, largest = worker_memory(shape, resolution, estimates=stages)
     tasks = int(np.prod([-(-int(n) // int(t)) for n, t in zip(volume_size, shape)]))
     reads = np.prod([sum(_extents(int(n), int(t), int(c))) / int(n)
                      for n, t, c in zip(volume_size, shape, context)])
     rows.append({"task_shape": tuple(int(t) for t in shape), "tasks": tasks,
-                 "stages": task_memory(shape, resolution, volume_size), "worker": worker,
-                 "largest": largest, "watershed_reads": float(reads)})
+                 "stages": stages, "worker": worker, "largest": largest,
+                 "watershed_reads": float(reads)})
   return rows
 
 
