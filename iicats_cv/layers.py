@@ -11,11 +11,13 @@ import datetime
 import os
 import re
 import socket
+import traceback
 from typing import Iterable, Sequence
 
 import numpy as np
+from cloudfiles import CloudFiles
 from cloudvolume import CloudVolume
-from cloudvolume.exceptions import InfoUnavailableError
+from cloudvolume.exceptions import EmptyVolumeException, InfoUnavailableError
 
 from . import __version__
 from .errors import IicatsError
@@ -132,6 +134,125 @@ def open_layer(cloudpath: str, *, mip: int = 0, layer_type: str | None = None,
     raise IicatsError(
       f"{what} {cloudpath}: has {cv.num_channels} channel(s), expected {num_channels}")
   return cv
+
+
+def compressed_segmentation_problem(data, shape, dtype, block_size):
+  """Why a compressed_segmentation chunk cannot be decoded safely, or None when its structure
+  holds: data bytes; shape (x, y, z[, c]); dtype uint32 or uint64; block_size (bx, by, bz).
+
+  Neuroglancer's format, in little-endian 32-bit words: one offset per channel, then per
+  channel two header words per block (lookup-table offset | encoded bits << 24, encoded-values
+  offset; offsets in words from the channel's start), the bit-packed indices and the lookup
+  tables. Every offset, and the table entry of each block's highest index, must lie inside
+  the channel's words."""
+  if len(data) % 4:
+    return f"{len(data)} bytes, not a whole number of 32-bit words"
+  words = np.frombuffer(bytes(data), "<u4")
+  shape = tuple(int(s) for s in shape) + (1,) * (4 - len(shape))
+  channels = shape[3]
+  entry_words = 2 if np.dtype(dtype).itemsize == 8 else 1
+  block = np.asarray(block_size, np.int64)
+  blocks = int(np.prod(-(-np.asarray(shape[:3]) // block)))
+  block_voxels = int(np.prod(block))
+  if len(words) < channels:
+    return f"{len(words)} words, fewer than its {channels} channel offsets"
+  starts = words[:channels].astype(np.int64)
+  ends = np.r_[starts[1:], len(words)]
+  for c, (base, end) in enumerate(zip(starts, np.minimum(ends, len(words)))):
+    if base < channels or base + 2 * blocks > end:
+      return f"channel {c}'s block headers lie outside its {len(words)} words"
+    header = words[base:base + 2 * blocks].astype(np.int64)
+    table, bits, values = header[0::2] & 0xFFFFFF, header[0::2] >> 24, header[1::2]
+    odd = ~np.isin(bits, (0, 1, 2, 4, 8, 16, 32))
+    if odd.any():
+      return f"block {int(np.argmax(odd))} of channel {c} claims {int(bits[odd][0])} bits a voxel"
+    value_words = -(-block_voxels * bits // 32)
+    if np.any(base + values + value_words > end):
+      return f"channel {c}'s encoded values run past its end"
+    highest = np.zeros(blocks, np.int64)
+    for b in np.unique(bits[bits > 0]):
+      which = np.flatnonzero(bits == b)
+      n = int(value_words[which[0]])
+      packed = words[base + values[which, None] + np.arange(n)].astype(np.uint64)
+      shifts = np.arange(0, 32, b, dtype=np.uint64)
+      index = (packed[:, :, None] >> shifts) & np.uint64((1 << int(b)) - 1)
+      highest[which] = index.reshape(len(which), -1)[:, :block_voxels].max(1).astype(np.int64)
+    if np.any(base + table + (highest + 1) * entry_words > end):
+      return f"channel {c}'s lookup table runs past its end"
+  return None
+
+
+def _check_compressed_segmentation_chunks():
+  """compressed_segmentation 2.3's decoder trusts a chunk's offsets: a truncated chunk decodes
+  to garbage without an error and a damaged header crashes the process (SIGSEGV). CloudVolume
+  decodes every such chunk through chunks.decode_compressed_segmentation, so that function is
+  wrapped once to check the chunk's structure first; a ValueError it raises is named by
+  read_box like any chunk that does not decode."""
+  from cloudvolume import chunks
+  decode = chunks.decode_compressed_segmentation
+  if getattr(decode, "checks_structure", False):
+    return
+
+  def checked(bytestring, shape, dtype, block_size):
+    problem = compressed_segmentation_problem(bytestring, shape, dtype, block_size or (8, 8, 8))
+    if problem:
+      raise ValueError(f"not a compressed_segmentation chunk: {problem}")
+    return decode(bytestring, shape, dtype, block_size)
+
+  checked.checks_structure = True
+  chunks.decode_compressed_segmentation = checked
+
+
+_check_compressed_segmentation_chunks()
+
+
+def _undecodable_chunk(err: BaseException) -> str | None:
+  """The chunk file whose decompression or decoding raised err, or None for other errors.
+  CloudVolume reads each chunk in `download_chunk(…, filename, …)`, decompresses it with
+  cloud-files (cloudfiles/compression.py) and decodes it in `_decode_helper(…, input_bbox=
+  <file name>, …)`, re-raising what the codec raised (a ValueError from a short raw chunk,
+  a codec's own error type otherwise)."""
+  chunk, undecodable = None, False
+  for frame, _ in traceback.walk_tb(err.__traceback__):
+    if frame.f_code.co_name == "download_chunk":
+      chunk = frame.f_locals.get("filename", chunk)
+    elif frame.f_code.co_name == "_decode_helper":
+      chunk, undecodable = frame.f_locals.get("input_bbox", chunk), True
+    elif frame.f_code.co_filename.endswith(os.path.join("cloudfiles", "compression.py")):
+      undecodable = True
+  return str(chunk) if undecodable and chunk is not None else None
+
+
+def read_box(cv: CloudVolume, box, what: str, path: str | None = None,
+             missing_hint: str = "", missing_ok: bool = False) -> np.ndarray | None:
+  """cv[box] as a numpy array (x, y, z, c) at cv.mip; box: a Bbox or slices.
+
+  A chunk that was never written (cv opened without fill_missing) or that does not decode in
+  the layer's encoding (truncated, overwritten, another encoding) raises IicatsError naming
+  the layer (`what`, path or cv.cloudpath) and the chunk file: it will not mend by itself,
+  so a task does not retry it. missing_hint is added to the missing-chunk message; with
+  missing_ok a missing chunk returns None instead.
+  """
+  path = path or cv.cloudpath
+  try:
+    return np.asarray(cv[box])
+  except EmptyVolumeException as err:
+    # CloudVolume also reads a chunk whose compression is broken as empty
+    if CloudFiles(cv.cloudpath).exists(str(err)):
+      raise IicatsError(f"{what} {path}: chunk {err} is corrupt: it is there but does not "
+                        "decompress; rewrite it, or the stage that wrote it") from None
+    if missing_ok:
+      return None
+    raise IicatsError(f"{what} {path}: chunk {err} is missing (never written, or deleted)"
+                      f"{missing_hint}") from None
+  except Exception as err:
+    chunk = _undecodable_chunk(err)
+    if chunk is None:
+      raise
+    raise IicatsError(f"{what} {path}: chunk {chunk} is corrupt: it does not decode as "
+                      f"{cv.dtype.name} '{cv.encoding}' of {cv.num_channels} channel(s) "
+                      f"({type(err).__name__}: {err}); rewrite it, or the stage that wrote "
+                      "it") from None
 
 
 def resolution_text(resolution) -> str:
@@ -252,7 +373,6 @@ def image_window(image_cv, region, image_path, samples_per_axis: int = 4) -> lis
   chunk-sized boxes spread evenly over region (a Bbox at the layer's mip), strided to at most
   WINDOW_SAMPLE_VOXELS in all."""
   from cloudvolume import Bbox
-  from cloudvolume.exceptions import EmptyVolumeException
   from .volume_io import IMAGE_WINDOW_PERCENTILES
   lo, hi = np.asarray(region.minpt), np.asarray(region.maxpt)
   size = np.minimum(np.asarray(image_cv.chunk_size), hi - lo)
@@ -263,10 +383,11 @@ def image_window(image_cv, region, image_path, samples_per_axis: int = 4) -> lis
     for y in axes[1]:
       for z in axes[2]:
         start = np.array([x, y, z])
-        try:
-          box = np.asarray(image_cv[Bbox(start, start + size)])[..., 0]
-        except EmptyVolumeException:
+        box = read_box(image_cv, Bbox(start, start + size), "image layer", image_path,
+                       missing_ok=True)
+        if box is None:
           continue  # a chunk never written: no tissue there
+        box = box[..., 0]
         step = max(1, int(np.ceil((box.size * len(axes[0]) * len(axes[1]) * len(axes[2])
                                    / WINDOW_SAMPLE_VOXELS) ** (1 / 3))))
         box = box[::step, ::step, ::step]
@@ -283,7 +404,7 @@ def uint8_image(image_cv, box, image_path: str) -> np.ndarray:
   """uint8 (x, y, z) of an image layer over box (a whole region read into memory, as training
   and calibration read it); a layer of another dtype is mapped through its image_window over
   the box, said in one line."""
-  image = np.asarray(image_cv[box])[..., 0]
+  image = read_box(image_cv, box, "image layer", image_path)[..., 0]
   if image.dtype == np.uint8:
     return image
   from .volume_io import to_uint8

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 from .errors import IicatsError
-from .layers import (IMAGE_DTYPES, box_text, open_layer, region_bbox, resolution_text,
-                     scale_at_resolution, uint8_image)
+from .layers import (IMAGE_DTYPES, box_text, open_layer, read_box, region_bbox,
+                     resolution_text, scale_at_resolution, uint8_image)
 from .train import TrainingVolume
 
 
@@ -45,6 +45,6 @@ def load_training_volumes(images, labels=(), nuclei=(), mitochondria=(), synapse
       if not cv.bounds.contains_bbox(box):
         raise IicatsError(f"training {field} {values[i]}: does not cover {path}'s region "
                           f"{box_text(box)} (voxels at {resolution_text(image_cv.resolution)})")
-      arrays[field] = np.asarray(cv[box])[..., 0]
+      arrays[field] = read_box(cv, box, f"training {field}", values[i])[..., 0]
     volumes.append(TrainingVolume(name=path, **arrays))
   return volumes, resolution

@@ -6,10 +6,9 @@ import json
 
 import numpy as np
 from cloudfiles import CloudFiles
-from cloudvolume.exceptions import EmptyVolumeException
 
 from iicats_cv.errors import IicatsError
-from iicats_cv.layers import resolve_cloudpath
+from iicats_cv.layers import read_box, resolve_cloudpath
 
 
 def block_grid(bounds_start, bounds_stop, task_shape):
@@ -35,13 +34,10 @@ def block_grid(bounds_start, bounds_stop, task_shape):
 def read_image(image_cv, box, image_path, window=None) -> np.ndarray:
   """uint8 (x, y, z) of an image layer over box, mapped with window (lo, hi) -> 0..255 when
   given (volume_io.to_uint8; layers not of uint8 need one). A missing chunk is an IicatsError
-  naming it and --fill-missing (a task does not retry it: the chunk will not appear)."""
-  try:
-    image = np.asarray(image_cv[box])[..., 0]
-  except EmptyVolumeException as err:
-    raise IicatsError(f"image layer {image_path}: chunk {err} is missing (never written, or "
-                      "deleted); --fill-missing reads missing chunks as black, as Igneous' "
-                      "--fill-missing does")
+  naming it and --fill-missing, a corrupt one names it too (layers.read_box)."""
+  image = read_box(image_cv, box, "image layer", image_path,
+                   missing_hint="; --fill-missing reads missing chunks as black, as Igneous' "
+                                "--fill-missing does")[..., 0]
   if window is None and image.dtype == np.uint8:
     return image
   if window is None:

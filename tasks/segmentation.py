@@ -26,7 +26,8 @@ from iicats_cv.agglomerate import (AgglomerationParams, agglomerate, agglomerate
                                    derive_constraints)
 from iicats_cv.edge_scorer import score_edge_pieces
 from iicats_cv.errors import IicatsError
-from iicats_cv.layers import IMAGE_DTYPES, open_layer, create_layer, join, resolve_cloudpath
+from iicats_cv.layers import (IMAGE_DTYPES, open_layer, create_layer, join, read_box,
+                              resolve_cloudpath)
 from iicats_cv.rag import (EDGE_FIELDS, block_rag, contract_stitched, merge_rags, relabel,
                           stitched_node_table)
 from iicats_cv.watershed import (AXES, FLOOD_SEED_REACH, LATTICE_SPACING, face_agreement,
@@ -56,19 +57,19 @@ def _edge_scorer(out_prefix: str, key: str) -> dict:
   return scorer
 
 
-def _probability_channels(cv, bbox, channels: int | None = None, first: int = 0,
+def _probability_channels(cv, bbox, what: str, channels: int | None = None, first: int = 0,
                           keep_uint8: bool = False) -> np.ndarray:
   """Read a multi-channel probability layer (`channels` of it from channel `first`, or all)
   as float32 (c, x, y, z) in [0, 1]; a uint8 layer as read (value / 255 stands for the
   probability) where keep_uint8, a quarter of the memory."""
-  data = np.asarray(cv[bbox] if channels is None else
-                    cv[tuple(bbox.to_slices()) + (slice(first, first + channels),)])
+  data = read_box(cv, bbox if channels is None else
+                  tuple(bbox.to_slices()) + (slice(first, first + channels),), what)
   data = np.moveaxis(data, -1, 0)
   if data.dtype == np.uint8:
     return data if keep_uint8 else data.astype(np.float32) / 255.0
   data = data.astype(np.float32)
   if not np.isfinite(data).all():
-    raise IicatsError(f"{cv.cloudpath}: NaN or inf values in {bbox}")
+    raise IicatsError(f"{what} {cv.cloudpath}: NaN or inf values in {bbox}")
   return data
 
 
@@ -126,11 +127,12 @@ def watershed_task(affinities_path: str, supervoxels_path: str, start: list, sto
   context = context_voxels(context_nm, aff_cv.resolution)
   lo = np.maximum(np.asarray(start) - context, bounds.minpt)
   hi = np.minimum(np.asarray(stop) + context, bounds.maxpt)
-  affs = _probability_channels(aff_cv, Bbox(lo, hi), channels=3, keep_uint8=True)
+  affs = _probability_channels(aff_cv, Bbox(lo, hi), "affinity layer", channels=3,
+                               keep_uint8=True)
   synapse = None
   if organelles_path and synapse_boundary > 0:
     org_cv = check_organelles(organelles_path, aff_cv)
-    synapse = _probability_channels(org_cv, Bbox(lo, hi), channels=1,
+    synapse = _probability_channels(org_cv, Bbox(lo, hi), "organelle layer", channels=1,
                                     first=SYNAPSE_CHANNEL)[0] > synapse_cut
   labels = fragments(affs, aff_cv.resolution, threshold=threshold, min_size=min_size,
                      per_section=per_section, synapse=synapse,
@@ -215,13 +217,13 @@ def rag_task(supervoxels_path: str, affinities_path: str, organelles_path: str,
   context = [1 if s > b else 0 for s, b in zip(start, bounds.minpt)]
   lo = np.asarray(start) - np.asarray(context)
   block = Bbox(start, stop)
-  supervoxels = np.asarray(sv_cv[Bbox(lo, stop)])[..., 0]
+  supervoxels = read_box(sv_cv, Bbox(lo, stop), "supervoxels layer")[..., 0]
   aff_cv = check_affinities(affinities_path)
-  affs = _probability_channels(aff_cv, block, channels=3, keep_uint8=True)
+  affs = _probability_channels(aff_cv, block, "affinity layer", channels=3, keep_uint8=True)
   organelles = None
   if organelles_path:
     org_cv = check_organelles(organelles_path, aff_cv)
-    organelles = _probability_channels(org_cv, Bbox(lo, stop), keep_uint8=True)
+    organelles = _probability_channels(org_cv, Bbox(lo, stop), "organelle layer", keep_uint8=True)
   image = None
   if image_path:
     image_cv = open_layer(image_path, mip=image_mip, layer_type="image", dtypes=IMAGE_DTYPES,
@@ -625,7 +627,7 @@ def remap_task(supervoxels_path: str, segmentation_path: str, out_prefix: str, c
   """segmentation[block] = table[supervoxels[block]] (fastremap; 0 stays 0)."""
   sv_cv = open_layer(supervoxels_path, layer_type="segmentation", what="supervoxels layer")
   slices = tuple(slice(a, b) for a, b in zip(start, stop))
-  block = np.asarray(sv_cv[slices])
+  block = read_box(sv_cv, slices, "supervoxels layer")
   out = fastremap.remap(block, _table(out_prefix, column, table_key),
                         preserve_missing_labels=True)
   open_layer(segmentation_path)[slices] = out.astype(np.uint64)

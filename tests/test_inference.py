@@ -250,8 +250,8 @@ def test_long_range_affinities_follow_the_short_range_ones(tmp_path):
   assert provenance["processing"][-1]["method"]["channels"][3:] == [
     "affinity_x3", "affinity_y3", "affinity_z3"]
   box = Bbox((0, 0, 0), (16, 16, 8))
-  first = _probability_channels(cv, box, channels=3)
-  np.testing.assert_array_equal(first, _probability_channels(cv, box)[:3])
+  first = _probability_channels(cv, box, "affinity layer", channels=3)
+  np.testing.assert_array_equal(first, _probability_channels(cv, box, "affinity layer")[:3])
   bad = "file://" + str(tmp_path / "four")
   create_layer(bad, layer_type="image", dtype="uint8", resolution=(10, 10, 10),
                voxel_offset=(0, 0, 0), volume_size=(8, 8, 8), chunk_size=(8, 8, 8),
@@ -400,6 +400,73 @@ def test_a_missing_image_chunk_is_named_or_read_as_black(tmp_path, tiny_checkpoi
   affinities = CloudVolume("file://" + str(tmp_path / "b" / "aff"))
   assert affinities.provenance.processing[-1]["method"]["fill_missing"] is True
   assert np.asarray(affinities[:, :, :]).any()
+
+
+def test_a_corrupt_image_chunk_is_named_and_not_retried(tmp_path, tiny_checkpoint):
+  """A chunk that does not decode (a truncated upload) fails the task at once with one line
+  naming the layer and the chunk, not a codec's traceback after three attempts."""
+  from click.testing import CliRunner
+  from iicats_cv.cli import cli
+  _, image = blobs((64, 64, 40))
+  image_path = import_volume(image, "file://" + str(tmp_path / "em"), "image", (10, 10, 10),
+                             chunk_size=(32, 32, 40))
+  chunk = tmp_path / "em" / "10.0_10.0_10.0" / "32-64_0-32_0-40"
+  chunk.write_bytes(chunk.read_bytes()[:1000])
+  result = CliRunner().invoke(cli, ["infer", image_path, "--checkpoint", tiny_checkpoint,
+                                    "--task-shape", "64,64,64",
+                                    "--affinities", str(tmp_path / "aff"),
+                                    "--organelles", str(tmp_path / "org")])
+  assert result.exit_code != 0
+  assert (f"image layer {image_path}: chunk 10.0_10.0_10.0/32-64_0-32_0-40 is corrupt"
+          in result.output and "attempts: 1" in result.output), result.output
+  assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("layer_type,dtype,compress,damage", [
+  ("image", "float32", False, "garbage"), ("segmentation", "uint64", False, "garbage"),
+  ("segmentation", "uint64", False, "truncated"), ("image", "uint8", "gzip", "truncated")])
+def test_read_box_names_a_chunk_that_does_not_decode(tmp_path, layer_type, dtype, compress,
+                                                     damage):
+  """A chunk that does not decode is an IicatsError naming the layer and the chunk, whatever
+  failed: a raw chunk's size, the compressed_segmentation decoder (which crashes the process
+  on a damaged header and decodes a truncated chunk to garbage unless the chunk is checked
+  first), or gzip (which CloudVolume reads as a missing chunk). Intact chunks still read."""
+  from cloudvolume import Bbox, CloudVolume
+  from iicats_cv.layers import read_box
+  path = "file://" + str(tmp_path / "layer")
+  encoding = "compressed_segmentation" if layer_type == "segmentation" else "raw"
+  info = CloudVolume.create_new_info(1, layer_type, dtype, encoding, [10, 10, 10], [0, 0, 0],
+                                     [64, 32, 32], chunk_size=[32, 32, 32])
+  cv = CloudVolume(path, info=info, compress=compress)
+  cv.commit_info()
+  cv[:, :, :] = np.arange(64 * 32 * 32).reshape(64, 32, 32).astype(dtype)
+  chunk, = (tmp_path / "layer" / "10_10_10").glob("32-64_0-32_0-32*")
+  data = chunk.read_bytes()
+  chunk.write_bytes(b"\x07" * 100 if damage == "garbage" else data[:len(data) // 2])
+  cv = CloudVolume(path)
+  assert read_box(cv, Bbox((0, 0, 0), (32, 32, 32)), "test layer").any()
+  with pytest.raises(IicatsError, match=rf"test layer {path}: chunk "
+                                        r"10_10_10/32-64_0-32_0-32 is corrupt"):
+    read_box(cv, Bbox((0, 0, 0), (64, 32, 32)), "test layer")
+
+
+def test_the_compressed_segmentation_check_passes_every_valid_chunk():
+  """The structure check before compressed_segmentation decodes a chunk raises no false
+  alarm on valid chunks of any shape (blocks cut at the chunk's edge), label count and dtype,
+  and finds every truncation."""
+  import compressed_segmentation
+  from iicats_cv.layers import compressed_segmentation_problem
+  rng = np.random.default_rng(0)
+  for trial in range(60):
+    shape = tuple(int(n) for n in rng.integers(1, 70, 3)) + (1,)
+    dtype = (np.uint32, np.uint64)[trial % 2]
+    labels = int(rng.choice([1, 2, 3, 17, 300, 5000]))
+    block = (8, 8, 8) if trial % 3 else (4, 4, 4)
+    array = np.asfortranarray(rng.integers(0, labels, shape).astype(dtype))
+    data = compressed_segmentation.compress(array, block_size=block, order="F")
+    assert compressed_segmentation_problem(data, shape, dtype, block) is None
+    for cut in (len(data) // 2, len(data) - 4, 8):
+      assert compressed_segmentation_problem(data[:cut], shape, dtype, block) is not None
 
 
 def test_a_uint16_image_is_read_through_its_grey_value_window(tmp_path, tiny_checkpoint):
