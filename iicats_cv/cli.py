@@ -475,6 +475,11 @@ def execute_command(queue, lease_sec, exit_on_empty, parallel, max_attempts):
   from iicats_cv.tasks.runner import (execute, gib_text, largest_peak, peak_memory_bytes,
                                       start_workers)
   started = time.time()
+  if queue.startswith("fq://") and not os.path.isdir(os.path.expanduser(queue[len("fq://"):])):
+    # python-task-queue creates a missing file queue: a mistyped path would wait silently
+    click.echo(f"note: queue {queue} does not exist yet: it is created empty and the worker "
+               + ("exits at once" if exit_on_empty else "waits for tasks")
+               + " (is it the path the driver queues to?)")
   if parallel > 1:
     procs, report = start_workers(parallel, queue, lease_sec, max_attempts,
                                   exit_on_empty=exit_on_empty, standalone=True)

@@ -148,7 +148,7 @@ def _dense_scores(seg_cv, seg_path, gt_labels, mip, boundary_tolerance_nm=0.0) -
   With a boundary tolerance also voi_split_tolerant, voi_merge_tolerant and arand_tolerant
   over the voxels metrics.boundary_tolerance_mask keeps."""
   from cloudvolume import Bbox
-  from .layers import scale_at_resolution
+  from .layers import read_box, scale_at_resolution
   gt_path, gt_cv = _open_segmentation(gt_labels, 0, what="ground-truth labels")
   seg_geo = layer_geometry(seg_cv, mip)
   gt_mip = scale_at_resolution(gt_cv, seg_geo["resolution"], f"ground-truth labels {gt_path}",
@@ -161,9 +161,12 @@ def _dense_scores(seg_cv, seg_path, gt_labels, mip, boundary_tolerance_nm=0.0) -
     raise IicatsError(f"ground-truth labels {gt_path}: does not overlap the segmentation "
                       f"{seg_path}")
   box = Bbox(start, stop)
+  seg_cv.mip = mip
   try:
-    seg = np.asarray(seg_cv.download(box, mip=mip))[..., 0]
-    gt = np.asarray(gt_cv.download(box, mip=gt_mip))[..., 0]
+    seg = read_box(seg_cv, box, "segmentation", seg_path)[..., 0]
+    gt = read_box(gt_cv, box, "ground-truth labels", gt_path)[..., 0]
+  except IicatsError:
+    raise
   except Exception as err:
     raise IicatsError(f"cannot read {seg_path} / {gt_path} over {start.tolist()}-"
                       f"{stop.tolist()} ({type(err).__name__}: {err})")

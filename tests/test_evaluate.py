@@ -283,6 +283,13 @@ def test_evaluate_input_errors(tmp_path, seg_layer):
   with pytest.raises(IicatsError, match=r"no scale at the segmentation.s \(mip 0\) resolution "
                                         r"4×4×40 nm \(its scales: 8×8×40 nm\)"):
     evaluate(seg_layer, gt_labels="file://" + str(tmp_path / "other"))
+  # a damaged compressed_segmentation chunk of the ground truth: named, not a crash
+  gt_path = write_layer("file://" + str(tmp_path / "gt"), labels())
+  chunk = next((tmp_path / "gt").glob("*/10-26_20-36_3-7"))
+  chunk.write_bytes(b"\x07" * 100)
+  with pytest.raises(IicatsError, match=rf"ground-truth labels {gt_path}: chunk "
+                                        r"\S+/10-26_20-36_3-7 is corrupt"):
+    evaluate(seg_layer, gt_labels=gt_path)
 
 
 def test_report(tmp_path, seg_layer):

@@ -173,6 +173,17 @@ def test_cli_execute_and_status(tmp_path):
   assert "(worker peak memory " in result.output and "; peak memory " in result.output
   status = runner.invoke(cli, ["queue", "status", qurl])
   assert "enqueued:  0" in status.output and "completed: 1" in status.output
+  assert "does not exist yet" not in result.output
+
+
+def test_a_worker_on_a_file_queue_that_does_not_exist_says_so(tmp_path):
+  """python-task-queue creates a missing fq:// folder, so a mistyped path would leave a worker
+  waiting on an empty queue without a word."""
+  qurl = "fq://" + str(tmp_path / "typo")
+  result = CliRunner().invoke(cli, ["execute", qurl, "-x"])
+  assert result.exit_code == 0, result.output
+  assert f"note: queue {qurl} does not exist yet" in result.output
+  assert "0 task(s) executed" in result.output
 
 
 def test_every_command_has_help_with_example():
