@@ -284,6 +284,28 @@ def _run_dead_letters(state_prefix: str | None) -> set:
   return set(CloudFiles(resolve_cloudpath(state_prefix)).list(prefix=DEAD_LETTER_PREFIX))
 
 
+def ended_workers_text(procs) -> str:
+  """How worker processes ended, from their exit codes (negative: the signal that ended
+  them), counted: 'killed by SIGKILL (2), crashed with SIGSEGV (1)', with a hint on memory
+  where the kernel's out-of-memory killer is the likely cause."""
+  import signal
+  counts = {}
+  for proc in procs:
+    code = proc.exitcode
+    if code is not None and code < 0:
+      name = signal.Signals(-code).name
+      text = f"crashed with {name}" if name in ("SIGSEGV", "SIGBUS", "SIGABRT", "SIGILL") \
+        else f"killed by {name}"
+    else:
+      text = f"exit status {code}"
+    counts[text] = counts.get(text, 0) + 1
+  line = ", ".join(f"{text} ({n})" for text, n in counts.items())
+  if "killed by SIGKILL" in counts:
+    line += (" (SIGKILL is usually the out-of-memory killer: fewer workers (-p) or a smaller "
+             "--task-shape; `iicats design` gives each stage's memory per worker)")
+  return line
+
+
 def drain(qurl: str, total: int, parallel: int = 1, desc: str = "tasks", lease_sec: int = 600,
           max_attempts: int = 3, wait_for_external: bool = False, poll_sec: float = 1.0,
           state_prefix: str | None = None):
@@ -312,8 +334,9 @@ def drain(qurl: str, total: int, parallel: int = 1, desc: str = "tasks", lease_s
     if remaining == 0:
       break
     if procs and not any(p.is_alive() for p in procs):
-      # workers died (e.g. out of memory): start fresh ones, the leases expire
-      raise IicatsError(f"queue {qurl}: all workers exited with {remaining} task(s) left")
+      # a worker only leaves a non-empty queue when it dies; its leased task would wait
+      raise IicatsError(f"{desc}: all {len(procs)} worker processes ended with {remaining} "
+                        f"task(s) left on {qurl}: {ended_workers_text(procs)}")
     time.sleep(poll_sec)
   for proc in procs:
     proc.join()

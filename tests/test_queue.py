@@ -258,3 +258,15 @@ def test_a_spawned_workers_peak_memory_is_its_own_not_its_drivers():
   with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
     peak = pool.submit(peak_memory_bytes).result()
   assert held.all() and 0 < peak < 2 ** 30
+
+
+def test_workers_that_died_are_described_by_how_they_ended():
+  """Worker processes killed (the out-of-memory killer sends SIGKILL) or crashed stop the
+  stage with one line saying how each ended, and what a SIGKILL usually means."""
+  from types import SimpleNamespace
+  from iicats_cv.tasks.runner import ended_workers_text
+  procs = [SimpleNamespace(exitcode=code) for code in (-9, -9, -11, 1)]
+  text = ended_workers_text(procs)
+  assert text.startswith("killed by SIGKILL (2), crashed with SIGSEGV (1), exit status 1 (1)")
+  assert "out-of-memory" in text and "iicats design" in text
+  assert "out-of-memory" not in ended_workers_text([SimpleNamespace(exitcode=-11)])
