@@ -293,7 +293,10 @@ def ended_workers_text(procs) -> str:
   for proc in procs:
     code = proc.exitcode
     if code is not None and code < 0:
-      name = signal.Signals(-code).name
+      try:
+        name = signal.Signals(-code).name
+      except ValueError:
+        name = f"signal {-code}"
       text = f"crashed with {name}" if name in ("SIGSEGV", "SIGBUS", "SIGABRT", "SIGILL") \
         else f"killed by {name}"
     else:

@@ -430,7 +430,8 @@ def test_read_box_names_a_chunk_that_does_not_decode(tmp_path, layer_type, dtype
   """A chunk that does not decode is an IicatsError naming the layer and the chunk, whatever
   failed: a raw chunk's size, the compressed_segmentation decoder (which crashes the process
   on a damaged header and decodes a truncated chunk to garbage unless the chunk is checked
-  first), or gzip (which CloudVolume reads as a missing chunk). Intact chunks still read."""
+  first), or gzip (an error, or an empty result that CloudVolume takes for a missing chunk).
+  Intact chunks still read."""
   from cloudvolume import Bbox, CloudVolume
   from iicats_cv.layers import read_box
   path = "file://" + str(tmp_path / "layer")
