@@ -1,7 +1,6 @@
 """Training volumes read from precomputed layers (what `iicats train` feeds to train())."""
 from __future__ import annotations
 
-import numpy as np
 from .errors import IicatsError
 from .layers import (IMAGE_DTYPES, box_text, open_layer, read_box, region_bbox,
                      resolution_text, scale_at_resolution, uint8_image)
