@@ -522,6 +522,27 @@ def queue_status(queue):
   click.echo(f"dead:      {len(dead_letters(queue))}")
 
 
+@queue_group.command("release")
+@click.argument("queue")
+def queue_release(queue):
+  """Put every leased task back on the queue now (fq:// only), as Igneous' `queue release`
+  does: the tasks of workers that died are otherwise held until their leases expire.
+  Only for queues no live worker is leasing from: a running task would be handed out twice.
+
+  \b
+  Example:
+    iicats queue release fq:///shared/queue
+  """
+  from iicats_cv.tasks.runner import open_queue
+  if not queue.startswith("fq://"):
+    raise IicatsError(f"queue {queue}: only fq:// queues can release their leases; an SQS "
+                      "task comes back by itself when its lease (--lease-sec) expires")
+  tq = open_queue(queue)
+  leased = tq.leased
+  tq.release_all()
+  click.echo(f"released {leased} leased task(s) of {queue}; {tq.enqueued} task(s) enqueued")
+
+
 @queue_group.command("purge")
 @click.argument("queue")
 def queue_purge(queue):

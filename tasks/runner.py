@@ -397,7 +397,8 @@ def run_tasks(tasks, queue: str | None, parallel: int | None, desc: str = "tasks
       if waiting:
         print(f"note: queue {queue} already holds {waiting} task(s) (an interrupted run's?); "
               "this stage waits for them too, leased ones once their leases expire "
-              f"(`iicats queue purge {queue}` drops them)", flush=True)
+              f"(`iicats queue release {queue}` frees the leases of workers that are gone, "
+              f"`iicats queue purge {queue}` drops the tasks)", flush=True)
       tq.insert(tasks, skip_insert_counter=True)
       who = f"{parallel} local worker(s)" if parallel else "external workers"
       print(f"[{desc}] {len(tasks)} task(s) on {queue} for {who}", flush=True)

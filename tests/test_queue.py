@@ -270,3 +270,21 @@ def test_workers_that_died_are_described_by_how_they_ended():
   assert text.startswith("killed by SIGKILL (2), crashed with SIGSEGV (1), exit status 1 (1)")
   assert "out-of-memory" in text and "iicats design" in text
   assert "out-of-memory" not in ended_workers_text([SimpleNamespace(exitcode=-11)])
+
+
+def test_queue_release_frees_the_leases_of_workers_that_are_gone(tmp_path):
+  """A task leased by a worker that died waits for its lease; `iicats queue release` puts it
+  back at once (fq://), and an SQS queue is told why it cannot."""
+  qurl = "fq://" + str(tmp_path / "queue")
+  tq = open_queue(qurl)
+  tq.insert([partial(touch_task, path=str(tmp_path / f"out{i}")) for i in range(2)])
+  tq.lease(seconds=3600)  # the worker that took it is gone
+  assert tq.leased == 1
+  result = CliRunner().invoke(cli, ["queue", "release", qurl])
+  assert result.exit_code == 0, result.output
+  assert "released 1 leased task(s)" in result.output and "2 task(s) enqueued" in result.output
+  assert tq.leased == 0
+  assert execute(qurl, exit_on_empty=True)["executed"] == 2
+  assert (tmp_path / "out0").exists() and (tmp_path / "out1").exists()
+  result = CliRunner().invoke(cli, ["queue", "release", "sqs://some-queue"])
+  assert result.exit_code != 0 and "only fq:// queues" in result.output
