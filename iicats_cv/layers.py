@@ -206,6 +206,30 @@ def _check_compressed_segmentation_chunks():
 _check_compressed_segmentation_chunks()
 
 
+def _refuse_empty_chunk_files():
+  """With fill_missing, CloudVolume reads a chunk file that is there but holds no data (a
+  zero-byte file left by a failed upload or a full disk, or gzip of nothing) as black, as if
+  it were missing: its content is b'' where a missing file's is None. CloudVolume decodes
+  every downloaded chunk through rx.decode, so that function is wrapped once to decode such a
+  chunk without fill_missing: the EmptyVolumeException it then raises is named as a corrupt
+  chunk by read_box, which finds the file there."""
+  from cloudvolume.datasource.precomputed.image import rx
+  decode = rx.decode
+  if getattr(decode, "refuses_empty_files", False):
+    return
+
+  def decode_present(meta, input_bbox, content, fill_missing, mip, *args, **kwargs):
+    if content is not None and len(content) == 0:
+      fill_missing = False
+    return decode(meta, input_bbox, content, fill_missing, mip, *args, **kwargs)
+
+  decode_present.refuses_empty_files = True
+  rx.decode = decode_present
+
+
+_refuse_empty_chunk_files()
+
+
 def _undecodable_chunk(err: BaseException) -> str | None:
   """The chunk file whose decompression or decoding raised err, or None for other errors.
   CloudVolume reads each chunk in `download_chunk(…, filename, …)`, decompresses it with
@@ -237,10 +261,11 @@ def read_box(cv: CloudVolume, box, what: str, path: str | None = None,
   try:
     return np.asarray(cv[box])
   except EmptyVolumeException as err:
-    # CloudVolume also reads a chunk whose compression is broken as empty
+    # CloudVolume also reads a chunk file that holds no data (zero bytes, or gzip of
+    # nothing) as empty
     if CloudFiles(cv.cloudpath).exists(str(err)):
-      raise IicatsError(f"{what} {path}: chunk {err} is corrupt: it is there but does not "
-                        "decompress; rewrite it, or the stage that wrote it") from None
+      raise IicatsError(f"{what} {path}: chunk {err} is corrupt: the file is there but holds "
+                        "no data; rewrite it, or the stage that wrote it") from None
     if missing_ok:
       return None
     raise IicatsError(f"{what} {path}: chunk {err} is missing (never written, or deleted)"

@@ -451,6 +451,33 @@ def test_read_box_names_a_chunk_that_does_not_decode(tmp_path, layer_type, dtype
     read_box(cv, Bbox((0, 0, 0), (64, 32, 32)), "test layer")
 
 
+@pytest.mark.parametrize("compress", [False, "gzip"])
+def test_read_box_with_fill_missing_names_a_chunk_file_without_data(tmp_path, compress):
+  """With fill_missing a chunk that was never written reads as black, but one whose file is
+  there and holds no data (zero bytes, or gzip of nothing: an upload cut short) is named as
+  corrupt, with or without fill_missing, instead of reading as black."""
+  import gzip
+  from cloudvolume import Bbox, CloudVolume
+  from iicats_cv.layers import read_box
+  path = "file://" + str(tmp_path / "layer")
+  info = CloudVolume.create_new_info(1, "image", "uint8", "raw", [10, 10, 10], [0, 0, 0],
+                                     [64, 32, 32], chunk_size=[32, 32, 32])
+  cv = CloudVolume(path, info=info, compress=compress)
+  cv.commit_info()
+  cv[:, :, :] = np.full((64, 32, 32), 7, np.uint8)
+  chunk, = (tmp_path / "layer" / "10_10_10").glob("32-64_0-32_0-32*")
+  box = Bbox((0, 0, 0), (64, 32, 32))
+  for content in (b"", gzip.compress(b"")):
+    chunk.write_bytes(content)
+    for fill_missing in (False, True):
+      with pytest.raises(IicatsError, match=rf"test layer {path}: chunk "
+                                            r"10_10_10/32-64_0-32_0-32 is corrupt"):
+        read_box(CloudVolume(path, fill_missing=fill_missing), box, "test layer")
+  chunk.unlink()
+  image = read_box(CloudVolume(path, fill_missing=True), box, "test layer")
+  assert (image[:32] == 7).all() and (image[32:] == 0).all()
+
+
 def test_the_compressed_segmentation_check_passes_every_valid_chunk():
   """The structure check before compressed_segmentation decodes a chunk raises no false
   alarm on valid chunks of any shape (blocks cut at the chunk's edge), label count and dtype,
