@@ -3,21 +3,37 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
+import sys
 import time
 
 import click
 
-from .errors import IicatsError
+from .errors import IicatsError, output_file_option
 from .layers import parse_triple
 
 
-def _triple(name, cast=float):
+def _triple(name, cast=float, positive=True):
   def convert(ctx, param, value):
     if value is None:
       return None
-    return parse_triple(value, f"--{param.name.replace('_', '-')}", cast)
+    return parse_triple(value, f"--{param.name.replace('_', '-')}", cast, positive)
   return convert
+
+
+def _finite(value, option):
+  """A number option checked for NaN (click's ranges let NaN through)."""
+  if value is not None and value != value:
+    raise click.BadParameter(f"{value}: expected a number", param_hint=option)
+  return value
+
+
+def _queue_url(ctx, param, value):
+  """--queue checked before a command writes anything (Igneous' task creation writes the
+  layer's mesh, skeleton or scale info before the tasks reach a queue)."""
+  from iicats_cv.tasks.runner import check_queue_url
+  return value if value is None else check_queue_url(value)
 
 
 @click.group()
@@ -42,7 +58,7 @@ def cli():
 @click.option("--axes", type=click.Choice(["zyx", "xyz"]), default="zyx", show_default=True,
               help="Axis order of the array in SRC.")
 @click.option("--key", default=None, help="Array name in .npz / dataset in .h5.")
-@click.option("--offset", default="0,0,0", callback=_triple("offset", int),
+@click.option("--offset", default="0,0,0", callback=_triple("offset", int, positive=False),
               help="Voxel offset X,Y,Z.")
 @click.option("--chunk-size", default="64,64,64", callback=_triple("chunk_size", int),
               help="Chunk size X,Y,Z.")
@@ -58,7 +74,7 @@ def import_command(src, dest, layer_type, resolution, axes, key, offset, chunk_s
     iicats import gt.h5 gs://bucket/gt --type segmentation --key labels --resolution 8,8,40
   """
   from .volume_io import read_array, to_xyz, import_volume, uint8_window
-  array = to_xyz(read_array(src, key), axes)
+  array = to_xyz(read_array(src, key), axes, src)
   window, mapped = None, ""
   if layer_type == "image" and array.dtype != "uint8":
     window = uint8_window(array)
@@ -118,10 +134,10 @@ def _quantile(ctx, param, value):
 
 def _pipeline_options(func):
   options = [
-    click.option("--queue", default=None,
+    click.option("--queue", default=None, callback=_queue_url,
                  help="Task queue (fq://PATH or sqs://NAME). Without -p, stages wait for "
                       "external workers (`iicats execute QUEUE`)."),
-    click.option("-p", "--parallel", type=int, default=None,
+    click.option("-p", "--parallel", type=click.IntRange(min=0), default=None,
                  help="Run N local worker processes (default 1 when no --queue; with "
                       "--queue, none or 0 leaves the tasks to `iicats execute` workers)."),
     click.option("--task-shape", default="128,128,128", callback=_triple("task_shape", int),
@@ -221,6 +237,8 @@ def _window(ctx, param, value):
     lo, hi = (float(v) for v in value.split(","))
   except ValueError:
     raise click.BadParameter(f"expected two grey values LO,HI, got '{value}'")
+  if not all(abs(v) < float("inf") for v in (lo, hi)):
+    raise click.BadParameter(f"expected two finite grey values, got '{value}'")
   if not hi > lo:
     raise click.BadParameter(f"HI must be larger than LO, got '{value}'")
   return [lo, hi]
@@ -359,7 +377,7 @@ DEMO_BOUNDARY_TOLERANCE_NM = 10.0
 @_region_options
 @click.option("--task-shape", "task_shapes", multiple=True,
               help="Task shape X,Y,Z in voxels (repeatable; default 64³, 128³, 256³, 512³).")
-@click.option("-p", "--parallel", type=int, default=None,
+@click.option("-p", "--parallel", type=click.IntRange(min=0), default=None,
               help="Local worker processes, compared with this machine's memory.")
 def design_command(image, mip, bounds, task_shapes, parallel):
   """Before a run: the tasks and worker memory each task shape needs, per stage, and the
@@ -457,12 +475,12 @@ def demo_command(dataset, out, queue, parallel, task_shape, checkpoint, json_pat
 
 @cli.command("execute")
 @click.argument("queue")
-@click.option("--lease-sec", type=int, default=600, show_default=True,
+@click.option("--lease-sec", type=click.IntRange(min=1), default=600, show_default=True,
               help="Seconds a task stays leased before another worker may take it.")
 @click.option("-x", "--exit-on-empty", is_flag=True, help="Exit when the queue is empty.")
-@click.option("-p", "--parallel", type=int, default=1, show_default=True,
+@click.option("-p", "--parallel", type=click.IntRange(min=1), default=1, show_default=True,
               help="Worker processes.")
-@click.option("--max-attempts", type=int, default=3, show_default=True,
+@click.option("--max-attempts", type=click.IntRange(min=1), default=3, show_default=True,
               help="Attempts before a task moves to the dead-letter folder.")
 def execute_command(queue, lease_sec, exit_on_empty, parallel, max_attempts):
   """Run tasks from a queue (a worker).
@@ -502,6 +520,21 @@ def queue_group():
   """Inspect and manage task queues."""
 
 
+def _existing_queue(queue: str) -> str:
+  """queue, checked: an fq:// folder must be there and not be a layer (python-task-queue
+  would create its queue folders in a mistyped path, or inside a precomputed layer)."""
+  from iicats_cv.tasks.runner import check_queue_url
+  check_queue_url(queue)
+  if queue.startswith("fq://"):
+    folder = os.path.expanduser(queue[len("fq://"):])
+    if not os.path.isdir(folder):
+      raise IicatsError(f"queue {queue}: no such folder")
+    if os.path.exists(os.path.join(folder, "info")):
+      raise IicatsError(f"queue {queue}: this folder is a precomputed layer (it has an info "
+                        "file), not a queue")
+  return queue
+
+
 @queue_group.command("status")
 @click.argument("queue")
 def queue_status(queue):
@@ -512,7 +545,7 @@ def queue_status(queue):
     iicats queue status fq://./iicats-demo/queue
   """
   from iicats_cv.tasks.runner import open_queue, dead_letters
-  tq = open_queue(queue)
+  tq = open_queue(_existing_queue(queue))
   click.echo(f"enqueued:  {tq.enqueued}")
   try:
     click.echo(f"leased:    {tq.leased}")
@@ -537,7 +570,7 @@ def queue_release(queue):
   if not queue.startswith("fq://"):
     raise IicatsError(f"queue {queue}: only fq:// queues can release their leases; an SQS "
                       "task comes back by itself when its lease (--lease-sec) expires")
-  tq = open_queue(queue)
+  tq = open_queue(_existing_queue(queue))
   leased = tq.leased
   tq.release_all()
   click.echo(f"released {leased} leased task(s) of {queue}; {tq.enqueued} task(s) enqueued")
@@ -553,7 +586,7 @@ def queue_purge(queue):
     iicats queue purge fq://./queue
   """
   from iicats_cv.tasks.runner import open_queue
-  open_queue(queue).purge()
+  open_queue(_existing_queue(queue)).purge()
   click.echo(f"purged {queue}")
 
 
@@ -590,10 +623,12 @@ def synthetic_command(out, shape, resolution, seed):
 @click.option("--bounds", multiple=True,
               help="Region per --image as x0,y0,z0,x1,y1,z1 voxels (at --mip), or 'all'.")
 @MIP
-@click.option("--out", required=True, help="Checkpoint path (.safetensors).")
-@click.option("--iterations", type=int, default=2000, show_default=True)
-@click.option("--batch-size", type=int, default=2, show_default=True)
-@click.option("--lr", type=float, default=2e-3, show_default=True)
+@click.option("--out", required=True, callback=lambda ctx, param, value: _checkpoint_out(value),
+              help="Checkpoint path (.safetensors).")
+@click.option("--iterations", type=click.IntRange(min=1), default=2000, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, max=1e3), default=2e-3,
+              show_default=True, callback=lambda ctx, param, value: _finite(value, "--lr"))
 @click.option("--patch-size", default="48,48,48", callback=_triple("patch_size", int))
 @click.option("--anisotropic", is_flag=True, help="Pool only in x,y (ssEM, ~4x4x40 nm).")
 @click.option("--widths", default="12,24,48", show_default=True,
@@ -690,6 +725,17 @@ def train_command(image, labels, nuclei, mitochondria, synapses, bounds, mip, ou
   click.echo(f"done: {out} after {iterations} iterations in {meta['wall_time_s']:.0f} s")
 
 
+def _checkpoint_out(path: str) -> str:
+  """--out of train and calibrate, checked before the work: a shipped model's name would
+  write a file that --checkpoint never reads (it means the shipped model)."""
+  from .errors import check_output_path
+  from .model import SHIPPED_MODELS
+  if path in SHIPPED_MODELS:
+    raise IicatsError(f"--out {path}: that name means the shipped model to --checkpoint; "
+                      f"give a file path such as {path}-tuned.safetensors")
+  return check_output_path(path, "--out")
+
+
 # calibrate held 1.4 GB at its peak for 250×250×150 voxels (110 bytes each beyond the ~0.4 GB
 # of libraries): this bound keeps it near 17 GB
 CALIBRATION_MAX_VOXELS = 150_000_000
@@ -706,12 +752,13 @@ CALIBRATION_MAX_VOXELS = 150_000_000
 @click.option("--synapses", default=None, help="Synapse layer: its probability cut.")
 @_region_options
 @click.option("--tta", is_flag=True, help="Calibrate the test-time-augmented prediction.")
-@click.option("--out", required=True,
+@click.option("--out", required=True, callback=lambda ctx, param, value: _checkpoint_out(value),
               help="Calibrated checkpoint (.safetensors; may be the --checkpoint file itself).")
 @click.option("--edge-scorer/--no-edge-scorer", default=True, show_default=True,
               help="With --labels, also train a learned edge scorer and use it where it beats "
                    "the best affinity statistic on held-out halves of the region.")
-@click.option("--json", "json_path", default=None, help="Write every scored setting here.")
+@click.option("--json", "json_path", default=None, callback=output_file_option,
+              help="Write every scored setting here.")
 def calibrate_command(checkpoint, image, labels, nuclei, mitochondria, synapses, mip, bounds,
                       tta, edge_scorer, out, json_path):
   """Choose a model's operating point on labelled data and record it in the checkpoint.
@@ -838,8 +885,8 @@ def calibrate_command(checkpoint, image, labels, nuclei, mitochondria, synapses,
                    "mirror images (8 where x and y match, else 4; 4-8x the compute).")
 @_region_options
 @_image_read_options
-@click.option("--queue", default=None)
-@click.option("-p", "--parallel", type=int, default=None)
+@click.option("--queue", default=None, callback=_queue_url)
+@click.option("-p", "--parallel", type=click.IntRange(min=0), default=None)
 def infer_command(image, affinities, organelles, checkpoint, task_shape, as_float, tta, mip,
                   bounds, fill_missing, image_window, queue, parallel):
   """Predict affinity and organelle layers from an EM image layer.
@@ -870,8 +917,10 @@ def infer_command(image, affinities, organelles, checkpoint, task_shape, as_floa
 
 def _queue_options(func):
   for option in reversed([
-      click.option("--queue", default=None, help="Task queue; without -p, wait for workers."),
-      click.option("-p", "--parallel", type=int, default=None, help="Local worker processes."),
+      click.option("--queue", default=None, callback=_queue_url,
+                   help="Task queue; without -p, wait for workers."),
+      click.option("-p", "--parallel", type=click.IntRange(min=0), default=None,
+                   help="Local worker processes."),
       click.option("--task-shape", default="128,128,128", callback=_triple("task_shape", int),
                    help="Task shape X,Y,Z in voxels.")]):
     func = option(func)
@@ -936,8 +985,8 @@ def skeleton_command(cloudpath, queue, parallel, task_shape, sharded, dust):
 
 @cli.command("downsample")
 @click.argument("cloudpath")
-@click.option("--queue", default=None)
-@click.option("-p", "--parallel", type=int, default=None)
+@click.option("--queue", default=None, callback=_queue_url)
+@click.option("-p", "--parallel", type=click.IntRange(min=0), default=None)
 @click.option("--num-mips", type=click.IntRange(min=1), default=2, show_default=True,
               help="Mips to add; fewer where a mip would have fewer than 32 voxels on an axis.")
 def downsample_command(cloudpath, queue, parallel, num_mips):
@@ -961,9 +1010,15 @@ def downsample_command(cloudpath, queue, parallel, num_mips):
                "per mip)")
   for mip in range(depth):
     run_tasks(ig.downsample_tasks(path, mip), queue, parallel, desc=f"mip {mip + 1}")
-  click.echo(f"done: {depth} mip(s) added to {path} in {time.time() - started:.1f} s")
+  # Igneous makes no mip of a volume it finds too small, without an error
+  written = min(depth, len(open_layer(path).info["scales"]) - 1)
+  click.echo(f"done: {written} mip(s) written to {path} in {time.time() - started:.1f} s"
+             + ("" if written else " (too small for Igneous to make one)"))
 
 
+# what `iicats pipeline` writes under OUT besides the layers `iicats view` serves
+RUN_FOLDERS = ("segmentation_baseline", "rag", "hierarchy", "agglomeration", "pipeline",
+               "report", "summary", "_image")
 LISTED = 20  # the neurons and shared seeds `iicats track` prints one line each for
 
 
@@ -1010,8 +1065,11 @@ def track_command(out_prefix, seeds, name, threshold, track_threshold, constrain
   from iicats_cv.tasks.segmentation import create_remap_tasks, track_task
   from iicats_cv.viewer.server import LAYER_NAMES, run_layers
   out = normalize_cloudpath(out_prefix)
-  if name in LAYER_NAMES or name in ("segmentation_baseline", "pipeline"):
-    raise IicatsError(f"--name {name}: that is one of the run's own layers; choose another")
+  if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or ".." in name:
+    raise IicatsError(f"--name '{name}': expected a plain name (letters, digits, '_', '-', "
+                      "'.'): it becomes a folder beside the run's layers")
+  if name in LAYER_NAMES + RUN_FOLDERS:
+    raise IicatsError(f"--name {name}: that is one of the run's own folders; choose another")
   check_task_shape(task_shape, LAYER_CHUNK_SIZE, join(out, name))
   supervoxels = join(out, "supervoxels")
   layer = open_layer(supervoxels, layer_type="segmentation", what="supervoxels layer of the run")
@@ -1126,7 +1184,15 @@ _register_subcommands()
 
 
 def main():
-  cli(prog_name="iicats")
+  try:
+    cli(prog_name="iicats")
+  except OSError as err:
+    # a path the user gave that cannot be written or read (a missing folder, a file where a
+    # folder belongs, no permission): one line naming it
+    if not err.filename:
+      raise
+    click.echo(f"Error: {err.filename}: {err.strerror or err}", err=True)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import click
 import numpy as np
 
-from .errors import IicatsError
+from .errors import IicatsError, check_output_path
 from .metrics import (adapted_rand_error, boundary_tolerance_mask, boundary_tolerance_steps,
                       concatenate_skeletons, run_length_metrics, voi)
 
@@ -653,6 +653,8 @@ def _skeleton_ids(value: str) -> list[int]:
 @click.option("--json", "json_path", default=None, metavar="OUT",
               help="Also write the full results (JSON) here.")
 @click.option("--report", "report_dir", default=None, metavar="DIR",
+              callback=lambda ctx, param, value: value and check_output_path(value, "--report",
+                                                                             folder=True),
               help="Write an HTML report (with PNG figures) into DIR.")
 def evaluate_command(segmentation, skeletons, skeleton_ids, nuclei, synapses, gt_labels,
                      boundary_tolerance_nm, mip, pooled, json_path, report_dir):

@@ -33,6 +33,11 @@ def normalize_cloudpath(path: str) -> str:
   """
   path = str(path)
   if "://" not in path:
+    typo = re.match(r"^([a-z][a-z0-9]*):/", path)
+    if typo and (typo.group(1) in KNOWN_PROTOCOLS or typo.group(1) == "precomputed"):
+      rest = path[typo.end():].lstrip("/")
+      meant = f"file:///{rest}" if typo.group(1) == "file" else f"{typo.group(1)}://{rest}"
+      raise IicatsError(f"{path}: malformed cloudpath (did you mean {meant}?)")
     return "file://" + os.path.abspath(os.path.expanduser(path))
   protocol = path.split("://", 1)[0]
   if protocol not in KNOWN_PROTOCOLS and not protocol.startswith(("precomputed", "s3ep")):
@@ -451,8 +456,9 @@ def add_provenance(cv: CloudVolume, step: str, params: dict) -> None:
   cv.commit_provenance()
 
 
-def parse_triple(text: str | Sequence, name: str, cast=float) -> tuple:
-  """Parse 'X,Y,Z' into a 3-tuple, with an error naming the option."""
+def parse_triple(text: str | Sequence, name: str, cast=float, positive: bool = True) -> tuple:
+  """Parse 'X,Y,Z' into a 3-tuple, with an error naming the option; positive: every value
+  must be > 0 (sizes, shapes, resolutions; not offsets)."""
   if isinstance(text, (tuple, list)):
     values = list(text)
   else:
@@ -463,6 +469,6 @@ def parse_triple(text: str | Sequence, name: str, cast=float) -> tuple:
     out = ()
   if len(out) != 3 or (cast is float and not all(np.isfinite(out))):
     raise IicatsError(f"{name}: expected three comma-separated numbers X,Y,Z, got '{text}'")
-  if cast is float and any(v <= 0 for v in out):
+  if positive and any(v <= 0 for v in out):
     raise IicatsError(f"{name}: values must be positive, got '{text}'")
   return out

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, asdict
 
 import numpy as np
+import torch
 from torch import nn
 
 from .errors import IicatsError
@@ -281,6 +282,10 @@ def load_checkpoint(path: str | None = None, device: str = "cpu") -> tuple[UNet3
     model.load_state_dict(tensors, strict=True)
   except Exception as err:
     raise IicatsError(f"checkpoint {path}: weights do not match its architecture ({err})")
+  broken = [name for name, tensor in tensors.items() if not torch.isfinite(tensor).all()]
+  if broken:
+    raise IicatsError(f"checkpoint {path}: {len(broken)} weight tensor(s) hold NaN or inf "
+                      f"({', '.join(broken[:3])}): its training diverged")
   model.eval().to(device)
   return model, metadata
 

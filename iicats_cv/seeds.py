@@ -93,6 +93,16 @@ def _legacy_dimensions(layer: dict, state: dict) -> dict:
 def _points_from_state(state: dict, where: str) -> np.ndarray:
   if not isinstance(state, dict):
     raise IicatsError(f"seeds {where}: not a Neuroglancer state (a JSON object)")
+  try:
+    return _state_points(state, where)
+  except (AttributeError, KeyError, IndexError, TypeError, ValueError) as err:
+    raise IicatsError(f"seeds {where}: a Neuroglancer state this reader does not understand "
+                      f"({type(err).__name__}: {err}); it reads 'layers' as a list of "
+                      "annotation layers with point annotations. Give the points as a CSV "
+                      "x,y,z in nm instead") from None
+
+
+def _state_points(state: dict, where: str) -> np.ndarray:
   points = []
   for layer in state.get("layers", []):
     if layer.get("type") != "annotation":
@@ -106,6 +116,9 @@ def _points_from_state(state: dict, where: str) -> np.ndarray:
                         "transform matrix; give its points as a CSV of x,y,z in nm")
     dimensions = (transform.get("outputDimensions") or state.get("dimensions")
                   or _legacy_dimensions(layer, state))
+    if not dimensions:
+      print(f"note: seeds {where}: annotation layer '{layer.get('name')}' has no coordinate "
+            "space (no dimensions or voxelSize): its coordinates are taken as nm", flush=True)
     names = list(dimensions) or ["x", "y", "z"]
     missing = [axis for axis in "xyz" if axis not in names]
     if missing:
@@ -134,6 +147,10 @@ def seeds_in_volume(points_nm: np.ndarray, bounds_vx, resolution, path: str) -> 
     first = ", ".join(f"{v:g}" for v in points_nm[0])
     raise IicatsError(f"seeds {path}: none of the {len(points_nm)} point(s) lies in the volume "
                       f"(x, y, z extent {extent} nm; the first is at {first} nm)")
+  if len(points_nm) > 1 and np.all(np.ptp(points_nm, axis=0) < resolution):
+    print(f"note: seeds {path}: all {len(points_nm)} points lie within one voxel "
+          f"({', '.join(f'{v:g}' for v in points_nm[0])} nm, ...): are they in nm (not µm or "
+          "voxels)?", flush=True)
   if not inside.all():
     print(f"note: seeds {path}: {int((~inside).sum())} of {len(points_nm)} point(s) lie "
           f"outside the volume (x, y, z extent {extent} nm) and are skipped", flush=True)

@@ -372,11 +372,21 @@ def train(volumes, out_path: str, config: ModelConfig | None = None, iterations:
   state_path = out_path + ".state"
   start_iter = 0
   if resume and os.path.exists(state_path):
-    state = torch.load(state_path, map_location=device, weights_only=True)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    start_iter = int(state["iteration"])
+    try:
+      state = torch.load(state_path, map_location=device, weights_only=True)
+      model.load_state_dict(state["model"])
+      optimizer.load_state_dict(state["optimizer"])
+      scheduler.load_state_dict(state["scheduler"])
+      start_iter = int(state["iteration"])
+    except Exception as err:
+      why = str(err).split("\n", 1)[0]
+      raise IicatsError(f"--resume: {state_path} is not a training state of this model and "
+                        f"these options ({type(err).__name__}: {why}); "
+                        "resume with the options it was started with, or delete it to start "
+                        "afresh") from None
+    if start_iter >= iterations:
+      raise IicatsError(f"--resume: {state_path} has already run {start_iter} iterations; "
+                        f"--iterations {iterations} leaves nothing to do")
   train_range, val_range = [], []
   for vol in volumes:
     nz = vol.image.shape[2]
@@ -435,6 +445,9 @@ def train(volumes, out_path: str, config: ModelConfig | None = None, iterations:
       loss = loss + lsd_weight * squared.sum() / mask[:, kept:].sum().clamp(min=1)
     if dice_weight:
       loss = loss + dice_weight * masked_soft_dice(logits, target, mask, organelles)
+    if not torch.isfinite(loss):
+      raise IicatsError(f"training diverged: the loss is {loss.item()} at iteration {it + 1} "
+                        f"(learning rate {lr:g}); lower --lr. {out_path} is not written")
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)

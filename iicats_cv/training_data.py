@@ -29,6 +29,9 @@ def load_training_volumes(images, labels=(), nuclei=(), mitochondria=(), synapse
              "mitochondria": _per_image(mitochondria, n, "mitochondria"),
              "synapse": _per_image(synapses, n, "synapses")}
   regions = _per_image(bounds, n, "bounds")
+  if all(value is None for values in columns.values() for value in values):
+    raise IicatsError("nothing to learn from: give --labels or an organelle layer (--nuclei, "
+                      "--mitochondria, --synapses) for at least one --image")
   volumes, resolution = [], None
   for i, path in enumerate(images):
     image_cv = open_layer(path, mip=mip, layer_type="image", dtypes=IMAGE_DTYPES,
@@ -40,10 +43,16 @@ def load_training_volumes(images, labels=(), nuclei=(), mitochondria=(), synapse
       if values[i] is None:
         continue
       cv = open_layer(values[i], num_channels=1, what=f"training {field}")
+      if field == "labels" and cv.dtype.kind not in "ui":
+        raise IicatsError(f"training labels {values[i]}: {cv.dtype.name} values; neuron labels "
+                          "are integer ids (a segmentation layer)")
       cv.mip = scale_at_resolution(cv, image_cv.resolution, f"training {field} {values[i]}")
       if not cv.bounds.contains_bbox(box):
         raise IicatsError(f"training {field} {values[i]}: does not cover {path}'s region "
                           f"{box_text(box)} (voxels at {resolution_text(image_cv.resolution)})")
       arrays[field] = read_box(cv, box, f"training {field}", values[i])[..., 0]
+      if field == "labels" and not arrays[field].any():
+        raise IicatsError(f"training labels {values[i]}: no labelled voxel in {path}'s region "
+                          f"{box_text(box)}")
     volumes.append(TrainingVolume(name=path, **arrays))
   return volumes, resolution

@@ -88,10 +88,13 @@ def _read_section(path: str) -> np.ndarray:
   return section
 
 
-def to_xyz(array: np.ndarray, axes: str) -> np.ndarray:
-  """Reorder a 3D array from `axes` ('zyx' or 'xyz') to (x, y, z)."""
+def to_xyz(array: np.ndarray, axes: str, source: str = "volume") -> np.ndarray:
+  """Reorder a 3D array from `axes` ('zyx' or 'xyz') to (x, y, z); source names it in
+  errors."""
   if array.ndim != 3:
-    raise IicatsError(f"expected a 3D volume, got shape {array.shape}")
+    raise IicatsError(f"{source}: expected a 3D volume, got shape {array.shape}")
+  if 0 in array.shape:
+    raise IicatsError(f"{source}: empty volume, shape {array.shape}")
   if axes == "xyz":
     return array
   if axes == "zyx":

@@ -15,6 +15,7 @@ import igneous.task_creation as tc
 import igneous.tasks  # noqa: F401  (registers Igneous tasks for workers)
 import igneous.tasks.mesh.multires as igneous_multires
 import numpy as np
+from cloudfiles import CloudFiles
 from cloudvolume.datasource.precomputed.spatial_index import SpatialIndex
 from cloudvolume.lib import Bbox
 from igneous.tasks.skeleton import ShardedSkeletonMergeTask
@@ -22,6 +23,7 @@ from taskqueue import queueable
 from taskqueue.lib import jsonify
 from taskqueue.queueables import totask
 
+from iicats_cv.errors import IicatsError
 from iicats_cv.layers import open_layer, add_provenance, resolve_cloudpath
 
 # Resolutions of fractional nanometres (ssTEM at 4.6 nm) break the sharded mesh and skeleton
@@ -127,7 +129,8 @@ def downsample_tasks(cloudpath: str, mip: int):
 def mesh_tasks(cloudpath: str, task_shape, dust_threshold: int = 100, sharded: bool = True):
   """Mesh fragments per task (zmesh), one voxel of overlap, into the layer's `mesh` dir
   (`.frags` files for the sharded merge, per-label fragments for legacy manifests)."""
-  open_layer(cloudpath, layer_type="segmentation", what="layer")  # before any task
+  cv = open_layer(cloudpath, layer_type="segmentation", what="layer")  # before any task
+  _check_existing_format(cloudpath, cv, "mesh", sharded)
   return tc.create_meshing_tasks(resolve_cloudpath(cloudpath), mip=0, shape=tuple(task_shape),
                                  mesh_dir="mesh", compress=_compress(cloudpath),
                                  dust_threshold=dust_threshold, sharded=sharded,
@@ -161,6 +164,7 @@ def skeleton_tasks(cloudpath: str, task_shape, dust_threshold: int = 100,
   still leave pieces to skeletonise (validation demands a skeleton for every big label).
   """
   cv = open_layer(cloudpath, layer_type="segmentation", what="layer")
+  _check_existing_format(cloudpath, cv, "skeletons", sharded)
   return tc.create_skeletonizing_tasks(resolve_cloudpath(cloudpath), mip=0,
                                        shape=tuple(task_shape),
                                        teasar_params=teasar_params(cv.resolution),
@@ -201,7 +205,6 @@ def validate_layer(cloudpath: str, min_voxels: int = 8000, meshes: bool = True,
   Returns {"labels_checked", "missing_meshes", "missing_skeletons", "problems"}; an empty
   `problems` list means the layer is complete.
   """
-  from cloudfiles import CloudFiles
   cv = open_layer(cloudpath, layer_type="segmentation")
   problems = []
   for mip in cv.available_mips:
@@ -252,6 +255,23 @@ def _missing_from_shards(cv, kind: str, labels: list) -> list:
     except Exception:  # cloud-volume raises on a missing or corrupt shard index
       pass
   return [label for label in labels if not found.get(label)]
+
+
+def _check_existing_format(cloudpath: str, cv, kind: str, sharded: bool) -> None:
+  """Refuse to write meshes or skeletons (kind: the info key, 'mesh' or 'skeletons') in the
+  other format over those a layer has: Igneous would rewrite their info and leave a layer
+  whose old files CloudVolume reads in the wrong format."""
+  directory = cv.info.get(kind)
+  cf = CloudFiles(resolve_cloudpath(cloudpath))
+  if not directory or cf.get_json(f"{directory}/info") is None:
+    return
+  if _is_sharded(cf, directory) != sharded:
+    have, keep = ("unsharded", "add --unsharded") if sharded else ("sharded",
+                                                                   "leave out --unsharded")
+    things = "meshes" if kind == "mesh" else kind
+    raise IicatsError(f"layer {cloudpath}: its {things} ({directory}/) are {have}; writing "
+                      f"{'sharded' if sharded else 'unsharded'} ones over them would mix both "
+                      f"formats. Delete {directory}/ first to change the format, or {keep}")
 
 
 def _is_sharded(cf, directory) -> bool:

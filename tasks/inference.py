@@ -160,6 +160,8 @@ def resolve_window(image_cv, region, image_path: str, window=None) -> list | Non
   layers without one."""
   if window is not None:
     lo, hi = (float(v) for v in window)
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+      raise IicatsError(f"--image-window {lo:g},{hi:g}: expected two finite grey values")
     if not hi > lo:
       raise IicatsError(f"--image-window {lo:g},{hi:g}: the second value must be the larger")
     return [lo, hi]
@@ -194,6 +196,9 @@ def create_inference_tasks(image_path: str, affinities_path: str, organelles_pat
   4-8× the compute). fill_missing: the image's missing chunks are black (0), and all-black
   patches are skipped. window: grey values [lo, hi] mapped onto the model's 0..255
   (default for a layer not of uint8: resolve_window's)."""
+  if affinities_path.rstrip("/") == organelles_path.rstrip("/"):
+    raise IicatsError(f"--affinities and --organelles are both {affinities_path}: give each "
+                      "its own layer")
   image_cv = open_layer(image_path, mip=mip, layer_type="image", dtypes=IMAGE_DTYPES,
                         num_channels=1, what="image layer")
   bounds = region_bbox(bounds, image_cv, f"image layer {image_path}")

@@ -23,7 +23,8 @@ from cloudvolume import Bbox
 from iicats_cv.agglomerate import AgglomerationParams
 from iicats_cv.errors import IicatsError
 from iicats_cv.layers import (IMAGE_DTYPES, box_text, normalize_cloudpath, open_layer, join,
-                              local_path, region_bbox, resolve_cloudpath, scale_at_resolution)
+                              layer_exists, local_path, region_bbox, resolve_cloudpath,
+                              scale_at_resolution)
 from iicats_cv.metrics import boundary_tolerance_steps
 from iicats_cv.watershed import SYNAPSE_BOUNDARY
 from . import igneous_stages as ig
@@ -76,6 +77,10 @@ def _redone_from(stage: str, first_step: int) -> bool:
     first_step == STEP_NAMES.index("downsample") and stage.startswith("downsample")))
 
 
+RUN_LAYERS = ("affinities", "organelles", "supervoxels", "segmentation",
+              "segmentation_baseline")  # the layers a run writes under OUT
+
+
 class Pipeline:
   """Runs stages on one queue, recording per-stage timings under OUT/pipeline/."""
 
@@ -119,6 +124,14 @@ class Pipeline:
       return f"image {run['image']}" + (
         f" (mip {region[0]}, voxels {region[1:4]}-{region[4:]})" if region else "")
 
+    if not previous:
+      # layers of the names this run writes, in a folder no run recorded: another tool's or
+      # a user's data, which the stages would overwrite chunk by chunk
+      found = [name for name in RUN_LAYERS if layer_exists(join(self.out, name))]
+      if found:
+        raise IicatsError(f"{self.out}: holds {', '.join(found)} layer(s) but no run record "
+                          "(pipeline/run.json), so not a run of iicats pipeline, whose "
+                          "stages would overwrite them; give another --out")
     if previous and (image_within_run(previous), previous.get("region")) != (
         image_within_run(settings), settings.get("region")):
       raise IicatsError(f"{self.out}: holds a run of {what(previous)}, not of "

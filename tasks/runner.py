@@ -31,18 +31,27 @@ PROTOCOLS = ("fq", "sqs")
 _SQS_ENDPOINT = re.compile(r"^sqs://(https?://[^/]+)/([^/]+)$")
 
 
+def check_queue_url(qurl: str) -> str:
+  """qurl if it names a supported queue (fq://PATH, sqs://…), else an IicatsError."""
+  if "://" not in qurl:
+    raise IicatsError(f"queue '{qurl}': expected fq://PATH or sqs://QUEUE")
+  protocol, rest = qurl.split("://", 1)
+  if protocol not in PROTOCOLS:
+    raise IicatsError(f"queue '{qurl}': unknown protocol '{protocol}://' "
+                      f"(supported: {', '.join(p + '://' for p in PROTOCOLS)})")
+  if not rest.strip("/"):
+    raise IicatsError(f"queue '{qurl}': no {'path' if protocol == 'fq' else 'queue name'} "
+                      f"after {protocol}://")
+  return qurl
+
+
 def open_queue(qurl: str, **kwargs) -> TaskQueue:
   """Open a queue with a clear error for unknown protocols or unreachable queues.
 
   `sqs://NAME` uses AWS; `sqs://http(s)://host:port/NAME` an SQS-compatible server (the
   endpoint goes to boto3 as endpoint_url, so every worker finds it from the queue URL alone).
   """
-  if "://" not in qurl:
-    raise IicatsError(f"queue '{qurl}': expected fq://PATH or sqs://QUEUE")
-  protocol = qurl.split("://", 1)[0]
-  if protocol not in PROTOCOLS:
-    raise IicatsError(f"queue '{qurl}': unknown protocol '{protocol}://' "
-                      f"(supported: {', '.join(p + '://' for p in PROTOCOLS)})")
+  check_queue_url(qurl)
   match = _SQS_ENDPOINT.match(qurl)
   target = qurl
   if match:
@@ -111,6 +120,43 @@ def _record_failure(tq, task, err, attempts: dict, max_attempts: int) -> bool:
             f"({type(bucket_err).__name__}: {bucket_err})", flush=True)
   tq.delete(task)
   return True
+
+
+UNREADABLE_AFTER_SEC = 30  # a task file younger than this may still be being written
+
+
+def set_aside_unreadable_tasks(tq: TaskQueue) -> int:
+  """Move the fq:// queue's task files that are not JSON (a driver that died while inserting,
+  a full disk) into the dead-letter folder, each with a letter naming the file; returns how
+  many. python-task-queue leases such a file but hands out nothing, again after every
+  lease, so a worker would wait on it forever and the driver with it. Files younger than
+  UNREADABLE_AFTER_SEC are left: an insert may be writing them."""
+  base = _fq_dir(tq)
+  if not base or not os.path.isdir(os.path.join(base, "queue")):
+    return 0
+  now, moved = time.time(), 0
+  for entry in os.scandir(os.path.join(base, "queue")):
+    try:
+      if now - entry.stat().st_mtime < UNREADABLE_AFTER_SEC:
+        continue
+      with open(entry.path, "rb") as fh:
+        content = fh.read()
+      json.loads(content)
+      continue
+    except FileNotFoundError:  # leased or done meanwhile
+      continue
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+      problem = f"{type(err).__name__}: {err}"
+    directory = dead_letter_dir(tq)
+    os.makedirs(directory, exist_ok=True)
+    key = entry.name.split("--")[-1].removesuffix(".json")
+    with open(os.path.join(directory, f"{key}.json"), "w") as fh:
+      json.dump({"task": content[:10000].decode(errors="replace"), "attempts": 0,
+                 "error": f"unreadable task file {entry.path} ({problem})"}, fh, indent=1)
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(entry.path)
+      moved += 1
+  return moved
 
 
 def peak_memory_bytes() -> int | None:
@@ -186,12 +232,22 @@ def execute(qurl: str, lease_sec: int = 600, exit_on_empty: bool = True,
   tq = open_queue(qurl)
   stats = {"executed": 0, "failed": 0, "dead": 0}
   attempts = {}
+  next_scan = time.time()
   while True:
     if exit_on_empty and tq.enqueued == 0:
       break  # before leasing: an empty SQS lease long-polls for 20 s
     try:
       task = tq.lease(seconds=int(lease_sec))
     except QueueEmptyError:
+      if time.time() >= next_scan:  # nothing to lease: unreadable task files?
+        next_scan = time.time() + 10
+        unreadable = set_aside_unreadable_tasks(tq)
+        if unreadable:
+          stats["dead"] += unreadable
+          if not quiet:
+            print(f"note: {unreadable} unreadable task file(s) moved to "
+                  f"{dead_letter_dir(tq)}", flush=True)
+          continue
       if exit_on_empty and tq.enqueued == 0:
         break
       time.sleep(0.5)
@@ -379,13 +435,13 @@ def run_tasks(tasks, queue: str | None, parallel: int | None, desc: str = "tasks
   workers.
   Returns the largest peak memory (bytes) of the local worker processes (see drain), or None.
   """
+  tasks = list(tasks)  # task creation may fail: before a private queue exists
   private = None
   if queue is None:
     import tempfile
     private = tempfile.mkdtemp(prefix="iicats-queue-")
     queue = "fq://" + private
     parallel = parallel or 1
-  tasks = list(tasks)
   peak = None
   try:
     if tasks:
@@ -406,6 +462,21 @@ def run_tasks(tasks, queue: str | None, parallel: int | None, desc: str = "tasks
                    wait_for_external=not parallel, state_prefix=state_prefix)
   finally:
     if private:
-      import shutil
-      shutil.rmtree(private, ignore_errors=True)
+      _remove_private_queue(private)
   return peak
+
+
+def _remove_private_queue(folder: str) -> None:
+  """Delete a private queue, all but its dead letters, which a failed stage's message names."""
+  import shutil
+  letters = os.path.join(folder, "dead-letter")
+  if not (os.path.isdir(letters) and os.listdir(letters)):
+    shutil.rmtree(folder, ignore_errors=True)
+    return
+  for entry in os.scandir(folder):
+    if entry.name != "dead-letter":
+      if entry.is_dir():
+        shutil.rmtree(entry.path, ignore_errors=True)
+      else:
+        with contextlib.suppress(FileNotFoundError):
+          os.remove(entry.path)

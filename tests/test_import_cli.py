@@ -112,6 +112,11 @@ def test_import_segmentation_uses_compressed_segmentation(tmp_path):
   (["SRC", "DEST", "--type", "image", "--resolution", "4,4"], "--resolution: expected three"),
   (["SRC", "DEST", "--type", "image", "--resolution", "4,-4,40"], "must be positive"),
   (["SRC", "redis://x/y", "--type", "image", "--resolution", "4,4,40"], "unknown protocol"),
+  (["SRC", "gs:/x/y", "--type", "image", "--resolution", "4,4,40"],
+   "malformed cloudpath (did you mean gs://x/y?)"),
+  (["SRC", "DEST", "--type", "image", "--resolution", "4,4,40", "--chunk-size", "0,64,64"],
+   "--chunk-size: values must be positive"),
+  (["EMPTY", "DEST", "--type", "image", "--resolution", "4,4,40"], "empty volume"),
 ])
 def test_import_bad_inputs(tmp_path, volume_zyx, args, message):
   np.save(tmp_path / "em.npy", volume_zyx)
@@ -119,6 +124,9 @@ def test_import_bad_inputs(tmp_path, volume_zyx, args, message):
           if isinstance(a, str) else a for a in args]
   if args[0] == "missing.npy":
     args[0] = str(tmp_path / "missing.npy")
+  if args[0] == "EMPTY":
+    np.save(tmp_path / "empty.npy", np.zeros((0, 64, 64), np.uint8))
+    args[0] = str(tmp_path / "empty.npy")
   result = invoke("import", *args)
   assert result.exit_code != 0
   assert message in result.output
@@ -198,7 +206,7 @@ def test_two_stage_commands_without_a_queue_run_every_stage_locally(tmp_path):
                          "downsample", path, "--num-mips", "2"],
                         capture_output=True, text=True, timeout=120)
   assert done.returncode == 0, done.stdout + done.stderr
-  assert "2 mip(s) added" in done.stdout and "note" not in done.stdout
+  assert "2 mip(s) written" in done.stdout and "note" not in done.stdout
   assert len(CloudVolume(path).available_mips) == 3
   # more mips than the volume allows: the ones that fit, and a note saying why
   result = invoke("downsample", path, "--num-mips", "4")

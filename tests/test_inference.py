@@ -609,3 +609,19 @@ def test_an_existing_layer_of_another_kind_is_named_with_what_differs(tmp_path):
   with pytest.raises(IicatsError, match=r"exists there as image float32 × 3 channel\(s\).* "
                                         r"not image uint8 × 3 channel\(s\)"):
     create_layer(path, dtype="uint8", **geometry)
+
+
+def test_infer_refuses_one_layer_for_both_outputs_and_an_infinite_window(tmp_path,
+                                                                         tiny_checkpoint):
+  from click.testing import CliRunner
+  from iicats_cv.cli import cli
+  _, image = blobs((32, 32, 32))
+  image_path = import_volume(image, "file://" + str(tmp_path / "em"), "image", (10, 10, 10))
+  same = "file://" + str(tmp_path / "out")
+  base = ["infer", image_path, "--checkpoint", tiny_checkpoint, "-p", "1"]
+  result = CliRunner().invoke(cli, base + ["--affinities", same, "--organelles", same])
+  assert result.exit_code != 0 and "give each its own layer" in result.output
+  result = CliRunner().invoke(cli, base + ["--affinities", same, "--organelles", same + "2",
+                                           "--image-window", "0,inf"])
+  assert result.exit_code != 0 and "expected two finite grey values" in result.output
+  assert not (tmp_path / "out").exists()

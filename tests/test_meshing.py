@@ -91,3 +91,25 @@ def test_an_image_layer_is_refused_before_any_task(tmp_path):
     assert "is a 'image' layer, expected 'segmentation'" in result.output
     assert f"[{verb}]" not in result.output
   assert not (tmp_path / "em" / "mesh").exists()
+
+
+def test_mistakes_leave_the_layer_as_it_was(segmentation, tmp_path):
+  """An unknown queue or a task shape of 0 is refused before Igneous writes the layer's mesh
+  or skeleton info, and meshes of one format are not overwritten in the other (Igneous
+  rewrote mesh/info and left a layer CloudVolume could no longer read)."""
+  path, _ = segmentation
+  layer = tmp_path / "seg"
+  before = {p.name: p.read_bytes() for p in layer.iterdir() if p.is_file()}
+  for verb in ("mesh", "skeleton"):
+    for args, message in [(["--queue", "xx://q"], "unknown protocol 'xx://'"),
+                          (["--task-shape", "0,64,64"], "--task-shape: values must be positive")]:
+      result = CliRunner().invoke(cli, [verb, path, "-p", "1", *args])
+      assert result.exit_code != 0 and message in result.output, result.output
+  assert {p.name: p.read_bytes() for p in layer.iterdir() if p.is_file()} == before
+  assert not (layer / "mesh").exists()
+  mesh_and_skeletonize(path)
+  mesh_info = (layer / "mesh" / "info").read_bytes()
+  for verb in ("mesh", "skeleton"):
+    result = CliRunner().invoke(cli, [verb, path, "-p", "1", "--unsharded"])
+    assert result.exit_code != 0 and "are sharded; writing unsharded ones" in result.output
+  assert (layer / "mesh" / "info").read_bytes() == mesh_info

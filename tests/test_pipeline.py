@@ -161,6 +161,15 @@ def test_changed_settings_in_a_finished_run_are_refused_before_anything_is_writt
   assert result.exit_code == 1
   assert "holds the demo of the synthetic dataset (seed 0), not of the fib dataset" in (
     result.output)
+  # a folder with a run's layer names but no run record is not written into
+  stray = tmp_path / "stray"
+  shutil.copytree(out / "affinities", stray / "affinities")
+  chunks = sorted(p.name for p in (stray / "affinities").rglob("*"))
+  result = CliRunner().invoke(cli, ["pipeline", "--image", "file://" + str(out / "image"),
+                                    "--out", str(stray), "-p", "1"])
+  assert result.exit_code == 1 and "holds affinities layer(s) but no run record" in (
+    result.output)
+  assert sorted(p.name for p in (stray / "affinities").rglob("*")) == chunks
 
 
 def test_rerun_from_redoes_that_stage_and_the_later_ones(synthetic_demo, tmp_path):
@@ -287,6 +296,9 @@ def test_validate_names_labels_of_a_missing_skeleton_shard(synthetic_demo):
 def test_track_from_nuclei_and_from_seed_points(synthetic_demo, tmp_path):
   out, summary, _, _ = synthetic_demo
   task = ["-p", "1", "--task-shape", "64,64,64"]
+  for name in ("rag", "agglomeration", "", "../out", "a/b"):  # the run's folders, or paths
+    result = CliRunner().invoke(cli, ["track", str(out), "--name", name, *task])
+    assert result.exit_code != 0 and "--name" in result.output, result.output
   result = CliRunner().invoke(cli, ["track", str(out), "--name", "from_nuclei", *task])
   assert result.exit_code == 0, result.output
   with open(out / "from_nuclei.json") as fh:

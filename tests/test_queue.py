@@ -288,3 +288,49 @@ def test_queue_release_frees_the_leases_of_workers_that_are_gone(tmp_path):
   assert (tmp_path / "out0").exists() and (tmp_path / "out1").exists()
   result = CliRunner().invoke(cli, ["queue", "release", "sqs://some-queue"])
   assert result.exit_code != 0 and "only fq:// queues" in result.output
+
+
+def test_an_unreadable_task_file_is_dead_lettered_not_waited_on(tmp_path):
+  """python-task-queue leases a task file that is not JSON (a driver that died while
+  inserting) and hands out nothing, again and again: a worker waited forever. Such a file
+  goes to the dead-letter folder, named; a younger one may still be being written."""
+  import os
+  import time
+  qurl = "fq://" + str(tmp_path / "queue")
+  tq = open_queue(qurl)
+  tq.insert([partial(touch_task, path=str(tmp_path / "a")),
+             partial(touch_task, path=str(tmp_path / "b"))])
+  broken = sorted((tmp_path / "queue" / "queue").iterdir())[0]
+  broken.write_text('{"payload": {"fn"')
+  old = time.time() - 120
+  os.utime(broken, (old, old))
+  stats = execute(qurl, exit_on_empty=True, quiet=True)
+  assert stats == {"executed": 1, "failed": 0, "dead": 1}
+  letters = dead_letters(qurl)
+  assert len(letters) == 1 and tq.enqueued == 0
+  letter = (tmp_path / "queue" / "dead-letter" / letters[0]).read_text()
+  assert "unreadable task file" in letter and broken.name.split("--")[1] in letter
+
+
+def test_queue_commands_refuse_a_missing_folder_a_layer_or_no_path(tmp_path):
+  """`queue status` (and release, purge) created python-task-queue's folders wherever they
+  were pointed: in a mistyped path, or inside a precomputed layer."""
+  layer = tmp_path / "layer"
+  layer.mkdir()
+  (layer / "info").write_text("{}")
+  for args, message in [(["status", f"fq://{tmp_path}/typo"], "no such folder"),
+                        (["purge", f"fq://{layer}"], "is a precomputed layer"),
+                        (["release", f"fq://{layer}"], "is a precomputed layer"),
+                        (["status", "fq://"], "no path after fq://")]:
+    result = CliRunner().invoke(cli, ["queue", *args])
+    assert result.exit_code != 0 and message in result.output, result.output
+  assert not (tmp_path / "typo").exists() and sorted(p.name for p in layer.iterdir()) == ["info"]
+
+
+def test_a_failed_stage_on_a_private_queue_keeps_the_dead_letters_it_names(tmp_path):
+  import os
+  import re
+  with pytest.raises(IicatsError) as failure:
+    run_tasks([partial(failing_task, path=str(tmp_path / "t"))], None, 1)
+  folder = re.search(r"see (\S+)$", str(failure.value)).group(1)
+  assert os.listdir(folder) and os.listdir(os.path.dirname(folder)) == ["dead-letter"]

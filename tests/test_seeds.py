@@ -74,6 +74,10 @@ def test_legacy_state_with_voxel_size(tmp_path):
   (json.dumps({"dimensions": {"x": [1e-9, "m"], "y": [1e-9, "m"], "t": [1, "s"]},
                "layers": [{"type": "annotation", "name": "c", "annotations": []}]}),
    "has no dimension z"),
+  (json.dumps({"layers": {"cells": {"type": "pointAnnotation", "points": [[4, 2, 2]]}}}),
+   "a Neuroglancer state this reader does not understand"),
+  (json.dumps({"layers": [{"type": "annotation", "annotations": [{"type": "point"}]}]}),
+   "does not understand .*KeyError"),
   (json.dumps({"layers": [{"type": "annotation", "name": "c", "source": [{
     "url": "local://annotations", "transform": {"matrix": [[2, 0, 0, 0], [0, 1, 0, 0],
                                                            [0, 0, 1, 0]]}}],

@@ -356,3 +356,57 @@ def test_focus_labels_draw_patches_where_they_lie(tmp_path):
   assert garbled.exit_code != 0 and "--focus-labels" in garbled.output
   plain = CliRunner().invoke(cli, base)
   assert plain.exit_code == 0 and load_checkpoint(out)[1]["focus"] is None
+
+
+def test_diverged_training_stops_and_a_checkpoint_with_nan_weights_is_refused(tmp_path):
+  """A learning rate that blows the loss up stops training with one line (no checkpoint of
+  NaN weights), and a checkpoint that holds NaN weights is refused where it is loaded."""
+  from iicats_cv.model import UNet3D, save_checkpoint
+  labels, image = blobs((40, 40, 40), n=5)
+  vol = TrainingVolume("blobs", image=image, labels=labels)
+  out = tmp_path / "nan.safetensors"
+  with pytest.raises(IicatsError, match="training diverged: the loss is (nan|inf) .*lower --lr"):
+    train([vol], str(out), config=ModelConfig(**TINY), iterations=5, lr=1e30,
+          progress=False, val_fraction=0)
+  assert not out.exists()
+  model = UNet3D(ModelConfig(**TINY))
+  with torch.no_grad():
+    model.head.bias.fill_(float("nan"))
+  save_checkpoint(str(out), model, {})
+  with pytest.raises(IicatsError, match="1 weight tensor.* hold NaN or inf .*head.bias"):
+    load_checkpoint(str(out))
+
+
+def test_train_checks_its_options_and_inputs_before_training(tmp_path):
+  """Mistakes that used to surface after training (an --out folder that does not exist, a
+  folder as --out, a shipped model's name) or as tracebacks (float or empty labels, no
+  labels at all, a resume state of another model) are one line each, before any work."""
+  _, labels, img, lab = _blob_layers(tmp_path)
+  from cloudvolume import CloudVolume
+  floats = "file://" + str(tmp_path / "floats")
+  info = CloudVolume.create_new_info(1, "image", "float32", "raw", [10, 10, 10], [0, 0, 0],
+                                     labels.shape)
+  layer = CloudVolume(floats, info=info)
+  layer.commit_info()
+  layer[:, :, :] = labels.astype(np.float32)
+  empty = "file://" + str(tmp_path / "empty")
+  import_volume(np.zeros_like(labels), empty, "segmentation", (10, 10, 10))
+  (tmp_path / "folder").mkdir()
+  out = str(tmp_path / "m.safetensors")
+  base = ["train", "--image", img, "--iterations", "1", "--patch-size", "16,16,16"]
+  cases = [
+    (["--labels", lab, "--out", str(tmp_path / "nowhere" / "m.safetensors")], "no such folder"),
+    (["--labels", lab, "--out", str(tmp_path / "folder")], "is a folder"),
+    (["--labels", lab, "--out", "default"], "means the shipped model"),
+    (["--labels", lab, "--out", out, "--iterations", "0"], "'--iterations'"),
+    (["--labels", floats, "--out", out], "float32 values; neuron labels are integer ids"),
+    (["--labels", empty, "--out", out], "no labelled voxel"),
+    (["--labels", "none", "--out", out], "nothing to learn from"),
+  ]
+  for args, message in cases:
+    result = CliRunner().invoke(cli, base + args)
+    assert result.exit_code != 0 and message in result.output, (args, result.output)
+    assert not (tmp_path / "m.safetensors").exists()
+  (tmp_path / "m.safetensors.state").write_bytes(b"")
+  result = CliRunner().invoke(cli, base + ["--labels", lab, "--out", out, "--resume"])
+  assert result.exit_code != 0 and "is not a training state of this model" in result.output

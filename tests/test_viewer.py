@@ -411,3 +411,8 @@ def test_view_errors(tmp_path):
     server.start_view(str(tmp_path / "missing"), port=0)
   with pytest.raises(IicatsError, match="no precomputed layer"):
     server.start_view(str(tmp_path), port=0)
+  (tmp_path / "segmentation").mkdir()
+  (tmp_path / "segmentation" / "info").write_text('{"type": "segmentation", "da')
+  with pytest.raises(IicatsError, match="segmentation layer .*: its info is not a precomputed "
+                                        "info"):
+    server.start_view(str(tmp_path), port=0)

@@ -8,6 +8,7 @@ a server (`iicats view`), which is what `source_url` is for.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -19,7 +20,7 @@ import click
 import neuroglancer
 import numpy as np
 
-from iicats_cv.errors import IicatsError
+from iicats_cv.errors import IicatsError, output_file_option
 
 DEFAULT_PREFIX = "https://neuroglancer-demo.appspot.com/"
 
@@ -392,7 +393,7 @@ def layer_geometry(cloudpath: str | None, timeout: float = INFO_TIMEOUT_S) -> di
               help="Synapses CSV pre_x,pre_y,pre_z,post_x,post_y,post_z (nm): lines.")
 @click.option("--prefix", default=DEFAULT_PREFIX, show_default=True,
               help="Neuroglancer client URL the link opens.")
-@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
+@click.option("--json", "json_path", default=None, callback=output_file_option,
               help="Also write the JSON state here.")
 def link_command(image, segmentation, affinities, organelles, supervoxels, segments, tracked,
                  nuclei, synapses, prefix, json_path):
@@ -410,7 +411,10 @@ def link_command(image, segmentation, affinities, organelles, supervoxels, segme
   if not any((image, segmentation, affinities, organelles, supervoxels)):
     raise IicatsError("no layer given (use --image, --segmentation, ...)")
   ids = read_tracked(tracked) if tracked else parse_segments(segments)
-  geometry = layer_geometry(segmentation or supervoxels or image)
+  # stdout holds the link alone (url=$(iicats link …)): CloudVolume's notes, such as which
+  # Google credentials it uses, go to stderr
+  with contextlib.redirect_stdout(sys.stderr):
+    geometry = layer_geometry(segmentation or supervoxels or image)
   state = build_state(
     image=image, segmentation=segmentation, affinities=affinities, organelles=organelles,
     supervoxels=supervoxels, segments=ids,

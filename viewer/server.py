@@ -14,6 +14,7 @@ import email.utils
 import errno
 import gzip
 import http.server
+import json
 import os
 import socket
 import threading
@@ -400,6 +401,22 @@ def _run_annotations(out_prefix: str) -> dict:
   return found
 
 
+def _check_local_info(cloudpath: str, name: str) -> None:
+  """A served layer's info must be a JSON object with scales: Neuroglancer shows nothing of a
+  layer whose info it cannot read, without saying why."""
+  from iicats_cv.layers import local_path
+  folder = local_path(cloudpath)
+  if folder is None:
+    return
+  try:
+    with open(os.path.join(folder, "info")) as fh:
+      info = json.load(fh)
+    assert isinstance(info, dict) and info.get("scales")
+  except (OSError, ValueError, AssertionError) as err:
+    why = f"{type(err).__name__}: {err}" if str(err) else "no scales"
+    raise IicatsError(f"{name} layer {cloudpath}: its info is not a precomputed info ({why})")
+
+
 def view_state(out_prefix: str, source_url=None, segments=None, layout: str = "xy-3d"):
   """The Neuroglancer state of the run under out_prefix (layers found there).
 
@@ -412,6 +429,8 @@ def view_state(out_prefix: str, source_url=None, segments=None, layout: str = "x
   if not layers:
     raise IicatsError(f"{out_prefix}: no precomputed layer found there "
                       f"(expected some of {', '.join(LAYER_NAMES)})")
+  for name, path in layers.items():
+    _check_local_info(path, name)
   extra = _run_annotations(out_prefix)
   tracked = extra.pop("tracked", [])
   # the run's region (its outputs' bounds), which may be a box of a larger image
@@ -491,10 +510,10 @@ def view(out_prefix: str, host: str = "127.0.0.1", open_browser: bool = False, s
 @click.argument("out_prefix")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind (0.0.0.0 to let other machines connect).")
-@click.option("--port", type=int, default=DEFAULT_PORT, show_default=True,
+@click.option("--port", type=click.IntRange(1, 65535), default=DEFAULT_PORT, show_default=True,
               help="Port of the layer file server (links printed by `iicats pipeline` "
                    "use the default).")
-@click.option("--viewer-port", type=int, default=0, help="Port of the viewer (0: any).")
+@click.option("--viewer-port", type=click.IntRange(0, 65535), default=0, help="Port of the viewer (0: any).")
 @click.option("--segments", default=None,
               help="Segment ids to select, e.g. 1,2,3 (default: OUT_PREFIX/tracked.json).")
 @click.option("--layout", default="xy-3d", show_default=True,
