@@ -59,8 +59,7 @@ def _image_of(run):
 
 
 def _peak_of_task(task, result):
-  import torch
-  torch.set_num_threads(1)
+  inference_tasks.TORCH_THREADS = 1  # as runner._worker: torch on one thread, when imported
   task()
   result.put(peak_memory_bytes())
 

@@ -62,7 +62,9 @@ def cli():
               help="Voxel offset X,Y,Z.")
 @click.option("--chunk-size", default="64,64,64", callback=_triple("chunk_size", int),
               help="Chunk size X,Y,Z.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing layer at DEST.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an existing layer at DEST (its files, meshes and skeletons are "
+                   "deleted first).")
 def import_command(src, dest, layer_type, resolution, axes, key, offset, chunk_size, overwrite):
   """Write a .npy/.npz/.tif/.h5 volume, or a folder of 2D sections (.tif/.png, one per z in
   name order), as a precomputed layer.
@@ -73,7 +75,12 @@ def import_command(src, dest, layer_type, resolution, axes, key, offset, chunk_s
     iicats import sections/ gs://bucket/em --type image --resolution 4,4,40
     iicats import gt.h5 gs://bucket/gt --type segmentation --key labels --resolution 8,8,40
   """
+  from .layers import local_path, normalize_cloudpath
   from .volume_io import read_array, to_xyz, import_volume, uint8_window
+  folder = local_path(normalize_cloudpath(dest))
+  if folder and os.path.commonpath([os.path.abspath(src), os.path.abspath(folder)]) == (
+      os.path.abspath(folder)):
+    raise IicatsError(f"{src}: lies inside DEST {dest}; write the layer elsewhere")
   array = to_xyz(read_array(src, key), axes, src)
   window, mapped = None, ""
   if layer_type == "image" and array.dtype != "uint8":

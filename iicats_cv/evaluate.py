@@ -161,6 +161,13 @@ def _dense_scores(seg_cv, seg_path, gt_labels, mip, boundary_tolerance_nm=0.0) -
     raise IicatsError(f"ground-truth labels {gt_path}: does not overlap the segmentation "
                       f"{seg_path}")
   box = Bbox(start, stop)
+  seg_box = Bbox(seg_geo["offset"], seg_geo["offset"] + seg_geo["size"])
+  if box != seg_box:
+    share = np.prod(box.size3()) / np.prod(seg_box.size3())
+    print(f"note: ground-truth labels {gt_path} cover {share:.0%} of the segmentation "
+          f"({[int(v) for v in seg_box.minpt]}-{[int(v) for v in seg_box.maxpt]} voxels): "
+          f"VOI and ARAND are scored on the overlap {[int(v) for v in start]}-"
+          f"{[int(v) for v in stop]}", flush=True)
   seg_cv.mip = mip
   try:
     seg = read_box(seg_cv, box, "segmentation", seg_path)[..., 0]

@@ -346,6 +346,32 @@ def layer_exists(cloudpath: str) -> bool:
     return False
 
 
+def check_existing_layer(cloudpath: str, *, layer_type: str, dtype: str,
+                         resolution: Sequence[float], voxel_offset: Sequence[int],
+                         volume_size: Sequence[int], num_channels: int = 1
+                         ) -> CloudVolume | None:
+  """The layer at cloudpath if it is one of this geometry, None if there is none; an
+  IicatsError describing both when another layer is there (before anything is written)."""
+  cloudpath = normalize_cloudpath(cloudpath)
+  if not layer_exists(cloudpath):
+    return None
+  cv = open_layer(cloudpath)
+  old = cv.info["scales"][0]
+  same = (cv.layer_type == layer_type and cv.dtype.name == dtype
+          and cv.num_channels == num_channels
+          and list(old["size"]) == [int(v) for v in volume_size]
+          and list(old["voxel_offset"]) == [int(v) for v in voxel_offset]
+          and np.allclose(old["resolution"], [float(r) for r in resolution]))
+  if not same:
+    raise IicatsError(
+      f"{cloudpath}: a layer already exists there as {cv.layer_type} {cv.dtype.name} × "
+      f"{cv.num_channels} channel(s), size {old['size']} at {old['voxel_offset']}, "
+      f"{old['resolution']} nm, not {layer_type} {dtype} × {num_channels} channel(s), size "
+      f"{[int(v) for v in volume_size]} at {[int(v) for v in voxel_offset]}, "
+      f"{[float(r) for r in resolution]} nm (delete it or write elsewhere)")
+  return cv
+
+
 def create_layer(cloudpath: str, *, layer_type: str, dtype: str, resolution: Sequence[float],
                  voxel_offset: Sequence[int], volume_size: Sequence[int],
                  chunk_size: Sequence[int] = (64, 64, 64), num_channels: int = 1,
@@ -364,24 +390,12 @@ def create_layer(cloudpath: str, *, layer_type: str, dtype: str, resolution: Seq
     resolution=[float(r) for r in resolution], voxel_offset=[int(v) for v in voxel_offset],
     volume_size=[int(v) for v in volume_size], chunk_size=[int(c) for c in chunk_size],
   )
-  if layer_exists(cloudpath) and not overwrite:
-    cv = open_layer(cloudpath)
-    old = cv.info["scales"][0]
-    new = info["scales"][0]
-    same = (cv.layer_type == layer_type and cv.dtype.name == dtype
-            and cv.num_channels == num_channels
-            and list(old["size"]) == list(new["size"])
-            and list(old["voxel_offset"]) == list(new["voxel_offset"])
-            and np.allclose(old["resolution"], new["resolution"]))
-    if not same:
-      def describe(kind, data_type, channels, scale):
-        return (f"{kind} {data_type} × {channels} channel(s), size {scale['size']} at "
-                f"{scale['voxel_offset']}, {scale['resolution']} nm")
-      raise IicatsError(
-        f"{cloudpath}: a layer already exists there as "
-        f"{describe(cv.layer_type, cv.dtype.name, cv.num_channels, old)}, not "
-        f"{describe(layer_type, dtype, num_channels, new)} (delete it or write elsewhere)")
-    return cv
+  if not overwrite:
+    existing = check_existing_layer(cloudpath, layer_type=layer_type, dtype=dtype,
+                                    resolution=resolution, voxel_offset=voxel_offset,
+                                    volume_size=volume_size, num_channels=num_channels)
+    if existing is not None:
+      return existing
   cv = CloudVolume(resolve_cloudpath(cloudpath), info=info, compress=_compress_for(cloudpath),
                    progress=False)
   cv.commit_info()

@@ -3,12 +3,15 @@ write them as precomputed layers (what `iicats import` does)."""
 from __future__ import annotations
 
 import os
+import shutil
 
 import numpy as np
+from cloudfiles import CloudFiles
 from tqdm import tqdm
 
 from .errors import IicatsError
-from .layers import create_layer, normalize_cloudpath, layer_exists
+from .layers import (create_layer, layer_exists, local_path, normalize_cloudpath,
+                     resolve_cloudpath)
 
 SUFFIXES = (".npy", ".npz", ".tif", ".tiff", ".h5", ".hdf5")
 
@@ -155,8 +158,16 @@ def import_volume(array_xyz: np.ndarray, dest: str, layer_type: str, resolution,
     encoding = "compressed_segmentation"
   else:
     raise IicatsError(f"--type must be image or segmentation, got '{layer_type}'")
-  if layer_exists(dest) and not overwrite:
-    raise IicatsError(f"{dest}: a layer already exists there (use --overwrite to replace it)")
+  if layer_exists(dest):
+    if not overwrite:
+      raise IicatsError(f"{dest}: a layer already exists there (use --overwrite to replace it)")
+    # the whole old layer goes: chunks the new one does not cover, its other scales, meshes
+    # and skeletons would otherwise stay and be read as part of it
+    if local_path(dest):  # file:// deletes leave the folders behind
+      shutil.rmtree(local_path(dest))
+    else:
+      files = CloudFiles(resolve_cloudpath(dest))
+      files.delete(list(files.list()))
   cv = create_layer(dest, layer_type=layer_type, dtype=dtype, resolution=resolution,
                     voxel_offset=offset, volume_size=array_xyz.shape, chunk_size=chunk_size,
                     encoding=encoding, step="import", params=params,

@@ -216,11 +216,14 @@ def _payload_text(task) -> str:
 
 
 def execute(qurl: str, lease_sec: int = 600, exit_on_empty: bool = True,
-            max_attempts: int = 3, quiet: bool = False, log_tasks: bool = False) -> dict:
+            max_attempts: int = 3, quiet: bool = False, log_tasks: bool = False,
+            after_task=None) -> dict:
   """Run tasks from a queue until it is empty (or forever without exit_on_empty).
 
   quiet: no line for a failed attempt; log_tasks: a line for each task done (a standalone
   worker's log; the pipeline's own workers report through its progress bar).
+  after_task: called after each task that is done or dead-lettered (a driver that runs the
+  tasks itself moves its progress bar there).
 
   Each task is deleted only after it succeeded; a failure releases the lease for a retry
   until max_attempts, then the task moves to the dead-letter folder. While a task runs its
@@ -265,6 +268,8 @@ def execute(qurl: str, lease_sec: int = 600, exit_on_empty: bool = True,
       if _record_failure(tq, task, err, attempts,
                          1 if isinstance(err, IicatsError) else max_attempts):
         stats["dead"] += 1
+        if after_task:
+          after_task()
       else:
         try:
           tq.cancel(task)  # back on the queue now, not after the lease
@@ -273,6 +278,8 @@ def execute(qurl: str, lease_sec: int = 600, exit_on_empty: bool = True,
       continue
     tq.delete(task, tally=True)
     stats["executed"] += 1
+    if after_task:
+      after_task()
     if log_tasks:
       peak = peak_memory_bytes()
       print(f"{task_label(task)} done in {time.time() - started:.1f} s"
@@ -301,8 +308,8 @@ def _worker(qurl, lease_sec, max_attempts, exit_on_empty=True, standalone=False,
   one of `iicats execute -p N` (standalone: it logs each task and failure, and waits for more
   work between stages unless told to exit on empty). `report`: a queue that gets the
   process's peak memory (bytes) when it is done."""
-  import torch
-  torch.set_num_threads(1)
+  from . import inference
+  inference.TORCH_THREADS = 1
   execute(qurl, lease_sec=lease_sec, exit_on_empty=exit_on_empty, max_attempts=max_attempts,
           quiet=not standalone, log_tasks=standalone)
   if report is not None:
@@ -366,8 +373,8 @@ def ended_workers_text(procs) -> str:
 
 
 def drain(qurl: str, total: int, parallel: int = 1, desc: str = "tasks", lease_sec: int = 600,
-          max_attempts: int = 3, wait_for_external: bool = False, poll_sec: float = 1.0,
-          state_prefix: str | None = None):
+          max_attempts: int = 3, wait_for_external: bool = False,
+          poll_sec: float | None = None, state_prefix: str | None = None):
   """Run (parallel ≥ 1) or wait for external workers to run (wait_for_external) every task
   of the queue, with a progress bar over the queue's remaining count. A task that failed for
   good fails the stage: its dead letter is found beside the queue (fq://), on this machine,
@@ -378,13 +385,16 @@ def drain(qurl: str, total: int, parallel: int = 1, desc: str = "tasks", lease_s
   else None: a single worker runs in this process, whose peak is not the stage's alone.
   """
   tq = open_queue(qurl)
+  if poll_sec is None:  # an fq:// count is a directory listing; SQS's is a billed request
+    poll_sec = 0.2 if _fq_dir(tq) else 1.0
   dead_before = set(dead_letters(qurl))
   run_dead_before = _run_dead_letters(state_prefix)
   bar = tqdm(total=total, desc=desc, unit="task", leave=False)
   procs = []
   if not wait_for_external:
     if parallel <= 1:
-      execute(qurl, lease_sec=lease_sec, max_attempts=max_attempts)
+      execute(qurl, lease_sec=lease_sec, max_attempts=max_attempts,
+              after_task=lambda: bar.update(max(0, total - tq.enqueued) - bar.n))
     else:
       procs, report = start_workers(parallel, qurl, lease_sec, max_attempts)
   while True:

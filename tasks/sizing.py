@@ -18,7 +18,9 @@ GIB = 2 ** 30
 # volume (10 nm, one torch thread, the process's own VmHWM; 2026-12-06); the 320³ tasks, left
 # out of the fit, came out at 0.99-1.02 of their estimates (watershed and rag refitted the
 # same way after their copies were cut: 74.0 -> 51.5 and 76.6 -> 50.3 bytes per voxel).
-# FIXED holds the ~0.33 GiB of libraries every worker imports.
+# FIXED holds the ~0.33 GiB of libraries a worker imported. Since 2026-12-07 only inference
+# imports PyTorch: the other stages' workers peaked 0.15-0.2 GiB lower on a small run (0.18-0.22
+# against 0.36-0.39 GiB), so their estimates are that much on the safe side (not refitted).
 FIXED = {"inference": 0.560 * GIB, "watershed": 0.331 * GIB, "rag": 0.325 * GIB,
          "remap": 0.329 * GIB}
 PER_VOXEL = {"inference": 28.6, "watershed": 51.5, "rag": 50.3, "remap": 24.1}

@@ -352,3 +352,19 @@ def test_evaluate_command_errors(tmp_path, seg_layer):
   assert not (tmp_path / "m.json").exists()
   result = runner.invoke(evaluate_command, [seg_layer, "--json", str(tmp_path / "m.json")])
   assert result.exit_code == 1 and "--skeletons and/or --gt-labels" in result.output
+
+
+def test_ground_truth_covering_part_of_the_segmentation_is_said(tmp_path, seg_layer, capsys):
+  half = (SHAPE[0] // 2,) + tuple(SHAPE[1:])
+  info = CloudVolume.create_new_info(1, "segmentation", "uint64", "compressed_segmentation",
+                                     RES.tolist(), OFFSET.tolist(), list(half),
+                                     chunk_size=(16, 16, 4))
+  path = "file://" + str(tmp_path / "half")
+  cv = CloudVolume(path, info=info, progress=False, compress=False)
+  cv.commit_info()
+  cv[:, :, :] = labels()[:half[0]]
+  r = evaluate(seg_layer, gt_labels=path)
+  assert r["dense_voxels"] == int(np.prod(half))
+  assert "cover 50% of the segmentation" in capsys.readouterr().out
+  evaluate(seg_layer, gt_labels=seg_layer)
+  assert "cover" not in capsys.readouterr().out

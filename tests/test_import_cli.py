@@ -212,3 +212,27 @@ def test_two_stage_commands_without_a_queue_run_every_stage_locally(tmp_path):
   result = invoke("downsample", path, "--num-mips", "4")
   assert result.exit_code == 0, result.output
   assert "note: 2 of the 4 mips: the next would have fewer than 32 voxels" in result.output
+
+
+def test_overwrite_replaces_the_whole_layer_and_a_source_inside_dest_is_refused(tmp_path,
+                                                                                volume_zyx):
+  """--overwrite left the old layer's chunks that the new one does not cover (and its meshes
+  and other scales), read back as part of the new layer."""
+  np.save(tmp_path / "em.npy", volume_zyx)
+  np.save(tmp_path / "small.npy", volume_zyx[:8, :32, :32])
+  dest = tmp_path / "layer"
+  assert invoke("import", tmp_path / "em.npy", dest, "--type", "image", "--resolution",
+                "4,4,40", "--chunk-size", "32,32,8").exit_code == 0
+  (dest / "mesh").mkdir()
+  (dest / "mesh" / "info").write_text("{}")
+  result = invoke("import", tmp_path / "small.npy", dest, "--type", "image", "--resolution",
+                  "4,4,40", "--chunk-size", "32,32,8", "--overwrite")
+  assert result.exit_code == 0, result.output
+  scale, = [p for p in dest.iterdir() if p.is_dir()]  # no mesh/ left
+  assert [p.name for p in scale.iterdir()] == ["0-24_0-20_0-8"]  # the new layer's one chunk
+  inside = dest / "sections.npy"
+  np.save(inside, volume_zyx)
+  result = invoke("import", inside, dest, "--type", "image", "--resolution", "4,4,40",
+                  "--overwrite")
+  assert result.exit_code != 0 and "lies inside DEST" in result.output
+  assert inside.exists()

@@ -625,3 +625,9 @@ def test_infer_refuses_one_layer_for_both_outputs_and_an_infinite_window(tmp_pat
                                            "--image-window", "0,inf"])
   assert result.exit_code != 0 and "expected two finite grey values" in result.output
   assert not (tmp_path / "out").exists()
+  # an --organelles path that holds another layer is refused before --affinities is written
+  import_volume(image, "file://" + str(tmp_path / "other"), "image", (10, 10, 10))
+  result = CliRunner().invoke(cli, base + ["--affinities", same, "--organelles",
+                                           "file://" + str(tmp_path / "other")])
+  assert result.exit_code != 0 and "a layer already exists there" in result.output
+  assert not (tmp_path / "out").exists()
