@@ -318,9 +318,13 @@ def pipeline_command(image, out, mip, bounds, fill_missing, image_window, queue,
 def _print_summary(summary, out):
   metrics = summary.get("metrics", {})
   click.echo("")
-  click.echo("metric              constrained     baseline")
-  for name in ("erl", "berl", "nerl", "voi_split", "voi_merge", "arand", "voi_split_tolerant",
-               "voi_merge_tolerant", "arand_tolerant"):
+  scored = ("erl", "berl", "nerl", "voi_split", "voi_merge", "arand", "voi_split_tolerant",
+            "voi_merge_tolerant", "arand_tolerant")
+  if any(name in metrics for name in scored):
+    click.echo("metric              constrained     baseline")
+  else:
+    click.echo("metrics: none (no ground truth given: --gt-labels, --gt-skeletons)")
+  for name in scored:
     if name in metrics:
       base = metrics.get(f"baseline_{name}")
       unit = " nm" if "erl" in name else ""
@@ -728,7 +732,9 @@ def train_command(image, labels, nuclei, mitochondria, synapses, bounds, mip, ou
                lsd_sigma_nm=lsd_sigma, lsd_weight=lsd_weight,
                # with --init the architecture options are refused, so the record leaves them out
                command=_command_line(ctx, omit=ARCHITECTURE_OPTIONS if init else ()))
-  click.echo(json.dumps(meta["validation"], indent=1))
+  for volume, scores in meta["validation"].items():
+    click.echo(f"validation on {volume}: " + ", ".join(
+      f"{name} {float(value):.4f}" for name, value in scores.items()))
   click.echo(f"done: {out} after {iterations} iterations in {meta['wall_time_s']:.0f} s")
 
 
@@ -1025,7 +1031,7 @@ def downsample_command(cloudpath, queue, parallel, num_mips):
 
 # what `iicats pipeline` writes under OUT besides the layers `iicats view` serves
 RUN_FOLDERS = ("segmentation_baseline", "rag", "hierarchy", "agglomeration", "pipeline",
-               "report", "summary", "_image")
+               "report", "summary", "annotations", "_image")
 LISTED = 20  # the neurons and shared seeds `iicats track` prints one line each for
 
 
@@ -1075,7 +1081,7 @@ def track_command(out_prefix, seeds, name, threshold, track_threshold, constrain
   if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or ".." in name:
     raise IicatsError(f"--name '{name}': expected a plain name (letters, digits, '_', '-', "
                       "'.'): it becomes a folder beside the run's layers")
-  if name in LAYER_NAMES + RUN_FOLDERS:
+  if name in LAYER_NAMES + RUN_FOLDERS or name.endswith(".json"):
     raise IicatsError(f"--name {name}: that is one of the run's own folders; choose another")
   check_task_shape(task_shape, LAYER_CHUNK_SIZE, join(out, name))
   supervoxels = join(out, "supervoxels")

@@ -504,6 +504,12 @@ METRIC_ROWS = (("ERL", "erl", "µm"), ("bERL", "berl", "µm"), ("nERL", "nerl", 
                ("split edges", "n_split_edges", ""))
 
 
+# counted along skeletons: without any, "–" (not measured) rather than a measured 0
+SKELETON_COUNTS = ("n_skeletons", "n_nucleus_skeletons", "n_nodes", "n_nodes_outside",
+                   "n_background_nodes", "merging_segments", "violating_segments",
+                   "n_split_edges")
+
+
 def metric_rows(result) -> list[tuple[str, str]]:
   """(name, formatted value) for the metrics present in a result."""
   rows = []
@@ -511,6 +517,9 @@ def metric_rows(result) -> list[tuple[str, str]]:
     if key not in result:
       continue
     value = result[key]
+    if key in SKELETON_COUNTS and not result.get("n_skeletons"):
+      rows.append((name, "–"))
+      continue
     rows.append((name, str(len(value)) if unit == "n" else _fmt(value, unit)))
   return rows
 

@@ -81,6 +81,19 @@ RUN_LAYERS = ("affinities", "organelles", "supervoxels", "segmentation",
               "segmentation_baseline")  # the layers a run writes under OUT
 
 
+def refuse_foreign_layers(out: str) -> None:
+  """Layers of the names a run writes, in a folder that holds no run record: another tool's
+  or a user's data, which the stages would overwrite chunk by chunk. Checked before the run
+  writes anything there (its queue included)."""
+  if get_json(join(out, "pipeline"), "run.json"):
+    return
+  found = [name for name in RUN_LAYERS if layer_exists(join(out, name))]
+  if found:
+    raise IicatsError(f"{out}: holds {', '.join(found)} layer(s) but no run record "
+                      "(pipeline/run.json), so not a run of iicats pipeline, whose stages "
+                      "would overwrite them; give another --out")
+
+
 class Pipeline:
   """Runs stages on one queue, recording per-stage timings under OUT/pipeline/."""
 
@@ -124,14 +137,6 @@ class Pipeline:
       return f"image {run['image']}" + (
         f" (mip {region[0]}, voxels {region[1:4]}-{region[4:]})" if region else "")
 
-    if not previous:
-      # layers of the names this run writes, in a folder no run recorded: another tool's or
-      # a user's data, which the stages would overwrite chunk by chunk
-      found = [name for name in RUN_LAYERS if layer_exists(join(self.out, name))]
-      if found:
-        raise IicatsError(f"{self.out}: holds {', '.join(found)} layer(s) but no run record "
-                          "(pipeline/run.json), so not a run of iicats pipeline, whose "
-                          "stages would overwrite them; give another --out")
     if previous and (image_within_run(previous), previous.get("region")) != (
         image_within_run(settings), settings.get("region")):
       raise IicatsError(f"{self.out}: holds a run of {what(previous)}, not of "
@@ -315,6 +320,7 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
     # the first level merges down to the threshold, so the sweep can only go lower
     sweep = [t for t in sweep if t <= threshold]
   histograms = quantile is not None or scorer is not None
+  refuse_foreign_layers(out)
   run = Pipeline(out, queue, parallel, lease_sec=lease_sec)
   segmentation_info = get_json(layers["segmentation"], "info") or {}
   run.reconcile(

@@ -224,6 +224,7 @@ def test_evaluate_dense_labels(tmp_path, seg_layer):
   assert r["arand"] == pytest.approx(adapted_rand_error(labels(), gt))
   assert r["voi_split"] > 0 and r["voi_merge"] > 0
   assert r["erl"] is None and r["total_length"] is None
+  assert dict(metric_rows(r))["merging segments"] == "–"  # not measured, not 0
 
 
 def test_evaluate_dense_labels_at_the_scale_of_the_segmentations_resolution(tmp_path,

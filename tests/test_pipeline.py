@@ -296,7 +296,7 @@ def test_validate_names_labels_of_a_missing_skeleton_shard(synthetic_demo):
 def test_track_from_nuclei_and_from_seed_points(synthetic_demo, tmp_path):
   out, summary, _, _ = synthetic_demo
   task = ["-p", "1", "--task-shape", "64,64,64"]
-  for name in ("rag", "agglomeration", "", "../out", "a/b"):  # the run's folders, or paths
+  for name in ("rag", "agglomeration", "annotations", "tracked.json", "", "../out", "a/b"):
     result = CliRunner().invoke(cli, ["track", str(out), "--name", name, *task])
     assert result.exit_code != 0 and "--name" in result.output, result.output
   result = CliRunner().invoke(cli, ["track", str(out), "--name", "from_nuclei", *task])
