@@ -150,9 +150,11 @@ def set_aside_unreadable_tasks(tq: TaskQueue) -> int:
     directory = dead_letter_dir(tq)
     os.makedirs(directory, exist_ok=True)
     key = entry.name.split("--")[-1].removesuffix(".json")
+    # named by its task id: the file's name changes with every lease, and it is removed
     with open(os.path.join(directory, f"{key}.json"), "w") as fh:
       json.dump({"task": content[:10000].decode(errors="replace"), "attempts": 0,
-                 "error": f"unreadable task file {entry.path} ({problem})"}, fh, indent=1)
+                 "error": f"unreadable task file of task {key} in {base}/queue ({problem}); "
+                          "its content is kept in this letter"}, fh, indent=1)
     with contextlib.suppress(FileNotFoundError):
       os.remove(entry.path)
       moved += 1

@@ -309,7 +309,7 @@ def test_an_unreadable_task_file_is_dead_lettered_not_waited_on(tmp_path):
   letters = dead_letters(qurl)
   assert len(letters) == 1 and tq.enqueued == 0
   letter = (tmp_path / "queue" / "dead-letter" / letters[0]).read_text()
-  assert "unreadable task file" in letter and broken.name.split("--")[1] in letter
+  assert "unreadable task file of task " + broken.stem.split("--")[1] in letter
 
 
 def test_queue_commands_refuse_a_missing_folder_a_layer_or_no_path(tmp_path):
