@@ -1,4 +1,6 @@
 """One exception type for user mistakes: the CLI prints its message without a traceback."""
+import os
+
 import click
 
 
@@ -13,7 +15,6 @@ def check_output_path(path: str, option: str, folder: bool = False) -> str:
   """path, checked before the work whose result goes there: a file path must not be a folder
   and its folder must exist and be writable (folder=True: a folder path must not be a file,
   and is created later). Local paths only; an IicatsError names the option and the path."""
-  import os
   full = os.path.abspath(os.path.expanduser(path))
   if folder:
     if os.path.exists(full) and not os.path.isdir(full):
