@@ -10,7 +10,7 @@ import time
 
 import click
 
-from .errors import IicatsError, output_file_option
+from .errors import FiniteFloatRange, IicatsError, output_file_option
 from .layers import parse_triple
 
 
@@ -20,13 +20,6 @@ def _triple(name, cast=float, positive=True):
       return None
     return parse_triple(value, f"--{param.name.replace('_', '-')}", cast, positive)
   return convert
-
-
-def _finite(value, option):
-  """A number option checked for NaN (click's ranges let NaN through)."""
-  if value is not None and value != value:
-    raise click.BadParameter(f"{value}: expected a number", param_hint=option)
-  return value
 
 
 def _queue_url(ctx, param, value):
@@ -153,10 +146,10 @@ def _pipeline_options(func):
                  help="Model checkpoint file, or a shipped model: 'default' (10 nm "
                       "isotropic EM), 'vnc' (ssTEM organelles)."),
     click.option("--json", "json_path", default=None, help="Write the run summary here."),
-    click.option("--threshold", type=click.FloatRange(0, 1), default=None,
+    click.option("--threshold", type=FiniteFloatRange(0, 1), default=None,
                  help="Agglomeration threshold (default: the checkpoint's calibrated one, "
                       "else 0.5)."),
-    click.option("--baseline-threshold", type=click.FloatRange(0, 1), default=None,
+    click.option("--baseline-threshold", type=FiniteFloatRange(0, 1), default=None,
                  help="Threshold of the unconstrained baseline agglomeration, when it should "
                       "be compared at its own calibrated threshold (default: --threshold)."),
     click.option("--link-prefix", default=None,
@@ -171,7 +164,7 @@ def _pipeline_options(func):
                       "the checkpoint's 'learned' edge scorer (same-neuron probability; "
                       "`iicats calibrate` trains it) (default: the checkpoint's calibrated "
                       "choice, else the mean)."),
-    click.option("--nucleus-fraction", type=click.FloatRange(0, 1, min_open=True), default=None,
+    click.option("--nucleus-fraction", type=FiniteFloatRange(0, 1, min_open=True), default=None,
                  help="A fragment counts as nuclear when this share of its voxels is predicted "
                       "nucleus (default 0.5). Lower it (e.g. 0.1) where the watershed does not "
                       "cut at the nuclear envelope, so each nucleus spans fragments that are "
@@ -180,12 +173,12 @@ def _pipeline_options(func):
                  help="After agglomeration, join every segment smaller than this many voxels "
                       "to its best-scoring neighbour, constraints honoured (0: off; default: "
                       "the checkpoint's calibrated choice, else 0)."),
-    click.option("--interior-bonus", type=click.FloatRange(min=0), default=None,
+    click.option("--interior-bonus", type=FiniteFloatRange(min=0), default=None,
                  help="Add this × (1 - the higher of the two regions' interior mean affinity) "
                       "to a boundary's merge score, so regions the network is unsure about "
                       "inside (glia) merge at weaker boundaries (0: off; default: the "
                       "checkpoint's calibrated choice, else 0)."),
-    click.option("--synapse-boundary", type=click.FloatRange(min=0), default=None,
+    click.option("--synapse-boundary", type=FiniteFloatRange(min=0), default=None,
                  help="Added to the watershed's boundary map on predicted synapse voxels, so "
                       "that a cleft the network fades still parts the two partners' "
                       "fragments (0: off; default: 0.2 when the constraints use synapse "
@@ -200,7 +193,7 @@ def _pipeline_options(func):
     click.option("--tta", is_flag=True,
                  help="Test-time augmentation in inference: average each patch's prediction "
                       "over its in-plane mirror images (4-8x the inference compute)."),
-    click.option("--boundary-tolerance-nm", type=click.FloatRange(min=0), default=None,
+    click.option("--boundary-tolerance-nm", type=FiniteFloatRange(min=0), default=None,
                  help="With ground-truth labels, also score VOI and ARAND without the voxels "
                       "this close to a ground-truth interface (CREMI's border mask; default 0, "
                       "the demo 10: its ground truth runs up to the membranes)."),
@@ -638,8 +631,8 @@ def synthetic_command(out, shape, resolution, seed):
               help="Checkpoint path (.safetensors).")
 @click.option("--iterations", type=click.IntRange(min=1), default=2000, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=2, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, max=1e3), default=2e-3,
-              show_default=True, callback=lambda ctx, param, value: _finite(value, "--lr"))
+@click.option("--lr", type=FiniteFloatRange(min=0, max=1e3), default=2e-3,
+              show_default=True)
 @click.option("--patch-size", default="48,48,48", callback=_triple("patch_size", int))
 @click.option("--anisotropic", is_flag=True, help="Pool only in x,y (ssEM, ~4x4x40 nm).")
 @click.option("--widths", default="12,24,48", show_default=True,
@@ -649,26 +642,26 @@ def synthetic_command(out, shape, resolution, seed):
               help="Also predict x, y, z affinities to the neighbour this many voxels away "
                    "(repeat for several distances); written after the short-range ones.")
 @click.option("--seed", type=int, default=0)
-@click.option("--dice-weight", type=float, default=0.0, show_default=True,
+@click.option("--dice-weight", type=FiniteFloatRange(min=0), default=0.0, show_default=True,
               help="Add this times a soft Dice loss on the organelle channels to the "
                    "class-balanced BCE (which over-predicts rare organelles at p > 0.5).")
-@click.option("--val-fraction", type=click.FloatRange(0, 0.5), default=0.2, show_default=True,
+@click.option("--val-fraction", type=FiniteFloatRange(0, 0.5), default=0.2, show_default=True,
               help="Hold out the top fraction of each volume's z range (at least one patch "
                    "deep) for validation; 0 trains on all of it and skips validation.")
-@click.option("--hard-examples", "hard_fraction", type=click.FloatRange(0, 1), default=0.0,
+@click.option("--hard-examples", "hard_fraction", type=FiniteFloatRange(0, 1), default=0.0,
               show_default=True,
               help="Hard-example mining (for fine-tuning with --init): draw this fraction of "
                    "the patches where the starting model's affinities are most wrong.")
 @click.option("--focus-labels", default=None,
               help="Comma-separated ground-truth neuron ids of a rare cell type the model gets "
                    "wrong (e.g. glia): --focus-fraction of the patches are drawn where they lie.")
-@click.option("--focus-fraction", type=click.FloatRange(0, 1), default=0.4, show_default=True,
+@click.option("--focus-fraction", type=FiniteFloatRange(0, 1), default=0.4, show_default=True,
               help="Fraction of the patches drawn where --focus-labels lie.")
-@click.option("--lsd-sigma", type=click.FloatRange(min=0), default=0.0, show_default=True,
+@click.option("--lsd-sigma", type=FiniteFloatRange(min=0), default=0.0, show_default=True,
               help="Also learn the neurons' local shape descriptors at this Gaussian scale "
                    "in nm (e.g. 80): an auxiliary target that shapes the features the "
                    "affinities use; the checkpoint keeps only the usual channels.")
-@click.option("--lsd-weight", type=click.FloatRange(min=0), default=1.0, show_default=True,
+@click.option("--lsd-weight", type=FiniteFloatRange(min=0), default=1.0, show_default=True,
               help="Weight of the shape-descriptor loss against the affinity loss.")
 @click.option("--resume", is_flag=True, help="Continue from OUT.state if present.")
 @click.option("--init", default=None,
@@ -819,6 +812,10 @@ def calibrate_command(checkpoint, image, labels, nuclei, mitochondria, synapses,
     (bounds,) if bounds else (), mip)
   volume = volumes[0]
   model, metadata = load_checkpoint(checkpoint)
+  patch = tuple(model.config.patch_size)
+  if any(n < p for n, p in zip(volume.image.shape, patch)):
+    raise IicatsError(f"calibration image {image}: its region {volume.image.shape} is smaller "
+                      f"than the model's patch {patch} on an axis; choose a larger --bounds")
   device = "cuda" if torch.cuda.is_available() else "cpu"
   click.echo(f"predicting {volume.image.shape} voxels of {image} on {device}")
   probabilities = predict_volume(model, volume.image, device=device, augment=tta,
@@ -1043,9 +1040,9 @@ LISTED = 20  # the neurons and shared seeds `iicats track` prints one line each 
                    "nucleus).")
 @click.option("--name", default="tracked", show_default=True,
               help="Writes layer OUT_PREFIX/NAME and the neuron list OUT_PREFIX/NAME.json.")
-@click.option("--threshold", type=click.FloatRange(0, 1), default=None,
+@click.option("--threshold", type=FiniteFloatRange(0, 1), default=None,
               help="Agglomeration threshold (default: the run's).")
-@click.option("--track-threshold", type=click.FloatRange(0, 1), default=None,
+@click.option("--track-threshold", type=FiniteFloatRange(0, 1), default=None,
               help="Seeds grow down to this mean affinity (default: the threshold).")
 @click.option("--constraints", default=None, callback=_constraint_list,
               help="Evidence honoured while growing (default: the run's).")

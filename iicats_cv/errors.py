@@ -35,3 +35,14 @@ def output_file_option(ctx, param, value):
   if value is None:
     return None
   return check_output_path(value, "--" + param.name.removesuffix("_path").replace("_", "-"))
+
+
+class FiniteFloatRange(click.FloatRange):
+  """click.FloatRange that also refuses NaN and ±inf, which its comparisons let through
+  (`--threshold nan` ran an agglomeration that merged nothing)."""
+
+  def convert(self, value, param, ctx):
+    number = super().convert(value, param, ctx)
+    if number != number or number in (float("inf"), float("-inf")):
+      self.fail(f"{value} is not a finite number", param, ctx)
+    return number

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import click
 import numpy as np
 
-from .errors import IicatsError, check_output_path
+from .errors import FiniteFloatRange, IicatsError, check_output_path
 from .metrics import (adapted_rand_error, boundary_tolerance_mask, boundary_tolerance_steps,
                       concatenate_skeletons, run_length_metrics, voi)
 
@@ -659,7 +659,8 @@ def _skeleton_ids(value: str) -> list[int]:
                    "(nm).")
 @click.option("--gt-labels", default=None, metavar="CLOUDPATH",
               help="Dense ground-truth labels layer (VOI, adapted Rand error).")
-@click.option("--boundary-tolerance-nm", type=float, default=0.0, show_default=True,
+@click.option("--boundary-tolerance-nm", type=FiniteFloatRange(min=0), default=0.0,
+              show_default=True,
               help="Also score VOI and ARAND without the voxels this close to a ground-truth "
                    "interface (CREMI's border mask), for ground truth drawn up to the membrane.")
 @click.option("--mip", type=int, default=0, show_default=True, help="Segmentation mip level.")

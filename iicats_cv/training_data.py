@@ -43,9 +43,10 @@ def load_training_volumes(images, labels=(), nuclei=(), mitochondria=(), synapse
       if values[i] is None:
         continue
       cv = open_layer(values[i], num_channels=1, what=f"training {field}")
-      if field == "labels" and cv.dtype.kind not in "ui":
-        raise IicatsError(f"training labels {values[i]}: {cv.dtype.name} values; neuron labels "
-                          "are integer ids (a segmentation layer)")
+      if field == "labels" and (cv.dtype.kind not in "ui" or cv.layer_type != "segmentation"):
+        raise IicatsError(f"training labels {values[i]}: an {cv.layer_type} layer of "
+                          f"{cv.dtype.name}; neuron labels are a segmentation layer of integer "
+                          "ids")
       cv.mip = scale_at_resolution(cv, image_cv.resolution, f"training {field} {values[i]}")
       if not cv.bounds.contains_bbox(box):
         raise IicatsError(f"training {field} {values[i]}: does not cover {path}'s region "

@@ -258,20 +258,20 @@ def _missing_from_shards(cv, kind: str, labels: list) -> list:
 
 
 def _check_existing_format(cloudpath: str, cv, kind: str, sharded: bool) -> None:
-  """Refuse to write meshes or skeletons (kind: the info key, 'mesh' or 'skeletons') in the
-  other format over those a layer has: Igneous would rewrite their info and leave a layer
-  whose old files CloudVolume reads in the wrong format."""
+  """Refuse unsharded meshes or skeletons (kind: the info key, 'mesh' or 'skeletons') over
+  sharded ones: Igneous rewrites their info and leaves a layer whose shards CloudVolume then
+  reads as legacy files (AttributeError in every reader). Sharded over unsharded is allowed:
+  the sharded merge writes its own info last, and until then (an interrupted run) the info
+  reads as unsharded."""
   directory = cv.info.get(kind)
   cf = CloudFiles(resolve_cloudpath(cloudpath))
-  if not directory or cf.get_json(f"{directory}/info") is None:
+  if sharded or not directory or cf.get_json(f"{directory}/info") is None:
     return
-  if _is_sharded(cf, directory) != sharded:
-    have, keep = ("unsharded", "add --unsharded") if sharded else ("sharded",
-                                                                   "leave out --unsharded")
+  if _is_sharded(cf, directory):
     things = "meshes" if kind == "mesh" else kind
-    raise IicatsError(f"layer {cloudpath}: its {things} ({directory}/) are {have}; writing "
-                      f"{'sharded' if sharded else 'unsharded'} ones over them would mix both "
-                      f"formats. Delete {directory}/ first to change the format, or {keep}")
+    raise IicatsError(f"layer {cloudpath}: its {things} ({directory}/) are sharded; writing "
+                      "unsharded ones over them would mix both formats. Delete "
+                      f"{directory}/ first to change the format, or leave out --unsharded")
 
 
 def _is_sharded(cf, directory) -> bool:

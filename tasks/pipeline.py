@@ -408,7 +408,8 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
     check = ig.validate_layer(seg)
     if check["problems"]:
       raise IicatsError(f"segmentation {seg}: meshes/skeletons incomplete: "
-                        + "; ".join(check["problems"]))
+                        + "; ".join(check["problems"])
+                        + " (`--rerun-from mesh` makes them again)")
   for name in PYRAMID_LAYERS:
     if name == "image" and not out_owns(out, image):
       continue  # never write into the user's input layer

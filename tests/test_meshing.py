@@ -113,3 +113,9 @@ def test_mistakes_leave_the_layer_as_it_was(segmentation, tmp_path):
     result = CliRunner().invoke(cli, [verb, path, "-p", "1", "--unsharded"])
     assert result.exit_code != 0 and "are sharded; writing unsharded ones" in result.output
   assert (layer / "mesh" / "info").read_bytes() == mesh_info
+  # sharded over legacy is allowed: an interrupted sharded run leaves a legacy-looking info
+  import shutil
+  shutil.rmtree(layer / "mesh")
+  for flags in (["--unsharded"], []):
+    result = CliRunner().invoke(cli, ["mesh", path, "-p", "1", *flags])
+    assert result.exit_code == 0, result.output

@@ -399,7 +399,7 @@ def test_train_checks_its_options_and_inputs_before_training(tmp_path):
     (["--labels", lab, "--out", str(tmp_path / "folder")], "is a folder"),
     (["--labels", lab, "--out", "default"], "means the shipped model"),
     (["--labels", lab, "--out", out, "--iterations", "0"], "'--iterations'"),
-    (["--labels", floats, "--out", out], "float32 values; neuron labels are integer ids"),
+    (["--labels", floats, "--out", out], "an image layer of float32; neuron labels are a"),
     (["--labels", empty, "--out", out], "no labelled voxel"),
     (["--labels", "none", "--out", out], "nothing to learn from"),
   ]
