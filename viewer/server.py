@@ -411,10 +411,12 @@ def _check_local_info(cloudpath: str, name: str) -> None:
   try:
     with open(os.path.join(folder, "info")) as fh:
       info = json.load(fh)
-    assert isinstance(info, dict) and info.get("scales")
-  except (OSError, ValueError, AssertionError) as err:
-    why = f"{type(err).__name__}: {err}" if str(err) else "no scales"
-    raise IicatsError(f"{name} layer {cloudpath}: its info is not a precomputed info ({why})")
+  except (OSError, ValueError) as err:
+    raise IicatsError(f"{name} layer {cloudpath}: its info is not a precomputed info "
+                      f"({type(err).__name__}: {err})")
+  if not (isinstance(info, dict) and info.get("scales")):
+    raise IicatsError(f"{name} layer {cloudpath}: its info is not a precomputed info (no "
+                      "scales)")
 
 
 def view_state(out_prefix: str, source_url=None, segments=None, layout: str = "xy-3d"):
@@ -513,7 +515,8 @@ def view(out_prefix: str, host: str = "127.0.0.1", open_browser: bool = False, s
 @click.option("--port", type=click.IntRange(1, 65535), default=DEFAULT_PORT, show_default=True,
               help="Port of the layer file server (links printed by `iicats pipeline` "
                    "use the default).")
-@click.option("--viewer-port", type=click.IntRange(0, 65535), default=0, help="Port of the viewer (0: any).")
+@click.option("--viewer-port", type=click.IntRange(0, 65535), default=0,
+              help="Port of the viewer (0: any).")
 @click.option("--segments", default=None,
               help="Segment ids to select, e.g. 1,2,3 (default: OUT_PREFIX/tracked.json).")
 @click.option("--layout", default="xy-3d", show_default=True,
