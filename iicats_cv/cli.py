@@ -113,6 +113,9 @@ def _constraint_list(ctx, param, value):
   if value.strip() == "none":
     return ()
   names = tuple(v.strip() for v in value.split(",") if v.strip())
+  if not names:
+    raise click.BadParameter(f"'{value}': name the evidence ({', '.join(CONSTRAINTS)}), or "
+                             "'none' for an agglomeration without constraints")
   unknown = [n for n in names if n not in CONSTRAINTS]
   if unknown:
     raise click.BadParameter(f"unknown constraint(s) {', '.join(unknown)}; choose from "

@@ -699,9 +699,11 @@ def evaluate_command(segmentation, skeletons, skeleton_ids, nuclei, synapses, gt
                     skeleton_ids=_skeleton_ids(skeleton_ids) if skeleton_ids else None)
   if json_path:
     write_json(result, json_path)
-  click.echo(f"{'metric':<28}value")
-  for name, value in metric_rows(result):
-    click.echo(f"{name:<28}{value}")
+  rows = metric_rows(result)
+  width = max(len(name) for name, _ in rows + [("metric", "")]) + 2
+  click.echo(f"{'metric':<{width}}value")
+  for name, value in rows:
+    click.echo(f"{name:<{width}}{value}")
   if report_dir:
     click.echo(f"report: {write_report(result, report_dir)}")
   click.echo(summary_line(result) + (f" -> {json_path}" if json_path else ""))

@@ -236,3 +236,10 @@ def test_overwrite_replaces_the_whole_layer_and_a_source_inside_dest_is_refused(
                   "--overwrite")
   assert result.exit_code != 0 and "lies inside DEST" in result.output
   assert inside.exists()
+
+
+def test_an_empty_constraint_list_is_refused(tmp_path):
+  result = invoke("pipeline", "--image", tmp_path / "em", "--out", tmp_path / "run",
+                  "--constraints", ",")
+  assert result.exit_code != 0 and "name the evidence" in result.output
+  assert not (tmp_path / "run").exists()
