@@ -264,10 +264,9 @@ def _check_existing_format(cloudpath: str, cv, kind: str, sharded: bool) -> None
   the sharded merge writes its own info last, and until then (an interrupted run) the info
   reads as unsharded."""
   directory = cv.info.get(kind)
-  cf = CloudFiles(resolve_cloudpath(cloudpath))
-  if sharded or not directory or cf.get_json(f"{directory}/info") is None:
+  if sharded or not directory:
     return
-  if _is_sharded(cf, directory):
+  if _is_sharded(CloudFiles(resolve_cloudpath(cloudpath)), directory):
     things = "meshes" if kind == "mesh" else kind
     raise IicatsError(f"layer {cloudpath}: its {things} ({directory}/) are sharded; writing "
                       "unsharded ones over them would mix both formats. Delete "

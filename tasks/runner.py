@@ -395,8 +395,10 @@ def drain(qurl: str, total: int, parallel: int = 1, desc: str = "tasks", lease_s
   procs = []
   if not wait_for_external:
     if parallel <= 1:
+      # one step per task, not a count of the queue: listing a file queue of N tasks after
+      # each task would cost N² directory entries
       execute(qurl, lease_sec=lease_sec, max_attempts=max_attempts,
-              after_task=lambda: bar.update(max(0, total - tq.enqueued) - bar.n))
+              after_task=lambda: bar.update(1) if bar.n < total else None)
     else:
       procs, report = start_workers(parallel, qurl, lease_sec, max_attempts)
   while True:
