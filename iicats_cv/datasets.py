@@ -1,7 +1,8 @@
 """The embedded demo datasets, written out as precomputed layers with their ground truth.
 
 - `fib`: the FIB-SEM crop shipped in `iicats_cv/data/fib_heldout_crop.npz` (held-out half of
-  the FlyEM medulla cube) with dense neuron labels; GT skeletons are derived with kimimaro.
+  the FlyEM medulla cube) with dense neuron labels, and the skeletons kimimaro derives from
+  them (`fib_heldout_crop_skeletons.npz`, written by `write_fib_crop_skeletons`).
 - `synthetic`: `iicats_cv.synthetic` volumes with nuclei, mitochondria, synapses and GT
   skeletons, which exercise bERL, nERL and tracking.
 """
@@ -19,6 +20,7 @@ from .volume_io import import_volume
 
 DATA_DIR = os.path.join(os.path.dirname(__file__), "data")
 FIB_CROP = os.path.join(DATA_DIR, "fib_heldout_crop.npz")
+FIB_CROP_SKELETONS = os.path.join(DATA_DIR, "fib_heldout_crop_skeletons.npz")
 
 
 def load_fib_crop():
@@ -30,6 +32,40 @@ def load_fib_crop():
     neurons = npz["neurons"].transpose(2, 1, 0).copy()
     resolution = tuple(float(r) for r in npz["resolution_nm_xyz"])
   return image, neurons, resolution
+
+
+def write_fib_crop_skeletons(path: str = FIB_CROP_SKELETONS) -> str:
+  """Skeletonise the FIB crop's neuron labels (skeletons.skeletons_from_labels, kimimaro) and
+  store them at path; the demo reads them from there, since kimimaro takes about 8 s on them.
+  Run again after changing skeletons_from_labels (tests compare a few labels). Returns path."""
+  from .skeletons import skeletons_from_labels
+  _, neurons, resolution = load_fib_crop()
+  skeletons = skeletons_from_labels(neurons, resolution)
+  resolution = np.asarray(resolution, np.float64)
+  # voxel indices: skeletons_from_labels puts every node at a voxel centre
+  voxels = [np.rint(s.vertices_nm / resolution - 0.5).astype(np.int32) for s in skeletons]
+  np.savez_compressed(
+    path, ids=np.array([s.id for s in skeletons], np.uint32),
+    node_counts=np.array([len(v) for v in voxels], np.int64),
+    edge_counts=np.array([len(s.edges) for s in skeletons], np.int64),
+    voxels=np.concatenate(voxels), edges=np.concatenate([s.edges for s in skeletons]),
+    radii=np.concatenate([s.radii for s in skeletons]).astype(np.float32),
+    resolution_nm_xyz=resolution)
+  return path
+
+
+def load_fib_crop_skeletons(path: str = FIB_CROP_SKELETONS) -> list:
+  """The FIB crop's ground-truth skeletons (metrics.Skeleton, nodes in nm at voxel centres,
+  sorted by id), as write_fib_crop_skeletons stored them."""
+  from .metrics import Skeleton
+  with np.load(path) as npz:
+    resolution = npz["resolution_nm_xyz"]
+    node_ends, edge_ends = np.cumsum(npz["node_counts"]), np.cumsum(npz["edge_counts"])
+    nodes = np.split((npz["voxels"] + 0.5) * resolution, node_ends[:-1])
+    radii = np.split(npz["radii"].astype(np.float64), node_ends[:-1])
+    edges = np.split(npz["edges"], edge_ends[:-1])
+    return [Skeleton(id=int(i), vertices_nm=v, edges=e, radii=r)
+            for i, v, e, r in zip(npz["ids"], nodes, edges, radii)]
 
 
 def write_points_csv(path, header, rows):
@@ -136,12 +172,11 @@ def prepare_demo(dataset: str, out: str, seed: int = 0) -> dict:
                             gt_dir=gt_dir)
     inputs.update({k: paths[k] for k in ("gt_skeletons", "nuclei", "synapses")})
     return inputs
-  from .skeletons import skeletons_from_labels
   image, labels, resolution = load_fib_crop()
   source = "iicats_cv/data/fib_heldout_crop.npz (FlyEM medulla FIB-SEM, z >= 150)"
   import_volume(labels, inputs["gt_labels"], "segmentation", resolution, source=source,
                 overwrite=True)
-  write_ground_truth_files(gt_dir, skeletons_from_labels(labels, resolution))
+  write_ground_truth_files(gt_dir, load_fib_crop_skeletons())
   # the image goes last: its presence marks a complete preparation
   import_volume(image, inputs["image"], "image", resolution, source=source, overwrite=True)
   return inputs

@@ -150,10 +150,17 @@ def mesh_merge_tasks(cloudpath: str, sharded: bool = True, num_lod: int = 3):
   levels, fewer for neurons smaller than the octree allows) or legacy manifests."""
   if sharded:
     size = open_layer(cloudpath).meta.volume_size(0)
+    _say_reading_spatial_index(cloudpath, "mesh")
     return tc.create_sharded_multires_mesh_tasks(resolve_cloudpath(cloudpath), num_lod=num_lod,
                                                  min_chunk_size=lod_chunk_size(size),
                                                  progress=False)
   return tc.create_mesh_manifest_tasks(resolve_cloudpath(cloudpath), magnitude=1)
+
+
+def _say_reading_spatial_index(cloudpath: str, kind: str) -> None:
+  # Igneous reads it with CloudVolume(progress=True) hard-coded: its bars carry no name
+  print(f"reading the {kind} fragments' spatial index of {cloudpath} for the shard plan "
+        "(Igneous' progress bars follow)", flush=True)
 
 
 def skeleton_tasks(cloudpath: str, task_shape, dust_threshold: int = 100,
@@ -176,6 +183,7 @@ def skeleton_merge_tasks(cloudpath: str, sharded: bool = True):
   # no cable-length dust or tick pruning at merge: what was skeletonised is kept, so that
   # validation can demand a skeleton for every label above the voxel threshold
   if sharded:
+    _say_reading_spatial_index(cloudpath, "skeleton")
     return tc.create_sharded_skeleton_merge_tasks(resolve_cloudpath(cloudpath),
                                                   dust_threshold=0, tick_threshold=0)
   return tc.create_unsharded_skeleton_merge_tasks(resolve_cloudpath(cloudpath), magnitude=1,

@@ -162,6 +162,27 @@ def test_skeletons_from_labels_positions_in_layer_frame():
     skeletons_from_labels(np.zeros((4, 4)), resolution)
 
 
+def test_shipped_fib_skeletons_are_kimimaros_of_the_crop():
+  """The demo reads its ground-truth skeletons from the package instead of skeletonising the
+  crop on every run: they must be what skeletons_from_labels gives today (rerun
+  datasets.write_fib_crop_skeletons() when it changes). Three labels, each recomputed alone:
+  kimimaro skeletonises each label on its own, so the others are zeroed to keep this quick."""
+  from iicats_cv.datasets import load_fib_crop, load_fib_crop_skeletons
+  _, neurons, resolution = load_fib_crop()
+  shipped = {s.id: s for s in load_fib_crop_skeletons()}
+  ids, counts = np.unique(neurons[neurons > 0], return_counts=True)
+  assert set(shipped) <= set(ids.tolist()) and len(shipped) >= 60
+  chosen = [i for i in ids[np.argsort(counts)].tolist() if i in shipped][:3]  # smallest
+  subset = np.where(np.isin(neurons, chosen), neurons, 0).astype(neurons.dtype)
+  recomputed = skeletons_from_labels(subset, resolution)
+  assert [s.id for s in recomputed] == sorted(chosen)
+  for skeleton in recomputed:
+    expected = shipped[skeleton.id]
+    assert np.array_equal(skeleton.vertices_nm, expected.vertices_nm)
+    assert np.array_equal(skeleton.edges, expected.edges)
+    assert np.array_equal(skeleton.radii, expected.radii)
+
+
 def make_skeleton_layer(path, skeletons):
   from cloudvolume import CloudVolume, Skeleton as CvSkeleton
   info = CloudVolume.create_new_info(1, "segmentation", "uint64", "raw", [4, 4, 40], [0, 0, 0],
