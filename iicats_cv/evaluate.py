@@ -142,7 +142,8 @@ def _points(value, reader, shape_tail, what) -> np.ndarray:
   return array
 
 
-def _dense_scores(seg_cv, seg_path, gt_labels, mip, boundary_tolerance_nm=0.0) -> dict:
+def _dense_scores(seg_cv, seg_path, gt_labels, mip, boundary_tolerance_nm=0.0,
+                  notes=True) -> dict:
   """VOI and adapted Rand error over the overlap of the segmentation at mip and the
   ground-truth layer's scale at the same resolution; both are downloaded whole over that box.
   With a boundary tolerance also voi_split_tolerant, voi_merge_tolerant and arand_tolerant
@@ -162,7 +163,7 @@ def _dense_scores(seg_cv, seg_path, gt_labels, mip, boundary_tolerance_nm=0.0) -
                       f"{seg_path}")
   box = Bbox(start, stop)
   seg_box = Bbox(seg_geo["offset"], seg_geo["offset"] + seg_geo["size"])
-  if box != seg_box:
+  if box != seg_box and notes:
     share = np.prod(box.size3()) / np.prod(seg_box.size3())
     print(f"note: ground-truth labels {gt_path} cover {share:.0%} of the segmentation "
           f"({[int(v) for v in seg_box.minpt]}-{[int(v) for v in seg_box.maxpt]} voxels): "
@@ -243,9 +244,35 @@ def ground_truth_violations(metrics: dict, n_nuclei: int, n_synapses: int) -> di
   return counts
 
 
+def _check_points_inside(seg_path, geo, points_nm, inside, kinds, notes=True) -> None:
+  """Points in another frame than the layer's (µm for nm, another volume's offset) would
+  each count as unsegmented and give an ERL of 0 or no violations without a word: none of
+  the skeleton nodes inside is an error, most of any kind outside a note.
+  kinds: (name, first, stop) index ranges of points_nm/inside."""
+  lo = geo["offset"] * geo["resolution"]
+  hi = (geo["offset"] + geo["size"]) * geo["resolution"]
+  layer_box = f"{lo.tolist()}-{hi.tolist()} nm"
+  for name, first, stop in kinds:
+    total = stop - first
+    outside = total - int(np.count_nonzero(inside[first:stop]))
+    if not total or outside * 2 <= total:
+      continue
+    points = points_nm[first:stop]
+    finite = points[np.all(np.isfinite(points), axis=1)]
+    span = (f"they span {finite.min(axis=0).round(1).tolist()}-"
+            f"{finite.max(axis=0).round(1).tolist()} nm" if len(finite) else "none is finite")
+    text = (f"{outside} of the {total} {name} lie outside the segmentation {seg_path} "
+            f"({layer_box}); {span}: are they in nm, in this layer's frame?")
+    if name == "skeleton nodes" and outside == total:
+      raise IicatsError(f"{text} Nothing would be measured")
+    if notes:
+      print(f"note: {text} Those outside count as unsegmented", flush=True)
+
+
 def evaluate(segmentation, skeletons=None, nuclei=None, synapses=None, gt_labels=None,
              mip: int = 0, pooled: bool = False, max_locations: int = MAX_LOCATIONS,
-             boundary_tolerance_nm: float = 0.0, skeleton_ids=None) -> dict:
+             boundary_tolerance_nm: float = 0.0, skeleton_ids=None,
+             notes: bool = True) -> dict:
   """Evaluate a segmentation layer against ground truth.
 
   segmentation: cloudpath (or CloudVolume) of a segmentation layer; skeletons: list of
@@ -254,7 +281,8 @@ def evaluate(segmentation, skeletons=None, nuclei=None, synapses=None, gt_labels
   (M, 3) nm or a CSV path (x,y,z); synapses: float (P, 2, 3) / (P, 6) nm or a CSV path
   (pre_x,...,post_z); gt_labels: cloudpath of dense ground-truth labels (VOI, ARAND);
   mip: the segmentation's mip; pooled: funlib-style pooled runs; boundary_tolerance_nm: also
-  score VOI and ARAND without the voxels that close to a ground-truth interface (*_tolerant).
+  score VOI and ARAND without the voxels that close to a ground-truth interface (*_tolerant);
+  notes: print notes on ground truth that covers only part of the layer.
 
   Returns a JSON-able dict: erl, berl, nerl, total_length (nm; None without skeletons),
   voi_split, voi_merge, arand (only with gt_labels), counts, the ground_truth_violations
@@ -279,6 +307,9 @@ def evaluate(segmentation, skeletons=None, nuclei=None, synapses=None, gt_labels
   points = np.concatenate([flat.vertices_nm, nuclei_nm, synapses_nm.reshape(-1, 3)])
   segments, inside = lookup_segments(cv, points, mip=mip, return_inside=True)
   n, m = flat.n_nodes, len(nuclei_nm)
+  _check_points_inside(seg_path, geo, points, inside,
+                       (("skeleton nodes", 0, n), ("nuclei", n, n + m),
+                        ("synapse ends", n + m, len(points))), notes)
   node_segments = segments[:n]
   nucleus_segments = segments[n:n + m]
   synapse_segments = segments[n + m:].reshape(-1, 2)
@@ -310,7 +341,7 @@ def evaluate(segmentation, skeletons=None, nuclei=None, synapses=None, gt_labels
     "n_violations": len(violations),
   })
   if gt_labels is not None:
-    result.update(_dense_scores(cv, seg_path, gt_labels, mip, boundary_tolerance_nm))
+    result.update(_dense_scores(cv, seg_path, gt_labels, mip, boundary_tolerance_nm, notes))
   return result
 
 

@@ -16,7 +16,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 from cloudfiles import CloudFiles
-from cloudvolume import CloudVolume
+from cloudvolume import Bbox, CloudVolume
 from cloudvolume.exceptions import EmptyVolumeException, InfoUnavailableError
 
 from . import __version__
@@ -264,7 +264,7 @@ def read_box(cv: CloudVolume, box, what: str, path: str | None = None,
   """
   path = path or cv.cloudpath
   try:
-    return np.asarray(cv[box])
+    return _read_voxels(cv, box)
   except EmptyVolumeException as err:
     # CloudVolume also reads a chunk file that holds no data (zero bytes, or gzip of
     # nothing) as empty
@@ -283,6 +283,33 @@ def read_box(cv: CloudVolume, box, what: str, path: str | None = None,
                       f"{cv.dtype.name} '{cv.encoding}' of {cv.num_channels} channel(s) "
                       f"({type(err).__name__}: {err}); rewrite it, or the stage that wrote "
                       "it") from None
+
+
+def _read_voxels(cv: CloudVolume, box) -> np.ndarray:
+  """np.asarray(cv[box]). CloudVolume 12.15's fast path for a box of one voxel decodes one
+  channel's shape: a voxel of a multi-channel layer comes back as (c, 1, 1, 1), its channel
+  slice then empty (and a missing one as one channel). Such a voxel is read as part of a box
+  two voxels long instead."""
+  slices = list(box.to_slices()) if isinstance(box, Bbox) else list(box)
+  spatial = slices[:3]
+  if cv.num_channels == 1 or not all(
+      isinstance(s, slice) and s.start is not None and s.stop is not None
+      and s.stop - s.start == 1 for s in spatial):
+    return np.asarray(cv[box])
+  bounds = cv.meta.bounds(cv.mip)
+  for axis, part in enumerate(spatial):
+    grown = list(spatial)
+    if part.stop < bounds.maxpt[axis]:
+      grown[axis], keep = slice(part.start, part.stop + 1), slice(0, 1)
+    elif part.start > bounds.minpt[axis]:
+      grown[axis], keep = slice(part.start - 1, part.stop), slice(1, 2)
+    else:
+      continue
+    picked = [slice(None)] * 3
+    picked[axis] = keep
+    return np.asarray(cv[tuple(grown) + tuple(slices[3:])])[tuple(picked)]
+  raise IicatsError(f"{cv.cloudpath}: a multi-channel layer of one voxel cannot be read with "
+                    "CloudVolume")
 
 
 def resolution_text(resolution) -> str:
@@ -315,6 +342,9 @@ def region_bbox(bounds, cv, name):
   box = Bbox(values[:3], values[3:])
   if any(stop <= start for start, stop in zip(values[:3], values[3:])):
     raise IicatsError(f"--bounds {text}: empty (each stop must exceed its start)")
+  if box.volume() == 1:
+    # nothing to segment, and CloudVolume cannot read a multi-channel layer of one voxel
+    raise IicatsError(f"--bounds {text}: a single voxel; give a region of two or more")
   if not cv.bounds.contains_bbox(box):
     raise IicatsError(f"--bounds {text}: outside {name}, whose bounds are "
                       f"{box_text(cv.bounds)} voxels at mip {cv.mip} "

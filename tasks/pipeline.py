@@ -216,8 +216,16 @@ def validate_inputs(image, gt_labels=None, gt_skeletons=None, seeds=None, nuclei
   if gt_skeletons and "://" not in gt_skeletons and not os.path.isdir(gt_skeletons):
     raise IicatsError(f"--gt-skeletons {gt_skeletons}: not a directory of SWC files")
   if gt_skeletons and "://" not in gt_skeletons:
+    from iicats_cv.metrics import concatenate_skeletons
     from iicats_cv.skeletons import read_swc_dir
-    read_swc_dir(gt_skeletons)  # malformed files fail now, not after hours of inference
+    # malformed files fail now, not after hours of inference; so do skeletons elsewhere
+    nodes_nm = concatenate_skeletons(read_swc_dir(gt_skeletons)).vertices_nm
+    lo, hi = (np.asarray(p, float) * image_cv.resolution for p in (region.minpt, region.maxpt))
+    if len(nodes_nm) and not np.any(np.all((nodes_nm >= lo) & (nodes_nm < hi), axis=1)):
+      raise IicatsError(f"--gt-skeletons {gt_skeletons}: none of their {len(nodes_nm)} nodes "
+                        f"lies in the run's region ({lo.tolist()}-{hi.tolist()} nm); they span "
+                        f"{nodes_nm.min(axis=0).tolist()}-{nodes_nm.max(axis=0).tolist()} nm: "
+                        "are they in nm, in the image layer's frame?")
   from iicats_cv.skeletons import read_nuclei_csv, read_synapses_csv
   if nuclei:
     read_nuclei_csv(nuclei)
@@ -507,7 +515,8 @@ def evaluate_run(out, layers, gt_labels, gt_skeletons, nuclei, synapses,
   metrics = {"boundary_tolerance_nm": boundary_tolerance_nm} if boundary_tolerance_nm else {}
   for key, layer in (("", layers["segmentation"]), ("baseline_", layers["segmentation_baseline"])):
     result = evaluate(layer, skeletons=gt_skeletons, nuclei=nuclei, synapses=synapses,
-                      gt_labels=gt_labels, boundary_tolerance_nm=boundary_tolerance_nm)
+                      gt_labels=gt_labels, boundary_tolerance_nm=boundary_tolerance_nm,
+                      notes=not key)  # the baseline's inputs and extent are the same
     for name in ("erl", "berl", "nerl", "total_length", "voi_split", "voi_merge", "arand",
                  "voi_split_tolerant", "voi_merge_tolerant", "arand_tolerant",
                  "n_nucleus_violating_segments", "n_merged_synapses"):

@@ -121,6 +121,21 @@ def ground_truth(tmp_path):
   return sk, str(swc_dir), str(nuclei), str(synapses)
 
 
+def test_points_in_another_frame_are_named(tmp_path, seg_layer, capsys):
+  """Ground truth in µm (or of another volume) lies outside the layer: every node outside is
+  refused (ERL would be 0), most nuclei outside noted."""
+  sk, _, _, _ = ground_truth(tmp_path)
+  in_um = [Skeleton(s.id, s.vertices_nm / 1000, s.edges) for s in sk]
+  with pytest.raises(IicatsError, match="11 of the 11 skeleton nodes lie outside"):
+    evaluate(seg_layer, skeletons=in_um)
+  far_nuclei = np.concatenate([nm((5, 30, 2)), nm((5, 30, 2)) + 1e6, nm((5, 30, 2)) + 1e6])
+  r = evaluate(seg_layer, skeletons=sk, nuclei=far_nuclei)
+  assert r["n_nuclei_outside"] == 2
+  assert "2 of the 3 nuclei lie outside the segmentation" in capsys.readouterr().out
+  evaluate(seg_layer, skeletons=sk)  # one node of eleven outside: no note
+  assert "outside" not in capsys.readouterr().out
+
+
 def test_evaluate_hand_case(tmp_path, seg_layer):
   sk, swc_dir, nuclei, synapses = ground_truth(tmp_path)
   r = evaluate(seg_layer, skeletons=swc_dir)

@@ -358,6 +358,7 @@ def test_a_box_of_a_coarser_mip_is_predicted_as_the_whole_mip_predicts_it(tmp_pa
   (["--bounds", "0,0,0,80,10,10"], r"outside image layer .*em, whose bounds are \[0, 0, 0\]-"
                                    r"\[64, 64, 40\] voxels at mip 0 \(10×10×10 nm\)"),
   (["--bounds", "10,0,0,5,10,10"], "empty"),
+  (["--bounds", "3,3,3,4,4,4"], "a single voxel; give a region of two or more"),
   (["--bounds", "1,2,3"], "expected x0,y0,z0,x1,y1,z1"),
   (["--mip", "1"], r"has no mip 1 \(its 1 mip\(s\): 10×10×10 nm; `iicats downsample`"),
 ])
@@ -631,3 +632,26 @@ def test_infer_refuses_one_layer_for_both_outputs_and_an_infinite_window(tmp_pat
                                            "file://" + str(tmp_path / "other")])
   assert result.exit_code != 0 and "a layer already exists there" in result.output
   assert not (tmp_path / "out").exists()
+
+
+def test_read_box_reads_one_voxel_of_a_multi_channel_layer(tmp_path):
+  """CloudVolume's one-voxel fast path returns a voxel of a 3-channel layer as (3, 1, 1, 1)
+  (its channel slice then empty): read_box gives (1, 1, 1, c) with the right values, at the
+  layer's upper corner too."""
+  from cloudvolume import Bbox, CloudVolume
+  from iicats_cv.layers import read_box
+  path = "file://" + str(tmp_path / "affinities")
+  info = CloudVolume.create_new_info(3, "image", "uint8", "raw", [10, 10, 10], [5, 0, 0],
+                                     [4, 4, 4], chunk_size=[4, 4, 4])
+  cv = CloudVolume(path, info=info)
+  cv.commit_info()
+  data = np.arange(4 * 4 * 4 * 3, dtype=np.uint8).reshape(4, 4, 4, 3)
+  cv[:, :, :, :] = data
+  cv = CloudVolume(path)
+  for x, y, z in ((5, 0, 0), (8, 3, 3), (6, 2, 1)):
+    voxel = read_box(cv, Bbox((x, y, z), (x + 1, y + 1, z + 1)), "affinities")
+    assert voxel.shape == (1, 1, 1, 3)
+    assert (voxel[0, 0, 0] == data[x - 5, y, z]).all()
+    channel = read_box(cv, (slice(x, x + 1), slice(y, y + 1), slice(z, z + 1), slice(2, 3)),
+                       "affinities")
+    assert channel.shape == (1, 1, 1, 1) and channel[0, 0, 0, 0] == data[x - 5, y, z, 2]

@@ -440,6 +440,14 @@ def test_pipeline_over_a_box_of_the_image(tmp_path, tiny_checkpoint):
   out = "file://" + str(tmp_path / "run")
   with pytest.raises(IicatsError, match=r"gt16: has no scale at the run's resolution 8×8×8 nm"):
     run_pipeline(image_path, out, checkpoint=tiny_checkpoint, gt_labels=coarse_gt)
+  from iicats_cv.metrics import Skeleton
+  from iicats_cv.skeletons import write_swc
+  write_swc(Skeleton(1, [[0.1, 0.1, 0.1], [0.4, 0.1, 0.1]], [[0, 1]]),  # µm
+            str(tmp_path / "swc_um" / "1.swc"))
+  with pytest.raises(IicatsError, match=r"swc_um: none of their 2 nodes lies in the run's "
+                                        r"region \(\[128.0, 64.0, 0.0\]-\[896.0, 720.0, 384.0\] nm"):
+    run_pipeline(image_path, out, checkpoint=tiny_checkpoint, bounds="16,8,0,112,90,48",
+                 gt_skeletons=str(tmp_path / "swc_um"))
   assert not (tmp_path / "run").exists()
   summary = run_pipeline(image_path, out, task_shape=(64, 64, 64), checkpoint=tiny_checkpoint,
                          meshes=False, report=False, num_mips=0, gt_labels=gt_path,
