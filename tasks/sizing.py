@@ -21,6 +21,9 @@ GIB = 2 ** 30
 # FIXED holds the ~0.33 GiB of libraries a worker imported. Since 2026-12-07 only inference
 # imports PyTorch: the other stages' workers peaked 0.15-0.2 GiB lower on a small run (0.18-0.22
 # against 0.36-0.39 GiB), so their estimates are that much on the safe side (not refitted).
+# Local `-p N` workers are forked from a fork server since then too (runner._worker_context)
+# and peak lower still (0.12-0.16 GiB on that run): library pages they never touch are not
+# in their resident set.
 FIXED = {"inference": 0.560 * GIB, "watershed": 0.331 * GIB, "rag": 0.325 * GIB,
          "remap": 0.329 * GIB}
 PER_VOXEL = {"inference": 28.6, "watershed": 51.5, "rag": 50.3, "remap": 24.1}

@@ -214,6 +214,9 @@ def test_worker_processes_wait_between_stages_unless_told_to_exit(monkeypatch):
     Process = FakeProcess
     SimpleQueue = multiprocessing.SimpleQueue
 
+    def set_forkserver_preload(self, modules):
+      pass
+
   monkeypatch.setattr(multiprocessing, "get_context", lambda method: Context())
   for flags, exit_on_empty in (([], False), (["-x"], True)):
     started.clear()
@@ -353,3 +356,19 @@ def test_a_driver_that_runs_the_tasks_itself_hears_of_each(tmp_path):
   heard = []
   stats = execute(qurl, quiet=True, after_task=lambda: heard.append(1))
   assert stats["executed"] == 3 and stats["dead"] == 1 and len(heard) == 4
+
+
+def test_local_workers_see_the_drivers_environment_of_now(tmp_path, monkeypatch):
+  """Workers are forked from a fork server started with the driver's first stage; credentials
+  or endpoints set in the driver since then must reach them: each gets os.environ of now and
+  makes it its own."""
+  import os
+  from iicats_cv.tasks.runner import _worker
+  monkeypatch.setenv("IICATS_TEST_STALE", "1")
+  monkeypatch.setenv("IICATS_TEST_CREDENTIAL", "new")
+  environment = {k: v for k, v in os.environ.items() if k != "IICATS_TEST_STALE"}
+  qurl = "fq://" + str(tmp_path / "empty")
+  open_queue(qurl)
+  _worker(qurl, 60, 1, environment=environment)  # as a worker process would, in this one
+  assert os.environ.get("IICATS_TEST_CREDENTIAL") == "new"
+  assert "IICATS_TEST_STALE" not in os.environ
