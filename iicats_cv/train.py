@@ -5,6 +5,7 @@ from precomputed layers is the CLI's job (`iicats train`).
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, replace
@@ -106,6 +107,11 @@ def local_shape_descriptors(labels: np.ndarray, sigma) -> np.ndarray:
 
 # the LSD_CHANNELS of the x <-> y transposed volume, by their index in the original
 LSD_XY_TRANSPOSED = (1, 0, 2, 4, 3, 5, 6, 8, 7, 9)
+# Training stops when the loss's moving average rises above this many times its lowest (or
+# than ln 2, a constant 0.5 prediction's balanced cross-entropy, where that is higher): the
+# loss of a diverging run (`--lr 1000`: 0.7 to about 99,000 in 6 iterations) long before it
+# turns NaN. An ordinary run's moving average stays within a few times its lowest.
+DIVERGED = 10.0
 
 
 def mirror_shape_descriptors(flipped: np.ndarray, axis: int) -> np.ndarray:
@@ -432,7 +438,7 @@ def train(volumes, out_path: str, config: ModelConfig | None = None, iterations:
   model.train()
   bar = tqdm(range(start_iter, iterations), desc="train", disable=not progress,
              initial=start_iter, total=iterations)
-  running = None
+  running = best = None  # the loss's moving average, and its lowest
   for it in bar:
     batch = [sampler.sample() for _ in range(batch_size)]
     img, target, mask = (torch.from_numpy(np.stack(x)).to(device) for x in zip(*batch))
@@ -454,6 +460,11 @@ def train(volumes, out_path: str, config: ModelConfig | None = None, iterations:
     scaler.update()
     scheduler.step()
     running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+    best = running if best is None else min(best, running)
+    if running > DIVERGED * max(best, math.log(2)):
+      raise IicatsError(f"training diverged: the loss rose to {running:.4g} at iteration "
+                        f"{it + 1} from {best:.4g} (learning rate {lr:g}); lower --lr. "
+                        f"{out_path} is not written")
     bar.set_postfix(loss=f"{running:.4f}")
     if (it + 1) % checkpoint_every == 0 and it + 1 < iterations:
       torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
