@@ -17,8 +17,9 @@ import threading
 from typing import Callable, Iterable, Sequence
 
 import click
-import neuroglancer
 import numpy as np
+# neuroglancer (0.75 s with tensorstore) is imported by the functions that build states, not
+# by every command that imports the CLI
 
 from iicats_cv.errors import IicatsError, output_file_option
 
@@ -104,6 +105,7 @@ def _local_source(path: str, source_url) -> str:
 # State
 
 def _coordinate_space(resolution_nm) -> neuroglancer.CoordinateSpace:
+  import neuroglancer
   return neuroglancer.CoordinateSpace(names=["x", "y", "z"], units="nm",
                                       scales=[float(r) for r in resolution_nm])
 
@@ -141,6 +143,7 @@ void main() {
 def image_layer(source: str, window=None) -> neuroglancer.ImageLayer:
   """The EM image in greyscale; window (lo, hi): the grey values shown black to white (what
   the run mapped onto the model's 0-255, for images not of uint8)."""
+  import neuroglancer
   if window is None:
     return neuroglancer.ImageLayer(source=source)
   return neuroglancer.ImageLayer(source=source, shader=IMAGE_SHADER, shader_controls={
@@ -149,16 +152,19 @@ def image_layer(source: str, window=None) -> neuroglancer.ImageLayer:
 
 def affinity_layer(source: str) -> neuroglancer.ImageLayer:
   """x, y, z affinities as red, green, blue."""
+  import neuroglancer
   return neuroglancer.ImageLayer(source=source, shader=AFFINITY_SHADER)
 
 
 def organelle_layer(source: str) -> neuroglancer.ImageLayer:
   """Nucleus blue, mitochondria green, synapse red; opacity in the shader."""
+  import neuroglancer
   return neuroglancer.ImageLayer(source=source, shader=ORGANELLE_SHADER)
 
 
 def segmentation_layer(source: str, segments=(), skeletons: bool = True):
   """A segmentation with `segments` selected; meshes and skeletons of those are drawn."""
+  import neuroglancer
   layer = neuroglancer.SegmentationLayer(source=source, segments=_segment_ids(segments))
   if skeletons:
     layer.skeleton_shader = SKELETON_SHADER
@@ -170,6 +176,7 @@ def segmentation_layer(source: str, segments=(), skeletons: bool = True):
 
 def nuclei_layer(nuclei_nm, resolution_nm=None) -> neuroglancer.LocalAnnotationLayer:
   """Point annotations at nucleus centres (input in nm, stored in the layer's voxels)."""
+  import neuroglancer
   points = np.asarray(nuclei_nm, dtype=float).reshape(-1, 3)
   voxels = _to_voxels(points, resolution_nm)
   annotations = [neuroglancer.PointAnnotation(id=f"nucleus-{i}", point=p.tolist())
@@ -181,6 +188,7 @@ def nuclei_layer(nuclei_nm, resolution_nm=None) -> neuroglancer.LocalAnnotationL
 
 def synapse_layer(synapses_nm, resolution_nm=None) -> neuroglancer.LocalAnnotationLayer:
   """Line annotations pre -> post (input (S, 2, 3) nm)."""
+  import neuroglancer
   pairs = np.asarray(synapses_nm, dtype=float).reshape(-1, 2, 3)
   voxels = _to_voxels(pairs, resolution_nm)
   annotations = [neuroglancer.LineAnnotation(id=f"synapse-{i}", point_a=pre.tolist(),
@@ -218,6 +226,7 @@ def build_state(image=None, segmentation=None, affinities=None, organelles=None,
   state's dimensions (x, y, z voxels of that size); `position_nm` centres the view and
   `extent_nm` (the volume's size, with `resolution_nm`) zooms both panels to show all of it.
   """
+  import neuroglancer
   resolution = _check_triple(resolution_nm, "resolution_nm")
   if resolution is not None and np.any(resolution <= 0):
     raise IicatsError(f"resolution_nm: values must be positive, got {resolution_nm!r}")
@@ -265,11 +274,13 @@ def _set_view(state, layout, extent_nm, resolution):
 
 def state_to_url(state: neuroglancer.ViewerState, prefix: str = DEFAULT_PREFIX) -> str:
   """The shareable Neuroglancer URL of `state` (client at `prefix`)."""
+  import neuroglancer
   return neuroglancer.to_url(state, prefix=prefix.rstrip("/") + "/")
 
 
 def state_json(state: neuroglancer.ViewerState) -> dict:
   """The state as plain JSON data (what Neuroglancer's 'Edit JSON state' shows)."""
+  import neuroglancer
   return json.loads(neuroglancer.url_state.to_json_dump(state))
 
 
