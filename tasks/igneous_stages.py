@@ -18,7 +18,7 @@ import numpy as np
 from cloudfiles import CloudFiles
 from cloudvolume.datasource.precomputed.spatial_index import SpatialIndex
 from cloudvolume.lib import Bbox
-from igneous.tasks.skeleton import ShardedSkeletonMergeTask
+from igneous.tasks.skeleton import ShardedSkeletonMergeTask, UnshardedSkeletonMergeTask
 from taskqueue import queueable
 from taskqueue.lib import jsonify
 from taskqueue.queueables import totask
@@ -79,6 +79,26 @@ if hasattr(igneous_multires, "locations_for_labels"):
 if hasattr(ShardedSkeletonMergeTask, "locations_for_labels"):
   ShardedSkeletonMergeTask.locations_for_labels = lambda self, labels, cv: _fragment_files(
     cv.skeleton.spatial_index, labels, cv.meta.resolution(cv.skeleton.meta.mip))
+
+# Igneous 4.37's skeleton merges join each label's fragments in the order of a set of file
+# names, which string hashing randomises per process (sharded), or in the order CloudFiles
+# returned the files (unsharded): identical runs wrote skeletons whose vertices came in
+# another order (34 of 98 on a synthetic run of 64³ tasks), so their files differed. Its
+# mesh merge sorts fragments by file name; the skeleton merges do too here.
+_igneous_unfused_skeletons = ShardedSkeletonMergeTask.get_unfused
+_igneous_fuse_skeletons = UnshardedSkeletonMergeTask.fuse_skeletons
+
+
+def _unfused_skeletons_in_file_order(self, labels, filenames, cv, frag_path):
+  return _igneous_unfused_skeletons(self, labels, sorted(filenames), cv, frag_path)
+
+
+def _fuse_skeletons_in_file_order(self, skels):
+  return _igneous_fuse_skeletons(self, sorted(skels, key=lambda pair: pair[0].to_filename()))
+
+
+ShardedSkeletonMergeTask.get_unfused = _unfused_skeletons_in_file_order
+UnshardedSkeletonMergeTask.fuse_skeletons = _fuse_skeletons_in_file_order
 
 
 def _compress(cloudpath):
