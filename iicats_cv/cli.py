@@ -1018,7 +1018,7 @@ def downsample_command(cloudpath, queue, parallel, num_mips):
   depth = ig.pyramid_depth(cv.bounds.size3(), cv.resolution, num_mips)
   if depth < num_mips:
     click.echo(f"note: {depth} of the {num_mips} mips: the next would have fewer than 32 "
-               f"voxels on an axis ({path} is {'×'.join(map(str, cv.bounds.size3()))} voxels, "
+               f"voxels on a downsampled axis ({path} is {'×'.join(map(str, cv.bounds.size3()))} voxels, "
                f"downsampled by {'×'.join(map(str, ig.downsample_factor(cv.resolution)))} "
                "per mip)")
   for mip in range(depth):
@@ -1026,7 +1026,7 @@ def downsample_command(cloudpath, queue, parallel, num_mips):
   # Igneous makes no mip of a volume it finds too small, without an error
   written = min(depth, len(open_layer(path).info["scales"]) - 1)
   click.echo(f"done: {written} mip(s) written to {path} in {time.time() - started:.1f} s"
-             + ("" if written else " (too small for Igneous to make one)"))
+             + (" (Igneous found the volume too small for more)" if written < depth else ""))
 
 
 # what `iicats pipeline` writes under OUT besides the layers `iicats view` serves

@@ -20,6 +20,7 @@ import click
 import numpy as np
 
 from .errors import FiniteFloatRange, IicatsError, check_output_path
+from .layers import resolution_text
 from .metrics import (adapted_rand_error, boundary_tolerance_mask, boundary_tolerance_steps,
                       concatenate_skeletons, run_length_metrics, voi)
 
@@ -186,6 +187,10 @@ def _dense_scores(seg_cv, seg_path, gt_labels, mip, boundary_tolerance_nm=0.0,
             "gt_labels": gt_path}
   if boundary_tolerance_nm:
     keep = boundary_tolerance_mask(gt, seg_geo["resolution"], boundary_tolerance_nm)
+    if notes and keep.mean() < 0.1:
+      print(f"note: --boundary-tolerance-nm {boundary_tolerance_nm:g} leaves {keep.mean():.1%} "
+            f"of the voxels to score (voxel size {resolution_text(seg_geo['resolution'])}): "
+            "the *_tolerant scores say little", flush=True)
     split, merge = voi(seg[keep], gt[keep])
     scores.update({"boundary_tolerance_nm": float(boundary_tolerance_nm),
                    "tolerant_voxel_fraction": float(keep.mean()),
@@ -649,7 +654,8 @@ def summary_line(result: dict) -> str:
     if result.get(key) is not None:
       parts.append(f"{name} {result[key]:.4f}")
   if result.get("boundary_tolerance_nm"):
-    parts.append(f"within {result['boundary_tolerance_nm']:g} nm of GT boundaries left out: "
+    parts.append(f"within {result['boundary_tolerance_nm']:g} nm of GT boundaries left out "
+                 f"({result['tolerant_voxel_fraction']:.0%} of the voxels scored): "
                  f"VOI {result['voi_split_tolerant']:.4f} / {result['voi_merge_tolerant']:.4f},"
                  f" ARAND {result['arand_tolerant']:.4f}")
   parts.append(f"{len(result.get('merging_segments', []))} merging segment(s), "

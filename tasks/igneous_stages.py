@@ -120,14 +120,17 @@ def downsample_factor(resolution) -> tuple:
 
 
 def pyramid_depth(size, resolution, most: int, smallest: int = 32) -> int:
-  """How many mips to add (≤ most) while every axis of the new mip keeps ≥ `smallest` voxels."""
+  """How many mips to add (≤ most, possibly 0) while every downsampled axis of the new mip
+  keeps ≥ `smallest` voxels (an ssEM stack of 20 sections, never downsampled in z, still
+  gets its in-plane mips). Igneous itself makes no mip of a volume it finds too small."""
   size = np.asarray(size, dtype=float)
   factor = np.asarray(downsample_factor(resolution))
+  halved = factor > 1
   depth = 0
-  while depth < most and ((size / factor) >= smallest).all():
+  while depth < most and ((size / factor)[halved] >= smallest).all():
     size = size / factor
     depth += 1
-  return max(depth, 1)
+  return depth
 
 
 def downsample_tasks(cloudpath: str, mip: int):

@@ -423,7 +423,12 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
       continue  # never write into the user's input layer
     size, resolution = ((image_cv.meta.volume_size(0), image_cv.meta.resolution(0))
                         if name == "image" else (region.size3(), image_cv.resolution))
-    for level in range(ig.pyramid_depth(size, resolution, num_mips)):
+    depth = ig.pyramid_depth(size, resolution, num_mips)
+    if depth < num_mips and name == "segmentation":
+      print(f"note: {depth} of the {num_mips} mips of the layers: the next would have fewer "
+            f"than 32 voxels on a downsampled axis ({'×'.join(map(str, size))} voxels)",
+            flush=True)
+    for level in range(depth):
       run.stage(f"downsample-{name}-{level + 1}",
                 lambda n=name, m=level: ig.in_run(ig.downsample_tasks(layers[n], m), state))
 

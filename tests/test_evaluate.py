@@ -269,7 +269,8 @@ def test_evaluate_boundary_tolerance(tmp_path, seg_layer):
   assert r["voi_split"] > 0 and r["voi_merge"] > 0 and r["arand"] > 0
   assert r["voi_split_tolerant"] == r["voi_merge_tolerant"] == r["arand_tolerant"] == 0.0
   assert r["boundary_tolerance_nm"] == 4.0 and 0.8 < r["tolerant_voxel_fraction"] < 1
-  assert "left out: VOI 0.0000 / 0.0000" in summary_line(r)
+  assert "left out (9" in summary_line(r) and "of the voxels scored): VOI 0.0000 / 0.0000" \
+    in summary_line(r)
   assert ("VOI split, tolerant", "0.0000") in metric_rows(r)
   assert "voi_split_tolerant" not in evaluate(seg_layer, gt_labels=gt_path)
   with pytest.raises(IicatsError, match="needs ground-truth labels"):
@@ -282,6 +283,11 @@ def test_evaluate_boundary_tolerance(tmp_path, seg_layer):
                                                  "--json", str(out)])
   assert result.exit_code == 0, result.output
   assert json.loads(out.read_text())["arand_tolerant"] == 0.0
+  assert "say little" not in result.output
+  # 200 nm masks all but a few voxels of this layer: said so
+  result = CliRunner().invoke(evaluate_command, [seg_layer, "--gt-labels", gt_path,
+                                                 "--boundary-tolerance-nm", "200"])
+  assert result.exit_code == 0 and "the *_tolerant scores say little" in result.output
 
 
 def test_evaluate_input_errors(tmp_path, seg_layer):

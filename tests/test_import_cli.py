@@ -214,6 +214,18 @@ def test_two_stage_commands_without_a_queue_run_every_stage_locally(tmp_path):
   assert "note: 2 of the 4 mips: the next would have fewer than 32 voxels" in result.output
 
 
+def test_pyramid_depth_counts_only_the_axes_that_are_downsampled():
+  """An ssEM stack of 20 sections is never halved in z: its in-plane mips are made all the
+  same. A volume too small for any mip gets none (Igneous would refuse it, and a stage that
+  wrote nothing was listed as done)."""
+  from iicats_cv.tasks.igneous_stages import downsample_factor, pyramid_depth
+  assert downsample_factor((4.6, 4.6, 45)) == (2, 2, 1)
+  assert pyramid_depth((512, 512, 20), (4.6, 4.6, 45), 3) == 3
+  assert pyramid_depth((512, 512, 20), (10, 10, 10), 3) == 0
+  assert pyramid_depth((16, 16, 16), (10, 10, 10), 2) == 0
+  assert pyramid_depth((128, 128, 128), (10, 10, 10), 4) == 2
+
+
 def test_overwrite_replaces_the_whole_layer_and_a_source_inside_dest_is_refused(tmp_path,
                                                                                 volume_zyx):
   """--overwrite left the old layer's chunks that the new one does not cover (and its meshes
