@@ -337,6 +337,8 @@ def _histogram_quantile(hist, q) -> float:
 def _segment_table(frag_ids, roots):
   """Fragment ids (F,) and root indices (F,) -> segment id per fragment: the smallest fragment
   id of each region (deterministic, independent of merge order)."""
+  if not len(frag_ids):  # no tissue at all (an all-black region)
+    return np.zeros(0, dtype=np.uint64)
   order = np.argsort(roots, kind="stable")
   sorted_roots = roots[order]
   starts = np.r_[0, np.flatnonzero(np.diff(sorted_roots)) + 1]

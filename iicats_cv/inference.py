@@ -125,7 +125,7 @@ _PENDING = object()  # predict_block: a patch waiting for its batch
 def predict_block(model: UNet3D, image, image_start, block_start, block_stop, patch_starts,
                   batch_size: int = 4, device: str = "cpu", patch_cache=None, on_final=None,
                   z_align: int | None = None, augment: bool = False,
-                  progress: bool = False) -> np.ndarray:
+                  progress: bool = False, resolution=None) -> np.ndarray:
   """Blend model outputs of the given patches over one block.
 
   image: uint8 (X, Y, Z) covering every patch, its first voxel at global `image_start`
@@ -146,6 +146,9 @@ def predict_block(model: UNet3D, image, image_start, block_start, block_stop, pa
   augment: test-time augmentation, the mean over the in-plane mirror images of each patch
     (forward_probabilities): 4-8× the compute.
   progress: a tqdm bar over the z-layers of patches.
+  resolution: the image's voxel size (nm, x, y, z); with it, black regions of a patch
+    (watershed.image_background: padding, unwritten chunks) are filled with the mirror image
+    of the tissue beside them before the patch runs (fill_background), and predict 0.
   Returns float32 (C, bx, by, bz) probabilities for the block [block_start, block_stop); each
   voxel is the weighted mean of the patches covering it (weights sum to 1). All-zero patches
   are not run and predict 0.
@@ -190,7 +193,7 @@ def predict_block(model: UNet3D, image, image_start, block_start, block_stop, pa
       accumulate(*waiting.pop(0))
 
   def run(batch):
-    tiles = [tile for _, tile, _ in batch]
+    tiles = [tile for _, tile, _, _ in batch]
     # A patch run alone gets other values (7e-6 apart on CPU: another convolution algorithm
     # for a batch of one), while batches of 2-8 agree bit for bit, so a lone patch runs
     # beside an all-zero tile: the values no longer depend on the task that computed them.
@@ -198,7 +201,9 @@ def predict_block(model: UNet3D, image, image_start, block_start, block_stop, pa
       tiles.append(np.zeros_like(tiles[0]))
     x = torch.from_numpy(np.stack(tiles)[:, None]).to(device)
     probs = forward_probabilities(model, x, augment, use_amp).cpu().numpy()
-    for (entry, _, shared), prob in zip(batch, probs):
+    for (entry, _, shared, background_voxels), prob in zip(batch, probs):
+      if background_voxels is not None:
+        prob[:, background_voxels] = 0
       entry[1] = prob
       if shared:
         pending.append(background.submit(patch_cache.put, entry[0], prob))
@@ -250,8 +255,12 @@ def predict_block(model: UNet3D, image, image_start, block_start, block_stop, pa
           waiting.append([start, None])
           accumulate_ready()
           continue
+        background_voxels = None
+        if resolution is not None:
+          # from the patch alone: the same patch gets the same input in any task's window
+          tile, background_voxels = fill_background(tile, resolution)
         waiting.append([start, _PENDING])
-        batch.append((waiting[-1], normalize_image(tile, config), shared))
+        batch.append((waiting[-1], normalize_image(tile, config), shared, background_voxels))
         if len(batch) >= batch_size:
           run(batch)
           batch = []
@@ -271,6 +280,33 @@ def predict_block(model: UNet3D, image, image_start, block_start, block_stop, pa
     for future in pending:
       future.result()
   return out
+
+
+def fill_background(tile: np.ndarray, resolution) -> tuple[np.ndarray, np.ndarray | None]:
+  """uint8 (X, Y, Z) patch -> (the patch with its black regions (watershed.image_background)
+  replaced by the mirror image of the nearest tissue across their edge, those regions as
+  bool (X, Y, Z), or None where there are none).
+
+  The networks never saw black padding in training: within 8 voxels of it they predicted
+  affinities of 0.96-0.99 against 0.84-0.87 (the FIB crop beside 32 black voxels, against
+  the same crop alone), a strip without membranes that joined every neuron along the edge.
+  The mirror image is what the volume's own edges get (pad_to_region); a voxel whose mirror
+  point is black too takes its nearest tissue voxel."""
+  from scipy import ndimage
+  from .watershed import image_background
+  background = image_background(tile, resolution)
+  if not background.any() or background.all():
+    return tile, None
+  nearest = ndimage.distance_transform_edt(background, sampling=resolution,
+                                           return_distances=False, return_indices=True)
+  points = np.nonzero(background)
+  near = tuple(axis[points] for axis in nearest)
+  mirror = tuple(np.clip(2 * n - p, 0, size - 1)
+                 for n, p, size in zip(near, points, tile.shape))
+  use_mirror = ~background[mirror]
+  filled = tile.copy()
+  filled[points] = np.where(use_mirror, tile[mirror], tile[near])
+  return filled, background
 
 
 def default_overlap(patch_size) -> np.ndarray:

@@ -27,6 +27,29 @@ from .rag import unique_pairs
 SYNAPSE_BOUNDARY = 0.2
 
 
+# Black (0) regions at least this wide on every axis (nm) are no tissue: alignment padding,
+# chunks never written, a volume's empty corner. Smaller ones are dark tissue (in the VNC
+# stack 3e-5 of the voxels are black 5×5-voxel squares), and one or two missing sections
+# of 40 nm stay tissue, bridged by the model as it learnt in training.
+BACKGROUND_SIDE_NM = 100.0
+
+
+def image_background(image: np.ndarray, resolution) -> np.ndarray:
+  """Voxels of black image regions that hold a box BACKGROUND_SIDE_NM on a side of zeros.
+
+  image: (X, Y, Z) grey values of any dtype, 0 = no data; resolution: nm (x, y, z).
+  Returns bool (X, Y, Z): the morphological opening of image == 0 by that box (every zero
+  voxel of such a box), by maximum filters, which separate by axis."""
+  zero = np.asarray(image) == 0
+  if not zero.any():
+    return zero
+  # odd sides: the erosion's and the dilation's boxes then sit on the same centre
+  size = tuple(int(np.ceil(BACKGROUND_SIDE_NM / float(r))) // 2 * 2 + 1 for r in resolution)
+  # erosion of the zero set: no non-zero voxel in the box; then dilation by the same box
+  core = ndimage.maximum_filter(~zero, size=size, mode="nearest") == 0
+  return ndimage.maximum_filter(core, size=size, mode="constant", cval=False) & zero
+
+
 def boundary_map(affinities: np.ndarray) -> np.ndarray:
   """affinities float32 (3, X, Y, Z) in [0, 1], or uint8 (3, X, Y, Z) in [0, 255] standing for
   value / 255 -> boundary float32 (X, Y, Z) in [0, 1].
@@ -55,7 +78,8 @@ def boundary_map(affinities: np.ndarray) -> np.ndarray:
 def fragments(affinities: np.ndarray, resolution=(1.0, 1.0, 1.0), threshold: float = 0.5,
               seed_distance_nm: float | None = None, min_size: int = 50,
               per_section: bool = False, synapse: np.ndarray | None = None,
-              synapse_boundary: float = 0.0, origin=(0, 0, 0)) -> np.ndarray:
+              synapse_boundary: float = 0.0, origin=(0, 0, 0),
+              background: np.ndarray | None = None) -> np.ndarray:
   """Seeded watershed fragments from affinities.
 
   affinities: float32 (3, X, Y, Z) in [0, 1], or uint8 scaled by 1/255 (boundary_map).
@@ -72,11 +96,15 @@ def fragments(affinities: np.ndarray, resolution=(1.0, 1.0, 1.0), threshold: flo
   origin: global voxel coordinate (x, y, z) of the array's first voxel; it places the seed
     lattice (_seed_lattice) and breaks ties in the flooding order (flood_order), so a block's
     fragments do not depend on its read window.
-  Returns uint64 (X, Y, Z) labels 1..N, no zeros (every voxel belongs to a fragment).
+  background: bool (X, Y, Z), voxels that are no tissue (image_background): no seed lies
+    there, and they get label 0.
+  Returns uint64 (X, Y, Z) labels 1..N, 0 only on background.
   """
   boundary = boundary_map(affinities)
   if synapse is not None and synapse_boundary > 0:
     boundary = np.minimum(1.0, boundary + np.float32(synapse_boundary) * (synapse > 0))
+  if background is not None and background.any():
+    boundary[background] = 1.0
   if per_section:
     labels = np.zeros(boundary.shape, dtype=np.uint64)
     next_id = 0
@@ -88,6 +116,8 @@ def fragments(affinities: np.ndarray, resolution=(1.0, 1.0, 1.0), threshold: flo
       labels[:, :, z:z + 1] = section
   else:
     labels = _watershed(boundary, resolution, threshold, seed_distance_nm, origin)
+  if background is not None and background.any():
+    labels[background] = 0
   if min_size > 1:
     labels = merge_small_fragments(labels, boundary, min_size)
   labels, _ = fastremap.renumber(labels, in_place=True, preserve_zero=True)
@@ -250,7 +280,7 @@ def merge_small_fragments(labels: np.ndarray, boundary: np.ndarray, min_size: in
       u, v = a[1:][differs], a[:-1][differs]
       w = np.maximum(b[1:][differs], b[:-1][differs])
       del differs
-      sel = np.isin(u, small_ids) | np.isin(v, small_ids)
+      sel = (np.isin(u, small_ids) | np.isin(v, small_ids)) & (u != 0) & (v != 0)
       us.append(u[sel])
       vs.append(v[sel])
       ws.append(w[sel])

@@ -155,7 +155,8 @@ def inference_task(image_path: str, affinities_path: str, organelles_path: str,
 
   predict_block(model, read, None, start, stop, starts, batch_size, device,
                 patch_cache=PatchCache(patch_cache) if patch_cache else None,
-                on_final=write, z_align=int(aff_cv.chunk_size[2]), augment=augment)
+                on_final=write, z_align=int(aff_cv.chunk_size[2]), augment=augment,
+                resolution=tuple(float(r) for r in image_cv.resolution))
   if state_prefix:
     mark_done(state_prefix, "inference", block_name(start))
 

@@ -365,7 +365,8 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
   run.stage("watershed", lambda: create_watershed_tasks(
     layers["affinities"], layers["supervoxels"], task_shape, state_prefix=state,
     organelles_path=layers["organelles"], synapse_boundary=synapse_boundary,
-    synapse_cut=organelle_cuts[2]))
+    synapse_cut=organelle_cuts[2], image_path=image, image_mip=mip,
+    fill_missing=fill_missing, image_window=image_window))
   run.stage("rag", lambda: create_rag_tasks(
     layers["supervoxels"], layers["affinities"], layers["organelles"], join(out, "rag"),
     task_shape, state_prefix=state, histogram=histograms,

@@ -30,8 +30,8 @@ from iicats_cv.layers import (IMAGE_DTYPES, open_layer, create_layer, join, read
                               resolve_cloudpath)
 from iicats_cv.rag import (EDGE_FIELDS, block_rag, contract_stitched, merge_rags, relabel,
                           stitched_node_table)
-from iicats_cv.watershed import (AXES, FLOOD_SEED_REACH, LATTICE_SPACING, face_agreement,
-                                 fragments)
+from iicats_cv.watershed import (AXES, BACKGROUND_SIDE_NM, FLOOD_SEED_REACH, LATTICE_SPACING,
+                                 face_agreement, fragments, image_background)
 from .common import (LAYER_CHUNK_SIZE, block_grid, check_task_shape, mark_done, block_name,
                      done_names, put_npz, get_npz, put_json, get_json, read_image)
 from cloudfiles import CloudFiles
@@ -115,13 +115,18 @@ def watershed_task(affinities_path: str, supervoxels_path: str, start: list, sto
                    block_index: int, id_stride: int, context_nm: float | None = None,
                    threshold: float = 0.5, min_size: int = 50, per_section: bool = False,
                    state_prefix: str = "", organelles_path: str = "",
-                   synapse_boundary: float = 0.0, synapse_cut: float = 0.5):
+                   synapse_boundary: float = 0.0, synapse_cut: float = 0.5,
+                   image_path: str = "", image_mip: int = 0, fill_missing: bool = False,
+                   image_window: list | None = None):
   """Fragments of one block, computed with `context_nm` of margin around it, ids offset by
   block_index * id_stride so they are unique across all blocks. Also stores, per face, where
   this watershed joins the voxels straddling the face (SUPERVOXELS/faces/BLOCK.npz): the rag
   stage stitches fragments that both blocks beside a face see as one.
   organelles_path, synapse_boundary, synapse_cut: where the organelles layer's synapse channel
-  exceeds synapse_cut, synapse_boundary is added to the boundary map (watershed.fragments)."""
+  exceeds synapse_cut, synapse_boundary is added to the boundary map (watershed.fragments).
+  image_path, image_mip, fill_missing, image_window: the EM image on the affinities' voxel
+  grid, read as inference reads it; its black regions (watershed.image_background) get no
+  fragment (label 0)."""
   aff_cv = check_affinities(affinities_path)
   bounds = aff_cv.bounds
   context = context_voxels(context_nm, aff_cv.resolution)
@@ -134,9 +139,16 @@ def watershed_task(affinities_path: str, supervoxels_path: str, start: list, sto
     org_cv = check_organelles(organelles_path, aff_cv)
     synapse = _probability_channels(org_cv, Bbox(lo, hi), "organelle layer", channels=1,
                                     first=SYNAPSE_CHANNEL)[0] > synapse_cut
+  background = None
+  if image_path:
+    image_cv = open_layer(image_path, mip=image_mip, layer_type="image", dtypes=IMAGE_DTYPES,
+                          num_channels=1, fill_missing=fill_missing, what="image layer")
+    image = read_image(image_cv, Bbox(lo, hi), image_path, image_window)
+    background = image_background(image, aff_cv.resolution)
+    del image
   labels = fragments(affs, aff_cv.resolution, threshold=threshold, min_size=min_size,
                      per_section=per_section, synapse=synapse,
-                     synapse_boundary=synapse_boundary, origin=lo)
+                     synapse_boundary=synapse_boundary, origin=lo, background=background)
   core_lo, core_hi = np.asarray(start) - lo, np.asarray(stop) - lo
   put_npz(join(supervoxels_path, "faces"), f"{block_name(start)}.npz",
           face_agreement(labels, core_lo, core_hi))
@@ -155,9 +167,12 @@ def create_watershed_tasks(affinities_path: str, supervoxels_path: str, task_sha
                            context_nm: float | None = None,
                            per_section: bool | None = None, state_prefix: str = "",
                            chunk_size=LAYER_CHUNK_SIZE, organelles_path: str = "",
-                           synapse_boundary: float = 0.0, synapse_cut: float = 0.5):
+                           synapse_boundary: float = 0.0, synapse_cut: float = 0.5,
+                           image_path: str = "", image_mip: int = 0,
+                           fill_missing: bool = False, image_window: list | None = None):
   """Watershed tasks over the affinities' bounds (watershed_task). With organelles_path and
-  synapse_boundary > 0 the predicted synapses raise the boundary map (see fragments)."""
+  synapse_boundary > 0 the predicted synapses raise the boundary map (see fragments); with
+  image_path (at image_mip, on the affinities' grid) its black regions stay unsegmented."""
   aff_cv = check_affinities(affinities_path)
   check_task_shape(task_shape, chunk_size, supervoxels_path)
   if synapse_boundary < 0:
@@ -185,6 +200,9 @@ def create_watershed_tasks(affinities_path: str, supervoxels_path: str, task_sha
                        "flood": "local order: boundary level, seed distance (up to "
                                 f"{FLOOD_SEED_REACH} voxels), global position hash",
                        "seed_lattice_voxels": LATTICE_SPACING,
+                       "background": (f"black image regions {BACKGROUND_SIDE_NM:g} nm wide "
+                                      f"({image_path}, mip {image_mip}) are 0"
+                                      if image_path else None),
                        "ids": "local id + block index * voxels per block"})
   id_stride = int(np.prod(task_shape))
   done = done_names(state_prefix, "watershed") if state_prefix else set()
@@ -194,7 +212,9 @@ def create_watershed_tasks(affinities_path: str, supervoxels_path: str, task_sha
                    context_nm=context_nm,
                    threshold=threshold, min_size=min_size, per_section=per_section,
                    state_prefix=state_prefix, organelles_path=organelles_path,
-                   synapse_boundary=float(synapse_boundary), synapse_cut=float(synapse_cut))
+                   synapse_boundary=float(synapse_boundary), synapse_cut=float(synapse_cut),
+                   image_path=image_path, image_mip=int(image_mip),
+                   fill_missing=bool(fill_missing), image_window=image_window)
     for lo, hi, index in block_grid(bounds.minpt, bounds.maxpt, task_shape)
     if block_name(lo) not in done
   ]

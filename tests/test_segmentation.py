@@ -679,3 +679,21 @@ def test_interior_bonus_lowers_the_bar_only_between_two_noisy_regions():
   old = {k: v for k, v in rag.items() if not k.startswith("frag_interior")}
   with pytest.raises(IicatsError, match="run the rag stage again"):
     agglomerate(old, bonus)
+
+
+def test_black_image_regions_get_no_fragments():
+  """Black padding (alignment, unwritten chunks) is no tissue: label 0, no fragments or RAG
+  nodes there. A dark spot and one missing 40 nm section stay tissue (the model bridges
+  missing sections)."""
+  from iicats_cv.watershed import image_background
+  image = np.full((60, 60, 12), 150, np.uint8)
+  image[:20] = 0              # 200 nm of padding at 10 nm
+  image[40:43, 10:13] = 0     # a dark spot of 30 nm
+  image[:, :, 6] = 0          # one missing section
+  background = image_background(image, (10, 10, 40))
+  assert background[:20].all() and not background[20:].any()
+  affinities = np.full((3, 60, 60, 12), 0.9, np.float32)
+  labels = fragments(affinities, (10, 10, 40), background=background)
+  assert (labels[:20] == 0).all() and (labels[20:] > 0).all()
+  assert image_background(np.zeros((4, 4, 4), np.uint8), (10, 10, 10)).all()
+  assert not image_background(np.full((4, 4, 4), 9, np.uint8), (10, 10, 10)).any()
