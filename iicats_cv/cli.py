@@ -497,8 +497,9 @@ def execute_command(queue, lease_sec, exit_on_empty, parallel, max_attempts):
     iicats execute fq:///shared/queue -x -p 4
     iicats execute sqs://iicats-tasks --lease-sec 1200
   """
-  from iicats_cv.tasks.runner import (execute, gib_text, largest_peak, peak_memory_bytes,
-                                      start_workers)
+  from iicats_cv.tasks.runner import (ended_workers_text, execute, gib_text, largest_peak,
+                                      peak_memory_bytes, start_workers,
+                                      workers_stopped_on_exit)
   started = time.time()
   if queue.startswith("fq://") and not os.path.isdir(os.path.expanduser(queue[len("fq://"):])):
     # python-task-queue creates a missing file queue: a mistyped path would wait silently
@@ -508,8 +509,13 @@ def execute_command(queue, lease_sec, exit_on_empty, parallel, max_attempts):
   if parallel > 1:
     procs, report = start_workers(parallel, queue, lease_sec, max_attempts,
                                   exit_on_empty=exit_on_empty, standalone=True)
-    for proc in procs:
-      proc.join()
+    with workers_stopped_on_exit(procs):
+      for proc in procs:
+        proc.join()
+    failed = [proc for proc in procs if proc.exitcode != 0]
+    if failed:
+      raise IicatsError(f"{len(failed)} of the {parallel} workers on {queue} ended after "
+                        f"{time.time() - started:.1f} s: {ended_workers_text(failed)}")
     peak = largest_peak(report)
     click.echo(f"done: {parallel} workers exited after {time.time() - started:.1f} s"
                + (f"; each peaked at {gib_text(peak)} at most" if peak else ""))

@@ -6,6 +6,7 @@ pipeline inserts them into the same queue as our tasks and validates what they w
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import re
@@ -314,7 +315,7 @@ def igneous_task(payload, state_prefix: str = ""):
   """One Igneous task, from its payload. The pipeline queues Igneous' tasks in this wrapper so
   that they carry the run's state_prefix: one that fails for good on any worker leaves its
   dead letter where the driver looks (runner.drain), as the run's own tasks do."""
-  totask(payload).execute()
+  totask(copy.deepcopy(payload)).execute()  # deserialising deletes a payload's 'class' key
 
 
 def in_run(tasks, state_prefix: str) -> list:

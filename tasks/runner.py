@@ -7,6 +7,7 @@ of spinning. Supported queues: `fq://PATH` (local or shared filesystem), `sqs://
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import multiprocessing
 import multiprocessing.connection
@@ -258,7 +259,7 @@ def execute(qurl: str, lease_sec: int = 600, exit_on_empty: bool = True,
       if exit_on_empty and tq.enqueued == 0:
         break
       # the others' last tasks may end any moment: a stage's workers exit soon after them
-      time.sleep(min(0.5, 0.05 * 2 ** idle))
+      time.sleep(0.05 * 2 ** min(idle, 3))  # 50 ms, doubling to 0.4 s
       idle += 1
       continue
     idle = 0
@@ -299,7 +300,7 @@ def task_label(task) -> str:
   'MeshTask 0_0_0', or the kind alone."""
   if hasattr(task, "key") and task.key[-1] == "igneous_task":  # an Igneous task of a run
     from taskqueue.queueables import totask
-    return task_label(totask(task.kwargs["payload"]))
+    return task_label(totask(copy.deepcopy(task.kwargs["payload"])))
   if hasattr(task, "key"):  # python-task-queue's FunctionTask: our tasks
     name, fields = task.key[-1], task.kwargs
   else:  # a RegisteredTask: Igneous'
@@ -318,6 +319,10 @@ def _worker(qurl, lease_sec, max_attempts, exit_on_empty=True, standalone=False,
   process's peak memory (bytes) when it is done. environment: the driver's os.environ now
   (a fork server's children inherit the environment it started with, which credentials or
   endpoints set since would be missing from)."""
+  import signal
+  # Ctrl-C reaches the whole process group: the driver stops its workers itself
+  # (workers_stopped_on_exit), without a traceback from each
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
   if environment is not None:
     for key in set(os.environ) - set(environment):
       del os.environ[key]
@@ -339,7 +344,11 @@ def _worker_context():
   import it, after the fork). Each child still runs the driver's main script, as spawned
   ones do (Python 3.11's fork server does not preload '__main__'): for `iicats` that is
   the CLI module, preloaded here too. Elsewhere: spawn."""
-  if "forkserver" not in multiprocessing.get_all_start_methods():
+  import tempfile
+  # the server listens on TMPDIR/pymp-XXXXXXXX/listener-XXXXXXXX: a Unix socket path, of at
+  # most 107 bytes on Linux (a scheduler's job TMPDIR can be longer)
+  too_long = len(os.path.join(tempfile.gettempdir(), "pymp-12345678", "listener-12345678")) > 100
+  if "forkserver" not in multiprocessing.get_all_start_methods() or too_long:
     return multiprocessing.get_context("spawn")
   ctx = multiprocessing.get_context("forkserver")
   ctx.set_forkserver_preload(["__main__", "iicats_cv.cli", "iicats_cv.tasks",
@@ -359,6 +368,30 @@ def start_workers(n: int, qurl: str, lease_sec: int, max_attempts: int,
   for proc in procs:
     proc.start()
   return procs, report
+
+
+@contextlib.contextmanager
+def workers_stopped_on_exit(procs):
+  """Terminate the worker processes of start_workers when the block ends in an exception: a
+  Ctrl-C (which they ignore), a SIGTERM to this process (turned into SystemExit here), a
+  failed stage. Their leased tasks come back when the leases expire. Without this, workers
+  of an interrupted `iicats execute -p N` lived on for ever, waiting for tasks."""
+  import signal
+  previous = None
+  if threading.current_thread() is threading.main_thread():
+    previous = signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(128 + number))
+  try:
+    yield
+  except BaseException:
+    for proc in procs:
+      if proc.is_alive():
+        proc.terminate()
+    for proc in procs:
+      proc.join(10)
+    raise
+  finally:
+    if previous is not None:
+      signal.signal(signal.SIGTERM, previous)
 
 
 def largest_peak(report) -> int | None:
@@ -430,22 +463,24 @@ def drain(qurl: str, total: int, parallel: int = 1, desc: str = "tasks", lease_s
               after_task=lambda: bar.update(1) if bar.n < total else None)
     else:
       procs, report = start_workers(parallel, qurl, lease_sec, max_attempts)
-  while True:
-    remaining = tq.enqueued
-    bar.update(max(0, total - remaining) - bar.n)
-    if remaining == 0:
-      break
-    alive = [p.sentinel for p in procs if p.is_alive()]
-    if procs and not alive:
-      # a worker only leaves a non-empty queue when it dies; its leased task would wait
-      raise IicatsError(f"{desc}: all {len(procs)} worker processes ended with {remaining} "
-                        f"task(s) left on {qurl}: {ended_workers_text(procs)}")
-    if alive:  # they exit once the queue is empty: no need to wait for the next poll
-      multiprocessing.connection.wait(alive, timeout=poll_sec)
-    else:
-      time.sleep(poll_sec)
-  for proc in procs:
-    proc.join()
+  with workers_stopped_on_exit(procs):
+    while True:
+      remaining = tq.enqueued
+      bar.update(max(0, total - remaining) - bar.n)
+      if remaining == 0:
+        break
+      alive = [p.sentinel for p in procs if p.is_alive()]
+      if procs and not alive:
+        bar.close()  # before the message, which a bar's last redraw would overwrite
+        # a worker only leaves a non-empty queue when it dies; its leased task would wait
+        raise IicatsError(f"{desc}: all {len(procs)} worker processes ended with {remaining} "
+                          f"task(s) left on {qurl}: {ended_workers_text(procs)}")
+      if alive:  # they exit once the queue is empty: no need to wait for the next poll
+        multiprocessing.connection.wait(alive, timeout=poll_sec)
+      else:
+        time.sleep(poll_sec)
+    for proc in procs:
+      proc.join()
   bar.close()
   dead = set(dead_letters(qurl)) - dead_before
   if dead:
@@ -503,6 +538,10 @@ def run_tasks(tasks, queue: str | None, parallel: int | None, desc: str = "tasks
               f"(`iicats queue release {queue}` frees the leases of workers that are gone, "
               f"`iicats queue purge {queue}` drops the tasks)", flush=True)
       tq.insert(tasks, skip_insert_counter=True)
+      if parallel:
+        # a worker more than the tasks only races the others for their leases (python-task-
+        # queue's file queue retries a lost race with random back-off: 1.5-3.5 s stalls)
+        parallel = min(parallel, len(tasks))
       who = f"{parallel} local worker(s)" if parallel else "external workers"
       print(f"[{desc}] {len(tasks)} task(s) on {queue} for {who}", flush=True)
       peak = drain(queue, len(tasks), parallel=parallel or 1, desc=desc, lease_sec=lease_sec,

@@ -119,3 +119,25 @@ def test_mistakes_leave_the_layer_as_it_was(segmentation, tmp_path):
   for flags in (["--unsharded"], []):
     result = CliRunner().invoke(cli, ["mesh", path, "-p", "1", *flags])
     assert result.exit_code == 0, result.output
+
+
+def test_a_fleet_worker_logs_the_igneous_tasks_of_a_run(segmentation, tmp_path, capsys):
+  """`iicats execute` logs each task by its kind and block; for Igneous' tasks of a run that
+  label was made after the task ran, from its payload, which deserialising had stripped of
+  its 'class' key: the worker crashed (KeyError) after each MeshTask and the run's driver
+  waited for ever."""
+  from iicats_cv.tasks import igneous_stages as ig
+  from iicats_cv.tasks.runner import execute, open_queue
+  path, _ = segmentation
+  qurl = "fq://" + str(tmp_path / "queue")
+  state = "file://" + str(tmp_path / "state")
+  tasks = ig.in_run(ig.mesh_tasks(path, (64, 64, 64)), state)
+  open_queue(qurl).insert(tasks)
+  stats = execute(qurl, exit_on_empty=True, log_tasks=True)
+  assert stats == {"executed": len(tasks), "failed": 0, "dead": 0}
+  assert capsys.readouterr().out.count("MeshTask ") == len(tasks)
+  # the merge: a python-task-queue function task, whose payload is a list, not a dict
+  merges = ig.in_run(ig.mesh_merge_tasks(path), state)
+  open_queue(qurl).insert(merges)
+  assert execute(qurl, exit_on_empty=True, log_tasks=True)["executed"] == len(merges)
+  assert validate_layer(path, skeletons=False)["problems"] == []

@@ -201,6 +201,8 @@ def test_worker_processes_wait_between_stages_unless_told_to_exit(monkeypatch):
   started = []
 
   class FakeProcess:
+    exitcode = 0
+
     def __init__(self, target, args):
       started.append(args)
 
@@ -372,3 +374,25 @@ def test_local_workers_see_the_drivers_environment_of_now(tmp_path, monkeypatch)
   _worker(qurl, 60, 1, environment=environment)  # as a worker process would, in this one
   assert os.environ.get("IICATS_TEST_CREDENTIAL") == "new"
   assert "IICATS_TEST_STALE" not in os.environ
+
+
+def test_an_idle_worker_backs_off_without_end(tmp_path, monkeypatch):
+  """A worker with nothing to lease sleeps 50 ms, doubling to 0.4 s: the doubling once
+  overflowed a float after 8.5 minutes idle (2 ** 1024) and the worker died."""
+  import iicats_cv.tasks.runner as runner
+  naps = []
+
+  class Enough(Exception):
+    pass
+
+  def nap(seconds):
+    naps.append(seconds)
+    if len(naps) > 1100:
+      raise Enough
+
+  monkeypatch.setattr(runner.time, "sleep", nap)
+  qurl = "fq://" + str(tmp_path / "idle")
+  open_queue(qurl)
+  with pytest.raises(Enough):
+    execute(qurl, exit_on_empty=False)
+  assert naps[:4] == [0.05, 0.1, 0.2, 0.4] and max(naps) == 0.4
