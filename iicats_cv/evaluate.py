@@ -287,7 +287,8 @@ def evaluate(segmentation, skeletons=None, nuclei=None, synapses=None, gt_labels
   (pre_x,...,post_z); gt_labels: cloudpath of dense ground-truth labels (VOI, ARAND);
   mip: the segmentation's mip; pooled: funlib-style pooled runs; boundary_tolerance_nm: also
   score VOI and ARAND without the voxels that close to a ground-truth interface (*_tolerant);
-  notes: print notes on ground truth that covers only part of the layer.
+  notes: print the notes on the inputs (ground truth covering part of the layer, points
+  outside it, a tolerance that leaves few voxels).
 
   Returns a JSON-able dict: erl, berl, nerl, total_length (nm; None without skeletons),
   voi_split, voi_merge, arand (only with gt_labels), counts, the ground_truth_violations
