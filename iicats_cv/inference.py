@@ -292,6 +292,8 @@ def fill_background(tile: np.ndarray, resolution) -> tuple[np.ndarray, np.ndarra
   the same crop alone), a strip without membranes that joined every neuron along the edge.
   The mirror image is what the volume's own edges get (pad_to_region); a voxel whose mirror
   point is black too takes its nearest tissue voxel."""
+  if tile.min() > 0:  # the common case, in a fraction of the time of the comparison below
+    return tile, None
   from scipy import ndimage
   from .watershed import image_background
   background = image_background(tile, resolution)
