@@ -22,7 +22,7 @@ import numpy as np
 from .errors import FiniteFloatRange, IicatsError, check_output_path
 from .layers import resolution_text
 from .metrics import (adapted_rand_error, boundary_tolerance_mask, boundary_tolerance_steps,
-                      concatenate_skeletons, run_length_metrics, voi)
+                      concatenate_skeletons, crop_skeleton, run_length_metrics, voi)
 
 # floor(p / r + FLOOR_EPS): positions computed as voxel * resolution in floating point (e.g.
 # 3 * 4.6 nm) land a hair below the voxel corner; 1e-6 voxel is far below any real precision.
@@ -249,6 +249,27 @@ def ground_truth_violations(metrics: dict, n_nuclei: int, n_synapses: int) -> di
   return counts
 
 
+def _cropped_to_layer(skeletons, geo, what: str, notes: bool = True) -> list:
+  """The skeletons cropped to the layer's bounds (metrics.crop_skeleton), with a note on the
+  nodes left out; none left is an IicatsError."""
+  cropped, total, left_out = [], 0, 0
+  for skeleton in skeletons:
+    _, inside = point_voxels(skeleton.vertices_nm, geo["resolution"], geo["offset"],
+                             geo["size"])
+    total += len(inside)
+    left_out += int(np.count_nonzero(~inside))
+    kept = crop_skeleton(skeleton, inside)
+    if kept is not None:
+      cropped.append(kept)
+  if total and not cropped:
+    raise IicatsError(f"none of the {total} skeleton nodes lies in the {what}: nothing left "
+                      "to score after cropping")
+  if notes and left_out:
+    print(f"note: ground-truth skeletons cropped to the {what}: {left_out} of their {total} "
+          f"nodes lie outside it and are left out, with their edges", flush=True)
+  return cropped
+
+
 def _check_points_inside(seg_path, geo, points_nm, inside, kinds, notes=True) -> None:
   """Points in another frame than the layer's (µm for nm, another volume's offset) would
   each count as unsegmented and give an ERL of 0 or no violations without a word: none of
@@ -277,7 +298,7 @@ def _check_points_inside(seg_path, geo, points_nm, inside, kinds, notes=True) ->
 def evaluate(segmentation, skeletons=None, nuclei=None, synapses=None, gt_labels=None,
              mip: int = 0, pooled: bool = False, max_locations: int = MAX_LOCATIONS,
              boundary_tolerance_nm: float = 0.0, skeleton_ids=None,
-             notes: bool = True) -> dict:
+             notes: bool = True, crop_skeletons: bool = False) -> dict:
   """Evaluate a segmentation layer against ground truth.
 
   segmentation: cloudpath (or CloudVolume) of a segmentation layer; skeletons: list of
@@ -288,7 +309,9 @@ def evaluate(segmentation, skeletons=None, nuclei=None, synapses=None, gt_labels
   mip: the segmentation's mip; pooled: funlib-style pooled runs; boundary_tolerance_nm: also
   score VOI and ARAND without the voxels that close to a ground-truth interface (*_tolerant);
   notes: print the notes on the inputs (ground truth covering part of the layer, points
-  outside it, a tolerance that leaves few voxels).
+  outside it, a tolerance that leaves few voxels); crop_skeletons: score the skeletons cropped
+  to the layer's bounds (a segmentation of part of the ground truth's volume) instead of
+  counting their nodes outside it as unsegmented (DESIGN.md's definition, the default).
 
   Returns a JSON-able dict: erl, berl, nerl, total_length (nm; None without skeletons),
   voi_split, voi_merge, arand (only with gt_labels), counts, the ground_truth_violations
@@ -303,8 +326,10 @@ def evaluate(segmentation, skeletons=None, nuclei=None, synapses=None, gt_labels
   synapses_nm = _points(synapses, read_synapses_csv, (2, 3), "synapses")
   if skeletons is None and gt_labels is None and not len(nuclei_nm) and not len(synapses_nm):
     raise IicatsError("nothing to evaluate: give skeletons and/or ground-truth labels")
-  flat = concatenate_skeletons(skeleton_list)
   geo = layer_geometry(cv, mip)
+  if crop_skeletons:
+    skeleton_list = _cropped_to_layer(skeleton_list, geo, f"segmentation {seg_path}", notes)
+  flat = concatenate_skeletons(skeleton_list)
   if boundary_tolerance_nm:
     if gt_labels is None:
       raise IicatsError("a boundary tolerance needs ground-truth labels (--gt-labels)")
@@ -332,7 +357,7 @@ def evaluate(segmentation, skeletons=None, nuclei=None, synapses=None, gt_labels
       str(skeletons) if isinstance(skeletons, (str, os.PathLike))
       else f"{len(skeleton_list)} skeletons"),
     "erl": metrics.pop("erl"), "berl": metrics.pop("berl"), "nerl": metrics.pop("nerl"),
-    "total_length": metrics.pop("total_length"),
+    "total_length": metrics.pop("total_length"), "skeletons_cropped": bool(crop_skeletons),
   }
   if skeletons is None:
     result["total_length"] = None
@@ -352,8 +377,9 @@ def evaluate(segmentation, skeletons=None, nuclei=None, synapses=None, gt_labels
 
 
 def evaluate_tables(supervoxels, tables: dict, skeletons, nuclei=None, synapses=None,
-                    mip: int = 0) -> list[dict]:
-  """ERL/bERL/nERL of several agglomerations of one supervoxel layer, without writing them.
+                    mip: int = 0, crop_skeletons: bool = False) -> list[dict]:
+  """ERL/bERL/nERL of several agglomerations of one supervoxel layer, without writing them
+  (crop_skeletons: as evaluate's).
 
   tables: {threshold: (fragment_ids uint64 (F,), segment_ids uint64 (F,))}. Node, nucleus and
   synapse points are looked up in the supervoxels once; each table maps them to segments
@@ -361,8 +387,12 @@ def evaluate_tables(supervoxels, tables: dict, skeletons, nuclei=None, synapses=
   sorted: {threshold, erl, berl, nerl} and the ground_truth_violations.
   """
   from .skeletons import load_skeletons, read_nuclei_csv, read_synapses_csv
-  _, cv = _open_segmentation(supervoxels, mip, what="supervoxels")
-  flat = concatenate_skeletons(load_skeletons(skeletons))
+  path, cv = _open_segmentation(supervoxels, mip, what="supervoxels")
+  skeleton_list = load_skeletons(skeletons)
+  if crop_skeletons:
+    skeleton_list = _cropped_to_layer(skeleton_list, layer_geometry(cv, mip),
+                                      f"supervoxels {path}", notes=False)
+  flat = concatenate_skeletons(skeleton_list)
   nuclei_nm = _points(nuclei, read_nuclei_csv, (3,), "nuclei")
   synapses_nm = _points(synapses, read_synapses_csv, (2, 3), "synapses")
   points = np.concatenate([flat.vertices_nm, nuclei_nm, synapses_nm.reshape(-1, 3)])
@@ -702,6 +732,10 @@ def _skeleton_ids(value: str) -> list[int]:
               help="Also score VOI and ARAND without the voxels this close to a ground-truth "
                    "interface (CREMI's border mask), for ground truth drawn up to the membrane.")
 @click.option("--mip", type=int, default=0, show_default=True, help="Segmentation mip level.")
+@click.option("--crop-skeletons", is_flag=True,
+              help="Score the skeletons cropped to the segmentation's bounds (a segmentation "
+                   "of part of the ground truth's volume); by default their nodes outside it "
+                   "count as unsegmented.")
 @click.option("--pooled", is_flag=True,
               help="Pool all correct edges of a segment within a skeleton (funlib.evaluate) "
                    "instead of connected runs.")
@@ -712,7 +746,7 @@ def _skeleton_ids(value: str) -> list[int]:
                                                                              folder=True),
               help="Write an HTML report (with PNG figures) into DIR.")
 def evaluate_command(segmentation, skeletons, skeleton_ids, nuclei, synapses, gt_labels,
-                     boundary_tolerance_nm, mip, pooled, json_path, report_dir):
+                     boundary_tolerance_nm, mip, crop_skeletons, pooled, json_path, report_dir):
   """Score SEGMENTATION_CLOUDPATH: ERL, bERL, nERL on GT skeletons; VOI, ARAND on GT labels.
 
   \b
@@ -732,7 +766,7 @@ def evaluate_command(segmentation, skeletons, skeleton_ids, nuclei, synapses, gt
   if skeleton_ids and skeletons is None:
     raise IicatsError("--skeleton-ids picks among --skeletons: give those too")
   result = evaluate(segmentation, skeletons=skeletons, nuclei=nuclei, synapses=synapses,
-                    gt_labels=gt_labels, mip=mip, pooled=pooled,
+                    gt_labels=gt_labels, mip=mip, pooled=pooled, crop_skeletons=crop_skeletons,
                     boundary_tolerance_nm=boundary_tolerance_nm,
                     skeleton_ids=_skeleton_ids(skeleton_ids) if skeleton_ids else None)
   if json_path:

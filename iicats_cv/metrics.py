@@ -105,6 +105,24 @@ class SkeletonSet:
     return len(self.vertices_nm)
 
 
+def crop_skeleton(skeleton: Skeleton, keep: np.ndarray) -> Skeleton | None:
+  """The skeleton's nodes where keep (bool (N,)) holds, the edges between two of them and the
+  soma nodes among them (indices renumbered); None when no node is kept. Ground truth of a
+  whole volume cropped to the part a segmentation covers, as funlib.evaluate crops to its
+  region of interest: an edge leaving the part is no error of the segmentation."""
+  keep = np.asarray(keep, bool).reshape(-1)
+  if not keep.any():
+    return None
+  index = np.full(len(keep), -1, np.int64)
+  index[keep] = np.arange(int(keep.sum()))
+  edges = skeleton.edges[keep[skeleton.edges].all(axis=1)] if len(skeleton.edges) else \
+    skeleton.edges
+  return Skeleton(id=skeleton.id, vertices_nm=skeleton.vertices_nm[keep], edges=index[edges],
+                  soma=index[skeleton.soma[keep[skeleton.soma]]],
+                  radii=None if skeleton.radii is None else skeleton.radii[keep],
+                  name=skeleton.name)
+
+
 def concatenate_skeletons(skeletons: Iterable) -> SkeletonSet:
   """Flatten skeletons (Skeleton or dicts, see as_skeleton) into one SkeletonSet, keeping
   their order; node i of skeleton s becomes global node node_offsets[s] + i.

@@ -437,8 +437,11 @@ def run_pipeline(image: str, out: str, queue: str | None = None, parallel: int |
   summary = {"layers": layers, "tracked": tracked, "queue": run.queue,
              "agglomeration": get_json(out, "agglomeration/summary.json")}
   t0 = time.time()
+  # a box of the image is scored on the skeletons' part inside it: their cable beyond the
+  # box is no error of this run (the note says how much is left out)
   summary["metrics"] = evaluate_run(out, layers, gt_labels, gt_skeletons, nuclei, synapses,
-                                    boundary_tolerance_nm)
+                                    boundary_tolerance_nm,
+                                    crop_skeletons=region != image_cv.bounds)
   run.timings["evaluate"] = round(time.time() - t0, 2)
   summary["neuroglancer_url"], summary["neuroglancer_state"] = make_link(
     out, layers, tracked, link_prefix)
@@ -511,9 +514,10 @@ def out_owns(out: str, path: str) -> bool:
 
 
 def evaluate_run(out, layers, gt_labels, gt_skeletons, nuclei, synapses,
-                 boundary_tolerance_nm=0.0) -> dict:
+                 boundary_tolerance_nm=0.0, crop_skeletons=False) -> dict:
   """Metrics of the constrained segmentation and of the unconstrained baseline, plus
-  ERL/bERL/nERL along the agglomeration threshold sweep of each ("sweep", "baseline_sweep")."""
+  ERL/bERL/nERL along the agglomeration threshold sweep of each ("sweep", "baseline_sweep");
+  crop_skeletons: on the skeletons cropped to the run's layers (evaluate.evaluate)."""
   from iicats_cv.evaluate import evaluate, evaluate_tables
   from .common import get_npz
   if not (gt_labels or gt_skeletons):
@@ -522,7 +526,8 @@ def evaluate_run(out, layers, gt_labels, gt_skeletons, nuclei, synapses,
   for key, layer in (("", layers["segmentation"]), ("baseline_", layers["segmentation_baseline"])):
     result = evaluate(layer, skeletons=gt_skeletons, nuclei=nuclei, synapses=synapses,
                       gt_labels=gt_labels, boundary_tolerance_nm=boundary_tolerance_nm,
-                      notes=not key)  # the baseline's inputs and extent are the same
+                      notes=not key,  # the baseline's inputs and extent are the same
+                      crop_skeletons=crop_skeletons)
     for name in ("erl", "berl", "nerl", "total_length", "voi_split", "voi_merge", "arand",
                  "voi_split_tolerant", "voi_merge_tolerant", "arand_tolerant",
                  "n_nucleus_violating_segments", "n_merged_synapses"):
@@ -537,7 +542,7 @@ def evaluate_run(out, layers, gt_labels, gt_skeletons, nuclei, synapses,
                for k in tables if k.startswith(prefix)}
       if sweep:
         metrics[prefix[:-1]] = evaluate_tables(layers["supervoxels"], sweep, gt_skeletons,
-                                               nuclei, synapses)
+                                               nuclei, synapses, crop_skeletons=crop_skeletons)
   return metrics
 
 

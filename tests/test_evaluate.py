@@ -136,6 +136,22 @@ def test_points_in_another_frame_are_named(tmp_path, seg_layer, capsys):
   assert "outside" not in capsys.readouterr().out
 
 
+def test_skeletons_cropped_to_the_layer(tmp_path, seg_layer, capsys):
+  """--crop-skeletons (and pipeline --bounds): skeleton 3's node beyond the layer and its
+  edge are left out instead of counting as a split: L = 400, ERL = 65600 / 400."""
+  sk, swc_dir, _, _ = ground_truth(tmp_path)
+  r = evaluate(seg_layer, skeletons=swc_dir, crop_skeletons=True)
+  assert r["total_length"] == pytest.approx(400) and r["erl"] == pytest.approx(65600 / 400)
+  assert r["n_nodes_outside"] == 0 and r["skeletons_cropped"]
+  assert "1 of their 11 nodes lie outside it and are left out" in capsys.readouterr().out
+  result = CliRunner().invoke(evaluate_command, [seg_layer, "--skeletons", swc_dir,
+                                                 "--crop-skeletons"])
+  assert result.exit_code == 0 and "left out" in result.output
+  far = [Skeleton(s.id, s.vertices_nm + 1e6, s.edges) for s in sk]
+  with pytest.raises(IicatsError, match="none of the 11 skeleton nodes lies in the segment"):
+    evaluate(seg_layer, skeletons=far, crop_skeletons=True)
+
+
 def test_evaluate_hand_case(tmp_path, seg_layer):
   sk, swc_dir, nuclei, synapses = ground_truth(tmp_path)
   r = evaluate(seg_layer, skeletons=swc_dir)
