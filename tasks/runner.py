@@ -351,8 +351,12 @@ def _worker_context():
   if "forkserver" not in multiprocessing.get_all_start_methods() or too_long:
     return multiprocessing.get_context("spawn")
   ctx = multiprocessing.get_context("forkserver")
-  ctx.set_forkserver_preload(["__main__", "iicats_cv.cli", "iicats_cv.tasks",
-                              "iicats_cv.tasks.runner"])
+  preload = ["__main__", "iicats_cv.cli", "iicats_cv.tasks", "iicats_cv.tasks.runner"]
+  if getattr(sys.modules["__main__"].__spec__, "name", None) == "iicats_cv.cli":
+    # `python -m iicats_cv.cli`: each child runs the module as its main itself, and warns
+    # (RuntimeWarning from runpy) when the server had already imported it
+    preload.remove("iicats_cv.cli")
+  ctx.set_forkserver_preload(preload)
   return ctx
 
 
