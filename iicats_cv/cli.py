@@ -1023,8 +1023,9 @@ def downsample_command(cloudpath, queue, parallel, num_mips):
   started = time.time()
   depth = ig.pyramid_depth(cv.bounds.size3(), cv.resolution, num_mips)
   if depth < num_mips:
+    size = "×".join(map(str, cv.bounds.size3()))
     click.echo(f"note: {depth} of the {num_mips} mips: the next would have fewer than 32 "
-               f"voxels on a downsampled axis ({path} is {'×'.join(map(str, cv.bounds.size3()))} voxels, "
+               f"voxels on a downsampled axis ({path} is {size} voxels, "
                f"downsampled by {'×'.join(map(str, ig.downsample_factor(cv.resolution)))} "
                "per mip)")
   for mip in range(depth):

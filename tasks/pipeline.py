@@ -216,12 +216,15 @@ def validate_inputs(image, gt_labels=None, gt_skeletons=None, seeds=None, nuclei
   if gt_skeletons and "://" not in gt_skeletons and not os.path.isdir(gt_skeletons):
     raise IicatsError(f"--gt-skeletons {gt_skeletons}: not a directory of SWC files")
   if gt_skeletons and "://" not in gt_skeletons:
+    from iicats_cv.evaluate import point_voxels
     from iicats_cv.metrics import concatenate_skeletons
     from iicats_cv.skeletons import read_swc_dir
     # malformed files fail now, not after hours of inference; so do skeletons elsewhere
     nodes_nm = concatenate_skeletons(read_swc_dir(gt_skeletons)).vertices_nm
-    lo, hi = (np.asarray(p, float) * image_cv.resolution for p in (region.minpt, region.maxpt))
-    if len(nodes_nm) and not np.any(np.all((nodes_nm >= lo) & (nodes_nm < hi), axis=1)):
+    _, inside = point_voxels(nodes_nm, image_cv.resolution, region.minpt, region.size3())
+    if len(nodes_nm) and not inside.any():
+      lo, hi = (np.asarray(p, float) * image_cv.resolution for p in (region.minpt,
+                                                                     region.maxpt))
       raise IicatsError(f"--gt-skeletons {gt_skeletons}: none of their {len(nodes_nm)} nodes "
                         f"lies in the run's region ({lo.tolist()}-{hi.tolist()} nm); they span "
                         f"{nodes_nm.min(axis=0).tolist()}-{nodes_nm.max(axis=0).tolist()} nm: "

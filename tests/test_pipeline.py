@@ -471,7 +471,8 @@ def test_pipeline_over_a_box_of_the_image(tmp_path, tiny_checkpoint):
   write_swc(Skeleton(1, [[0.1, 0.1, 0.1], [0.4, 0.1, 0.1]], [[0, 1]]),  # µm
             str(tmp_path / "swc_um" / "1.swc"))
   with pytest.raises(IicatsError, match=r"swc_um: none of their 2 nodes lies in the run's "
-                                        r"region \(\[128.0, 64.0, 0.0\]-\[896.0, 720.0, 384.0\] nm"):
+                                        r"region \(\[128.0, 64.0, 0.0\]-"
+                                        r"\[896.0, 720.0, 384.0\] nm"):
     run_pipeline(image_path, out, checkpoint=tiny_checkpoint, bounds="16,8,0,112,90,48",
                  gt_skeletons=str(tmp_path / "swc_um"))
   assert not (tmp_path / "run").exists()

@@ -360,7 +360,8 @@ def test_focus_labels_draw_patches_where_they_lie(tmp_path):
 
 def test_diverged_training_stops_and_a_checkpoint_with_nan_weights_is_refused(tmp_path):
   """A learning rate that blows the loss up (to NaN, or far above its lowest) stops training
-  with one line (no checkpoint of NaN or useless weights), and a checkpoint that holds NaN weights is refused where it is loaded."""
+  with one line (no checkpoint of NaN or useless weights), and a checkpoint that holds NaN
+  weights is refused where it is loaded."""
   from iicats_cv.model import UNet3D, save_checkpoint
   labels, image = blobs((40, 40, 40), n=5)
   vol = TrainingVolume("blobs", image=image, labels=labels)
